@@ -1,0 +1,94 @@
+"""Data pipeline benchmark: cache build (cold and warm) and augmented batches per second.
+
+    python bench/bench_data.py [ISIC2018_DIR] [ISIC2017_FULLRES_DIR] [--size 256] [--batch 16]
+
+Uses a fresh cache folder under /tmp (removed afterwards) so the first build is really cold.
+The feed rate is measured the way model.fit consumes it: Batches with worker threads.
+"""
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import data  # noqa: E402
+
+
+def feed_rate(arrays, batch, n_batches, workers):
+    """Images/s of augmented batches pulled through Batches' worker-thread queue by keras'
+    own PyDataset adapter, as model.fit does (one epoch of n_batches batches)."""
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+    idx = np.arange(batch * n_batches) % len(arrays.images)  # tiny sets: repeat to fill
+    batches = data.Batches(arrays.images[idx], arrays.masks[idx], batch_size=batch, seed=0,
+                           workers=workers)
+    adapter = PyDatasetAdapter(batches, shuffle=False)
+    done, start = 0, time.perf_counter()
+    for x, y in adapter.get_numpy_iterator():
+        done += len(x)
+    return done / (time.perf_counter() - start)
+
+
+def single_thread_rate(arrays, batch, seconds):
+    rng, done, start = np.random.default_rng(0), 0, time.perf_counter()
+    n = len(arrays.images)
+    while time.perf_counter() - start < seconds:
+        idx = rng.integers(0, n, batch)
+        data.augment_batch(arrays.images[idx], arrays.masks[idx], rng)
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def bench(root, args):
+    pairs, problems, layout = data.find_pairs(root)
+    print(f"\n{root}: {layout}, {len(pairs)} pairs, {len(problems)} problems")
+    cache = tempfile.mkdtemp(prefix="bench-data-cache-", dir="/tmp")
+    try:
+        t = time.perf_counter()
+        arrays = data.load_arrays(pairs, args.size, cache=cache, workers=args.workers)
+        cold = time.perf_counter() - t
+        t = time.perf_counter()
+        arrays = data.load_arrays(pairs, args.size, cache=cache, workers=args.workers, progress=False)
+        warm = time.perf_counter() - t
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    sizes = np.array([data._native_hw(p.image) for p in pairs])
+    print(f"  native sizes {sizes[:, 1].min()}x{sizes[:, 0].min()} .. "
+          f"{sizes[:, 1].max()}x{sizes[:, 0].max()} (WxH), cached at {args.size}x{args.size}")
+    print(f"  cache build cold: {cold:6.2f} s  ({len(pairs) / cold:6.1f} pairs/s)")
+    print(f"  cache load  warm: {warm:6.2f} s  ({len(pairs) / warm:6.1f} pairs/s)")
+    one = single_thread_rate(arrays, args.batch, args.seconds)
+    print(f"  augment_batch, 1 thread : {one:7.1f} images/s  ({one / args.batch:5.1f} batches/s "
+          f"of {args.batch}; {1000 / one:.2f} ms/image)")
+    rate = feed_rate(arrays, args.batch, args.batches, args.workers)
+    print(f"  Batches, {args.workers} worker threads: {rate:7.1f} images/s  "
+          f"({rate / args.batch:5.1f} batches/s of {args.batch})")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("isic2018", nargs="?",
+                        default=os.path.join(REPO, "..", "shared", "data", "isic2018"))
+    parser.add_argument("isic2017", nargs="?",
+                        default=os.path.join(REPO, "..", "shared", "data", "isic2017-fullres"))
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5.0, help="single-thread measurement")
+    parser.add_argument("--batches", type=int, default=64, help="batches in the feed measurement")
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} CPU cores, size {args.size}, batch {args.batch}")
+    for root in (args.isic2018, args.isic2017):
+        try:
+            bench(os.path.normpath(root), args)
+        except data.DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

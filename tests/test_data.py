@@ -1,0 +1,486 @@
+"""Tests for data.py: layouts, bad input, decoding, cache, synthetic data, augmentation, CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+
+import data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = settings(max_examples=25, deadline=None)
+
+
+# -----------------------------------------------------------------------------
+# helpers: tiny image / mask files
+
+def blob(h, w, cy=0.5, cx=0.5, ry=0.3, rx=0.3):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return ((yy - cy * h) / (ry * h)) ** 2 + ((xx - cx * w) / (rx * w)) ** 2 < 1
+
+
+def save_image(path, h=24, w=32, fmt=None, seed=0):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, fmt)
+    return path
+
+
+def save_mask(path, h=24, w=32):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(blob(h, w).astype(np.uint8) * 255).save(path)
+    return path
+
+
+def make_isic(root, image_dir, mask_dir, ids, suffix="_segmentation"):
+    for i in ids:
+        save_image(os.path.join(root, image_dir, f"{i}.jpg"))
+        save_mask(os.path.join(root, mask_dir, f"{i}{suffix}.png"))
+
+
+def problem_for(problems, path):
+    hits = [p["problem"] for p in problems if os.path.abspath(p["file"]) == os.path.abspath(path)]
+    assert len(hits) == 1, (path, problems)
+    return hits[0]
+
+
+# -----------------------------------------------------------------------------
+# layouts
+
+def test_isic2018_official_folders_define_splits(tmp_path):
+    make_isic(tmp_path, "ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth",
+              [f"ISIC_{i:07d}" for i in range(30)])
+    make_isic(tmp_path, "ISIC2018_Task1-2_Validation_Input", "ISIC2018_Task1_Validation_GroundTruth",
+              ["ISIC_1000000", "ISIC_1000001"])
+    (tmp_path / "ISIC2018_Task1-2_Training_Input" / "LICENSE.txt").write_text("not an image")
+    pairs, problems, layout = data.find_pairs(tmp_path)
+    assert layout == "isic2018" and problems == []
+    assert [p.id for p in pairs] == sorted(p.id for p in pairs) and len(pairs) == 32
+    assert {p.id for p in pairs if p.split == "val"} == {"ISIC_1000000", "ISIC_1000001"}
+    # no Test folder: test is carved out of Training by hash, val is not (official val exists)
+    for p in pairs:
+        if p.id.startswith("ISIC_00"):
+            assert p.split == data.split_of(p.id, 0.0, 0.1)
+            assert p.mask.endswith(p.id + "_segmentation.png")
+
+
+def test_isic2017_ignores_superpixels(tmp_path):
+    make_isic(tmp_path, "ISIC-2017_Training_Data", "ISIC-2017_Training_Part1_GroundTruth", ["ISIC_0000001"])
+    make_isic(tmp_path, "ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part1_GroundTruth", ["ISIC_0000002"])
+    make_isic(tmp_path, "ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth", ["ISIC_0000003"])
+    save_image(str(tmp_path / "ISIC-2017_Training_Data" / "ISIC_0000001_superpixels.png"))
+    pairs, problems, layout = data.find_pairs(tmp_path)
+    assert layout == "isic2017" and problems == []
+    assert [(p.id, p.split) for p in pairs] == [
+        ("ISIC_0000001", "train"), ("ISIC_0000002", "val"), ("ISIC_0000003", "test")]
+
+
+def test_isic2016_capitalised_mask_suffix(tmp_path):
+    ids = [f"ISIC_{i:07d}" for i in range(20)]
+    make_isic(tmp_path, "ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth",
+              ids, suffix="_Segmentation")
+    make_isic(tmp_path, "ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth",
+              ["ISIC_0009999"], suffix="_Segmentation")
+    pairs, problems, layout = data.find_pairs(tmp_path, val_fraction=0.3)
+    assert layout == "isic2016" and problems == [] and len(pairs) == 21
+    assert [p.id for p in pairs if p.split == "test"] == ["ISIC_0009999"]
+    assert {p.split for p in pairs if p.id in ids} <= {"train", "val"}
+
+
+def test_generic_layout_same_stem_any_extension(tmp_path):
+    save_image(str(tmp_path / "images" / "a.png"))
+    save_image(str(tmp_path / "images" / "b.jpeg"))
+    save_image(str(tmp_path / "images" / "c.tif"))
+    save_mask(str(tmp_path / "masks" / "a.png"))
+    save_mask(str(tmp_path / "masks" / "b.bmp"))
+    save_mask(str(tmp_path / "masks" / "c_mask.png"))
+    pairs, problems, layout = data.find_pairs(tmp_path)
+    assert layout == "generic" and problems == []
+    assert [p.id for p in pairs] == ["a", "b", "c"]
+    arrays = data.load_arrays(pairs, 16, progress=False)
+    assert arrays.images.shape == (3, 16, 16, 3) and arrays.masks.shape == (3, 16, 16)
+
+
+def test_missing_and_empty_folders_raise(tmp_path):
+    with pytest.raises(data.DataError, match="no such folder"):
+        data.find_pairs(tmp_path / "nope")
+    with pytest.raises(data.DataError, match="no known layout"):
+        data.find_pairs(tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(data.DataError, match="no images"):
+        data.find_pairs(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# bad input: one problem line per file, skipped by default, DataError under strict
+
+@pytest.fixture
+def bad_folder(tmp_path):
+    img, msk = tmp_path / "images", tmp_path / "masks"
+    for name in ("good", "truncated", "empty", "notimage", "nomask", "wrongsize", "badmask",
+                 "dup"):
+        save_image(str(img / f"{name}.jpg"))
+        if name != "nomask":
+            save_mask(str(msk / f"{name}.png"))
+    blob_bytes = (img / "truncated.jpg").read_bytes()
+    (img / "truncated.jpg").write_bytes(blob_bytes[: len(blob_bytes) // 2])
+    (img / "empty.jpg").write_bytes(b"")
+    (img / "notimage.jpg").write_text("<html>404 not found</html>")
+    save_mask(str(msk / "wrongsize.png"), h=10, w=10)
+    (msk / "badmask.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    save_image(str(img / "dup.png"))  # the same id twice
+    save_mask(str(msk / "orphan.png"))
+    return tmp_path
+
+
+def test_every_bad_input_is_one_named_problem(bad_folder):
+    img, msk = bad_folder / "images", bad_folder / "masks"
+    pairs, problems, _ = data.find_pairs(bad_folder)
+    assert "duplicate id dup" in problem_for(problems, img / "dup.png")
+    assert "no mask" in problem_for(problems, img / "nomask.jpg")
+    assert "orphan mask" in problem_for(problems, msk / "orphan.png")
+    arrays = data.load_arrays(pairs, 16, progress=False)
+    assert [p.id for p in arrays.pairs] == ["dup", "good"]
+    found = arrays.problems
+    assert "truncated" in problem_for(found, img / "truncated.jpg")
+    assert "empty file" in problem_for(found, img / "empty.jpg")
+    assert "not an image" in problem_for(found, img / "notimage.jpg")
+    assert "10x10" in problem_for(found, msk / "wrongsize.png")
+    assert problem_for(found, msk / "badmask.png")
+    assert len(found) == 5
+    for p in problems + found:
+        assert "\n" not in p["problem"]
+    with pytest.raises(data.DataError, match="badmask.png: truncated or corrupt"):
+        data.load_arrays(pairs, 16, strict=True, progress=False)  # the first problem, by id
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_is_a_problem(tmp_path, monkeypatch):
+    save_image(str(tmp_path / "images" / "big.png"), h=40, w=40)
+    save_mask(str(tmp_path / "masks" / "big.png"), h=40, w=40)
+    pairs, _, _ = data.find_pairs(tmp_path)
+    for limit in (1000, 500):  # over the warning limit, and over Pillow's own error limit (2x)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        arrays = data.load_arrays(pairs, 8, cache=False, progress=False)
+        assert arrays.pairs == []
+        assert "decompression bomb" in problem_for(arrays.problems, tmp_path / "images" / "big.png")
+
+
+def test_load_split_strict_and_empty_split(bad_folder):
+    with pytest.raises(data.DataError):
+        data.load_split(str(bad_folder), split="all", size=8, strict=True, progress=False)
+    arrays = data.load_split(str(bad_folder), split="all", size=8, progress=False)
+    assert len(arrays.pairs) == 2 and len(arrays.problems) == 8
+    with pytest.raises(data.DataError, match="no pairs in split"):
+        data.load_split(str(bad_folder), split="val", size=8, val_fraction=0, progress=False)
+
+
+# -----------------------------------------------------------------------------
+# decoding
+
+@pytest.mark.parametrize("kind", ["0/255", "0/1", "16bit", "palette", "rgb", "la", "bilevel"])
+def test_load_mask_variants(tmp_path, kind):
+    truth = blob(20, 30)
+    u8 = truth.astype(np.uint8)
+    img = {"0/255": lambda: Image.fromarray(u8 * 255),
+           "0/1": lambda: Image.fromarray(u8),
+           "16bit": lambda: Image.fromarray(truth.astype(np.uint16) * 65535),
+           "palette": lambda: Image.fromarray(u8 * 255).convert("P"),
+           "rgb": lambda: Image.fromarray(np.dstack([u8 * 255] * 3)),
+           "la": lambda: Image.fromarray(np.dstack([u8 * 255, np.full_like(u8, 255)]), "LA"),
+           "bilevel": lambda: Image.fromarray(u8 * 255).convert("1")}[kind]()
+    img.save(tmp_path / "m.png")
+    mask = data.load_mask(str(tmp_path / "m.png"))
+    assert mask.dtype == bool and np.array_equal(mask, truth)
+
+
+def test_load_image_exif_rotation_and_draft(tmp_path):
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:, :30] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif)
+    assert data.load_image(str(tmp_path / "r.jpg")).shape == (60, 40, 3)
+    Image.fromarray(np.zeros((800, 1200, 3), np.uint8)).convert("L").save(tmp_path / "g.jpg")
+    full = data.load_image(str(tmp_path / "g.jpg"))
+    small = data.load_image(str(tmp_path / "g.jpg"), min_size=(64, 64))
+    assert full.shape == (800, 1200, 3) and full.dtype == np.uint8
+    assert small.shape == (100, 150, 3)  # 1/8 scale: still >= 64 on both sides
+
+
+def test_resize_prob_shape_and_range():
+    prob = np.random.default_rng(0).random((30, 50)).astype(np.float32)
+    out = data.resize_prob(prob, (61, 17))
+    assert out.shape == (61, 17) and out.dtype == np.float32
+    assert 0 <= out.min() and out.max() <= 1
+
+
+@FAST
+@given(h=st.integers(32, 120), w=st.integers(32, 120), size=st.integers(32, 96),
+       cy=st.floats(0.35, 0.65), cx=st.floats(0.35, 0.65), r=st.floats(0.15, 0.3))
+def test_resize_mask_round_trip_keeps_area(h, w, size, cy, cx, r):
+    mask = blob(h, w, cy, cx, r, r * 1.2)
+    small = data.resize_mask(mask, (size, size))
+    back = data.resize_mask(small, (h, w))
+    assert small.dtype == bool and back.shape == (h, w)
+    assert abs(small.mean() - mask.mean()) < 0.02
+    assert abs(back.mean() - mask.mean()) < 0.03
+
+
+# -----------------------------------------------------------------------------
+# split
+
+@FAST
+@given(ids=st.lists(st.text("abcdefghij_0123456789", min_size=1, max_size=12), unique=True,
+                    min_size=1, max_size=40), seed=st.integers(0, 1000))
+def test_split_deterministic_and_leak_free_under_permutation(tmp_path_factory, ids, seed):
+    shuffled = list(np.random.default_rng(seed).permutation(ids))
+    a = {i: data.split_of(i) for i in ids}
+    b = {i: data.split_of(i) for i in shuffled}
+    assert a == b and set(a.values()) <= {"train", "val", "test"}
+    # more validation never moves an image into or out of test
+    assert all((data.split_of(i, 0.3, 0.1) == "test") == (a[i] == "test") for i in ids)
+
+
+def test_split_fractions_and_folder_order(tmp_path):
+    ids = [f"ISIC_{i:07d}" for i in range(3000)]
+    counts = {s: sum(data.split_of(i, 0.15, 0.1) == s for i in ids) for s in ("val", "test")}
+    assert abs(counts["val"] / 3000 - 0.15) < 0.03 and abs(counts["test"] / 3000 - 0.1) < 0.03
+    names = ["z9", "a1", "m5", "b2", "q7", "c3"]  # files created in a scrambled order
+    for name in names:
+        save_image(str(tmp_path / "images" / f"{name}.png"), 4, 4)
+        save_mask(str(tmp_path / "masks" / f"{name}.png"), 4, 4)
+    pairs, _, _ = data.find_pairs(tmp_path, 0.3, 0.3)
+    assert [(p.id, p.split) for p in pairs] == [(n, data.split_of(n, 0.3, 0.3)) for n in sorted(names)]
+
+
+# -----------------------------------------------------------------------------
+# cache
+
+def test_cache_second_run_decodes_nothing(synthetic_data, tmp_path, monkeypatch):
+    pairs, _, _ = data.find_pairs(synthetic_data)
+    first = data.load_arrays(pairs, 32, cache=str(tmp_path), progress=False)
+    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if f.startswith(".tmp")]
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded although cached")
+    monkeypatch.setattr(data, "_read_image", no_decode)
+    second = data.load_arrays(pairs, 32, cache=str(tmp_path), progress=False)
+    assert np.array_equal(first.images, second.images) and np.array_equal(first.masks, second.masks)
+    assert first.pairs == second.pairs
+    with pytest.raises(AssertionError):  # another size is another key
+        data.load_arrays(pairs[:1], 16, cache=str(tmp_path), progress=False)
+
+
+def test_damaged_cache_entry_is_rebuilt(synthetic_data, tmp_path):
+    pairs, _, _ = data.find_pairs(synthetic_data)
+    first = data.load_arrays(pairs[:2], 16, cache=str(tmp_path), progress=False)
+    entries = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert len(entries) == 2 and all(e.endswith(".npy") for e in entries)
+    with open(entries[0], "wb") as f:
+        f.write(b"half a file")
+    again = data.load_arrays(pairs[:2], 16, cache=str(tmp_path), progress=False)
+    assert np.array_equal(first.images, again.images) and again.problems == []
+
+
+def test_cache_key_follows_file_identity(tmp_path):
+    save_image(str(tmp_path / "images" / "a.png"), 8, 8)
+    save_mask(str(tmp_path / "masks" / "a.png"), 8, 8)
+    pair = data.find_pairs(tmp_path)[0][0]
+    key = data._cache_key(pair, 32)
+    assert key == data._cache_key(pair, 32) and key != data._cache_key(pair, 64)
+    st_ = os.stat(pair.image)
+    os.utime(pair.image, ns=(st_.st_atime_ns, st_.st_mtime_ns + 10**9))
+    assert data._cache_key(pair, 32) != key
+
+
+def test_read_only_cache_still_loads(synthetic_data, tmp_path):
+    pairs, _, _ = data.find_pairs(synthetic_data)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        arrays = data.load_arrays(pairs[:3], 16, cache=str(ro), progress=False)
+    finally:
+        ro.chmod(0o700)
+    assert len(arrays.pairs) == 3 and arrays.masks.max() == 1
+
+
+def test_load_split_default_is_synthetic(synthetic_data):
+    arrays = data.load_split(synthetic_data, "train", size=32, progress=False)
+    assert arrays.images.dtype == np.uint8 and arrays.images.shape[1:] == (32, 32, 3)
+    assert arrays.masks.dtype == np.uint8 and set(np.unique(arrays.masks)) <= {0, 1}
+    assert all(p.split == "train" for p in arrays.pairs) and arrays.problems == []
+    everything = data.load_split(synthetic_data, "all", size=32, progress=False)
+    assert len(everything.pairs) == 24
+
+
+# -----------------------------------------------------------------------------
+# synthetic data
+
+def test_make_synthetic_deterministic_inside_non_empty():
+    images, masks = data.make_synthetic(6, seed=3, size_wh=(96, 72))
+    again, _ = data.make_synthetic(3, seed=3, size_wh=(96, 72))
+    other, _ = data.make_synthetic(3, seed=4, size_wh=(96, 72))
+    assert images.shape == (6, 72, 96, 3) and images.dtype == np.uint8 and masks.dtype == bool
+    assert np.array_equal(images[:3], again) and not np.array_equal(images[:3], other)
+    for m in masks:
+        assert 0.02 < m.mean() < 0.6
+        assert not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
+    # the lesion is darker than the skin around it: learnable
+    gray = images.mean(axis=3)
+    assert all(gray[i][masks[i]].mean() < gray[i][~masks[i]].mean() - 20 for i in range(6))
+
+
+@settings(max_examples=15, deadline=None)
+@given(w=st.integers(12, 96), h=st.integers(12, 96), seed=st.integers(0, 10**6))
+def test_synthetic_lesion_inside_and_non_empty_any_size(w, h, seed):
+    images, masks = data.make_synthetic(2, seed=seed, size_wh=(w, h))
+    assert images.shape == (2, h, w, 3) and masks.shape == (2, h, w)
+    for m in masks:
+        assert m.any() and not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
+
+
+def test_synthetic_dir_written_once(tmp_path):
+    path = data.synthetic_dir(count=3, seed=1, cache_dir=str(tmp_path))
+    assert path == data.synthetic_dir(count=3, seed=1, cache_dir=str(tmp_path))
+    pairs, problems, layout = data.find_pairs(path)
+    assert layout == "isic2018" and len(pairs) == 3 and problems == []
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp")] == []
+    mask = data.load_mask(pairs[0].mask)
+    images, masks = data.make_synthetic(1, seed=1)
+    assert np.array_equal(mask, masks[0])
+
+
+# -----------------------------------------------------------------------------
+# augmentation
+
+@st.composite
+def mask_batches(draw):
+    n, s = draw(st.integers(1, 4)), draw(st.integers(8, 48))
+    masks = np.stack([blob(s, s, draw(st.floats(0.3, 0.7)), draw(st.floats(0.3, 0.7)),
+                           draw(st.floats(0.1, 0.3)), draw(st.floats(0.1, 0.3))) for _ in range(n)])
+    return masks, draw(st.integers(0, 2**32 - 1))
+
+
+@FAST
+@given(batch=mask_batches())
+def test_augment_keeps_image_and_mask_aligned(batch):
+    masks, seed = batch
+    images = np.repeat(masks[..., None], 3, axis=3).astype(np.uint8) * 255  # image made FROM the mask
+    x, y = data.augment_batch(images, masks, np.random.default_rng(seed), photometric=False)
+    assert np.array_equal(x[..., 0] > 127, y)  # geometry is identical, to the pixel
+    x, y = data.augment_batch(images, masks.astype(np.uint8), np.random.default_rng(seed))
+    assert x.shape == images.shape and x.dtype == np.uint8
+    assert y.shape == masks.shape and y.dtype == np.uint8 and set(np.unique(y)) <= {0, 1}
+    for xi, yi in zip(x.mean(axis=3), y.astype(bool)):
+        if yi.any() and (~yi).any():  # colour jitter is monotone on gray: still separable
+            assert xi[yi].min() > xi[~yi].max() - 1e-6 or np.mean(
+                (xi > (xi[yi].mean() + xi[~yi].mean()) / 2) != yi) < 0.01
+
+
+@FAST
+@given(seed=st.integers(0, 2**32 - 1))
+def test_augment_photometric_only_touches_colour(seed):
+    rng = np.random.default_rng(seed)
+    gray = rng.integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
+    images = np.repeat(gray, 3, axis=3)
+    masks = rng.random((3, 16, 16)) > 0.5
+    x, y = data.augment_batch(images, masks, np.random.default_rng(seed), geometric=False)
+    assert np.array_equal(y, masks) and y.dtype == bool
+    # hue and saturation act on chroma only: gray pixels stay gray (up to rounding)
+    assert np.abs(x.astype(int) - x[..., :1]).max() <= 1
+    assert np.abs(x.astype(int) - images).mean() < 60
+
+
+def test_augment_is_reproducible_and_varies():
+    images, masks = data.make_synthetic(4, seed=0, size_wh=(64, 64))
+    a = data.augment_batch(images, masks, np.random.default_rng(7))
+    b = data.augment_batch(images, masks, np.random.default_rng(7))
+    c = data.augment_batch(images, masks, np.random.default_rng(8))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+# -----------------------------------------------------------------------------
+# Batches (keras PyDataset)
+
+def test_batches_shapes_shuffle_and_epochs():
+    images = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 3), np.uint8)
+    masks = np.zeros((10, 8, 8), np.uint8)
+    masks[:, 2:6, 2:6] = 1
+    batches = data.Batches(images, masks, batch_size=4, augment=False, seed=1, workers=2)
+    assert len(batches) == 3
+    x, y = batches[0]
+    assert x.shape == (4, 8, 8, 3) and x.dtype == np.uint8
+    assert y.shape == (4, 8, 8, 1) and y.dtype == np.float32 and set(np.unique(y)) <= {0.0, 1.0}
+    epoch0 = np.concatenate([batches[i][0][:, 0, 0, 0] for i in range(3)])
+    assert sorted(epoch0) == list(range(10))
+    batches.on_epoch_end()
+    epoch1 = np.concatenate([batches[i][0][:, 0, 0, 0] for i in range(3)])
+    assert sorted(epoch1) == list(range(10)) and list(epoch0) != list(epoch1)
+    again = data.Batches(images, masks, batch_size=4, augment=False, seed=1)
+    assert np.array_equal(again[0][0], data.Batches(images, masks, 4, augment=False, seed=1)[0][0])
+    assert len(data.Batches(images, masks, batch_size=4, drop_remainder=True)) == 2
+    aug = data.Batches(images, masks, batch_size=4, augment=True, seed=1)
+    assert np.array_equal(aug[1][1], aug[1][1])  # the same batch twice: same augmentation
+
+
+def test_batches_feed_model_fit():
+    import keras
+
+    images, masks = data.make_synthetic(6, seed=0, size_wh=(16, 16))
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255),
+                              keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")])
+    model.compile("adam", "binary_crossentropy")
+    batches = data.Batches(images, masks.astype(np.uint8), batch_size=4, workers=2)
+    history = model.fit(batches, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2 and batches.epoch >= 1
+
+
+def test_no_tensorflow_under_jax():
+    code = "import data, sys; data.Batches; assert 'tensorflow' not in sys.modules, 'tf imported'"
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def test_cli_json(synthetic_data, capsys):
+    assert data.main([synthetic_data, "--json", "--size", "16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pairs"] == 24 and report["problems"] == []
+    assert sum(report["splits"].values()) == 24 and set(report["splits"]) == {"train", "val", "test"}
+    assert report["layout"] == "isic2018"
+
+
+def test_cli_problems_and_strict(bad_folder, capsys):
+    assert data.main([str(bad_folder), "--json", "--size", "8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pairs"] == 2 and len(report["problems"]) == 8
+    assert data.main([str(bad_folder), "--strict", "--size", "8"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_cli_synthetic_and_human_output(tmp_path, capsys):
+    assert data.main(["--synthetic", str(tmp_path / "s"), "--count", "2", "--size", "64"]) == 0
+    assert data.main([str(tmp_path / "s"), "--size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "isic2018 layout, 2 usable pairs" in out and "64x48" in out
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    for args in ([str(tmp_path / "missing")], [str(tmp_path)]):
+        out = subprocess.run([sys.executable, "data.py", *args], cwd=REPO, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 1 and out.stdout == ""
+        assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
