@@ -205,7 +205,8 @@ def load_image(path, min_size=None):
 
 
 def load_mask(path):
-    """bool (H, W), binarized as the challenge does: > 127 of 255. 0/1 masks count as > 0,
+    """bool (H, W), binarized exactly as the official ISIC scorer does: > 128 of 255. The one
+    extension: 0/1 masks (max <= 1) count as > 0, where the scorer would see all background.
     16-bit masks are scaled to 8 bit first, palette/RGB/LA masks are converted to gray."""
     img = _decode(_open(path), path)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -219,7 +220,7 @@ def load_mask(path):
         values = np.asarray(img.convert("L"))
     if values.max() <= 1:
         return values > 0
-    return values > 127
+    return values > 128
 
 
 def resize_image(image, size_hw):
@@ -270,7 +271,7 @@ class Arrays:
     problems: list  # [{"file", "problem"}] for the pairs that were skipped
 
 
-CACHE_VERSION = 1  # bump when the decode/resize code changes what lands in the cache
+CACHE_VERSION = 2  # bump when the decode/resize code changes what lands in the cache
 
 
 def _cache_key(pair, size):
