@@ -1,0 +1,507 @@
+"""Train the U-Net on ISIC-style skin-lesion data (or the built-in synthetic set when --data is absent).
+
+    python train.py --data ../shared/data/isic2018 --size 128 --epochs 20
+    python evaluate.py --weights best.keras
+
+Writes OUT/best.keras (best validation Dice), OUT/last.keras (model + optimizer state, for resuming),
+OUT/log.csv (one row per epoch), OUT/run.json (configuration + data summary + result) and OUT/state.json.
+
+Interruption costs nothing: kill it at any moment and rerun the same command; it resumes after the last
+finished epoch. The resume state (epoch, best score, schedule and early-stopping counters, the log rows)
+is stored inside last.keras itself, so weights and state can never disagree; every file is written to a
+temp file and renamed into place. A different configuration in the same OUT is refused unless --fresh.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+
+import data
+
+STATE_ENTRY = "skin_unet_state.json"  # extra entry inside last.keras; Keras ignores unknown entries
+LOG_FIELDS = ["epoch", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "lr",
+              "images_per_sec", "seconds"]
+# What must match for a rerun to continue an earlier run (epochs, patience, jit, ... may change).
+IDENTITY = ["data", "size", "batch", "filters", "depth", "dropout", "upsample", "lr", "seed", "loss",
+            "encoder", "encoder_weights", "precision", "schedule", "val_fraction", "test_fraction",
+            "augment", "steps_per_epoch"]
+MIN_LR_FACTOR = 0.01   # cosine decays to 1% of --lr; plateau never goes below it either
+PLATEAU_PATIENCE, PLATEAU_FACTOR = 3, 0.5
+
+
+class UsageError(Exception):
+    """A bad flag value or an unusable --out: printed as one line, exit 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + error; we promise one line
+        raise UsageError(message)
+
+
+def parser():
+    p = OneLineParser(description="Train the skin-lesion U-Net.")
+    a = p.add_argument
+    a("--data", default=None, help="data folder (ISIC 2016/2017/2018 or images/ + masks/); default: synthetic")
+    a("--epochs", type=int, default=40)
+    a("--size", type=int, default=256, help="square input size in pixels, a multiple of 2**depth")
+    a("--batch", type=int, default=16)
+    a("--filters", type=int, default=32, help="filters of the first level (doubling per level)")
+    a("--depth", type=int, default=4, help="number of poolings")
+    a("--dropout", type=float, default=0.0, help="dropout at the bottleneck")
+    a("--upsample", choices=["transpose", "bilinear"], default="transpose")
+    a("--lr", type=float, default=1e-3)
+    a("--seed", type=int, default=0)
+    a("--out", default=".", help="output folder (default: here, so evaluate.py --weights best.keras follows)")
+    a("--loss", choices=["bce_dice", "dice", "bce"], default="bce_dice")
+    a("--encoder", choices=["none", "mobilenetv3", "mobilenetv3small", "mobilenetv3large",
+                            "efficientnetb0", "resnet50"], default="none")
+    a("--encoder-weights", choices=["imagenet", "none"], default="none",
+      help="imagenet downloads the backbone weights on first use")
+    a("--precision", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"], default="auto",
+      help="auto: mixed_bfloat16 on a GPU/TPU, float32 on CPU")
+    a("--jit", choices=["auto", "on", "off"], default="auto", help="XLA; auto: on for the JAX and TensorFlow backends")
+    a("--distribute", choices=["auto", "none", "mirrored", "data_parallel"], default="auto",
+      help="mirrored: tf.distribute (TF backend); data_parallel: keras.distribution (JAX backend)")
+    a("--patience", type=int, default=10, help="early stopping after N epochs without val Dice gain; 0: off")
+    a("--schedule", choices=["cosine", "plateau"], default="cosine")
+    a("--val-fraction", type=float, default=0.1)
+    a("--test-fraction", type=float, default=0.1)
+    a("--no-augment", dest="augment", action="store_false")
+    a("--steps-per-epoch", type=int, default=0, help="cap training batches per epoch (0: all)")
+    a("--steps-per-execution", type=int, default=1, help="train steps per compiled call (fewer host trips)")
+    a("--workers", type=int, default=0, help="batch-loading threads (0: all cores)")
+    a("--tensorboard", action="store_true", help="also log to OUT/tensorboard (needs tensorboard)")
+    a("--cache", default=None, help="array cache folder (default: $SKIN_UNET_CACHE or ~/.cache/skin-unet)")
+    a("--fresh", action="store_true", help="discard an earlier run in OUT instead of resuming it")
+    a("--verbose", type=int, choices=[0, 1, 2], default=None, help="Keras progress: 1 bar, 2 one line (default: 1 on a terminal)")
+    return p
+
+
+def config_of(cfg):
+    """Defaults + a dict / Namespace / argv list, validated. Raises UsageError."""
+    p = parser()
+    if isinstance(cfg, (list, tuple)):
+        cfg = vars(p.parse_args(list(cfg)))
+    else:
+        cfg = {**vars(p.parse_args([])), **dict(vars(cfg) if isinstance(cfg, argparse.Namespace) else cfg)}
+    for key in ("epochs", "batch", "filters", "depth", "steps_per_execution"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise UsageError(f"--{key.replace('_', '-')} {cfg[key]!r}: must be a positive integer")
+    for key in ("patience", "steps_per_epoch", "workers"):
+        if cfg[key] < 0:
+            raise UsageError(f"--{key.replace('_', '-')} {cfg[key]}: must be >= 0")
+    if not cfg["lr"] > 0:
+        raise UsageError(f"--lr {cfg['lr']}: must be > 0")
+    if not 0 <= cfg["dropout"] < 1:
+        raise UsageError(f"--dropout {cfg['dropout']}: must be in [0, 1)")
+    if not (0 <= cfg["val_fraction"] < 1 and 0 <= cfg["test_fraction"] < 1
+            and cfg["val_fraction"] + cfg["test_fraction"] < 1):
+        raise UsageError(f"--val-fraction {cfg['val_fraction']} / --test-fraction {cfg['test_fraction']}: "
+                         "each in [0, 1) and together < 1")
+    depth = cfg["depth"] if cfg["encoder"] == "none" else 5
+    if not (isinstance(cfg["size"], int) and cfg["size"] > 0 and cfg["size"] % 2 ** depth == 0):
+        extra = "" if cfg["encoder"] == "none" else f" (encoder {cfg['encoder']} has 5 strides)"
+        raise UsageError(f"--size {cfg['size']}: must be a multiple of 2**depth = {2 ** depth}{extra}")
+    if cfg["data"] is not None:
+        if not os.path.isdir(cfg["data"]):
+            raise data.DataError(f"{cfg['data']}: data folder not found")
+        cfg["data"] = os.path.abspath(cfg["data"])
+    cfg["out"] = os.path.abspath(cfg["out"])
+    return cfg
+
+
+def check_writable(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(out):  # temp files of a run killed mid-write (never the real files)
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(out, name))
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{out}: output folder is not writable ({e.strerror or e})") from None
+
+
+# --- files, always written to a temp file beside the target and renamed into place -----------------
+UMASK = os.umask(0)
+os.umask(UMASK)
+
+
+def _mkstemp(path, suffix=""):
+    """A temp file beside `path` with normal permissions (mkstemp's are 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=suffix)
+    os.fchmod(fd, 0o666 & ~UMASK)
+    return fd, tmp
+
+
+def atomic_write_text(path, text):
+    fd, tmp = _mkstemp(path)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_log(path, rows):
+    lines = [",".join(LOG_FIELDS)]
+    for r in rows:
+        lines.append(",".join("" if r.get(k) is None else f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k])
+                              for k in LOG_FIELDS))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def save_model(model, path, state=None):
+    """model.save to a temp .keras, add the resume state as an extra zip entry, fsync, rename."""
+    fd, tmp = _mkstemp(path, ".keras")
+    os.close(fd)
+    try:
+        model.save(tmp)
+        if state is not None:
+            with zipfile.ZipFile(tmp, "a") as z:
+                z.writestr(STATE_ENTRY, json.dumps(state))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def copy_atomic(src, dst):
+    fd, tmp = _mkstemp(dst, ".keras")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_state(path):
+    """The resume state stored inside a .keras file, or None."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return json.loads(z.read(STATE_ENTRY))
+    except (OSError, KeyError, zipfile.BadZipFile, ValueError):
+        return None
+
+
+# --- the per-epoch bookkeeping ----------------------------------------------------------------------
+def cosine_lr(cfg, epoch):
+    lo = cfg["lr"] * MIN_LR_FACTOR
+    return lo + 0.5 * (cfg["lr"] - lo) * (1 + math.cos(math.pi * epoch / max(cfg["epochs"], 1)))
+
+
+def make_epoch_callback(keras, cfg, state, train_batches, paths):
+    class EpochEnd(keras.callbacks.Callback):
+        """Schedule, images/s, NaN guard, early stopping, checkpoints and the CSV log, all in one place so
+        that their state is committed together (inside last.keras) at the end of each epoch.
+        Only epoch-level hooks plus on_train_batch_begin: no per-step host syncs (Keras may then
+        dispatch batch callbacks asynchronously)."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            lr = cosine_lr(cfg, epoch) if cfg["schedule"] == "cosine" else state["lr"]
+            self.model.optimizer.learning_rate = lr
+            self.lr = lr
+            self.t_begin, self.t_second, self.second, self.t_end, self.calls = time.perf_counter(), None, 0, None, 0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            # Time from the 2nd step: the 1st includes compilation (first epoch) and the feed start-up.
+            self.calls += 1
+            if self.calls == 2:
+                self.t_second, self.second = time.perf_counter(), batch
+
+        def on_test_begin(self, logs=None):
+            if self.t_end is None:  # fit's validation starts: training batches are done (and synced)
+                self.t_end = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            now = time.perf_counter()
+            steps = len(train_batches)
+            t_end = self.t_end or now
+            if self.t_second is not None and steps > self.second:
+                ips = (steps - self.second) * cfg["batch"] / max(t_end - self.t_second, 1e-9)
+            else:
+                ips = steps * cfg["batch"] / max(t_end - self.t_begin, 1e-9)
+            row = {"epoch": epoch + 1, "lr": float(self.lr), "images_per_sec": round(ips, 2),
+                   "seconds": round(now - self.t_begin, 2)}
+            for k in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou"):
+                row[k] = float(logs[k]) if k in logs else None
+            if not all(math.isfinite(row[k]) for k in ("loss", "val_loss") if row[k] is not None):
+                # NaN guard: keep the last good checkpoint, commit nothing from this epoch.
+                state["diverged"] = f"loss {row['loss']} / val_loss {row['val_loss']} at epoch {epoch + 1}"
+                self.model.stop_training = True
+                return
+            score = row["val_dice"] if row["val_dice"] is not None else -row["loss"]
+            improved = state["best"] is None or score > state["best"]["score"]
+            if improved:
+                state["best"] = {"epoch": epoch + 1, "score": score, "val_dice": row["val_dice"],
+                                 "val_iou": row["val_iou"], "val_loss": row["val_loss"]}
+                state["wait"] = state["plateau_wait"] = 0
+            else:
+                state["wait"] += 1
+                state["plateau_wait"] += 1
+                if cfg["schedule"] == "plateau" and state["plateau_wait"] >= PLATEAU_PATIENCE:
+                    state["lr"] = max(state["lr"] * PLATEAU_FACTOR, cfg["lr"] * MIN_LR_FACTOR)
+                    state["plateau_wait"] = 0
+            if cfg["patience"] and state["wait"] >= cfg["patience"]:
+                state["stopped"] = f"early stopping: no val Dice gain for {state['wait']} epochs"
+                self.model.stop_training = True
+            state["epoch"] = epoch + 1
+            state["history"].append(row)
+            # Commit point: last.keras holds weights, optimizer and state together. A kill before this
+            # line replays the epoch; after it, the files below are repaired from last.keras on resume.
+            save_model(self.model, paths["last"], state)
+            atomic_write_text(paths["state"], json.dumps(state, indent=1))
+            if improved:
+                copy_atomic(paths["last"], paths["best"])
+            write_log(paths["log"], state["history"])
+            scores = "  ".join(f"{k} {row[k]:.4f}" for k in ("loss", "val_loss", "val_dice", "val_iou")
+                               if row[k] is not None)
+            print(f"epoch {epoch + 1}/{cfg['epochs']}: {scores}  lr {row['lr']:.2e}  {ips:.1f} img/s"
+                  f"{'  *best' if improved else ''}", flush=True)
+
+    return EpochEnd()
+
+
+# --- backend setup ----------------------------------------------------------------------------------
+def setup_backend(keras, unet, cfg):
+    """Resolve precision / jit / distribution for this machine; returns (strategy scope or None, info)."""
+    accel = unet.accelerator()
+    backend = keras.backend.backend()
+    precision = cfg["precision"] if cfg["precision"] != "auto" else ("mixed_bfloat16" if accel != "cpu" else "float32")
+    jit = {"auto": unet.default_jit(), "on": True, "off": False}[cfg["jit"]]
+    keras.mixed_precision.set_global_policy(precision)
+    devices = [d for d in keras.distribution.list_devices() if not d.lower().startswith("cpu")] \
+        if backend == "jax" else []
+    mode = cfg["distribute"]
+    if mode == "auto":
+        mode = "none"
+        if backend == "jax" and len(devices) > 1:
+            mode = "data_parallel"
+        elif backend == "tensorflow" and accel == "gpu":
+            import tensorflow as tf  # TF backend only
+            mode = "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "none"
+    strategy, replicas = None, 1
+    if mode == "mirrored":
+        if backend != "tensorflow":
+            raise UsageError(f"--distribute mirrored needs KERAS_BACKEND=tensorflow (this is {backend})")
+        import tensorflow as tf  # TF backend only
+        gpus = tf.config.list_logical_devices("GPU")
+        names = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        strategy = tf.distribute.MirroredStrategy(names)
+        replicas = strategy.num_replicas_in_sync
+        if cfg["jit"] == "auto":
+            jit = False  # XLA cannot reach MirroredStrategy's per-device variable copies (TF known issue)
+    elif mode == "data_parallel":
+        if backend != "jax":
+            raise UsageError(f"--distribute data_parallel needs KERAS_BACKEND=jax (this is {backend})")
+        all_devices = keras.distribution.list_devices()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=all_devices))
+        replicas = len(all_devices)
+    if cfg["batch"] % replicas:
+        if mode == "data_parallel":
+            keras.distribution.set_distribution(None)
+        raise UsageError(f"--batch {cfg['batch']}: must be a multiple of the {replicas} replicas")
+    return strategy, {"backend": backend, "accelerator": accel, "precision": precision, "jit": jit,
+                      "distribute": mode, "replicas": replicas}
+
+
+def split_evenly(val_set, replicas):
+    """Data-parallel validation needs every batch to split evenly over the replicas (tf.distribute fails
+    on uneven shards): keep a multiple of `replicas` images (at most replicas - 1 dropped, said once)."""
+    keep = len(val_set.images) // replicas * replicas
+    if keep == 0:
+        raise UsageError(f"{len(val_set.images)} validation images cannot be split over {replicas} replicas; "
+                         "raise --val-fraction")
+    if keep < len(val_set.images):
+        print(f"note: validating on {keep} of {len(val_set.images)} images (a multiple of {replicas} replicas)",
+              file=sys.stderr)
+    return val_set.images[:keep], val_set.masks[:keep]
+
+
+def train_batches_class(keras):
+    class TrainBatches(data.Batches):
+        """Full batches only (the partial last one would mean a second compiled step and a noisy
+        batch-norm update), optionally capped, masks as uint8 (a quarter of the float32 transfer)."""
+
+        def __init__(self, *args, steps_cap=0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.steps_cap = steps_cap
+
+        def __len__(self):
+            n = max(1, len(self.images) // self.batch_size)
+            return min(n, self.steps_cap) if self.steps_cap else n
+
+        def __getitem__(self, index):
+            x, y = super().__getitem__(index)
+            return x, y.astype(np.uint8)
+
+    return TrainBatches
+
+
+def train(cfg):
+    """Train with a dict / Namespace / argv list of flags; returns the summary dict (also in run.json)."""
+    cfg = config_of(cfg)
+    out = cfg["out"]
+    check_writable(out)
+    paths = {k: os.path.join(out, f) for k, f in
+             [("best", "best.keras"), ("last", "last.keras"), ("log", "log.csv"), ("run", "run.json"),
+              ("state", "state.json")]}
+
+    import keras  # after flag checks, so bad input fails fast
+    import unet
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(cfg["seed"])
+    strategy, info = setup_backend(keras, unet, cfg)
+    try:
+        cfg["precision"] = info["precision"]
+        identity = {k: cfg[k] for k in IDENTITY}
+
+        # Resume, or start fresh.
+        state = None if cfg["fresh"] else read_state(paths["last"])
+        if cfg["fresh"]:
+            for k in ("last", "state", "log", "best"):
+                if os.path.exists(paths[k]):
+                    os.remove(paths[k])
+        if state is not None and state.get("config") != identity:
+            diff = [f"{k} {state['config'].get(k)!r} -> {identity[k]!r}" for k in IDENTITY
+                    if state.get("config", {}).get(k) != identity[k]]
+            raise UsageError(f"{paths['last']}: holds a run with another configuration ({'; '.join(diff)}); "
+                             "rerun with --fresh to discard it, or use another --out")
+        if state is None:
+            state = {"version": 1, "config": identity, "epoch": 0, "best": None, "wait": 0,
+                     "plateau_wait": 0, "lr": cfg["lr"], "history": [], "stopped": None}
+        state["diverged"] = None
+
+        # Data (fails with one line on a missing / empty folder before any model is built).
+        t0 = time.time()
+        fractions = {"val_fraction": cfg["val_fraction"], "test_fraction": cfg["test_fraction"]}
+        progress = sys.stderr.isatty()
+        train_set = data.load_split(cfg["data"], "train", cfg["size"], cache=cfg["cache"], progress=progress, **fractions)
+        val_set = data.load_split(cfg["data"], "val", cfg["size"], cache=cfg["cache"], progress=progress, **fractions)
+        workers = cfg["workers"] or os.cpu_count() or 1
+        train_batches = train_batches_class(keras)(
+            train_set.images, train_set.masks, cfg["batch"], augment=cfg["augment"], shuffle=True,
+            seed=cfg["seed"], workers=workers, steps_cap=cfg["steps_per_epoch"])
+        val_images, val_masks = split_evenly(val_set, info["replicas"])
+        val_batches = data.Batches(val_images, val_masks, cfg["batch"], augment=False,
+                                   shuffle=False, workers=workers)
+        data_summary = {"path": cfg["data"] or data.synthetic_dir(cache_dir=cfg["cache"]),
+                        "synthetic": cfg["data"] is None, "train": len(train_set.pairs), "val": len(val_set.pairs),
+                        "problems": train_set.problems + [p for p in val_set.problems if p not in train_set.problems],
+                        "load_seconds": round(time.time() - t0, 1)}
+
+        # Model.
+        scope = strategy.scope() if strategy else _nullcontext()
+        with scope:
+            model = unet.build_unet(cfg["size"], cfg["filters"], cfg["depth"], cfg["dropout"], cfg["upsample"],
+                                    None if cfg["encoder"] == "none" else cfg["encoder"],
+                                    None if cfg["encoder_weights"] == "none" else cfg["encoder_weights"])
+            unet.compile_model(model, cfg["loss"], cfg["lr"], info["jit"], cfg["steps_per_execution"])
+            if state["epoch"]:
+                model.optimizer.build(model.trainable_variables)
+                model.load_weights(paths["last"])
+        # Repair what a kill between the commit and the end of on_epoch_end may have left behind.
+        if state["epoch"]:
+            atomic_write_text(paths["state"], json.dumps(state, indent=1))
+            write_log(paths["log"], state["history"])
+            best = read_state(paths["best"]) if os.path.exists(paths["best"]) else None
+            if state["best"] and (best is None or best["epoch"] != state["best"]["epoch"]) \
+                    and state["best"]["epoch"] == state["epoch"]:
+                copy_atomic(paths["last"], paths["best"])
+            print(f"resuming {out} after epoch {state['epoch']}", flush=True)
+        train_batches.epoch = state["epoch"]  # the shuffle/augmentation stream continues where it was
+        train_batches.order = train_batches._order()
+
+        run = {**cfg, "data_summary": data_summary, **info, "params": model.count_params(),
+               "model": model.name, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": None}
+        atomic_write_text(paths["run"], json.dumps(run, indent=1))
+
+        callbacks = [make_epoch_callback(keras, cfg, state, train_batches, paths)]
+        if cfg["tensorboard"]:
+            try:
+                import tensorboard  # noqa: F401
+                callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"), update_freq="epoch"))
+            except ImportError:
+                print("warning: --tensorboard ignored: the tensorboard package is not installed", file=sys.stderr)
+        done = state["epoch"] >= cfg["epochs"] or state["stopped"]
+        t_fit = time.time()
+        if not done:
+            print(f"training {model.name} ({model.count_params() / 1e6:.2f} M params) on {len(train_set.pairs)} "
+                  f"images, validating on {len(val_set.pairs)}, {cfg['size']} px, batch {cfg['batch']}; "
+                  f"{info['backend']} {info['accelerator']} {info['precision']} jit={info['jit']} "
+                  f"distribute={info['distribute']}", flush=True)
+            verbose = cfg["verbose"] if cfg["verbose"] is not None else (1 if sys.stdout.isatty() else 0)
+            with (strategy.scope() if strategy else _nullcontext()):
+                model.fit(train_batches, validation_data=val_batches, epochs=cfg["epochs"],
+                          initial_epoch=state["epoch"], callbacks=callbacks, verbose=verbose)
+    finally:
+        if info["distribute"] == "data_parallel":
+            keras.distribution.set_distribution(None)
+        keras.mixed_precision.set_global_policy("float32")
+
+    rates = [r["images_per_sec"] for r in state["history"]]
+    summary = {"epochs_done": state["epoch"], "best_epoch": (state["best"] or {}).get("epoch"),
+               "val_dice": (state["best"] or {}).get("val_dice"), "val_iou": (state["best"] or {}).get("val_iou"),
+               "images_per_sec": float(np.median(rates[1:] or rates)) if rates else None,
+               "train_seconds": round(time.time() - t_fit, 1), "stopped": state["stopped"],
+               "diverged": state["diverged"], "files": [paths[k] for k in ("best", "last", "log", "run")]}
+    run["result"] = summary
+    run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    atomic_write_text(paths["run"], json.dumps(run, indent=1))
+    return summary
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def print_summary(s):
+    if s["diverged"]:
+        print(f"stopped: training diverged ({s['diverged']}); the last good epoch is kept", flush=True)
+    elif s["stopped"]:
+        print(f"stopped: {s['stopped']}", flush=True)
+    if s["best_epoch"]:
+        print(f"best epoch {s['best_epoch']} of {s['epochs_done']}: val Dice {s['val_dice']:.4f}, "
+              f"val IoU {s['val_iou']:.4f}; {s['images_per_sec']:.1f} images/s (training batches)", flush=True)
+    print("files: " + ", ".join(f for f in s["files"] if os.path.exists(f)), flush=True)
+
+
+def main(argv=None):
+    try:
+        summary = train(sys.argv[1:] if argv is None else argv)
+    except (UsageError, data.DataError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume after the last finished epoch", file=sys.stderr)
+        return 130
+    print_summary(summary)
+    return 1 if summary["diverged"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
