@@ -1,0 +1,668 @@
+"""Score a lesion-segmentation model exactly as the ISIC 2018 Task 1 challenge does.
+
+    python evaluate.py --weights best.keras [--data DIR] [--split val|test|all] [--out eval/]
+                       [--save-masks DIR] [--threshold 0.5] [--tta]
+
+Per image: squash-resize the image to the model's input size, predict a probability map, resize
+that map back to the ground-truth mask's native resolution (bilinear), threshold it, and score it
+against the native mask with the challenge's per-image metrics. The summary is the mean over images
+(the challenge's "macro average"), plus pooled (all pixels together) Dice/IoU, medians and the worst
+images. Any model file works through one code path: .keras, a SavedModel folder, or a .tflite.
+"""
+
+import argparse
+import csv
+import heapq
+import io
+import json
+import os
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+import data
+
+METRICS = ("dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity", "accuracy")
+JACCARD_CUTOFF = 0.65  # the challenge's "thresholded Jaccard": below this an image scores 0
+GRID_ROWS = 6          # images per comparison grid (best / worst / random)
+TILE = 256             # px per grid tile: large enough to see a lesion border
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics: pure NumPy, vectorized, from confusion counts
+
+
+def confusion(truth, pred):
+    """(tp, fp, fn, tn) pixel counts of two boolean masks, (H, W) -> ints or (N, H, W) -> arrays.
+
+    Any encoding works (bool, 0/1, 0/255): nonzero is foreground. Binarize the files first with
+    data.load_mask (or > 128, the challenge's rule) before they get here."""
+    truth = np.asarray(truth)
+    pred = np.asarray(pred)
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth shape {truth.shape} != prediction shape {pred.shape}")
+    if truth.ndim not in (2, 3):
+        raise ValueError(f"masks must be (H, W) or (N, H, W), got shape {truth.shape}")
+    truth = truth if truth.dtype == bool else truth != 0
+    pred = pred if pred.dtype == bool else pred != 0
+    if truth.ndim == 2:
+        # Three counts over one AND: the cheapest pass over a 12-megapixel mask.
+        tp = np.count_nonzero(truth & pred)
+        positives, predicted = np.count_nonzero(truth), np.count_nonzero(pred)
+        total = truth.size
+    else:
+        flat_t, flat_p = truth.reshape(len(truth), -1), pred.reshape(len(pred), -1)
+        tp = np.count_nonzero(flat_t & flat_p, axis=1)
+        positives, predicted = np.count_nonzero(flat_t, axis=1), np.count_nonzero(flat_p, axis=1)
+        total = flat_t.shape[1]
+    fp = predicted - tp
+    fn = positives - tp
+    tn = total - tp - fp - fn
+    return tp, fp, fn, tn
+
+
+def _ratio(numerator, denominator):
+    # The challenge scores an undefined ratio (zero denominator, e.g. both masks empty) as 1.0.
+    numerator = np.asarray(numerator, np.float64)
+    denominator = np.asarray(denominator, np.float64)
+    safe = np.where(denominator == 0, 1.0, denominator)
+    return np.where(denominator == 0, 1.0, numerator / safe)
+
+
+def scores_from_confusion(tp, fp, fn, tn):
+    """The six challenge metrics from counts; scalars in -> floats out, arrays in -> arrays out."""
+    jaccard = _ratio(tp, tp + fp + fn)
+    out = {
+        "dice": _ratio(2 * np.asarray(tp), 2 * np.asarray(tp) + fp + fn),
+        "jaccard": jaccard,
+        "threshold_jaccard": np.where(jaccard >= JACCARD_CUTOFF, jaccard, 0.0),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "accuracy": _ratio(np.asarray(tp) + tn, np.asarray(tp) + tn + fp + fn),
+    }
+    if np.ndim(tp) == 0:
+        return {k: float(v) for k, v in out.items()}
+    return out
+
+
+def image_scores(truth, pred):
+    """Per-image challenge metrics of boolean masks (H, W) -> dict of floats, (N, H, W) -> arrays."""
+    return scores_from_confusion(*confusion(truth, pred))
+
+
+def summarize(rows, worst=5):
+    """Aggregate per-image rows (dicts with METRICS and tp/fp/fn/tn) into the summary.
+
+    The headline numbers are per-image means, the challenge's macro average. Pooled Dice/IoU sum
+    the counts of all images first, so large images weigh more; medians show the typical image."""
+    if not rows:
+        raise data.DataError("evaluate: no image could be scored")
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in METRICS}
+    summary["median"] = {k: float(np.median([r[k] for r in rows])) for k in METRICS}
+    tp, fp, fn, tn = (sum(int(r[k]) for r in rows) for k in ("tp", "fp", "fn", "tn"))
+    pooled = scores_from_confusion(tp, fp, fn, tn)
+    summary["pooled"] = {"dice": pooled["dice"], "jaccard": pooled["jaccard"]}
+    summary["images"] = len(rows)
+    ranked = sorted(rows, key=lambda r: (r["dice"], r["image_id"]))
+    summary["worst"] = [{"image_id": r["image_id"], "dice": r["dice"]} for r in ranked[:worst]]
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictor: one interface over .keras, SavedModel and .tflite
+
+
+class Predictor:
+    """predict(uint8 (N, S, S, 3) raw RGB) -> float32 (N, S, S) foreground probability."""
+
+    def __init__(self, path, kind, size, run_batch, batch=8):
+        self.path, self.kind, self.size = path, kind, size
+        self.batch = batch  # images per call: amortizes per-call overhead without much memory
+        self._run_batch = run_batch
+
+    def predict(self, images):
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1:] != (self.size, self.size, 3):
+            raise ValueError(f"expected (N, {self.size}, {self.size}, 3) images, got {images.shape}")
+        out = [self._run_batch(images[i:i + self.batch]) for i in range(0, len(images), self.batch)]
+        probs = np.concatenate(out) if out else np.zeros((0, self.size, self.size), np.float32)
+        return probs.reshape(len(images), self.size, self.size).astype(np.float32, copy=False)
+
+
+def _square_size(shape, path, size, default_size=None):
+    """The model's input size from its input shape (N, H, W, 3).
+
+    An explicit `size` must match a fixed input; `size` or else `default_size` (run.json's
+    training size) fills a dynamic one."""
+    if len(shape) != 4 or shape[-1] not in (3, None):
+        raise data.DataError(f"{path}: model input shape {tuple(shape)} is not (N, H, W, 3)")
+    h, w = shape[1], shape[2]
+    if h is None or w is None or h < 0 or w < 0:
+        size = size if size is not None else default_size
+        if size is None:
+            raise data.DataError(f"{path}: model accepts any input size; pass --size PX "
+                                 "(or keep run.json beside it)")
+        return int(size)
+    if h != w:
+        raise data.DataError(f"{path}: model input is {h}x{w}, expected a square input")
+    if size is not None and int(size) != h:
+        raise data.DataError(f"{path}: model input is {h}x{w}, --size {size} does not match")
+    return int(h)
+
+
+def _load_keras(path, size, default_size=None):
+    import keras
+
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as e:  # corrupt zip, not a model, unknown layer...
+        raise data.DataError(f"{path}: cannot load Keras model ({_one_line(e)})") from None
+    size = _square_size(model.input_shape, path, size, default_size)
+
+    def run(x):
+        y = model.predict_on_batch(x.astype(np.float32))
+        if isinstance(y, dict):
+            y = y["mask"] if "mask" in y else next(iter(y.values()))
+        return np.asarray(y, np.float32)
+
+    _check_output(run, size, path)
+    return Predictor(path, "keras", size, run)
+
+
+def _load_saved_model(path, size, default_size=None):
+    import tensorflow as tf  # only this branch needs TensorFlow
+
+    try:
+        loaded = tf.saved_model.load(path)
+        fn = loaded.signatures["serving_default"]
+    except Exception as e:
+        raise data.DataError(f"{path}: cannot load SavedModel ({_one_line(e)})") from None
+    specs = fn.structured_input_signature[1]
+    if len(specs) != 1:
+        raise data.DataError(f"{path}: serving signature has {len(specs)} inputs, expected 1")
+    (name, spec), = specs.items()
+    size = _square_size(spec.shape.as_list(), path, size, default_size)
+
+    def run(x):
+        outputs = fn(**{name: tf.constant(x, dtype=spec.dtype)})
+        y = outputs["mask"] if "mask" in outputs else next(iter(outputs.values()))
+        return y.numpy().astype(np.float32)
+
+    _check_output(run, size, path)
+    batch = spec.shape.as_list()[0]  # a signature with a fixed batch (e.g. 1) gets exactly that
+    return Predictor(path, "saved_model", size, run, batch=batch or 8)
+
+
+def _load_tflite(path, size):
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interp = Interpreter(model_path=path, num_threads=os.cpu_count())
+        interp.allocate_tensors()
+    except Exception as e:
+        raise data.DataError(f"{path}: cannot load TFLite model ({_one_line(e)})") from None
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    size = _square_size(list(inp["shape"]), path, size)
+    in_scale, in_zero = inp["quantization"]
+    out_scale, out_zero = out["quantization"]
+
+    def quantize(x):
+        # Integer inputs carry their own scale/zero point; a uint8 model with scale 1, zero point 0
+        # gets the raw camera bytes unchanged, exactly what a phone feeds it.
+        if np.issubdtype(inp["dtype"], np.integer):
+            if in_scale == 0:
+                return x.astype(inp["dtype"])
+            info = np.iinfo(inp["dtype"])
+            q = np.round(x.astype(np.float32) / in_scale + in_zero)
+            return np.clip(q, info.min, info.max).astype(inp["dtype"])
+        return x.astype(inp["dtype"])
+
+    def run(x):
+        # One image per invoke: the exported signature has a fixed batch of 1 (faster on phones).
+        probs = []
+        for image in x:
+            interp.set_tensor(inp["index"], quantize(image[None]))
+            interp.invoke()
+            y = interp.get_tensor(out["index"])
+            if np.issubdtype(y.dtype, np.integer) and out_scale != 0:
+                y = (y.astype(np.float32) - out_zero) * out_scale
+            probs.append(y.astype(np.float32).reshape(size, size))
+        return np.stack(probs)
+
+    _check_output(run, size, path)
+    return Predictor(path, "tflite", size, run)
+
+
+def _check_output(run, size, path):
+    # One dry run so a model with the wrong output shape fails here with one line, not mid-way.
+    try:
+        y = np.asarray(run(np.zeros((1, size, size, 3), np.uint8)))
+    except Exception as e:
+        raise data.DataError(f"{path}: model failed on a {size}x{size} input ({_one_line(e)})") from None
+    if y.size != size * size:
+        raise data.DataError(f"{path}: model output shape {y.shape} is not one {size}x{size} map")
+
+
+def _one_line(e):
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:300]
+
+
+def load_predictor(path, size=None, default_size=None):
+    """A Predictor for a .keras file, a SavedModel folder or a .tflite file.
+
+    `size` is only needed for a model that accepts any input size (it must match a fixed one);
+    `default_size` is the fallback for such a model (train.py's size from run.json)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise data.DataError(f"{path}: model file not found")
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "saved_model.pb")):
+            raise data.DataError(f"{path}: folder is not a SavedModel (no saved_model.pb)")
+        return _load_saved_model(path, size, default_size)
+    if path.endswith(".tflite"):
+        return _load_tflite(path, size)
+    if path.endswith(".keras"):
+        return _load_keras(path, size, default_size)
+    raise data.DataError(f"{path}: unknown model format (expected .keras, .tflite or a SavedModel folder)")
+
+
+def predict_probs(predictor, images, tta=False):
+    """Probabilities (N, S, S); with tta, the mean of identity, horizontal and vertical flips."""
+    probs = predictor.predict(images)
+    if tta:
+        probs = probs + predictor.predict(images[:, :, ::-1])[:, :, ::-1]
+        probs = probs + predictor.predict(images[:, ::-1])[:, ::-1]
+        probs = probs / 3.0
+    return probs
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison grids: image | ground truth | prediction | overlay, one row per image
+
+TP_COLOR, FP_COLOR, FN_COLOR = (0, 200, 0), (255, 0, 255), (0, 160, 255)  # green, magenta, azure
+
+
+def _fit(array, mode, box=TILE):
+    """Letterbox an array into a box x box tile, keeping the native aspect ratio."""
+    image = Image.fromarray(array)
+    h, w = image.height, image.width
+    scale = box / max(h, w)
+    image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    tile = Image.new(mode, (box, box), (96, 96, 96))  # grey letterbox: the black mask background stays visible
+    tile.paste(image.convert(mode), ((box - image.width) // 2, (box - image.height) // 2))
+    return tile
+
+
+def thumbnails(truth, pred):
+    """Truth and prediction shrunk to grid-tile size (native aspect), a few kB per image."""
+    h, w = truth.shape
+    scale = TILE / max(h, w)
+    hw = (max(1, round(h * scale)), max(1, round(w * scale)))
+    # Stride down a 12-megapixel mask first (a view, no copy): the area-preserving resize of the
+    # small mask then costs a millisecond instead of a 12-megapixel pass.
+    step = max(1, min(h // hw[0], w // hw[1]) // 2)
+    return data.resize_mask(truth[::step, ::step], hw), data.resize_mask(pred[::step, ::step], hw)
+
+
+def make_tiles(image, truth_small, pred_small):
+    """The four tiles of one grid row: image | ground truth | prediction | overlay."""
+    image = data.resize_image(image, truth_small.shape)  # squashed back to the native aspect
+    overlay = (image * 0.55).astype(np.uint8)
+    overlay[truth_small & pred_small] = TP_COLOR
+    overlay[~truth_small & pred_small] = FP_COLOR
+    overlay[truth_small & ~pred_small] = FN_COLOR
+    return [_fit(image, "RGB"), _fit(truth_small.astype(np.uint8) * 255, "RGB"),
+            _fit(pred_small.astype(np.uint8) * 255, "RGB"), _fit(overlay, "RGB")]
+
+
+def _font(size=14):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow built without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def draw_grid(title, entries):
+    """entries: [(row dict, tiles)] -> one PNG-ready image with a caption above every row."""
+    font, caption, header = _font(14), 22, 30
+    width = 4 * TILE
+    grid = Image.new("RGB", (width, header + len(entries) * (caption + TILE)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    draw.text((6, 6), f"{title}   columns: image | ground truth | prediction | overlay "
+              "(green TP, magenta FP, blue FN)", fill=(0, 0, 0), font=font)
+    for i, (row, tiles) in enumerate(entries):
+        y = header + i * (caption + TILE)
+        draw.text((6, y + 4), f"{row['image_id']}   Dice {row['dice']:.3f}   Jaccard "
+                  f"{row['jaccard']:.3f}   {row['width']}x{row['height']}", fill=(0, 0, 0), font=font)
+        for j, tile in enumerate(tiles):
+            grid.paste(tile, (j * TILE, y + caption))
+    return grid
+
+
+class GridPicker:
+    """Keeps tiles only for the images that can still end up in a grid: the best, the worst and
+    a seeded reservoir sample, so memory stays flat however large the split."""
+
+    def __init__(self, rows=GRID_ROWS, seed=0):
+        self.rows, self.rng, self.seen = rows, random.Random(seed), 0
+        self.best, self.worst, self.sample = [], [], []  # heaps of (key, order, row, tiles)
+
+    def wants(self, dice):
+        full = lambda heap: len(heap) >= self.rows
+        self._slot = self.rng.randrange(self.seen + 1) if self.seen >= self.rows else self.seen
+        self.seen += 1
+        return (not full(self.best) or dice > self.best[0][0]
+                or not full(self.worst) or -dice > self.worst[0][0] or self._slot < self.rows)
+
+    def add(self, row, tiles):
+        order = self.seen
+        for heap, key in ((self.best, row["dice"]), (self.worst, -row["dice"])):
+            item = (key, -order, row, tiles)
+            if len(heap) < self.rows:
+                heapq.heappush(heap, item)
+            elif key > heap[0][0]:
+                heapq.heapreplace(heap, item)
+        if self._slot < self.rows:
+            if self._slot < len(self.sample):
+                self.sample[self._slot] = (row, tiles)
+            else:
+                self.sample.append((row, tiles))
+
+    def grids(self):
+        best = [(r, t) for _, _, r, t in sorted(self.best, key=lambda e: (-e[0], -e[1]))]
+        worst = [(r, t) for _, _, r, t in sorted(self.worst, key=lambda e: (-e[0], -e[1]))]
+        sample = sorted(self.sample, key=lambda e: e[0]["image_id"])
+        return {"grid_best.png": ("Best images", best), "grid_worst.png": ("Worst images", worst),
+                "grid_random.png": ("Random sample", sample)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes: a crash never leaves a half-written output behind
+
+
+def _atomic_bytes(path, payload):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(payload)
+    os.replace(tmp, path)
+
+
+def _png_bytes(image, **kw):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **kw)
+    return buffer.getvalue()
+
+
+def write_csv(path, rows):
+    columns = ["image_id", *METRICS, "tp", "fp", "fn", "tn", "height", "width"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    _atomic_bytes(path, buffer.getvalue().encode())
+
+
+def save_mask_png(folder, image_id, pred):
+    # ISIC submission format: 8-bit greyscale, 0/255, native size, <id>_segmentation.png.
+    image = Image.fromarray(pred.astype(np.uint8) * 255, mode="L")
+    _atomic_bytes(os.path.join(folder, f"{image_id}_segmentation.png"),
+                  _png_bytes(image, compress_level=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation loop
+
+
+class _Progress:
+    """A one-line progress bar on stderr (no dependency, silent when disabled)."""
+
+    def __init__(self, total, enabled):
+        self.total, self.enabled, self.start, self.done = total, enabled and total > 0, time.time(), 0
+
+    def update(self, n=1):
+        self.done += n
+        if self.enabled and n:
+            frac = self.done / self.total
+            rate = self.done / max(time.time() - self.start, 1e-9)
+            bar = "#" * int(30 * frac)
+            sys.stderr.write(f"\revaluate [{bar:<30}] {self.done}/{self.total}  {rate:.1f} img/s")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _draft_ok(image_hw, mask_hw):
+    # The image decodes with JPEG draft mode at 1/1, 1/2, 1/4 or 1/8 scale (sizes rounded up);
+    # the mask is read in full. Any of those scales mapping the mask onto the image is a match.
+    (h, w), (mh, mw) = image_hw, mask_hw
+    return any(-(-mh // s) == h and -(-mw // s) == w for s in (1, 2, 4, 8))
+
+
+def _decode(pair, size):
+    """(pair, decoded (h, w), image squashed to size x size) or a problem dict."""
+    t = time.perf_counter()
+    try:
+        # Draft mode: a 4288x2848 JPEG decodes at 1/8 scale straight to >= size x size.
+        image = data.load_image(pair.image, min_size=(size, size))
+    except data.DataError as e:
+        return {"file": pair.image, "problem": str(e)}, time.perf_counter() - t
+    return (pair, image.shape[:2], data.resize_image(image, (size, size))), time.perf_counter() - t
+
+
+def _score(pair, image_hw, prob, threshold, save_masks):
+    """Resize one probability map to its mask's native size, threshold and score it there.
+
+    Returns (row, thumbnails, seconds) or (problem, None, seconds). Pure per image, so a pool of
+    threads can run it (Pillow and NumPy release the GIL)."""
+    t = time.perf_counter()
+    try:
+        truth = data.load_mask(pair.mask)  # native resolution: the challenge scores there
+    except data.DataError as e:
+        return {"file": pair.mask, "problem": str(e)}, None, (time.perf_counter() - t, 0.0)
+    if not _draft_ok(image_hw, truth.shape):
+        return ({"file": pair.mask, "problem": f"mask is {truth.shape[1]}x{truth.shape[0]}, its "
+                 f"image {pair.image} is not; pair skipped"}, None, (time.perf_counter() - t, 0.0))
+    pred = data.resize_prob(prob, truth.shape) > threshold
+    counts = confusion(truth, pred)
+    row = {"image_id": pair.id, **scores_from_confusion(*counts),
+           **dict(zip(("tp", "fp", "fn", "tn"), map(int, counts))),
+           "height": truth.shape[0], "width": truth.shape[1]}
+    scored = time.perf_counter()
+    thumbs = thumbnails(truth, pred)
+    if save_masks:
+        save_mask_png(save_masks, pair.id, pred)
+    return row, thumbs, (scored - t, time.perf_counter() - scored)
+
+
+def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=None,
+             progress=True, problems=None, info=None, workers=None):
+    """Score `pairs` (data.Pair list) with `predictor`; returns the summary dict.
+
+    Writes metrics.csv, summary.json and grid_*.png into `out` (if given) and the predicted masks
+    into `save_masks` (if given). Unreadable pairs are reported and skipped, listed in
+    summary["problems"] after the given `problems` (from data.find_pairs)."""
+    size = predictor.size
+    problems = list(problems or [])
+    timing = dict.fromkeys(("decode", "predict", "score", "write"), 0.0)
+    rows, picker = [], GridPicker()
+    for folder in (out, save_masks):
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+    bar = _Progress(len(pairs), progress)
+    started = time.perf_counter()
+    chunks = [pairs[i:i + predictor.batch] for i in range(0, len(pairs), predictor.batch)]
+
+    def collect(jobs):
+        # In image order, so rows, problems and the grid sample are the same on every run.
+        for job, image in jobs:
+            result, thumbs, (score_s, write_s) = job.result()
+            timing["score"] += score_s
+            timing["write"] += write_s
+            if thumbs is None:
+                problems.append(result)
+            else:
+                rows.append(result)
+                if out and picker.wants(result["dice"]):
+                    picker.add(result, make_tiles(image, *thumbs))
+            bar.update()
+
+    # A pipeline: while the model predicts batch i, one thread decodes batch i + 1 and a pool
+    # scores batch i - 1 at native resolution.
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(1) as decoder, ThreadPoolExecutor(workers) as scorer:
+        submit_decode = lambda chunk: [decoder.submit(_decode, pair, size) for pair in chunk]
+        decoding = submit_decode(chunks[0]) if chunks else []
+        scoring = []
+        for i in range(len(chunks)):
+            decoded = []
+            for job in decoding:
+                result, seconds = job.result()
+                timing["decode"] += seconds
+                if isinstance(result, dict):
+                    problems.append(result)
+                    bar.update()
+                else:
+                    decoded.append(result)
+            decoding = submit_decode(chunks[i + 1]) if i + 1 < len(chunks) else []
+            if decoded:
+                t = time.perf_counter()
+                probs = predict_probs(predictor, np.stack([image for _, _, image in decoded]), tta)
+                timing["predict"] += time.perf_counter() - t
+                jobs = [(scorer.submit(_score, pair, hw, prob, threshold, save_masks), image)
+                        for (pair, hw, image), prob in zip(decoded, probs)]
+                collect(scoring)  # batch i - 1 has been scoring while batch i predicted
+                scoring = jobs
+        collect(scoring)
+
+    summary = summarize(rows)
+    summary.update(info or {})
+    summary.update({"model": predictor.path, "model_format": predictor.kind, "size": size,
+                    "threshold": threshold, "tta": tta, "problems": problems})
+    t = time.perf_counter()
+    if out:
+        write_csv(os.path.join(out, "metrics.csv"), rows)
+        for name, (title, entries) in picker.grids().items():
+            if entries:
+                _atomic_bytes(os.path.join(out, name),
+                              _png_bytes(draw_grid(title, entries), compress_level=1))
+    timing["write"] += time.perf_counter() - t
+    timing["total"] = time.perf_counter() - started
+    summary["seconds"] = {k: round(v, 3) for k, v in timing.items()}
+    if out:
+        _atomic_bytes(os.path.join(out, "summary.json"),
+                      (json.dumps(summary, indent=2) + "\n").encode())
+    summary["rows"] = rows
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def read_run_json(weights):
+    """train.py's run.json beside the weights (or one folder up for an export), else {}."""
+    here = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
+    for folder in (here, os.path.dirname(here)):
+        path = os.path.join(folder, "run.json")
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    run = json.load(f)
+            except (OSError, ValueError) as e:
+                raise data.DataError(f"{path}: unreadable run.json ({_one_line(e)})") from None
+            # Accept the config at the top level or nested under "config".
+            config = run.get("config", {}) if isinstance(run.get("config"), dict) else {}
+            return {**run, **config, "_path": path}
+    return {}
+
+
+def _training_data(run):
+    """The data a model was trained on, from run.json; the built-in synthetic set otherwise."""
+    if isinstance(run.get("data"), str):
+        if not os.path.isdir(run["data"]):
+            raise data.DataError(f"{run['_path']}: the model was trained on {run['data']}, which "
+                                 "is gone; pass --data DIR")
+        return run["data"]
+    return data.synthetic_dir(cache_dir=run.get("cache") or None)  # as train.py without --data
+
+
+def print_table(summary, file=None):
+    file = file or sys.stdout
+    print(f"\n{'metric':<18}{'mean':>9}{'median':>9}", file=file)
+    for k in METRICS:
+        print(f"{k:<18}{summary[k]:>9.4f}{summary['median'][k]:>9.4f}", file=file)
+    print(f"{'pooled dice':<18}{summary['pooled']['dice']:>9.4f}", file=file)
+    print(f"{'pooled jaccard':<18}{summary['pooled']['jaccard']:>9.4f}", file=file)
+    worst = ", ".join(f"{w['image_id']} {w['dice']:.3f}" for w in summary["worst"][:3])
+    print(f"images {summary['images']}   worst: {worst}", file=file)
+    s = summary["seconds"]
+    print(f"time {s['total']:.2f}s wall; stages (decode and scoring overlap prediction): decode "
+          f"{s['decode']:.2f}, predict {s['predict']:.2f}, resize-back+score {s['score']:.2f}, "
+          f"write {s['write']:.2f}", file=file)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", required=True, help=".keras file, SavedModel folder or .tflite")
+    p.add_argument("--data", default=None, help="dataset folder (default: the training data "
+                   "named in run.json beside the weights, else the built-in synthetic set)")
+    p.add_argument("--split", default="val", choices=("val", "test", "all"))
+    p.add_argument("--out", default="eval", help="folder for metrics.csv, summary.json, grids")
+    p.add_argument("--save-masks", default=None, metavar="DIR",
+                   help="write <id>_segmentation.png masks (ISIC submission format)")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--tta", action="store_true", help="average identity, h-flip and v-flip")
+    p.add_argument("--size", type=int, default=None, help="input size for a size-agnostic model")
+    p.add_argument("--val-fraction", type=float, default=None)
+    p.add_argument("--test-fraction", type=float, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        if not 0.0 <= args.threshold <= 1.0:
+            raise data.DataError(f"--threshold {args.threshold}: must be within [0, 1]")
+        if not os.path.exists(args.weights):
+            raise data.DataError(f"{args.weights}: model file not found")
+        run = read_run_json(args.weights)
+        # Same split fractions as training, so the val split never contains training images.
+        val_fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1)
+        test_fraction = args.test_fraction if args.test_fraction is not None else run.get("test_fraction", 0.1)
+        root = args.data or _training_data(run)
+        predictor = load_predictor(args.weights, args.size, default_size=run.get("size"))
+        pairs, problems, layout = data.find_pairs(root, val_fraction, test_fraction)
+        chosen = [q for q in pairs if args.split == "all" or q.split == args.split]
+        if not chosen:
+            raise data.DataError(f"{root}: no images in the {args.split} split "
+                                 f"({len(pairs)} pairs found, layout {layout})")
+        print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {root} "
+              f"({layout}, split {args.split}: {len(chosen)} images)", file=sys.stderr)
+        for problem in problems:
+            print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
+        info = {"data": os.path.abspath(root), "layout": layout, "split": args.split,
+                "val_fraction": val_fraction, "test_fraction": test_fraction,
+                "run_json": run.get("_path")}
+        summary = evaluate(predictor, chosen, args.threshold, args.tta, args.out, args.save_masks,
+                           progress=not args.no_progress and sys.stderr.isatty(),
+                           problems=problems, info=info)
+        for problem in summary["problems"][len(problems):]:
+            print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
+        print_table(summary)
+        masks = f"; {len(summary['rows'])} masks in {args.save_masks}" if args.save_masks else ""
+        print(f"wrote {args.out}/: metrics.csv, summary.json, grid_best/worst/random.png{masks}",
+              file=sys.stderr)
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. --out is a file, a full disk, no permission
+        print(f"error: {e.filename or ''}: {e.strerror or _one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
