@@ -1,0 +1,69 @@
+"""int8 TFLite size and LiteRT latency of the default model and mobile candidates vs the targets.
+
+    python bench/bench_export.py [--runs 20] [--threads 1,2] [--presets default,f16_128,f8_128,f16,f8,mnv3s]
+
+Size and latency do not depend on the trained weights, so each preset is built with random weights
+(unet.build_unet) and calibrated on 8 synthetic images; the accuracy side of the targets (int8 within
+0.5 Dice points of float, mobile within 1.5 of default) needs trained models: export.py's report.json.
+Targets: default (base 32, 256 px) <= 8 MB and <= 15 ms; mobile <= 2 MB and <= 5 ms, 2 threads.
+"""
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np  # noqa: E402
+
+import data  # noqa: E402
+import export  # noqa: E402
+import unet  # noqa: E402
+
+# name: (build_unet kwargs, size MB target, ms target)
+PRESETS = {
+    "default": (dict(size=256, filters=32), 8.0, 15.0),
+    "f16": (dict(size=256, filters=16), 2.0, 5.0),
+    "f16_128": (dict(size=128, filters=16), 2.0, 5.0),
+    "f8": (dict(size=256, filters=8), 2.0, 5.0),
+    "f8_128": (dict(size=128, filters=8), 2.0, 5.0),
+    "mnv3s": (dict(size=256, filters=16, encoder="mobilenetv3small"), 2.0, 5.0),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--presets", default="default,f16_128,f8_128")
+    args = parser.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    print(f"{'preset':<10}{'params':>10}{'int8 MB':>9}{'target':>8}" +
+          "".join(f"{f'ms@{t}thr':>10}" for t in threads) + f"{'target':>8}  verdict")
+    for name in args.presets.split(","):
+        kwargs, mb_target, ms_target = PRESETS[name]
+        model = unet.build_unet(**kwargs)
+        size = kwargs["size"]
+        images, _ = data.make_synthetic(8, seed=0, size_wh=(size, size))
+        work = tempfile.mkdtemp(prefix="bench_export-")
+        try:
+            t = time.perf_counter()
+            export.write_saved_model(model, size, os.path.join(work, "sm"), batch=1)
+            path = os.path.join(work, "int8.tflite")
+            with open(path, "wb") as f:
+                f.write(export.convert(os.path.join(work, "sm"), "int8", images))
+            convert_s = time.perf_counter() - t
+            mb = os.path.getsize(path) / 1e6
+            ms = [export.latency_ms(path, n, runs=args.runs) for n in threads]
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        ok = mb <= mb_target and ms[-1] <= ms_target
+        print(f"{name:<10}{model.count_params():>10,}{mb:>9.2f}{mb_target:>8.1f}" +
+              "".join(f"{m:>10.1f}" for m in ms) + f"{ms_target:>8.1f}  "
+              f"{'meets' if ok else 'misses'} (convert {convert_s:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

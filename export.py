@@ -1,0 +1,541 @@
+"""Export a trained U-Net for servers and phones, and verify every file before it is published.
+
+    python export.py --weights runs/x/best.keras --data data/isic        # -> export/
+    python export.py --weights best.keras --quantize int8,float16 --qat 1
+
+Writes into --out (default export/):
+    saved_model/            TensorFlow SavedModel, signature "serving_default": image (N, S, S, 3)
+                            float32 raw RGB 0..255 -> mask (N, S, S, 1) float32 probability
+    model_float32.tflite    LiteRT, batch 1: float32 (1, S, S, 3) 0..255 -> float32 (1, S, S, 1)
+    model_int8.tflite       full-integer post-training quantization calibrated on training images:
+                            uint8 (1, S, S, 3) camera bytes (scale 1, zero point 0) -> uint8 mask
+                            (scale 1/256, zero point 0); builtin ops only
+    model_float16.tflite    with --quantize float16: float16 weights, float32 input/output
+    model_int8_qat.tflite   with --qat EPOCHS: quantization-aware fine-tuning, then int8
+    report.json             sizes, LiteRT latency, Dice vs the Keras masks and vs the ground truth
+
+Why these choices:
+- Fixed batch 1 and a fixed input size in the TFLite files: a dynamic batch adds SHAPE /
+  STRIDED_SLICE / PACK ops around every transposed convolution and cost 35-55% latency here.
+- No dynamic-range quantization on its own: on this CPU it ran 5x slower than float32.
+- The model normalizes its own input (unet.py's Rescaling layer), so the int8 file takes raw uint8
+  pixels with scale 1 / zero point 0: a phone copies camera bytes straight into the input tensor.
+- A mixed-precision model is rebuilt in float32 first (same config, same weights): bfloat16 graphs
+  do not convert to TFLite and phones run float32 / int8 anyway.
+- QAT: tensorflow-model-optimization 0.8.1 only accepts tf_keras (Keras 2) models, and importing it
+  switches TF_USE_LEGACY_KERAS on. So QAT runs in a child process of this same file, on a tf_keras
+  copy of the graph rebuilt layer by layer from the Keras 3 config, with the weights moved by name.
+- Everything is written into a temporary folder beside --out and renamed into place only after all
+  checks pass: a failure never leaves a half-written export nor touches a previous one.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+import numpy as np
+
+import data
+
+QUANT_KINDS = ("int8", "float16")
+SAVED_MODEL_ATOL = 1e-5    # SavedModel reload vs Keras, max abs difference
+FLOAT32_ATOL = 1e-4        # float32 .tflite vs Keras (XNNPACK reorders sums)
+FLOAT16_MEAN_ATOL = 1e-2   # float16 weights: mean abs probability difference
+INT8_MEAN_ATOL = 0.05      # int8: mean abs probability difference (a broken calibration is ~0.3+)
+THRESHOLD = 0.5
+
+
+class ExportError(data.DataError):
+    """One-line, user-facing export failure (a DataError, so every CLI prints it the same way)."""
+
+
+def one_line(e):
+    return (" ".join(str(e).split()) or type(e).__name__)[:300]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and checking the Keras model
+
+
+def load_model(path):
+    """The .keras model, checked to be a segmentation model: one (N, S, S, 3) input, one mask output."""
+    import keras
+
+    if not os.path.isfile(path):
+        raise ExportError(f"{path}: model file not found")
+    if not path.endswith(".keras"):
+        raise ExportError(f"{path}: expected a .keras model file (train.py's best.keras)")
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as e:  # not a zip, truncated, unknown layer ...
+        raise ExportError(f"{path}: cannot load Keras model ({one_line(e)})") from None
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ExportError(f"{path}: not a segmentation model ({len(model.inputs)} inputs, "
+                          f"{len(model.outputs)} outputs; expected 1 image in, 1 mask out)")
+    shape_in, shape_out = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
+    if len(shape_in) != 4 or shape_in[-1] != 3:
+        raise ExportError(f"{path}: not a segmentation model (input shape {shape_in}, expected (N, S, S, 3))")
+    if len(shape_out) != 4 or shape_out[-1] != 1 or shape_out[1:3] != shape_in[1:3]:
+        raise ExportError(f"{path}: not a segmentation model (output shape {shape_out} for input "
+                          f"{shape_in}, expected one (N, S, S, 1) probability map)")
+    return model
+
+
+def model_size(model, run, path):
+    """Square input size: the model's own, else run.json's training size (export needs a fixed one)."""
+    h, w = model.inputs[0].shape[1:3]
+    if h is not None and w is not None:
+        if h != w:
+            raise ExportError(f"{path}: model input is {h}x{w}, expected a square input")
+        return int(h)
+    if run.get("size"):
+        return int(run["size"])
+    raise ExportError(f"{path}: model accepts any input size and no run.json gives the training size")
+
+
+def float32_copy(model):
+    """The same architecture with every mixed-precision dtype policy replaced by float32, same weights.
+
+    Variables of a mixed-precision model are already float32, so set_weights copies them exactly."""
+    import keras
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and \
+                    str(node.get("config", {}).get("name", "")).startswith("mixed_"):
+                return {**node, "config": {**node["config"], "name": "float32"}}
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return "float32" if isinstance(node, str) and node.startswith("mixed_") else node
+
+    if not any(str(getattr(layer.dtype_policy, "name", "")).startswith("mixed_")
+               for layer in _all_layers(model)):
+        return model, False
+    clone = model.__class__.from_config(walk(model.get_config()))
+    clone.set_weights(model.get_weights())
+    return clone, True
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+# ----------------------------------------------------------------------------------------------
+# SavedModel and TFLite conversion
+
+
+def write_saved_model(model, size, path, batch=None):
+    """SavedModel whose serving_default takes {"image": float32 (batch, S, S, 3) 0..255} -> {"mask"}."""
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def serve(image):
+        return {"mask": model(image, training=False)}
+
+    archive.add_endpoint("serving_default", serve, input_signature=[
+        tf.TensorSpec([batch, size, size, 3], tf.float32, name="image")])
+    archive.write_out(path, verbose=False)
+
+
+def convert(fixed_saved_model, kind, calibration=None):
+    """TFLite bytes from a batch-1 SavedModel. kind: float32 | float16 | int8 (needs calibration).
+
+    Converting from concrete functions of a live Keras 3 model keeps its variables as READ_VARIABLE
+    ops that the calibrator cannot run; a SavedModel freezes them."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(fixed_saved_model, signature_keys=["serving_default"])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # never Flex / TF Select
+    if kind == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif kind == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]  # int8 or fail
+
+        def representative():
+            for image in calibration:
+                image = image[None].astype(np.float32)
+                # Two pixels pin the input range to exactly 0..255 -> uint8 input scale 1, zero
+                # point 0 (raw camera bytes) even when no calibration image has a 0 and a 255.
+                image[0, 0, 0], image[0, 0, 1] = 0, 255
+                yield {"image": image}
+
+        converter.representative_dataset = representative
+        # Calibration sees inputs 0..255, so the uint8 input gets scale 1, zero point 0: raw bytes.
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.uint8
+    return converter.convert()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks on the written files
+
+
+def tflite_info(path, threads=1):
+    """Interpreter, input/output details and the set of op names of a .tflite file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=path, num_threads=threads)
+    interp.allocate_tensors()
+    ops = sorted({op["op_name"] for op in interp._get_ops_details()})
+    return interp, interp.get_input_details()[0], interp.get_output_details()[0], ops
+
+
+def tensor_contract(detail):
+    scale, zero = detail["quantization"]
+    return {"name": detail["name"], "shape": [int(v) for v in detail["shape"]],
+            "dtype": np.dtype(detail["dtype"]).name, "scale": float(scale), "zero_point": int(zero)}
+
+
+def check_tflite(path, kind, size, keras_probs, images, evaluate):
+    """Run the file in LiteRT on `images`; check shape, dtypes, builtin ops and closeness to Keras."""
+    name = os.path.basename(path)
+    interp, inp, out, ops = tflite_info(path)
+    float_tensors = sum(t["dtype"] == np.float32 for t in interp.get_tensor_details())
+    flex = [op for op in ops if op.startswith("Flex") or op == "CUSTOM"]
+    if flex:
+        raise ExportError(f"{name}: needs non-builtin ops {flex} (TF Select / custom)")
+    want_in = np.uint8 if kind.startswith("int8") else np.float32
+    if tuple(inp["shape"]) != (1, size, size, 3) or inp["dtype"] != want_in:
+        raise ExportError(f"{name}: input is {inp['dtype'].__name__} {tuple(inp['shape'])}, "
+                          f"expected {want_in.__name__} (1, {size}, {size}, 3)")
+    if tuple(out["shape"]) != (1, size, size, 1) or out["dtype"] != want_in:
+        raise ExportError(f"{name}: output is {out['dtype'].__name__} {tuple(out['shape'])}, "
+                          f"expected {want_in.__name__} (1, {size}, {size}, 1)")
+    probs = evaluate.load_predictor(path).predict(images)  # the same decoding as evaluate.py
+    if not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
+        raise ExportError(f"{name}: output is not a probability map (range {probs.min()}..{probs.max()})")
+    diff = np.abs(probs - keras_probs)
+    if kind == "float32" and diff.max() > FLOAT32_ATOL:
+        raise ExportError(f"{name}: differs from the Keras model by {diff.max():.2g} (> {FLOAT32_ATOL})")
+    if kind == "float16" and diff.mean() > FLOAT16_MEAN_ATOL:
+        raise ExportError(f"{name}: differs from the Keras model by {diff.mean():.2g} on average")
+    if kind == "int8" and diff.mean() > INT8_MEAN_ATOL:
+        raise ExportError(f"{name}: differs from the Keras model by {diff.mean():.2g} on average "
+                          "(bad calibration data?)")
+    agree = evaluate.image_scores(keras_probs > THRESHOLD, probs > THRESHOLD)["dice"]
+    return {"file": name, "size_mb": round(os.path.getsize(path) / 1e6, 3),
+            "input": tensor_contract(inp), "output": tensor_contract(out), "ops": ops,
+            "float32_tensors": int(float_tensors),
+            "max_abs_diff_vs_keras": float(diff.max()), "mean_abs_diff_vs_keras": float(diff.mean()),
+            "dice_vs_keras": float(np.mean(agree))}
+
+
+def latency_ms(path, threads, runs=20, warmup=3):
+    """Median wall time of one invoke with LiteRT's default XNNPACK delegate."""
+    interp, inp, _, _ = tflite_info(path, threads)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, inp["shape"]).astype(inp["dtype"])
+    times = []
+    for i in range(warmup + runs):
+        interp.set_tensor(inp["index"], x)
+        t = time.perf_counter()
+        interp.invoke()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return round(1000 * float(np.median(times)), 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization-aware training (child process: tf_keras + tfmot)
+
+
+def run_qat(model, train, size, epochs, work, batch=8, lr=1e-5):
+    """Fine-tune a tf_keras copy of `model` with fake quantization in a child process and write
+    work/model_int8_qat.tflite. Returns the child's summary dict."""
+    cfg = model.get_config()
+    if any(layer.get("class_name") in ("Functional", "Model", "Sequential") for layer in cfg["layers"]):
+        raise ExportError("--qat supports the plain U-Net only (a pretrained encoder is a nested model)")
+    qdir = os.path.join(work, "qat")
+    os.makedirs(qdir)
+    with open(os.path.join(qdir, "graph.json"), "w") as f:
+        json.dump({"model": cfg, "size": size, "epochs": epochs, "batch": batch, "lr": lr}, f)
+    np.savez(os.path.join(qdir, "weights.npz"),
+             **{f"{layer.name}/{i}": w for layer in model.layers for i, w in enumerate(layer.get_weights())})
+    np.savez(os.path.join(qdir, "train.npz"), images=train.images, masks=train.masks)
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1"}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--qat-worker", qdir],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if "Error" in line] or lines or ["no output"]
+        raise ExportError(f"QAT child process failed: {one_line(errors[-1])}")
+    with open(os.path.join(qdir, "qat.json")) as f:
+        summary = json.load(f)
+    os.replace(os.path.join(qdir, "model_int8_qat.tflite"), os.path.join(work, "model_int8_qat.tflite"))
+    shutil.rmtree(qdir)
+    return summary
+
+
+def qat_worker(qdir):
+    """Child process body: rebuild the graph in tf_keras, quantize_apply, fit, convert to int8."""
+    import inspect
+
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+
+    with open(os.path.join(qdir, "graph.json")) as f:
+        spec = json.load(f)
+    weights = np.load(os.path.join(qdir, "weights.npz"))
+    cfg, size = spec["model"], spec["size"]
+
+    # 1. tf_keras copy: same layer classes and arguments (those tf_keras knows), same names, same weights.
+    tensors = {}
+
+    def resolve(arg):
+        if isinstance(arg, list):
+            return [resolve(a) for a in arg]
+        if isinstance(arg, dict) and arg.get("class_name") == "__keras_tensor__":
+            name, _, index = arg["config"]["keras_history"]
+            return tensors[(name, index)]
+        return arg
+
+    for entry in cfg["layers"]:
+        name, conf = entry["name"], entry["config"]
+        if entry["class_name"] == "InputLayer":
+            tensors[(name, 0)] = tf_keras.Input(shape=conf["batch_shape"][1:], name=name)
+            continue
+        if entry["class_name"] == "Rescaling":
+            # tfmot cannot quantize Rescaling (it would stay a float MUL + ADD between DEQUANTIZE and
+            # QUANTIZE); the same affine map as a 1x1 depthwise convolution quantizes like any conv.
+            layer = tf_keras.layers.DepthwiseConv2D(1, name=name)
+            tensors[(name, 0)] = layer(resolve(entry["inbound_nodes"][0]["args"][0]))
+            channels = layer.get_weights()[0].shape[2]
+            scale = np.broadcast_to(np.asarray(conf["scale"], np.float32), (channels,))
+            offset = np.broadcast_to(np.asarray(conf["offset"], np.float32), (channels,))
+            layer.set_weights([scale.reshape(1, 1, channels, 1), offset.copy()])
+            continue
+        cls = getattr(tf_keras.layers, entry["class_name"], None)
+        if cls is None or len(entry["inbound_nodes"]) != 1:
+            raise SystemExit(f"QAT: layer {name} ({entry['class_name']}) has no tf_keras equivalent")
+        allowed = set(inspect.signature(cls.__init__).parameters) | {"name", "trainable"}
+        # Initializers / regularizers are Keras 3 objects; the weights are copied below anyway.
+        kwargs = {k: v for k, v in conf.items() if k in allowed and not isinstance(v, dict)}
+        layer = cls(**kwargs, dtype="float32")
+        node = entry["inbound_nodes"][0]
+        outputs = layer(*[resolve(a) for a in node["args"]], **node["kwargs"])
+        for i, out in enumerate(outputs if isinstance(outputs, list) else [outputs]):
+            tensors[(name, i)] = out
+        count = sum(k.startswith(name + "/") for k in weights.files)
+        if count:
+            layer.set_weights([weights[f"{name}/{i}"] for i in range(count)])
+    (in_name, _, in_index), = [cfg["input_layers"]] if isinstance(cfg["input_layers"][0], str) else cfg["input_layers"]
+    (out_name, _, out_index), = [cfg["output_layers"]] if isinstance(cfg["output_layers"][0], str) else cfg["output_layers"]
+    model = tf_keras.Model(tensors[(in_name, in_index)], tensors[(out_name, out_index)])
+
+    # 2. Fake-quantize every layer with tfmot's default 8-bit scheme (batch norm folds into its conv).
+    qat = tfmot.quantization.keras.quantize_model(model)
+
+    # 3. Fine-tune with BCE + soft Dice (unet.py's bce_dice, restated in TF for tf_keras).
+    def bce_dice(y, p):
+        p = tf.clip_by_value(p, 1e-7, 1 - 1e-7)
+        bce = -tf.reduce_mean(y * tf.math.log(p) + (1 - y) * tf.math.log(1 - p), axis=[1, 2, 3])
+        dice = (2 * tf.reduce_sum(y * p, [1, 2, 3]) + 1) / (tf.reduce_sum(y + p, [1, 2, 3]) + 1)
+        return bce + 1 - dice
+
+    train = np.load(os.path.join(qdir, "train.npz"))
+    x, y = train["images"].astype(np.float32), train["masks"][..., None].astype(np.float32)
+    x[:, 0, 0], x[:, 0, 1] = 0, 255  # every batch spans 0..255: the uint8 input gets scale 1, zero point 0
+    qat.compile(tf_keras.optimizers.Adam(spec["lr"]), bce_dice)
+    history = qat.fit(x, y, batch_size=spec["batch"], epochs=spec["epochs"], shuffle=True, verbose=0)
+
+    # 4. Convert with a fixed batch of 1 (no SHAPE/STRIDED_SLICE/PACK ops), uint8 in and out.
+    image = tf_keras.Input(batch_shape=(1, size, size, 3), name="image")
+    fixed = tf_keras.Model(image, qat(image, training=False))
+    converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]  # ranges come from the fake-quant nodes
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+    with open(os.path.join(qdir, "model_int8_qat.tflite"), "wb") as f:
+        f.write(converter.convert())
+    with open(os.path.join(qdir, "qat.json"), "w") as f:
+        json.dump({"epochs": spec["epochs"], "images": len(x), "lr": spec["lr"],
+                   "loss": [round(float(v), 5) for v in history.history["loss"]]}, f)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole export
+
+
+def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, threads=(1, 2),
+           calibration=100, qat_images=None, bench_runs=20, progress=True):
+    """Convert, verify, benchmark; publish `out` only when every check passed. Returns the report."""
+    import evaluate  # the same predictors and scorer as evaluate.py
+    import keras
+    import tensorflow as tf
+
+    bad = [k for k in quantize if k not in QUANT_KINDS]
+    if bad:
+        raise ExportError(f"--quantize {','.join(bad)}: unknown (choose from {', '.join(QUANT_KINDS)})")
+    started = time.perf_counter()
+    original = load_model(weights)
+    run = evaluate.read_run_json(weights)
+    size = model_size(original, run, weights)
+    model, rebuilt = float32_copy(original)
+    data_dir = data_dir or run.get("data") or None
+    fractions = {"val_fraction": float(run.get("val_fraction", 0.1)),
+                 "test_fraction": float(run.get("test_fraction", 0.1))}
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
+
+    # Calibration images: a fixed, evenly spaced subset of the training split.
+    train = data.load_split(data_dir, "train", size, progress=False, **fractions)
+    pick = np.linspace(0, len(train.images) - 1, min(calibration, len(train.images))).round().astype(int)
+    calib = train.images[np.unique(pick)]
+    # Evaluation images: the validation split (test, then train, when a tiny set has none).
+    root = data_dir or data.synthetic_dir()
+    pairs, problems, _ = data.find_pairs(root, **fractions)
+    eval_split = next(s for s in ("val", "test", "train") if any(p.split == s for p in pairs))
+    eval_pairs = [p for p in pairs if p.split == eval_split]
+    val = data.load_split(root, eval_split, size, progress=False, **fractions)
+
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        keras_probs = model.predict(val.images.astype(np.float32), batch_size=8, verbose=0)[..., 0]
+
+        log("export: SavedModel")
+        saved = os.path.join(work, "saved_model")
+        write_saved_model(model, size, saved)
+        reloaded = tf.saved_model.load(saved).signatures["serving_default"]
+        sm_probs = np.concatenate([reloaded(image=tf.constant(val.images[i:i + 8], tf.float32))["mask"].numpy()
+                                   for i in range(0, len(val.images), 8)])[..., 0]
+        sm_diff = float(np.abs(sm_probs - keras_probs).max())
+        if sm_diff > SAVED_MODEL_ATOL:
+            raise ExportError(f"saved_model: reloaded output differs from Keras by {sm_diff:.2g}")
+
+        fixed = os.path.join(work, ".batch1_saved_model")  # conversion input only, removed below
+        write_saved_model(model, size, fixed, batch=1)
+        files = {}
+        for kind in ("float32", *[k for k in QUANT_KINDS if k in quantize]):
+            log(f"export: {kind} TFLite")
+            path = os.path.join(work, f"model_{kind}.tflite")
+            try:
+                blob = convert(fixed, kind, calib if kind == "int8" else None)
+            except Exception as e:
+                raise ExportError(f"model_{kind}.tflite: conversion failed ({one_line(e)})") from None
+            with open(path, "wb") as f:
+                f.write(blob)
+            files[kind] = path
+        shutil.rmtree(fixed)
+        qat_summary = None
+        if qat:
+            log(f"export: QAT int8, {qat} epoch(s)")
+            qtrain = train
+            if qat_images and qat_images < len(train.images):
+                keep = np.linspace(0, len(train.images) - 1, qat_images).round().astype(int)
+                qtrain = data.Arrays(pairs=[train.pairs[i] for i in keep], images=train.images[keep],
+                                     masks=train.masks[keep], problems=[])
+            qat_summary = run_qat(model, qtrain, size, qat, work)
+            files["int8_qat"] = os.path.join(work, "model_int8_qat.tflite")
+
+        rows = {}
+        keras_eval = evaluate.evaluate(evaluate.Predictor(weights, "keras", size, lambda x: model.predict_on_batch(
+            x.astype(np.float32))[..., 0]), eval_pairs, progress=False)
+        for kind, path in files.items():
+            log(f"export: checking {os.path.basename(path)}")
+            # int8_qat was fine-tuned (different weights): sanity checks only, no closeness bound.
+            row = check_tflite(path, kind, size, keras_probs, val.images, evaluate)
+            row["latency_ms"] = {str(t): latency_ms(path, t, runs=bench_runs) for t in threads}
+            row["dice_vs_truth"] = float(evaluate.evaluate(evaluate.load_predictor(path), eval_pairs,
+                                                           progress=False)["dice"])
+            rows[kind] = row
+
+        report = {
+            "weights": os.path.abspath(weights), "size": size, "data": data_dir or "synthetic",
+            "eval_split": eval_split, "eval_images": len(val.images), "calibration_images": len(calib),
+            "rebuilt_float32_from_mixed_precision": rebuilt, "threshold": THRESHOLD,
+            "keras": {"dice_vs_truth": float(keras_eval["dice"]), "params": int(model.count_params())},
+            "saved_model": {"path": "saved_model", "signature": "serving_default", "input": "image",
+                            "output": "mask", "max_abs_diff_vs_keras": sm_diff},
+            "tflite": rows, "qat": qat_summary, "threads": list(threads),
+            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        with open(os.path.join(work, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        publish(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return report
+
+
+def publish(work, out):
+    """Move the finished folder into place; an older export is removed only after the swap."""
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.replace(out, os.path.join(old, "previous"))
+    os.chmod(work, 0o777 & ~_umask())  # mkdtemp made it private; publish it like a normal folder
+    os.replace(work, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def print_table(report, file=sys.stdout):
+    threads = [str(t) for t in report["threads"]]
+    head = f"{'file':<24}{'MB':>8}" + "".join(f"{f'ms@{t}thr':>10}" for t in threads)
+    print(head + f"{'dice~keras':>12}{'dice~truth':>12}", file=file)
+    print(f"{'keras (float32)':<24}{'':>8}" + "".join(f"{'':>10}" for _ in threads) +
+          f"{1.0:>12.4f}{report['keras']['dice_vs_truth']:>12.4f}", file=file)
+    for row in report["tflite"].values():
+        print(f"{row['file']:<24}{row['size_mb']:>8.2f}" +
+              "".join(f"{row['latency_ms'][t]:>10.1f}" for t in threads) +
+              f"{row['dice_vs_keras']:>12.4f}{row['dice_vs_truth']:>12.4f}", file=file)
+    print(f"{report['eval_split']} images: {report['eval_images']}, calibration images: "
+          f"{report['calibration_images']}, SavedModel max |diff| {report['saved_model']['max_abs_diff_vs_keras']:.1e}",
+          file=file)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--qat-worker"]:  # child process of run_qat
+        return qat_worker(argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", required=True, help="train.py's best.keras")
+    parser.add_argument("--data", help="data folder for calibration and Dice (default: run.json's, else synthetic)")
+    parser.add_argument("--out", default="export", help="output folder (replaced only when all checks pass)")
+    parser.add_argument("--quantize", default="int8", help="comma list of int8, float16 (float32 always)")
+    parser.add_argument("--qat", type=int, default=0, metavar="EPOCHS", help="quantization-aware fine-tuning epochs")
+    parser.add_argument("--qat-images", type=int, default=None, help="use at most N training images for QAT")
+    parser.add_argument("--calibration", type=int, default=100, help="training images for int8 calibration")
+    parser.add_argument("--threads", default="1,2", help="LiteRT thread counts to time")
+    parser.add_argument("--bench-runs", type=int, default=20, help="timed invokes per file and thread count")
+    args = parser.parse_args(argv)
+    try:
+        threads = tuple(int(t) for t in args.threads.split(","))
+        quantize = tuple(k.strip() for k in args.quantize.split(",") if k.strip())
+        report = export(args.weights, args.data, args.out, quantize, args.qat, threads,
+                        args.calibration, args.qat_images, args.bench_runs)
+    except (data.DataError, ValueError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    print_table(report)
+    print(f"wrote {os.path.abspath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

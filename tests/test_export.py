@@ -1,0 +1,176 @@
+"""export.py: SavedModel parity, LiteRT files (dtypes, builtin ops, int8 vs Keras), mixed precision,
+QAT, atomic publishing and one-line errors. One tiny U-Net (32 px, base 4, depth 2) is trained once
+on the synthetic fixture and exported once with everything on; the other tests reuse it."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import data
+import export
+import unet
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_data, tmp_path_factory):
+    """(path of best.keras, model): trained briefly so its masks are confident, not coin flips."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    train = data.load_split(synthetic_data, "train", SIZE, progress=False)
+    model = unet.build_unet(size=SIZE, filters=4, depth=2)
+    unet.compile_model(model, lr=3e-3, jit_compile=False)
+    model.fit(train.images.astype(np.float32), train.masks[..., None].astype(np.float32),
+              batch_size=4, epochs=15, verbose=0)
+    path = str(tmp_path_factory.mktemp("model") / "best.keras")
+    model.save(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def exported(trained, synthetic_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("exp") / "export")
+    report = export.export(trained[0], synthetic_data, out, quantize=("int8", "float16"), qat=1,
+                           threads=(1,), calibration=20, qat_images=8, bench_runs=2, progress=False)
+    return out, report
+
+
+def all_images(root):
+    return data.load_split(root, "all", SIZE, progress=False).images
+
+
+def test_files_and_report(exported):
+    out, report = exported
+    assert sorted(os.listdir(out)) == ["model_float16.tflite", "model_float32.tflite", "model_int8.tflite",
+                                       "model_int8_qat.tflite", "report.json", "saved_model"]
+    with open(os.path.join(out, "report.json")) as f:
+        assert json.load(f)["tflite"].keys() == report["tflite"].keys()
+    for row in report["tflite"].values():
+        assert row["size_mb"] > 0 and row["latency_ms"]["1"] > 0
+        assert 0 <= row["dice_vs_truth"] <= 1 and 0 <= row["dice_vs_keras"] <= 1
+    assert not [n for n in os.listdir(os.path.dirname(out)) if n != "export"]  # no temp folder left
+
+
+def test_saved_model_reload_matches_keras(exported, trained, synthetic_data):
+    import tensorflow as tf
+
+    images = all_images(synthetic_data)
+    serve = tf.saved_model.load(os.path.join(exported[0], "saved_model")).signatures["serving_default"]
+    got = serve(image=tf.constant(images, tf.float32))["mask"].numpy()
+    want = trained[1].predict(images.astype(np.float32), verbose=0)
+    assert got.shape == want.shape == (len(images), SIZE, SIZE, 1)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, dtype", [("model_float32.tflite", np.float32), ("model_int8.tflite", np.uint8),
+                                         ("model_int8_qat.tflite", np.uint8)])
+def test_tflite_dtypes_and_builtin_ops_only(exported, name, dtype):
+    interp, inp, out, ops = export.tflite_info(os.path.join(exported[0], name))
+    assert inp["dtype"] == dtype and out["dtype"] == dtype
+    assert tuple(inp["shape"]) == (1, SIZE, SIZE, 3) and tuple(out["shape"]) == (1, SIZE, SIZE, 1)
+    assert not [op for op in ops if op.startswith("Flex") or op == "CUSTOM"]
+    if dtype == np.uint8:
+        # Raw camera bytes: scale 1, zero point 0 in; probability q / 256 out; no float op inside.
+        assert inp["quantization"] == (1.0, 0) and out["quantization"] == (1 / 256, 0)
+        assert not [t for t in interp.get_tensor_details() if t["dtype"] == np.float32]
+
+
+def test_int8_masks_agree_with_keras(exported, trained, synthetic_data):
+    import evaluate
+
+    images = all_images(synthetic_data)
+    keras_masks = trained[1].predict(images.astype(np.float32), verbose=0)[..., 0] > 0.5
+    assert keras_masks.mean() > 0.05  # the model found lesions; agreement is not "both empty"
+    probs = evaluate.load_predictor(os.path.join(exported[0], "model_int8.tflite")).predict(images)
+    assert np.mean(evaluate.image_scores(keras_masks, probs > 0.5)["dice"]) >= 0.98
+    assert exported[1]["tflite"]["int8"]["dice_vs_keras"] >= 0.98
+
+
+def test_mixed_precision_model_exports(trained, synthetic_data, tmp_path):
+    import keras
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        mixed = unet.build_unet(size=SIZE, filters=4, depth=2)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    mixed.set_weights(trained[1].get_weights())
+    path = str(tmp_path / "mixed.keras")
+    mixed.save(path)
+    report = export.export(path, synthetic_data, str(tmp_path / "out"), quantize=(), threads=(1,),
+                           calibration=4, bench_runs=1, progress=False)
+    assert report["rebuilt_float32_from_mixed_precision"]
+    assert report["tflite"]["float32"]["dice_vs_keras"] >= 0.95  # vs the float32 rebuild: same weights
+    _, inp, _, _ = export.tflite_info(str(tmp_path / "out" / "model_float32.tflite"))
+    assert inp["dtype"] == np.float32
+
+
+def test_failure_keeps_previous_export(trained, synthetic_data, tmp_path, monkeypatch):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "previous.txt").write_text("keep me")
+
+    def broken(path, kind, *args):
+        raise export.ExportError(f"{os.path.basename(path)}: simulated check failure")
+
+    monkeypatch.setattr(export, "check_tflite", broken)  # fails after every file has been written
+    with pytest.raises(export.ExportError, match="simulated"):
+        export.export(trained[0], synthetic_data, str(out), quantize=("int8",), threads=(1,),
+                      calibration=4, bench_runs=1, progress=False)
+    assert os.listdir(tmp_path) == ["export"] and os.listdir(out) == ["previous.txt"]
+
+
+def one_line_error(capsys, argv):
+    assert export.main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys, trained):
+    import keras
+
+    missing = str(tmp_path / "nope.keras")
+    assert "not found" in one_line_error(capsys, ["--weights", missing])
+    corrupt = tmp_path / "corrupt.keras"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a zip")
+    assert "cannot load" in one_line_error(capsys, ["--weights", str(corrupt)])
+    classifier = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    classifier.save(tmp_path / "classifier.keras")
+    assert "not a segmentation model" in one_line_error(capsys, ["--weights", str(tmp_path / "classifier.keras")])
+    assert "unknown" in one_line_error(capsys, ["--weights", trained[0], "--quantize", "int4"])
+    assert not (tmp_path / "export").exists()
+
+
+def test_cli_missing_file_exit_code(tmp_path):
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "export.py")
+    proc = subprocess.run([sys.executable, script, "--weights", str(tmp_path / "x.keras"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "x.keras: model file not found" in lines[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+@settings(max_examples=25, deadline=None)
+@given(old=st.sets(st.sampled_from("abcdef"), max_size=4), new=st.sets(st.sampled_from("cdefgh"), min_size=1))
+def test_publish_swaps_whole_folders(tmp_path_factory, old, new):
+    root = tmp_path_factory.mktemp("pub")
+    out, work = root / "export", root / "work"
+    work.mkdir()
+    for name in new:
+        (work / name).write_text("new")
+    if old:
+        out.mkdir()
+        for name in old:
+            (out / name).write_text("old")
+    export.publish(str(work), str(out))
+    assert sorted(os.listdir(out)) == sorted(new)
+    assert all((out / name).read_text() == "new" for name in new)
+    assert os.listdir(root) == ["export"]
