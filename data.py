@@ -7,6 +7,7 @@ Read top to bottom: finding pairs in the ISIC layouts, decoding, the on-disk cac
 data, augmentation, the keras PyDataset, the command line.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -284,19 +285,36 @@ def _cache_key(pair, size):
     return hashlib.sha1("|".join(parts).encode()).hexdigest()
 
 
-def _atomic_write(path, write):
-    """write(file) into a temp file beside path, then os.replace: readers never see half a file."""
-    folder = os.path.dirname(path)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix=None, durable=True):
+    """Yield a temp path beside `path` to write to; on success (fsync and) os.replace it onto `path`,
+    on any failure remove it. Readers never see half a file, and a failed write keeps the old one.
+    Every file this project writes (cache, checkpoints, logs, masks, reports) goes through here."""
+    folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-",
+                               suffix=os.path.splitext(path)[1] if suffix is None else suffix)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        yield tmp
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def atomic_write(path, write, durable=True):
+    """write(binary file) into a temp file, then rename it onto `path` (see atomic_path)."""
+    with atomic_path(path, durable=durable) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def _load_pair(pair, size, folder):
@@ -324,7 +342,8 @@ def _load_pair(pair, size, folder):
     mask = resize_mask(mask, (size, size)).astype(np.uint8)
     if path:
         try:
-            _atomic_write(path, lambda f: np.save(f, np.dstack([image, mask])))
+            # No fsync: a cache entry damaged by a crash is detected and rebuilt.
+            atomic_write(path, lambda f: np.save(f, np.dstack([image, mask])), durable=False)
         except OSError:
             pass  # a read-only or full cache only costs speed
     return image, mask
@@ -494,9 +513,9 @@ def write_synthetic(out, count, seed=0, size_wh=(384, 288)):
     for i in range(count):
         image, mask = _synthetic_one(np.random.default_rng([seed, i]), *size_wh)
         name = f"ISIC_{i:07d}"
-        _atomic_write(os.path.join(img_dir, name + ".jpg"),
+        atomic_write(os.path.join(img_dir, name + ".jpg"),
                       lambda f: Image.fromarray(image).save(f, "JPEG", quality=92))
-        _atomic_write(os.path.join(mask_dir, name + "_segmentation.png"),
+        atomic_write(os.path.join(mask_dir, name + "_segmentation.png"),
                       lambda f: Image.fromarray(mask.astype(np.uint8) * 255).save(f, "PNG"))
 
 

@@ -386,10 +386,7 @@ class GridPicker:
 
 
 def _atomic_bytes(path, payload):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
+    data.atomic_write(path, lambda f: f.write(payload))
 
 
 def _png_bytes(image, **kw):

@@ -129,30 +129,9 @@ def check_writable(out):
         raise UsageError(f"{out}: output folder is not writable ({e.strerror or e})") from None
 
 
-# --- files, always written to a temp file beside the target and renamed into place -----------------
-UMASK = os.umask(0)
-os.umask(UMASK)
-
-
-def _mkstemp(path, suffix=""):
-    """A temp file beside `path` with normal permissions (mkstemp's are 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=suffix)
-    os.fchmod(fd, 0o666 & ~UMASK)
-    return fd, tmp
-
-
+# --- files, always written to a temp file beside the target and renamed into place (data.atomic_path) ---
 def atomic_write_text(path, text):
-    fd, tmp = _mkstemp(path)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    data.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_log(path, rows):
@@ -165,32 +144,16 @@ def write_log(path, rows):
 
 def save_model(model, path, state=None):
     """model.save to a temp .keras, add the resume state as an extra zip entry, fsync, rename."""
-    fd, tmp = _mkstemp(path, ".keras")
-    os.close(fd)
-    try:
+    with data.atomic_path(path, ".keras") as tmp:
         model.save(tmp)
         if state is not None:
             with zipfile.ZipFile(tmp, "a") as z:
                 z.writestr(STATE_ENTRY, json.dumps(state))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def copy_atomic(src, dst):
-    fd, tmp = _mkstemp(dst, ".keras")
-    os.close(fd)
-    try:
+    with data.atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_state(path):
