@@ -349,8 +349,8 @@ def _load_pair(pair, size, folder):
     return image, mask
 
 
-class _Progress:
-    """A one-line stderr progress bar, redrawn at most 10 times a second."""
+class Progress:
+    """A one-line stderr progress bar, redrawn at most 10 times a second (evaluate.py uses it too)."""
 
     def __init__(self, total, label, enabled=True):
         self.total, self.label, self.enabled = total, label, enabled and total > 0
@@ -382,7 +382,7 @@ def load_arrays(pairs, size, cache=None, workers=None, strict=False, progress=Tr
     images = np.zeros((len(pairs), size, size, 3), np.uint8)
     masks = np.zeros((len(pairs), size, size), np.uint8)
     ok, problems = np.zeros(len(pairs), bool), []
-    bar = _Progress(len(pairs), f"loading {size}px", progress)
+    bar = Progress(len(pairs), f"loading {size}px", progress)
 
     def work(i):
         try:

@@ -416,24 +416,6 @@ def save_mask_png(folder, image_id, pred):
 # The evaluation loop
 
 
-class _Progress:
-    """A one-line progress bar on stderr (no dependency, silent when disabled)."""
-
-    def __init__(self, total, enabled):
-        self.total, self.enabled, self.start, self.done = total, enabled and total > 0, time.time(), 0
-
-    def update(self, n=1):
-        self.done += n
-        if self.enabled and n:
-            frac = self.done / self.total
-            rate = self.done / max(time.time() - self.start, 1e-9)
-            bar = "#" * int(30 * frac)
-            sys.stderr.write(f"\revaluate [{bar:<30}] {self.done}/{self.total}  {rate:.1f} img/s")
-            if self.done >= self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def _draft_ok(image_hw, mask_hw):
     # The image decodes with JPEG draft mode at 1/1, 1/2, 1/4 or 1/8 scale (sizes rounded up);
     # the mask is read in full. Any of those scales mapping the mask onto the image is a match.
@@ -491,7 +473,7 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
     for folder in (out, save_masks):
         if folder:
             os.makedirs(folder, exist_ok=True)
-    bar = _Progress(len(pairs), progress)
+    bar = data.Progress(len(pairs), "evaluate", progress)
     started = time.perf_counter()
     chunks = [pairs[i:i + predictor.batch] for i in range(0, len(pairs), predictor.batch)]
 
