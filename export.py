@@ -325,6 +325,10 @@ def qat_worker(qdir):
         allowed = set(inspect.signature(cls.__init__).parameters) | {"name", "trainable"}
         # Initializers / regularizers are Keras 3 objects; the weights are copied below anyway.
         kwargs = {k: v for k, v in conf.items() if k in allowed and not isinstance(v, dict)}
+        if entry["class_name"] == "BatchNormalization":
+            # Frozen statistics: fine-tuning on a few hundred images in small batches would otherwise
+            # drag the moving mean/variance (momentum 0.9) towards noisy batch statistics.
+            kwargs["trainable"] = False
         layer = cls(**kwargs, dtype="float32")
         node = entry["inbound_nodes"][0]
         outputs = layer(*[resolve(a) for a in node["args"]], **node["kwargs"])
