@@ -52,7 +52,8 @@ def parser():
     a("--epochs", type=int, default=40)
     a("--size", type=int, default=256, help="square input size in pixels, a multiple of 2**depth")
     a("--batch", type=int, default=16)
-    a("--filters", type=int, default=32, help="filters of the first level (doubling per level)")
+    a("--filters", type=int, default=12,
+      help="filters of the first level (doubling per level); 32 is the paper-sized network")
     a("--depth", type=int, default=4, help="number of poolings")
     a("--dropout", type=float, default=0.0, help="dropout at the bottleneck")
     a("--upsample", choices=["transpose", "bilinear"], default="transpose")

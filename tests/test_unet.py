@@ -42,11 +42,13 @@ def test_invalid_size_is_a_one_line_value_error(size, depth):
     assert "\n" not in str(e.value) and str(2 ** depth) in str(e.value)
 
 
-def test_default_parameter_count_matches_the_pytorch_peer():
+def test_base_32_parameter_count_matches_the_pytorch_peer():
     # 7.76 M trainable in PyTorch + the batch-norm running statistics Keras counts too
-    model = unet.build_unet()
+    model = unet.build_unet(filters=32)
     assert 7.76e6 <= model.count_params() <= 7.8e6
     assert model.input_shape == (None, 256, 256, 3)
+    # the default (base 12, chosen for the CPU protocol) is the same network at 12/32 of the width
+    assert 1.05e6 <= unet.build_unet().count_params() <= 1.12e6
 
 
 def test_mixed_precision_output_is_float32():
