@@ -355,7 +355,9 @@ def qat_worker(qdir):
     x, y = train["images"].astype(np.float32), train["masks"][..., None].astype(np.float32)
     x[:, 0, 0], x[:, 0, 1] = 0, 255  # every batch spans 0..255: the uint8 input gets scale 1, zero point 0
     qat.compile(tf_keras.optimizers.Adam(spec["lr"]), bce_dice)
+    stats = [(w, w.numpy()) for w in qat.weights if "moving_mean" in w.name or "moving_variance" in w.name]
     history = qat.fit(x, y, batch_size=spec["batch"], epochs=spec["epochs"], shuffle=True, verbose=0)
+    drift = max((float(np.abs(w.numpy() - before).max()) for w, before in stats), default=None)
 
     # 4. Convert with a fixed batch of 1 (no SHAPE/STRIDED_SLICE/PACK ops), uint8 in and out.
     image = tf_keras.Input(batch_shape=(1, size, size, 3), name="image")
@@ -368,7 +370,8 @@ def qat_worker(qdir):
         f.write(converter.convert())
     with open(os.path.join(qdir, "qat.json"), "w") as f:
         json.dump({"epochs": spec["epochs"], "images": len(x), "lr": spec["lr"],
-                   "loss": [round(float(v), 5) for v in history.history["loss"]]}, f)
+                   "loss": [round(float(v), 5) for v in history.history["loss"]],
+                   "bn_statistics": len(stats), "bn_statistics_drift": drift}, f)
 
 
 # ----------------------------------------------------------------------------------------------
