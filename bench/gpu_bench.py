@@ -89,15 +89,13 @@ def smoke_data(folder):
 def peer(out, batches, size, steps, script):
     """Time ../shared/bench/torch_unet_peer.py (its own run_torch) at each batch; {"skipped"} without
     torch or without the script."""
+    import importlib.util
     result = {"script": script}
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         result["skipped"] = "torch is not installed"
-    if "skipped" not in result and not os.path.isfile(script):
+    elif not os.path.isfile(script):
         result["skipped"] = f"{script}: not found (run bench/gpu.sh prepare)"
     if "skipped" not in result:
-        import importlib.util
         spec = importlib.util.spec_from_file_location("torch_unet_peer", script)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
