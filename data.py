@@ -4,10 +4,11 @@
     python data.py --synthetic OUT --count N [--seed S]      # write synthetic dermoscopy images
 
 Read top to bottom: finding pairs in the ISIC layouts, decoding, the on-disk cache, synthetic
-data, augmentation, the keras PyDataset, the command line.
+data, augmentation, batches for model.fit, the command line.
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 
-# keras (and with the default backend, TensorFlow) is imported lazily, only when Batches is used:
-# `python data.py DIR` should answer in a second, not after a 10 s TensorFlow import.
+# No Keras here (and so, with the default backend, no TensorFlow): `python data.py DIR` answers in
+# a second, not after a 10 s import, and so does evaluate.py with a .tflite model.
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -33,8 +34,74 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-class DataError(Exception):
-    """A data problem; the message is one line: "<file>: <problem>"."""
+# TensorFlow's C++ log (CUDA probes, XLA notices) buries the one line a user needs. Every module
+# imports data first, so this quiets it everywhere; TF_CPP_MIN_LOG_LEVEL=0 brings it back.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def import_keras():
+    """`import keras` (and with the default backend, TensorFlow) with the C++ start-up probes that
+    TF_CPP_MIN_LOG_LEVEL cannot reach (they print before logging is set up) sent to /dev/null."""
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0" or "keras" in sys.modules:
+        import keras
+        return keras
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import keras
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+            tf.config.list_physical_devices("GPU")  # the CUDA probe, done here while it is quiet
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return keras
+
+
+# -----------------------------------------------------------------------------
+# One way to fail, for every module and command line
+
+class Error(Exception):
+    """A problem the user can act on, in one line: "<file or flag>: <problem>". A command line
+    prints it as `error: <message>` and exits with exit_code: 2 for bad input or flags (the
+    default), 1 for a failure during the run (an export that fails its checks, say)."""
+
+    def __init__(self, message, exit_code=2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def one_line(e):
+    """An exception as one short line (library messages can run to pages)."""
+    return (" ".join(str(e).split()) or type(e).__name__)[:300]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises Error (one line, exit 2) instead of printing its usage block."""
+
+    def error(self, message):
+        raise Error(message)
+
+
+def command(main, interrupted="interrupted"):
+    """Wrap a CLI's main(argv) -> exit code so that it ends one way: Error -> `error: ...` and its
+    exit code; OSError (disk full, no permission) -> one line, 1; Ctrl-C -> 130. No traceback."""
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except Error as e:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return e.exit_code
+        except OSError as e:
+            print(f"error: {e.filename or ''}: {e.strerror or one_line(e)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"error: {interrupted}", file=sys.stderr)
+            return 130
+    return run
 
 
 @dataclass(frozen=True)
@@ -81,7 +148,7 @@ def split_of(image_id, val_fraction=0.1, test_fraction=0.1):
     return "train"
 
 
-def _image_files(folder):
+def image_files(folder):
     """Image files in a folder (not recursive), sorted; ISIC's *_superpixels.png and hidden
     files such as .DS_Store are not images we want."""
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
@@ -92,15 +159,15 @@ def _image_files(folder):
 
 
 def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
-    """(pairs sorted by id, problems [{"file", "problem"}], layout name). Raises DataError for a
+    """(pairs sorted by id, problems [{"file", "problem"}], layout name). Raises Error for a
     missing folder or one with no recognised layout / no images."""
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise DataError(f"{root}: no such folder")
+        raise Error(f"{root}: no such folder")
     layout = next((name for name, folders in LAYOUTS.items()
                    if any(os.path.isdir(os.path.join(root, f[1])) for f in folders)), None)
     if layout is None:
-        raise DataError(f"{root}: no known layout (expected ISIC 2016/2017/2018 folders or "
+        raise Error(f"{root}: no known layout (expected ISIC 2016/2017/2018 folders or "
                         f"images/ + masks/)")
     folders = LAYOUTS[layout]
     present = {split for split, img_dir, _ in folders if os.path.isdir(os.path.join(root, img_dir))}
@@ -113,14 +180,14 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
         if split not in present:
             continue
         masks, mask_dir = {}, os.path.join(root, mask_dir)
-        for path in _image_files(mask_dir):  # matched case-insensitively: 2016 uses _Segmentation
+        for path in image_files(mask_dir):  # matched case-insensitively: 2016 uses _Segmentation
             stem = os.path.splitext(os.path.basename(path))[0].lower()
             if stem in masks:
                 problems.append({"file": path, "problem": f"second mask with this name "
                                  f"(already {masks[stem]}); ignored"})
             else:
                 masks[stem] = path
-        for path in _image_files(os.path.join(root, img_dir)):
+        for path in image_files(os.path.join(root, img_dir)):
             image_id = os.path.splitext(os.path.basename(path))[0]
             names = [(image_id + suffix).lower() for suffix in MASK_SUFFIXES]
             mask = next((masks.pop(n) for n in names if n in masks), None)
@@ -138,7 +205,7 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
         for path in masks.values():
             problems.append({"file": path, "problem": "orphan mask (no image with this id)"})
     if not pairs and not problems:
-        raise DataError(f"{root}: no images found ({layout} layout)")
+        raise Error(f"{root}: no images found ({layout} layout)")
     pairs.sort(key=lambda p: p.id)
     return pairs, problems, layout
 
@@ -146,26 +213,26 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
 # -----------------------------------------------------------------------------
 # Decoding and resizing
 
-def _open(path):
-    """Open an image lazily, turning every way a file can be bad into a one-line DataError."""
+def open_image(path):
+    """Open an image lazily, turning every way a file can be bad into a one-line Error."""
     try:
         if os.path.getsize(path) == 0:
-            raise DataError(f"{path}: empty file (0 bytes)")
+            raise Error(f"{path}: empty file (0 bytes)")
         img = Image.open(path)
-    except DataError:
+    except Error:
         raise
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        raise Error(f"{path}: file not found") from None
     except Image.DecompressionBombError as e:
-        raise DataError(f"{path}: decompression bomb refused ({e})") from None
+        raise Error(f"{path}: decompression bomb refused ({e})") from None
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image (Pillow cannot identify it)") from None
+        raise Error(f"{path}: not an image (Pillow cannot identify it)") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: truncated or corrupt image ({e})") from None
+        raise Error(f"{path}: truncated or corrupt image ({e})") from None
     pixels = img.width * img.height
     if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
         img.close()
-        raise DataError(f"{path}: decompression bomb refused ({img.width}x{img.height} = {pixels} "
+        raise Error(f"{path}: decompression bomb refused ({img.width}x{img.height} = {pixels} "
                         f"pixels > Pillow's limit {Image.MAX_IMAGE_PIXELS})")
     return img
 
@@ -176,7 +243,7 @@ def _decode(img, path, mode=None):
         img = ImageOps.exif_transpose(img)
         return img.convert(mode) if mode and img.mode != mode else img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: truncated or corrupt image ({e})") from None
+        raise Error(f"{path}: truncated or corrupt image ({e})") from None
 
 
 def _orientation(img):
@@ -190,7 +257,7 @@ def _read_image(path, min_size=None):
     """(uint8 HxWx3 RGB, native (h, w) after EXIF rotation). With min_size=(h, w), JPEG draft
     mode decodes at 1/2, 1/4 or 1/8 scale as long as the result stays >= min_size: a 6700 px
     ISIC original then decodes ~10x faster, and the resize that follows antialiases anyway."""
-    img = _open(path)
+    img = open_image(path)
     w, h = img.size
     rotated = _orientation(img) in (5, 6, 7, 8)  # EXIF orientations that swap width and height
     if min_size is not None and img.format == "JPEG":
@@ -209,7 +276,7 @@ def load_mask(path):
     """bool (H, W), binarized exactly as the official ISIC scorer does: > 128 of 255. The one
     extension: 0/1 masks (max <= 1) count as > 0, where the scorer would see all background.
     16-bit masks are scaled to 8 bit first, palette/RGB/LA masks are converted to gray."""
-    img = _decode(_open(path), path)
+    img = _decode(open_image(path), path)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         values = np.asarray(img).astype(np.float64)
         if values.max() > 255 or img.mode != "I":
@@ -319,12 +386,12 @@ def atomic_write(path, write, durable=True):
 
 def _load_pair(pair, size, folder):
     """(image SxSx3 uint8, mask SxS uint8 0/1) for one pair, from the cache when possible.
-    Raises DataError naming the bad file. A cache entry is one plain .npy of (S, S, 4): RGB plus
-    the mask as a 4th band; 2075 of them load in ~1 s, 5x faster than .npz files (measured)."""
+    Raises Error naming the bad file. A cache entry is one plain .npy of (S, S, 4): RGB plus
+    the mask as a 4th band: plain .npy files load several times faster than .npz (docs/data.md)."""
     try:
         key = _cache_key(pair, size)
     except OSError as e:
-        raise DataError(f"{e.filename}: cannot read ({e.strerror})") from None
+        raise Error(f"{e.filename}: cannot read ({e.strerror})") from None
     path = os.path.join(folder, key[:2], key + ".npy") if folder else None
     if path and os.path.exists(path):
         try:
@@ -336,7 +403,7 @@ def _load_pair(pair, size, folder):
     image, native = _read_image(pair.image, min_size=(size, size))
     mask = load_mask(pair.mask)
     if mask.shape != native:
-        raise DataError(f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+        raise Error(f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
                         f"is {native[1]}x{native[0]}")
     image = resize_image(image, (size, size))
     mask = resize_mask(mask, (size, size)).astype(np.uint8)
@@ -374,9 +441,9 @@ class Progress:
 def load_arrays(pairs, size, cache=None, workers=None, strict=False, progress=True):
     """Decode each pair once (draft mode, all cores), squash-resize to size x size, check it and
     cache the result keyed by (absolute path, mtime, file size, size). Bad pairs are skipped and
-    listed in problems; strict=True raises DataError on the first one. cache=False: no cache.
+    listed in problems; strict=True raises Error on the first one. cache=False: no cache.
     Threads, not processes: Pillow and NumPy release the GIL in decode, resize and file reads,
-    and threads hand back arrays without pickling them (measured faster here, see bench/)."""
+    and threads hand back arrays without pickling them (faster here: docs/benchmarks.md)."""
     pairs = list(pairs)
     folder = None if cache is False else os.path.join(cache or cache_dir(), f"arrays-{size}")
     images = np.zeros((len(pairs), size, size, 3), np.uint8)
@@ -389,7 +456,7 @@ def load_arrays(pairs, size, cache=None, workers=None, strict=False, progress=Tr
             images[i], masks[i] = _load_pair(pairs[i], size, folder)
             ok[i] = True
             return None
-        except DataError as e:
+        except Error as e:
             file, _, problem = str(e).partition(": ")
             return {"file": file, "problem": problem}
 
@@ -399,7 +466,7 @@ def load_arrays(pairs, size, cache=None, workers=None, strict=False, progress=Tr
             bar.update()
             if problem:
                 if strict:
-                    raise DataError(f"{problem['file']}: {problem['problem']}")
+                    raise Error(f"{problem['file']}: {problem['problem']}")
                 problems.append(problem)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -414,16 +481,16 @@ def load_split(data=None, split="train", size=256, val_fraction=0.1, test_fracti
     """Arrays for one split ("train", "val", "test" or "all") of a data folder; data=None uses
     the built-in synthetic set, through exactly the same code path as real data."""
     if split not in ("train", "val", "test", "all"):
-        raise DataError(f"{split}: unknown split (use train, val, test or all)")
+        raise Error(f"{split}: unknown split (use train, val, test or all)")
     if data is None:
-        data = synthetic_dir(cache_dir=cache or None)
+        data = synthetic_dir(cache=cache or None)
     pairs, problems, _ = find_pairs(data, val_fraction, test_fraction)
     if strict and problems:
-        raise DataError(f"{problems[0]['file']}: {problems[0]['problem']}")
+        raise Error(f"{problems[0]['file']}: {problems[0]['problem']}")
     chosen = [p for p in pairs if split in ("all", p.split)]
     if not chosen:
         counts = {s: sum(p.split == s for p in pairs) for s in ("train", "val", "test")}
-        raise DataError(f"{data}: no pairs in split '{split}' ({counts})")
+        raise Error(f"{data}: no pairs in split '{split}' ({counts})")
     arrays = load_arrays(chosen, size, cache=cache, strict=strict, progress=progress)
     arrays.problems = problems + arrays.problems
     return arrays
@@ -519,10 +586,10 @@ def write_synthetic(out, count, seed=0, size_wh=(384, 288)):
                       lambda f: Image.fromarray(mask.astype(np.uint8) * 255).save(f, "PNG"))
 
 
-def synthetic_dir(count=200, seed=0, cache_dir=None):
+def synthetic_dir(count=200, seed=0, cache=None):
     """Path of the built-in synthetic set, written once under the cache dir: into a temp folder
     first, then renamed, so an interrupted run never leaves half a data set behind."""
-    base = cache_dir or globals()["cache_dir"]()
+    base = cache or cache_dir()
     path = os.path.join(base, f"synthetic-v{CACHE_VERSION}-{count}-seed{seed}-384x288")
     if os.path.isdir(path):
         return path
@@ -615,65 +682,51 @@ def augment_batch(images, masks, rng, geometric=True, photometric=True):
 # -----------------------------------------------------------------------------
 # Feeding model.fit
 
-def _batches_class():
-    import keras
+class Batches:
+    """Batches for model.fit: x uint8 (B, S, S, 3), y uint8 (B, S, S, 1) in {0, 1}.
 
-    class Batches(keras.utils.PyDataset):
-        """Batches(images, masks, batch_size, augment=True, shuffle=True, seed=0, workers=..)
-        yields (x uint8 (B, S, S, 3), y float32 (B, S, S, 1) in {0, 1}). The order is reshuffled
-        every epoch and each batch's augmentation is seeded by (seed, epoch, batch index), so a
-        run is reproducible whatever order the worker threads finish in. drop_remainder=True
-        keeps every batch full (one compiled shape; batches divisible across devices)."""
+    Batch i of epoch e is a pure function of (seed, e, i): the order is a permutation seeded by
+    (seed, epoch), the augmentation is seeded by (seed, epoch, i). So worker threads may finish in
+    any order, and a resumed run continues the same stream by starting at epoch=. For training,
+    drop_remainder=True keeps every batch full (the partial last batch would mean a second compiled
+    step shape and a noisy batch-norm update) and steps caps the batches per epoch (0: all).
+    Plain Python: train.py hands it to keras.utils.PyDataset's worker threads (train.feed), so that
+    data.py, and everything that only reads data, never imports Keras or TensorFlow."""
 
-        def __init__(self, images, masks, batch_size=8, augment=True, shuffle=True, seed=0,
-                     workers=None, max_queue_size=16, drop_remainder=False,
-                     use_multiprocessing=False, **kwargs):
-            # Threads by default: augmentation is Pillow C code that releases the GIL (Python
-            # holds it ~0.2 ms of the ~3-4 ms per image), and threads share the arrays for free.
-            super().__init__(workers=workers or os.cpu_count() or 1,
-                             use_multiprocessing=use_multiprocessing,
-                             max_queue_size=max_queue_size, **kwargs)
-            self.images, self.masks = images, masks
-            self.batch_size, self.augment, self.shuffle, self.seed = batch_size, augment, shuffle, seed
-            self.drop_remainder = drop_remainder and len(images) >= batch_size
-            self.epoch = 0
-            self.order = self._order()
+    def __init__(self, images, masks, batch_size, augment=True, shuffle=True, seed=0, epoch=0,
+                 drop_remainder=False, steps=0):
+        self.images, self.masks = images, masks
+        self.batch_size, self.augment, self.shuffle, self.seed = batch_size, augment, shuffle, seed
+        n = len(images)
+        full = drop_remainder and n >= batch_size  # a set smaller than one batch: one partial batch
+        self.length = n // batch_size if full else math.ceil(n / batch_size)
+        self.length = min(self.length, steps) if steps else self.length
+        self.start_epoch(epoch)
 
-        def _order(self):
-            if not self.shuffle:
-                return np.arange(len(self.images))
-            return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.images))
+    def start_epoch(self, epoch):
+        self.epoch = epoch
+        n = len(self.images)
+        seeded = np.random.default_rng([self.seed, epoch])
+        self.order = seeded.permutation(n) if self.shuffle else np.arange(n)
 
-        def __len__(self):
-            if self.drop_remainder:
-                return len(self.images) // self.batch_size
-            return math.ceil(len(self.images) / self.batch_size)
+    def on_epoch_end(self):
+        self.start_epoch(self.epoch + 1)
 
-        def __getitem__(self, index):
-            idx = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
-            x, y = self.images[idx], self.masks[idx]
-            if self.augment:
-                x, y = augment_batch(x, y, np.random.default_rng([self.seed, self.epoch, index]))
-            return x, y.astype(np.float32)[..., None]
+    def __len__(self):
+        return self.length
 
-        def on_epoch_end(self):
-            self.epoch += 1
-            self.order = self._order()
-
-    return Batches
-
-
-def __getattr__(name):  # PEP 562: `data.Batches` builds the class (importing keras) on first use
-    if name == "Batches":
-        globals()["Batches"] = _batches_class()
-        return globals()["Batches"]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getitem__(self, index):
+        idx = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+        x, y = self.images[idx], self.masks[idx]
+        if self.augment:
+            x, y = augment_batch(x, y, np.random.default_rng([self.seed, self.epoch, index]))
+        return x, np.asarray(y, np.uint8)[..., None]
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
-def _native_hw(path):
+def native_hw(path):
     """(h, w) as displayed (EXIF rotation applied), from the header only: no decode."""
     with Image.open(path) as img:
         w, h = img.size
@@ -685,7 +738,7 @@ def _report(root, arrays, layout, args):
     sizes = None
     if arrays.pairs:
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            shapes = np.array(list(pool.map(_native_hw, [p.image for p in arrays.pairs])))
+            shapes = np.array(list(pool.map(native_hw, [p.image for p in arrays.pairs])))
         lo, hi = shapes.min(axis=0), shapes.max(axis=0)
         sizes = {"min_hw": [int(lo[0]), int(lo[1])], "max_hw": [int(hi[0]), int(hi[1])]}
     return {"root": os.path.abspath(root), "layout": layout, "pairs": len(arrays.pairs),
@@ -694,8 +747,9 @@ def _report(root, arrays, layout, args):
             "problems": arrays.problems}
 
 
+@command
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dir", nargs="?", help="data folder to check (and cache)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--strict", action="store_true", help="any problem is an error")
@@ -710,49 +764,42 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        if args.synthetic:
-            width = args.size or 384
-            if width < 16 or args.count < 1:
-                raise DataError(f"{args.synthetic}: --size must be >= 16 and --count >= 1")
-            write_synthetic(args.synthetic, args.count, args.seed, (width, round(width * 3 / 4)))
-            print(f"wrote {args.count} synthetic pairs ({width}x{round(width * 3 / 4)}) "
-                  f"to {args.synthetic}")
-            return 0
-        if not args.dir:
-            parser.error("give a data folder, or --synthetic OUT")
-        args.size = args.size or 256
-        if args.size < 1:
-            raise DataError(f"{args.size}: --size must be positive")
-        pairs, problems, layout = find_pairs(args.dir, args.val_fraction, args.test_fraction)
-        if args.strict and problems:
-            raise DataError(f"{problems[0]['file']}: {problems[0]['problem']}")
-        arrays = load_arrays(pairs, args.size, cache=args.cache, strict=args.strict,
-                             progress=not args.json and sys.stderr.isatty())
-        arrays.problems = problems + arrays.problems
-        report = _report(args.dir, arrays, layout, args)
-        if args.json:
-            print(json.dumps(report))
-        else:
-            s = report["splits"]
-            print(f"{report['root']}: {layout} layout, {report['pairs']} usable pairs "
-                  f"(train {s['train']}, val {s['val']}, test {s['test']})")
-            if report["image_sizes"]:
-                lo, hi = report["image_sizes"]["min_hw"], report["image_sizes"]["max_hw"]
-                print(f"image sizes: {lo[1]}x{lo[0]} to {hi[1]}x{hi[0]} (WxH), "
-                      f"cached at {args.size}x{args.size} (squashed)")
-            print(f"problems: {len(report['problems'])}" + (" (skipped)" if report["problems"] else ""))
-            for p in report["problems"]:
-                print(f"  {p['file']}: {p['problem']}")
-        if not arrays.pairs:
-            raise DataError(f"{args.dir}: no usable pairs")
+    if args.synthetic:
+        width = args.size or 384
+        if width < 16 or args.count < 1:
+            raise Error(f"{args.synthetic}: --size must be >= 16 and --count >= 1")
+        write_synthetic(args.synthetic, args.count, args.seed, (width, round(width * 3 / 4)))
+        print(f"wrote {args.count} synthetic pairs ({width}x{round(width * 3 / 4)}) "
+              f"to {args.synthetic}")
         return 0
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    if not args.dir:
+        parser.error("give a data folder, or --synthetic OUT")
+    args.size = args.size or 256
+    if args.size < 1:
+        raise Error(f"{args.size}: --size must be positive")
+    pairs, problems, layout = find_pairs(args.dir, args.val_fraction, args.test_fraction)
+    if args.strict and problems:
+        raise Error(f"{problems[0]['file']}: {problems[0]['problem']}")
+    arrays = load_arrays(pairs, args.size, cache=args.cache, strict=args.strict,
+                         progress=not args.json and sys.stderr.isatty())
+    arrays.problems = problems + arrays.problems
+    report = _report(args.dir, arrays, layout, args)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        s = report["splits"]
+        print(f"{report['root']}: {layout} layout, {report['pairs']} usable pairs "
+              f"(train {s['train']}, val {s['val']}, test {s['test']})")
+        if report["image_sizes"]:
+            lo, hi = report["image_sizes"]["min_hw"], report["image_sizes"]["max_hw"]
+            print(f"image sizes: {lo[1]}x{lo[0]} to {hi[1]}x{hi[0]} (WxH), "
+                  f"cached at {args.size}x{args.size} (squashed)")
+        print(f"problems: {len(report['problems'])}" + (" (skipped)" if report["problems"] else ""))
+        for p in report["problems"]:
+            print(f"  {p['file']}: {p['problem']}")
+    if not arrays.pairs:
+        raise Error(f"{args.dir}: no usable pairs")
+    return 0
 
 
 if __name__ == "__main__":

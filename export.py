@@ -28,7 +28,6 @@ Why these choices:
 - Everything is written into a temporary folder beside --out and renamed into place only after all
   checks pass: a failure never leaves a half-written export nor touches a previous one.
 """
-import argparse
 import json
 import os
 import shutil
@@ -37,10 +36,10 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 import numpy as np
 
 import data
+import evaluate  # the same predictors and scorer as evaluate.py (it imports no Keras by itself)
 
 QUANT_KINDS = ("int8", "float16")
 SAVED_MODEL_ATOL = 1e-5    # SavedModel reload vs Keras, max abs difference
@@ -50,38 +49,39 @@ INT8_MEAN_ATOL = 0.05      # int8: mean abs probability difference (a broken cal
 THRESHOLD = 0.5
 
 
-class ExportError(data.DataError):
-    """One-line, user-facing export failure (a DataError, so every CLI prints it the same way)."""
-
-
-def one_line(e):
-    return (" ".join(str(e).split()) or type(e).__name__)[:300]
+def failed(message):
+    """An export that fails one of its checks: a failure during the run, so exit 1 (bad input is 2)."""
+    return data.Error(message, exit_code=1)
 
 
 # ----------------------------------------------------------------------------------------------
 # Loading and checking the Keras model
 
 
+def check_weights_path(path):
+    """Before TensorFlow is imported: a typo fails in a moment, with one line."""
+    if not os.path.isfile(path):
+        raise data.Error(f"{path}: model file not found")
+    if not path.endswith(".keras"):
+        raise data.Error(f"{path}: expected a .keras model file (train.py's best.keras)")
+
+
 def load_model(path):
     """The .keras model, checked to be a segmentation model: one (N, S, S, 3) input, one mask output."""
-    import keras
-
-    if not os.path.isfile(path):
-        raise ExportError(f"{path}: model file not found")
-    if not path.endswith(".keras"):
-        raise ExportError(f"{path}: expected a .keras model file (train.py's best.keras)")
+    check_weights_path(path)
+    keras = data.import_keras()
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as e:  # not a zip, truncated, unknown layer ...
-        raise ExportError(f"{path}: cannot load Keras model ({one_line(e)})") from None
+        raise data.Error(f"{path}: cannot load Keras model ({data.one_line(e)})") from None
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ExportError(f"{path}: not a segmentation model ({len(model.inputs)} inputs, "
+        raise data.Error(f"{path}: not a segmentation model ({len(model.inputs)} inputs, "
                           f"{len(model.outputs)} outputs; expected 1 image in, 1 mask out)")
     shape_in, shape_out = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
     if len(shape_in) != 4 or shape_in[-1] != 3:
-        raise ExportError(f"{path}: not a segmentation model (input shape {shape_in}, expected (N, S, S, 3))")
+        raise data.Error(f"{path}: not a segmentation model (input shape {shape_in}, expected (N, S, S, 3))")
     if len(shape_out) != 4 or shape_out[-1] != 1 or shape_out[1:3] != shape_in[1:3]:
-        raise ExportError(f"{path}: not a segmentation model (output shape {shape_out} for input "
+        raise data.Error(f"{path}: not a segmentation model (output shape {shape_out} for input "
                           f"{shape_in}, expected one (N, S, S, 1) probability map)")
     return model
 
@@ -91,18 +91,17 @@ def model_size(model, run, path):
     h, w = model.inputs[0].shape[1:3]
     if h is not None and w is not None:
         if h != w:
-            raise ExportError(f"{path}: model input is {h}x{w}, expected a square input")
+            raise data.Error(f"{path}: model input is {h}x{w}, expected a square input")
         return int(h)
     if run.get("size"):
         return int(run["size"])
-    raise ExportError(f"{path}: model accepts any input size and no run.json gives the training size")
+    raise data.Error(f"{path}: model accepts any input size and no run.json gives the training size")
 
 
 def float32_copy(model):
     """The same architecture with every mixed-precision dtype policy replaced by float32, same weights.
 
     Variables of a mixed-precision model are already float32, so set_weights copies them exactly."""
-    import keras
 
     def walk(node):
         if isinstance(node, dict):
@@ -174,7 +173,6 @@ def convert(fixed_saved_model, kind, calibration=None):
                 yield {"image": image}
 
         converter.representative_dataset = representative
-        # Calibration sees inputs 0..255, so the uint8 input gets scale 1, zero point 0: raw bytes.
         converter.inference_input_type = tf.uint8
         converter.inference_output_type = tf.uint8
     return converter.convert()
@@ -200,31 +198,31 @@ def tensor_contract(detail):
             "dtype": np.dtype(detail["dtype"]).name, "scale": float(scale), "zero_point": int(zero)}
 
 
-def check_tflite(path, kind, size, keras_probs, images, evaluate):
+def check_tflite(path, kind, size, keras_probs, images):
     """Run the file in LiteRT on `images`; check shape, dtypes, builtin ops and closeness to Keras."""
     name = os.path.basename(path)
     interp, inp, out, ops = tflite_info(path)
     float_tensors = sum(t["dtype"] == np.float32 for t in interp.get_tensor_details())
     flex = [op for op in ops if op.startswith("Flex") or op == "CUSTOM"]
     if flex:
-        raise ExportError(f"{name}: needs non-builtin ops {flex} (TF Select / custom)")
+        raise failed(f"{name}: needs non-builtin ops {flex} (TF Select / custom)")
     want_in = np.uint8 if kind.startswith("int8") else np.float32
     if tuple(inp["shape"]) != (1, size, size, 3) or inp["dtype"] != want_in:
-        raise ExportError(f"{name}: input is {inp['dtype'].__name__} {tuple(inp['shape'])}, "
+        raise failed(f"{name}: input is {inp['dtype'].__name__} {tuple(inp['shape'])}, "
                           f"expected {want_in.__name__} (1, {size}, {size}, 3)")
     if tuple(out["shape"]) != (1, size, size, 1) or out["dtype"] != want_in:
-        raise ExportError(f"{name}: output is {out['dtype'].__name__} {tuple(out['shape'])}, "
+        raise failed(f"{name}: output is {out['dtype'].__name__} {tuple(out['shape'])}, "
                           f"expected {want_in.__name__} (1, {size}, {size}, 1)")
     probs = evaluate.load_predictor(path).predict(images)  # the same decoding as evaluate.py
     if not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
-        raise ExportError(f"{name}: output is not a probability map (range {probs.min()}..{probs.max()})")
+        raise failed(f"{name}: output is not a probability map (range {probs.min()}..{probs.max()})")
     diff = np.abs(probs - keras_probs)
     if kind == "float32" and diff.max() > FLOAT32_ATOL:
-        raise ExportError(f"{name}: differs from the Keras model by {diff.max():.2g} (> {FLOAT32_ATOL})")
+        raise failed(f"{name}: differs from the Keras model by {diff.max():.2g} (> {FLOAT32_ATOL})")
     if kind == "float16" and diff.mean() > FLOAT16_MEAN_ATOL:
-        raise ExportError(f"{name}: differs from the Keras model by {diff.mean():.2g} on average")
+        raise failed(f"{name}: differs from the Keras model by {diff.mean():.2g} on average")
     if kind == "int8" and diff.mean() > INT8_MEAN_ATOL:
-        raise ExportError(f"{name}: differs from the Keras model by {diff.mean():.2g} on average "
+        raise failed(f"{name}: differs from the Keras model by {diff.mean():.2g} on average "
                           "(bad calibration data?)")
     agree = evaluate.image_scores(keras_probs > THRESHOLD, probs > THRESHOLD)["dice"]
     return {"file": name, "size_mb": round(os.path.getsize(path) / 1e6, 3),
@@ -258,7 +256,7 @@ def run_qat(model, train, size, epochs, work, batch=8, lr=1e-5):
     work/model_int8_qat.tflite. Returns the child's summary dict."""
     cfg = model.get_config()
     if any(layer.get("class_name") in ("Functional", "Model", "Sequential") for layer in cfg["layers"]):
-        raise ExportError("--qat supports the plain U-Net only (a pretrained encoder is a nested model)")
+        raise data.Error("--qat supports the plain U-Net only (a pretrained encoder is a nested model)")
     qdir = os.path.join(work, "qat")
     os.makedirs(qdir)
     with open(os.path.join(qdir, "graph.json"), "w") as f:
@@ -272,7 +270,7 @@ def run_qat(model, train, size, epochs, work, batch=8, lr=1e-5):
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         errors = [line for line in lines if "Error" in line] or lines or ["no output"]
-        raise ExportError(f"QAT child process failed: {one_line(errors[-1])}")
+        raise failed(f"QAT child process failed: {data.one_line(errors[-1])}")
     with open(os.path.join(qdir, "qat.json")) as f:
         summary = json.load(f)
     os.replace(os.path.join(qdir, "model_int8_qat.tflite"), os.path.join(work, "model_int8_qat.tflite"))
@@ -280,20 +278,18 @@ def run_qat(model, train, size, epochs, work, batch=8, lr=1e-5):
     return summary
 
 
-def qat_worker(qdir):
-    """Child process body: rebuild the graph in tf_keras, quantize_apply, fit, convert to int8."""
+# ----------------------------------------------------------------------------------------------
+# Keras 3 -> tf_keras translation (QAT's child process only)
+
+
+def to_tf_keras(cfg, weights):
+    """A tf_keras (Keras 2) copy of a Keras 3 functional model: tfmot 0.8.1 quantizes only tf_keras
+    models. Same layer classes and arguments (those tf_keras knows), same names, same weights
+    (`weights`: "layer/i" -> array). Runs in the QAT child process, where TF_USE_LEGACY_KERAS is on."""
     import inspect
 
-    import tensorflow as tf
-    import tensorflow_model_optimization as tfmot
     import tf_keras
 
-    with open(os.path.join(qdir, "graph.json")) as f:
-        spec = json.load(f)
-    weights = np.load(os.path.join(qdir, "weights.npz"))
-    cfg, size = spec["model"], spec["size"]
-
-    # 1. tf_keras copy: same layer classes and arguments (those tf_keras knows), same names, same weights.
     tensors = {}
 
     def resolve(arg):
@@ -339,7 +335,20 @@ def qat_worker(qdir):
             layer.set_weights([weights[f"{name}/{i}"] for i in range(count)])
     (in_name, _, in_index), = [cfg["input_layers"]] if isinstance(cfg["input_layers"][0], str) else cfg["input_layers"]
     (out_name, _, out_index), = [cfg["output_layers"]] if isinstance(cfg["output_layers"][0], str) else cfg["output_layers"]
-    model = tf_keras.Model(tensors[(in_name, in_index)], tensors[(out_name, out_index)])
+    return tf_keras.Model(tensors[(in_name, in_index)], tensors[(out_name, out_index)])
+
+
+def qat_worker(qdir):
+    """Child process body: the tf_keras copy, quantize_apply, fit, convert to int8."""
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+
+    with open(os.path.join(qdir, "graph.json")) as f:
+        spec = json.load(f)
+    size = spec["size"]
+    # 1. The tf_keras copy of the Keras 3 graph.
+    model = to_tf_keras(spec["model"], np.load(os.path.join(qdir, "weights.npz")))
 
     # 2. Fake-quantize every layer with tfmot's default 8-bit scheme (batch norm folds into its conv).
     qat = tfmot.quantization.keras.quantize_model(model)
@@ -378,18 +387,21 @@ def qat_worker(qdir):
 # The whole export
 
 
+def check_quantize(quantize):
+    bad = [k for k in quantize if k not in QUANT_KINDS]
+    if bad:
+        raise data.Error(f"--quantize {','.join(bad)}: unknown (choose from {', '.join(QUANT_KINDS)})")
+
+
 def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, threads=(1, 2),
            calibration=100, qat_images=None, bench_runs=20, progress=True):
     """Convert, verify, benchmark; publish `out` only when every check passed. Returns the report."""
-    import evaluate  # the same predictors and scorer as evaluate.py
-    import keras
-    import tensorflow as tf
-
-    bad = [k for k in quantize if k not in QUANT_KINDS]
-    if bad:
-        raise ExportError(f"--quantize {','.join(bad)}: unknown (choose from {', '.join(QUANT_KINDS)})")
+    check_quantize(quantize)
     started = time.perf_counter()
     original = load_model(weights)
+    keras = data.import_keras()
+    import tensorflow as tf
+
     run = evaluate.read_run_json(weights)
     size = model_size(original, run, weights)
     model, rebuilt = float32_copy(original)
@@ -398,16 +410,18 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
                  "test_fraction": float(run.get("test_fraction", 0.1))}
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
 
-    # Calibration images: a fixed, evenly spaced subset of the training split.
-    train = data.load_split(data_dir, "train", size, progress=False, **fractions)
+    # One look at the folder: calibration images are a fixed, evenly spaced subset of the training
+    # split; Dice is measured on the validation split (test, then train, when a tiny set has none).
+    root = data_dir or data.synthetic_dir()
+    pairs, _, _ = data.find_pairs(root, **fractions)
+    train = data.load_arrays([p for p in pairs if p.split == "train"], size, progress=False)
+    if not train.pairs:
+        raise data.Error(f"{root}: no usable training images for calibration")
     pick = np.linspace(0, len(train.images) - 1, min(calibration, len(train.images))).round().astype(int)
     calib = train.images[np.unique(pick)]
-    # Evaluation images: the validation split (test, then train, when a tiny set has none).
-    root = data_dir or data.synthetic_dir()
-    pairs, problems, _ = data.find_pairs(root, **fractions)
     eval_split = next(s for s in ("val", "test", "train") if any(p.split == s for p in pairs))
-    eval_pairs = [p for p in pairs if p.split == eval_split]
-    val = data.load_split(root, eval_split, size, progress=False, **fractions)
+    val = data.load_arrays([p for p in pairs if p.split == eval_split], size, progress=False)
+    eval_pairs = val.pairs
 
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
@@ -424,7 +438,7 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
                                    for i in range(0, len(val.images), 8)])[..., 0]
         sm_diff = float(np.abs(sm_probs - keras_probs).max())
         if sm_diff > SAVED_MODEL_ATOL:
-            raise ExportError(f"saved_model: reloaded output differs from Keras by {sm_diff:.2g}")
+            raise failed(f"saved_model: reloaded output differs from Keras by {sm_diff:.2g}")
 
         fixed = os.path.join(work, ".batch1_saved_model")  # conversion input only, removed below
         write_saved_model(model, size, fixed, batch=1)
@@ -435,7 +449,7 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
             try:
                 blob = convert(fixed, kind, calib if kind == "int8" else None)
             except Exception as e:
-                raise ExportError(f"model_{kind}.tflite: conversion failed ({one_line(e)})") from None
+                raise failed(f"model_{kind}.tflite: conversion failed ({data.one_line(e)})") from None
             with open(path, "wb") as f:
                 f.write(blob)
             files[kind] = path
@@ -457,7 +471,7 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
         for kind, path in files.items():
             log(f"export: checking {os.path.basename(path)}")
             # int8_qat was fine-tuned (different weights): sanity checks only, no closeness bound.
-            row = check_tflite(path, kind, size, keras_probs, val.images, evaluate)
+            row = check_tflite(path, kind, size, keras_probs, val.images)
             row["latency_ms"] = {str(t): latency_ms(path, t, runs=bench_runs) for t in threads}
             row["dice_vs_truth"] = float(evaluate.evaluate(evaluate.load_predictor(path), eval_pairs,
                                                            progress=False)["dice"])
@@ -520,7 +534,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--qat-worker"]:  # child process of run_qat
         return qat_worker(argv[1])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    return cli(argv)
+
+
+@data.command
+def cli(argv):
+    parser = data.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", required=True, help="train.py's best.keras")
     parser.add_argument("--data", help="data folder for calibration and Dice (default: run.json's, else synthetic)")
     parser.add_argument("--out", default="export", help="output folder (replaced only when all checks pass)")
@@ -533,12 +552,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         threads = tuple(int(t) for t in args.threads.split(","))
-        quantize = tuple(k.strip() for k in args.quantize.split(",") if k.strip())
-        report = export(args.weights, args.data, args.out, quantize, args.qat, threads,
-                        args.calibration, args.qat_images, args.bench_runs)
-    except (data.DataError, ValueError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1
+    except ValueError:
+        raise data.Error(f"--threads {args.threads}: expected a comma list of integers") from None
+    quantize = tuple(k.strip() for k in args.quantize.split(",") if k.strip())
+    check_quantize(quantize)
+    check_weights_path(args.weights)  # all before TensorFlow is imported
+    report = export(args.weights, args.data, args.out, quantize, args.qat, threads,
+                    args.calibration, args.qat_images, args.bench_runs)
     print_table(report)
     print(f"wrote {os.path.abspath(args.out)}")
     return 0

@@ -1,6 +1,6 @@
 """Train the U-Net on ISIC-style skin-lesion data (or the built-in synthetic set when --data is absent).
 
-    python train.py --data ../shared/data/isic2018 --size 128 --epochs 20
+    python train.py --data data/isic2018 --size 128 --epochs 20
     python evaluate.py --weights best.keras
 
 Writes OUT/best.keras (best validation Dice), OUT/last.keras (model + optimizer state, for resuming),
@@ -12,6 +12,8 @@ is stored inside last.keras itself, so weights and state can never disagree; eve
 temp file and renamed into place. A different configuration in the same OUT is refused unless --fresh.
 """
 import argparse
+import contextlib
+import functools
 import json
 import math
 import os
@@ -29,24 +31,14 @@ STATE_ENTRY = "skin_unet_state.json"  # extra entry inside last.keras; Keras ign
 LOG_FIELDS = ["epoch", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "lr",
               "images_per_sec", "seconds"]
 # What must match for a rerun to continue an earlier run (epochs, patience, jit, ... may change).
-IDENTITY = ["data", "size", "batch", "filters", "depth", "dropout", "upsample", "lr", "seed", "loss",
-            "encoder", "encoder_weights", "precision", "schedule", "val_fraction", "test_fraction",
-            "augment", "steps_per_epoch"]
+IDENTITY = ["data", "size", "batch", "filters", "depth", "lr", "seed", "loss", "encoder", "encoder_weights",
+            "precision", "schedule", "val_fraction", "test_fraction", "augment", "steps_per_epoch"]
 MIN_LR_FACTOR = 0.01   # cosine decays to 1% of --lr; plateau never goes below it either
 PLATEAU_PATIENCE, PLATEAU_FACTOR = 3, 0.5
 
 
-class UsageError(Exception):
-    """A bad flag value or an unusable --out: printed as one line, exit 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + error; we promise one line
-        raise UsageError(message)
-
-
 def parser():
-    p = OneLineParser(description="Train the skin-lesion U-Net.")
+    p = data.ArgumentParser(description="Train the skin-lesion U-Net.")
     a = p.add_argument
     a("--data", default=None, help="data folder (ISIC 2016/2017/2018 or images/ + masks/); default: synthetic")
     a("--epochs", type=int, default=40)
@@ -55,8 +47,6 @@ def parser():
     a("--filters", type=int, default=12,
       help="filters of the first level (doubling per level); 32 is the paper-sized network")
     a("--depth", type=int, default=4, help="number of poolings")
-    a("--dropout", type=float, default=0.0, help="dropout at the bottleneck")
-    a("--upsample", choices=["transpose", "bilinear"], default="transpose")
     a("--lr", type=float, default=1e-3)
     a("--seed", type=int, default=0)
     a("--out", default=".", help="output folder (default: here, so evaluate.py --weights best.keras follows)")
@@ -76,9 +66,7 @@ def parser():
     a("--test-fraction", type=float, default=0.1)
     a("--no-augment", dest="augment", action="store_false")
     a("--steps-per-epoch", type=int, default=0, help="cap training batches per epoch (0: all)")
-    a("--steps-per-execution", type=int, default=1, help="train steps per compiled call (fewer host trips)")
     a("--workers", type=int, default=0, help="batch-loading threads (0: all cores)")
-    a("--tensorboard", action="store_true", help="also log to OUT/tensorboard (needs tensorboard)")
     a("--cache", default=None, help="array cache folder (default: $SKIN_UNET_CACHE or ~/.cache/skin-unet)")
     a("--fresh", action="store_true", help="discard an earlier run in OUT instead of resuming it")
     a("--verbose", type=int, choices=[0, 1, 2], default=None, help="Keras progress: 1 bar, 2 one line (default: 1 on a terminal)")
@@ -86,33 +74,31 @@ def parser():
 
 
 def config_of(cfg):
-    """Defaults + a dict / Namespace / argv list, validated. Raises UsageError."""
+    """Defaults + a dict / Namespace / argv list, validated. Raises data.Error (exit 2)."""
     p = parser()
     if isinstance(cfg, (list, tuple)):
         cfg = vars(p.parse_args(list(cfg)))
     else:
         cfg = {**vars(p.parse_args([])), **dict(vars(cfg) if isinstance(cfg, argparse.Namespace) else cfg)}
-    for key in ("epochs", "batch", "filters", "depth", "steps_per_execution"):
+    for key in ("epochs", "batch", "filters", "depth"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')} {cfg[key]!r}: must be a positive integer")
+            raise data.Error(f"--{key.replace('_', '-')} {cfg[key]!r}: must be a positive integer")
     for key in ("patience", "steps_per_epoch", "workers"):
         if cfg[key] < 0:
-            raise UsageError(f"--{key.replace('_', '-')} {cfg[key]}: must be >= 0")
+            raise data.Error(f"--{key.replace('_', '-')} {cfg[key]}: must be >= 0")
     if not cfg["lr"] > 0:
-        raise UsageError(f"--lr {cfg['lr']}: must be > 0")
-    if not 0 <= cfg["dropout"] < 1:
-        raise UsageError(f"--dropout {cfg['dropout']}: must be in [0, 1)")
+        raise data.Error(f"--lr {cfg['lr']}: must be > 0")
     if not (0 <= cfg["val_fraction"] < 1 and 0 <= cfg["test_fraction"] < 1
             and cfg["val_fraction"] + cfg["test_fraction"] < 1):
-        raise UsageError(f"--val-fraction {cfg['val_fraction']} / --test-fraction {cfg['test_fraction']}: "
+        raise data.Error(f"--val-fraction {cfg['val_fraction']} / --test-fraction {cfg['test_fraction']}: "
                          "each in [0, 1) and together < 1")
     depth = cfg["depth"] if cfg["encoder"] == "none" else 5
     if not (isinstance(cfg["size"], int) and cfg["size"] > 0 and cfg["size"] % 2 ** depth == 0):
         extra = "" if cfg["encoder"] == "none" else f" (encoder {cfg['encoder']} has 5 strides)"
-        raise UsageError(f"--size {cfg['size']}: must be a multiple of 2**depth = {2 ** depth}{extra}")
+        raise data.Error(f"--size {cfg['size']}: must be a multiple of 2**depth = {2 ** depth}{extra}")
     if cfg["data"] is not None:
         if not os.path.isdir(cfg["data"]):
-            raise data.DataError(f"{cfg['data']}: data folder not found")
+            raise data.Error(f"{cfg['data']}: data folder not found")
         cfg["data"] = os.path.abspath(cfg["data"])
     cfg["out"] = os.path.abspath(cfg["out"])
     return cfg
@@ -127,7 +113,7 @@ def check_writable(out):
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise UsageError(f"{out}: output folder is not writable ({e.strerror or e})") from None
+        raise data.Error(f"{out}: output folder is not writable ({e.strerror or e})") from None
 
 
 # --- files, always written to a temp file beside the target and renamed into place (data.atomic_path) ---
@@ -172,7 +158,7 @@ def cosine_lr(cfg, epoch):
     return lo + 0.5 * (cfg["lr"] - lo) * (1 + math.cos(math.pi * epoch / max(cfg["epochs"], 1)))
 
 
-def make_epoch_callback(keras, cfg, state, train_batches, paths):
+def make_epoch_callback(keras, cfg, state, steps, paths):
     class EpochEnd(keras.callbacks.Callback):
         """Schedule, images/s, NaN guard, early stopping, checkpoints and the CSV log, all in one place so
         that their state is committed together (inside last.keras) at the end of each epoch.
@@ -198,7 +184,6 @@ def make_epoch_callback(keras, cfg, state, train_batches, paths):
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
             now = time.perf_counter()
-            steps = len(train_batches)
             t_end = self.t_end or now
             if self.t_second is not None and steps > self.second:
                 ips = (steps - self.second) * cfg["batch"] / max(t_end - self.t_second, 1e-9)
@@ -266,7 +251,7 @@ def setup_backend(keras, unet, cfg):
     strategy, replicas = None, 1
     if mode == "mirrored":
         if backend != "tensorflow":
-            raise UsageError(f"--distribute mirrored needs KERAS_BACKEND=tensorflow (this is {backend})")
+            raise data.Error(f"--distribute mirrored needs KERAS_BACKEND=tensorflow (this is {backend})")
         import tensorflow as tf  # TF backend only
         gpus = tf.config.list_logical_devices("GPU")
         names = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
@@ -276,14 +261,14 @@ def setup_backend(keras, unet, cfg):
             jit = False  # XLA cannot reach MirroredStrategy's per-device variable copies (TF known issue)
     elif mode == "data_parallel":
         if backend != "jax":
-            raise UsageError(f"--distribute data_parallel needs KERAS_BACKEND=jax (this is {backend})")
+            raise data.Error(f"--distribute data_parallel needs KERAS_BACKEND=jax (this is {backend})")
         all_devices = keras.distribution.list_devices()
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=all_devices))
         replicas = len(all_devices)
     if cfg["batch"] % replicas:
         if mode == "data_parallel":
             keras.distribution.set_distribution(None)
-        raise UsageError(f"--batch {cfg['batch']}: must be a multiple of the {replicas} replicas")
+        raise data.Error(f"--batch {cfg['batch']}: must be a multiple of the {replicas} replicas")
     return strategy, {"backend": backend, "accelerator": accel, "precision": precision, "jit": jit,
                       "distribute": mode, "replicas": replicas}
 
@@ -293,7 +278,7 @@ def split_evenly(val_set, replicas):
     on uneven shards): keep a multiple of `replicas` images (at most replicas - 1 dropped, said once)."""
     keep = len(val_set.images) // replicas * replicas
     if keep == 0:
-        raise UsageError(f"{len(val_set.images)} validation images cannot be split over {replicas} replicas; "
+        raise data.Error(f"{len(val_set.images)} validation images cannot be split over {replicas} replicas; "
                          "raise --val-fraction")
     if keep < len(val_set.images):
         print(f"note: validating on {keep} of {len(val_set.images)} images (a multiple of {replicas} replicas)",
@@ -301,24 +286,93 @@ def split_evenly(val_set, replicas):
     return val_set.images[:keep], val_set.masks[:keep]
 
 
-def train_batches_class(keras):
-    class TrainBatches(data.Batches):
-        """Full batches only (the partial last one would mean a second compiled step and a noisy
-        batch-norm update), optionally capped, masks as uint8 (a quarter of the float32 transfer)."""
-
-        def __init__(self, *args, steps_cap=0, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.steps_cap = steps_cap
-
+def feed(keras, batches, workers):
+    """data.Batches as a keras.utils.PyDataset: fit's worker threads call batches[i] in parallel
+    (augmentation is Pillow C code that releases the GIL, and threads share the arrays for free)."""
+    class Feed(keras.utils.PyDataset):
         def __len__(self):
-            n = max(1, len(self.images) // self.batch_size)
-            return min(n, self.steps_cap) if self.steps_cap else n
+            return len(batches)
 
         def __getitem__(self, index):
-            x, y = super().__getitem__(index)
-            return x, y.astype(np.uint8)
+            return batches[index]
 
-    return TrainBatches
+        def on_epoch_end(self):
+            batches.on_epoch_end()
+
+    return Feed(workers=workers, max_queue_size=16)
+
+
+# --- train(): resume or start, data, model, fit, summary ------------------------------------------
+def resume_or_start(cfg, identity, paths):
+    """The resume state inside last.keras when it belongs to this configuration, else a fresh one."""
+    if cfg["fresh"]:
+        for k in ("last", "state", "log", "best"):
+            if os.path.exists(paths[k]):
+                os.remove(paths[k])
+    state = None if cfg["fresh"] else read_state(paths["last"])
+    if state is not None:
+        earlier = {k: state.get("config", {}).get(k) for k in IDENTITY}
+        if earlier != identity:
+            diff = [f"{k} {earlier[k]!r} -> {identity[k]!r}" for k in IDENTITY if earlier[k] != identity[k]]
+            raise data.Error(f"{paths['last']}: holds a run with another configuration ({'; '.join(diff)}); "
+                             "rerun with --fresh to discard it, or use another --out")
+    if state is None:
+        state = {"version": 1, "config": identity, "epoch": 0, "best": None, "wait": 0,
+                 "plateau_wait": 0, "lr": cfg["lr"], "history": [], "stopped": None}
+    state["diverged"] = None
+    return state
+
+
+def load_data(cfg, replicas, epoch):
+    """(training batches, validation batches, summary for run.json). Fails with one line on a missing
+    or empty folder, before any model is built."""
+    t0 = time.time()
+    kw = {"size": cfg["size"], "cache": cfg["cache"], "progress": sys.stderr.isatty(),
+          "val_fraction": cfg["val_fraction"], "test_fraction": cfg["test_fraction"]}
+    train_set = data.load_split(cfg["data"], "train", **kw)
+    val_set = data.load_split(cfg["data"], "val", **kw)
+    train_batches = data.Batches(train_set.images, train_set.masks, cfg["batch"], augment=cfg["augment"],
+                                 seed=cfg["seed"], epoch=epoch, drop_remainder=True, steps=cfg["steps_per_epoch"])
+    val_images, val_masks = split_evenly(val_set, replicas)
+    val_batches = data.Batches(val_images, val_masks, cfg["batch"], augment=False, shuffle=False)
+    summary = {"path": cfg["data"] or data.synthetic_dir(cache=cfg["cache"]), "synthetic": cfg["data"] is None,
+               "train": len(train_set.pairs), "val": len(val_set.pairs),
+               "problems": train_set.problems + [p for p in val_set.problems if p not in train_set.problems],
+               "load_seconds": round(time.time() - t0, 1)}
+    return train_batches, val_batches, summary
+
+
+def build_model(keras, unet, cfg, info, state, paths):
+    """The compiled U-Net; on resume, with the weights and optimizer state of last.keras."""
+    model = unet.build_unet(cfg["size"], cfg["filters"], cfg["depth"],
+                            encoder=None if cfg["encoder"] == "none" else cfg["encoder"],
+                            encoder_weights=None if cfg["encoder_weights"] == "none" else cfg["encoder_weights"])
+    unet.compile_model(model, cfg["loss"], cfg["lr"], info["jit"])
+    if state["epoch"]:
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(paths["last"])
+    return model
+
+
+def repair_after_kill(state, paths):
+    """A kill between the commit (last.keras) and the end of on_epoch_end can leave state.json, log.csv
+    or best.keras one epoch behind: rewrite them from the state inside last.keras."""
+    atomic_write_text(paths["state"], json.dumps(state, indent=1))
+    write_log(paths["log"], state["history"])
+    best = read_state(paths["best"]) if os.path.exists(paths["best"]) else None
+    if state["best"] and state["best"]["epoch"] == state["epoch"] \
+            and (best is None or best["epoch"] != state["best"]["epoch"]):
+        copy_atomic(paths["last"], paths["best"])
+
+
+def summarize(state, paths, t_fit):
+    rates = [r["images_per_sec"] for r in state["history"]]
+    best = state["best"] or {}
+    return {"epochs_done": state["epoch"], "best_epoch": best.get("epoch"), "val_dice": best.get("val_dice"),
+            "val_iou": best.get("val_iou"),
+            "images_per_sec": float(np.median(rates[1:] or rates)) if rates else None,
+            "train_seconds": round(time.time() - t_fit, 1), "stopped": state["stopped"],
+            "diverged": state["diverged"], "files": [paths[k] for k in ("best", "last", "log", "run")]}
 
 
 def train(cfg):
@@ -330,117 +384,47 @@ def train(cfg):
              [("best", "best.keras"), ("last", "last.keras"), ("log", "log.csv"), ("run", "run.json"),
               ("state", "state.json")]}
 
-    import keras  # after flag checks, so bad input fails fast
+    keras = data.import_keras()  # after the flag checks, so bad input fails fast
     import unet
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg["seed"])
     strategy, info = setup_backend(keras, unet, cfg)
+    scope = strategy.scope if strategy else contextlib.nullcontext  # a fresh context each time
     try:
         cfg["precision"] = info["precision"]
-        identity = {k: cfg[k] for k in IDENTITY}
-
-        # Resume, or start fresh.
-        state = None if cfg["fresh"] else read_state(paths["last"])
-        if cfg["fresh"]:
-            for k in ("last", "state", "log", "best"):
-                if os.path.exists(paths[k]):
-                    os.remove(paths[k])
-        if state is not None and state.get("config") != identity:
-            diff = [f"{k} {state['config'].get(k)!r} -> {identity[k]!r}" for k in IDENTITY
-                    if state.get("config", {}).get(k) != identity[k]]
-            raise UsageError(f"{paths['last']}: holds a run with another configuration ({'; '.join(diff)}); "
-                             "rerun with --fresh to discard it, or use another --out")
-        if state is None:
-            state = {"version": 1, "config": identity, "epoch": 0, "best": None, "wait": 0,
-                     "plateau_wait": 0, "lr": cfg["lr"], "history": [], "stopped": None}
-        state["diverged"] = None
-
-        # Data (fails with one line on a missing / empty folder before any model is built).
-        t0 = time.time()
-        fractions = {"val_fraction": cfg["val_fraction"], "test_fraction": cfg["test_fraction"]}
-        progress = sys.stderr.isatty()
-        train_set = data.load_split(cfg["data"], "train", cfg["size"], cache=cfg["cache"], progress=progress, **fractions)
-        val_set = data.load_split(cfg["data"], "val", cfg["size"], cache=cfg["cache"], progress=progress, **fractions)
-        workers = cfg["workers"] or os.cpu_count() or 1
-        train_batches = train_batches_class(keras)(
-            train_set.images, train_set.masks, cfg["batch"], augment=cfg["augment"], shuffle=True,
-            seed=cfg["seed"], workers=workers, steps_cap=cfg["steps_per_epoch"])
-        val_images, val_masks = split_evenly(val_set, info["replicas"])
-        val_batches = data.Batches(val_images, val_masks, cfg["batch"], augment=False,
-                                   shuffle=False, workers=workers)
-        data_summary = {"path": cfg["data"] or data.synthetic_dir(cache_dir=cfg["cache"]),
-                        "synthetic": cfg["data"] is None, "train": len(train_set.pairs), "val": len(val_set.pairs),
-                        "problems": train_set.problems + [p for p in val_set.problems if p not in train_set.problems],
-                        "load_seconds": round(time.time() - t0, 1)}
-
-        # Model.
-        scope = strategy.scope() if strategy else _nullcontext()
-        with scope:
-            model = unet.build_unet(cfg["size"], cfg["filters"], cfg["depth"], cfg["dropout"], cfg["upsample"],
-                                    None if cfg["encoder"] == "none" else cfg["encoder"],
-                                    None if cfg["encoder_weights"] == "none" else cfg["encoder_weights"])
-            unet.compile_model(model, cfg["loss"], cfg["lr"], info["jit"], cfg["steps_per_execution"])
-            if state["epoch"]:
-                model.optimizer.build(model.trainable_variables)
-                model.load_weights(paths["last"])
-        # Repair what a kill between the commit and the end of on_epoch_end may have left behind.
+        state = resume_or_start(cfg, {k: cfg[k] for k in IDENTITY}, paths)
+        train_batches, val_batches, data_summary = load_data(cfg, info["replicas"], state["epoch"])
+        with scope():
+            model = build_model(keras, unet, cfg, info, state, paths)
         if state["epoch"]:
-            atomic_write_text(paths["state"], json.dumps(state, indent=1))
-            write_log(paths["log"], state["history"])
-            best = read_state(paths["best"]) if os.path.exists(paths["best"]) else None
-            if state["best"] and (best is None or best["epoch"] != state["best"]["epoch"]) \
-                    and state["best"]["epoch"] == state["epoch"]:
-                copy_atomic(paths["last"], paths["best"])
+            repair_after_kill(state, paths)
             print(f"resuming {out} after epoch {state['epoch']}", flush=True)
-        train_batches.epoch = state["epoch"]  # the shuffle/augmentation stream continues where it was
-        train_batches.order = train_batches._order()
-
         run = {**cfg, "data_summary": data_summary, **info, "params": model.count_params(),
                "model": model.name, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": None}
         atomic_write_text(paths["run"], json.dumps(run, indent=1))
 
-        callbacks = [make_epoch_callback(keras, cfg, state, train_batches, paths)]
-        if cfg["tensorboard"]:
-            try:
-                import tensorboard  # noqa: F401
-                callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"), update_freq="epoch"))
-            except ImportError:
-                print("warning: --tensorboard ignored: the tensorboard package is not installed", file=sys.stderr)
-        done = state["epoch"] >= cfg["epochs"] or state["stopped"]
         t_fit = time.time()
-        if not done:
-            print(f"training {model.name} ({model.count_params() / 1e6:.2f} M params) on {len(train_set.pairs)} "
-                  f"images, validating on {len(val_set.pairs)}, {cfg['size']} px, batch {cfg['batch']}; "
+        if not (state["epoch"] >= cfg["epochs"] or state["stopped"]):
+            print(f"training {model.name} ({model.count_params() / 1e6:.2f} M params) on {data_summary['train']} "
+                  f"images, validating on {data_summary['val']}, {cfg['size']} px, batch {cfg['batch']}; "
                   f"{info['backend']} {info['accelerator']} {info['precision']} jit={info['jit']} "
                   f"distribute={info['distribute']}", flush=True)
             verbose = cfg["verbose"] if cfg["verbose"] is not None else (1 if sys.stdout.isatty() else 0)
-            with (strategy.scope() if strategy else _nullcontext()):
-                model.fit(train_batches, validation_data=val_batches, epochs=cfg["epochs"],
-                          initial_epoch=state["epoch"], callbacks=callbacks, verbose=verbose)
+            workers = cfg["workers"] or os.cpu_count() or 1
+            with scope():
+                model.fit(feed(keras, train_batches, workers), validation_data=feed(keras, val_batches, workers),
+                          epochs=cfg["epochs"], initial_epoch=state["epoch"], verbose=verbose,
+                          callbacks=[make_epoch_callback(keras, cfg, state, len(train_batches), paths)])
     finally:
         if info["distribute"] == "data_parallel":
             keras.distribution.set_distribution(None)
         keras.mixed_precision.set_global_policy("float32")
 
-    rates = [r["images_per_sec"] for r in state["history"]]
-    summary = {"epochs_done": state["epoch"], "best_epoch": (state["best"] or {}).get("epoch"),
-               "val_dice": (state["best"] or {}).get("val_dice"), "val_iou": (state["best"] or {}).get("val_iou"),
-               "images_per_sec": float(np.median(rates[1:] or rates)) if rates else None,
-               "train_seconds": round(time.time() - t_fit, 1), "stopped": state["stopped"],
-               "diverged": state["diverged"], "files": [paths[k] for k in ("best", "last", "log", "run")]}
-    run["result"] = summary
+    run["result"] = summarize(state, paths, t_fit)
     run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     atomic_write_text(paths["run"], json.dumps(run, indent=1))
-    return summary
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return run["result"]
 
 
 def print_summary(s):
@@ -454,17 +438,12 @@ def print_summary(s):
     print("files: " + ", ".join(f for f in s["files"] if os.path.exists(f)), flush=True)
 
 
+@functools.partial(data.command, interrupted="interrupted: rerun the same command to resume after the last "
+                                             "finished epoch")
 def main(argv=None):
-    try:
-        summary = train(sys.argv[1:] if argv is None else argv)
-    except (UsageError, data.DataError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume after the last finished epoch", file=sys.stderr)
-        return 130
+    summary = train(sys.argv[1:] if argv is None else argv)
     print_summary(summary)
-    return 1 if summary["diverged"] else 0
+    return 1 if summary["diverged"] else 0  # diverged: a failure during the run
 
 
 if __name__ == "__main__":

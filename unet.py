@@ -5,11 +5,9 @@
 
 The standard model is the U-Net of Ronneberger et al. (2015) with batch norm: (Conv3x3-BN-ReLU) x2 per
 level, 2x2 max-pooling down, 2x2 stride-2 transposed convolution up, skip connections by concatenation
-and a 1x1 sigmoid head. The default base of 12 filters (depth 4, 1.10 M parameters) was chosen by
-measurement: it trains the 2-core CPU protocol in the README within its 45-minute budget (33.5 min)
-at 0.89 held-out Dice.
-filters=32 is the paper-sized network of the PyTorch peer in ../shared/bench (7.77 M parameters; 7.76 M
-there: PyTorch does not count the batch-norm running statistics).
+and a 1x1 sigmoid head. The default base of 12 filters (depth 4, 1.10 M parameters) is the widest that
+trains the README's 2-core CPU protocol within its time budget (docs/results.md). filters=32 is the
+paper-sized network (7.77 M parameters), the one the GPU benchmark compares with a PyTorch peer.
 
 The model normalizes its own input (a Rescaling layer), so every saved or exported model takes camera
 bytes directly: there is no preprocessing contract for a phone app to get wrong. Only built-in layers are
@@ -278,10 +276,9 @@ def accelerator():
 
 
 def default_jit():
-    """XLA on JAX (without jit every op runs eagerly, ~50x slower) and on TensorFlow: on a GPU it
-    fuses BN/ReLU into the convolutions, and on the 2-core AVX2 CPU this project is tested on a TF
-    XLA train step ran 1.8-2.1x faster than TF's own kernels (128 px, base 32 and 16, batch 16-32,
-    measured 2026-11-26). torch's compile is left off."""
+    """XLA on JAX (without jit every op runs eagerly, many times slower) and on TensorFlow: on a GPU
+    it fuses BN/ReLU into the convolutions, and on a CPU a TF XLA train step also beat TF's own
+    kernels (figures in docs/training.md). torch's compile is left off."""
     return keras.backend.backend() in ("jax", "tensorflow")
 
 

@@ -20,14 +20,16 @@ import data  # noqa: E402
 
 
 def feed_rate(arrays, batch, n_batches, workers):
-    """Images/s of augmented batches pulled through Batches' worker-thread queue by keras'
+    """Images/s of augmented batches pulled through train.feed's worker threads by keras'
     own PyDataset adapter, as model.fit does (one epoch of n_batches batches)."""
+    keras = data.import_keras()
     from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
+    import train
+
     idx = np.arange(batch * n_batches) % len(arrays.images)  # tiny sets: repeat to fill
-    batches = data.Batches(arrays.images[idx], arrays.masks[idx], batch_size=batch, seed=0,
-                           workers=workers)
-    adapter = PyDatasetAdapter(batches, shuffle=False)
+    batches = data.Batches(arrays.images[idx], arrays.masks[idx], batch_size=batch, seed=0)
+    adapter = PyDatasetAdapter(train.feed(keras, batches, workers), shuffle=False)
     done, start = 0, time.perf_counter()
     for x, y in adapter.get_numpy_iterator():
         done += len(x)
@@ -57,7 +59,7 @@ def bench(root, args):
         warm = time.perf_counter() - t
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    sizes = np.array([data._native_hw(p.image) for p in pairs])
+    sizes = np.array([data.native_hw(p.image) for p in pairs])
     print(f"  native sizes {sizes[:, 1].min()}x{sizes[:, 0].min()} .. "
           f"{sizes[:, 1].max()}x{sizes[:, 0].max()} (WxH), cached at {args.size}x{args.size}")
     print(f"  cache build cold: {cold:6.2f} s  ({len(pairs) / cold:6.1f} pairs/s)")
@@ -86,7 +88,7 @@ def main():
     for root in (args.isic2018, args.isic2017):
         try:
             bench(os.path.normpath(root), args)
-        except data.DataError as e:
+        except data.Error as e:
             print(f"error: {e}", file=sys.stderr)
 
 

@@ -106,18 +106,18 @@ def test_generic_layout_same_stem_any_extension(tmp_path):
 
 
 def test_missing_and_empty_folders_raise(tmp_path):
-    with pytest.raises(data.DataError, match="no such folder"):
+    with pytest.raises(data.Error, match="no such folder"):
         data.find_pairs(tmp_path / "nope")
-    with pytest.raises(data.DataError, match="no known layout"):
+    with pytest.raises(data.Error, match="no known layout"):
         data.find_pairs(tmp_path)
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
-    with pytest.raises(data.DataError, match="no images"):
+    with pytest.raises(data.Error, match="no images"):
         data.find_pairs(tmp_path)
 
 
 # -----------------------------------------------------------------------------
-# bad input: one problem line per file, skipped by default, DataError under strict
+# bad input: one problem line per file, skipped by default, data.Error under strict
 
 @pytest.fixture
 def bad_folder(tmp_path):
@@ -155,7 +155,7 @@ def test_every_bad_input_is_one_named_problem(bad_folder):
     assert len(found) == 5
     for p in problems + found:
         assert "\n" not in p["problem"]
-    with pytest.raises(data.DataError, match="badmask.png: truncated or corrupt"):
+    with pytest.raises(data.Error, match="badmask.png: truncated or corrupt"):
         data.load_arrays(pairs, 16, strict=True, progress=False)  # the first problem, by id
 
 
@@ -172,11 +172,11 @@ def test_decompression_bomb_is_a_problem(tmp_path, monkeypatch):
 
 
 def test_load_split_strict_and_empty_split(bad_folder):
-    with pytest.raises(data.DataError):
+    with pytest.raises(data.Error):
         data.load_split(str(bad_folder), split="all", size=8, strict=True, progress=False)
     arrays = data.load_split(str(bad_folder), split="all", size=8, progress=False)
     assert len(arrays.pairs) == 2 and len(arrays.problems) == 8
-    with pytest.raises(data.DataError, match="no pairs in split"):
+    with pytest.raises(data.Error, match="no pairs in split"):
         data.load_split(str(bad_folder), split="val", size=8, val_fraction=0, progress=False)
 
 
@@ -311,13 +311,50 @@ def test_read_only_cache_still_loads(synthetic_data, tmp_path):
     assert len(arrays.pairs) == 3 and arrays.masks.max() == 1
 
 
-def test_load_split_default_is_synthetic(synthetic_data):
-    arrays = data.load_split(synthetic_data, "train", size=32, progress=False)
+def test_load_split_default_is_synthetic():
+    # data=None: the built-in synthetic set (200 pairs, seed 0, 384x288), written once into the cache
+    # folder, here the per-session temp folder that conftest puts in $SKIN_UNET_CACHE.
+    arrays = data.load_split(None, "train", size=32, progress=False)
+    root = data.synthetic_dir()
+    assert os.path.dirname(root) == os.environ["SKIN_UNET_CACHE"] and os.path.isdir(root)
+    assert data.cache_dir() == os.environ["SKIN_UNET_CACHE"]  # so nothing went to ~/.cache
     assert arrays.images.dtype == np.uint8 and arrays.images.shape[1:] == (32, 32, 3)
     assert arrays.masks.dtype == np.uint8 and set(np.unique(arrays.masks)) <= {0, 1}
-    assert all(p.split == "train" for p in arrays.pairs) and arrays.problems == []
-    everything = data.load_split(synthetic_data, "all", size=32, progress=False)
-    assert len(everything.pairs) == 24
+    assert arrays.problems == [] and all(p.split == "train" for p in arrays.pairs)
+    # the same arrays as loading that folder explicitly
+    explicit = data.load_split(root, "train", size=32, progress=False)
+    assert arrays.pairs == explicit.pairs and all(p.image.startswith(root + os.sep) for p in arrays.pairs)
+    assert np.array_equal(arrays.images, explicit.images) and np.array_equal(arrays.masks, explicit.masks)
+    everything = data.load_split(None, "all", size=32, progress=False)
+    assert len(everything.pairs) == 200 and everything.pairs[0].id == "ISIC_0000000"
+    assert len(arrays.pairs) == sum(data.split_of(p.id) == "train" for p in everything.pairs)
+    # and it is make_synthetic(seed=0) at 384x288: pair 0's mask is the generator's mask 0
+    _, masks = data.make_synthetic(1, seed=0)
+    assert np.array_equal(data.load_mask(everything.pairs[0].mask), masks[0])
+    assert np.array_equal(everything.masks[0], data.resize_mask(masks[0], (32, 32)).astype(np.uint8))
+
+
+def test_atomic_path_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "report.json"
+    old = b'{"old": true}\n'
+    target.write_bytes(old)
+    seen = []
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with data.atomic_path(str(target)) as tmp:
+            seen.append(tmp)
+            with open(tmp, "wb") as f:
+                f.write(b'{"new": tr')  # half a file, then the writer fails
+            assert os.path.dirname(tmp) == str(tmp_path) and os.path.basename(tmp).startswith(".tmp-")
+            assert target.read_bytes() == old  # readers still see the old file during the write
+            raise RuntimeError("disk on fire")
+    assert seen and not os.path.exists(seen[0])
+    assert target.read_bytes() == old
+    assert os.listdir(tmp_path) == ["report.json"]
+    # the same path then succeeds normally
+    with data.atomic_path(str(target)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"new")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["report.json"]
 
 
 # -----------------------------------------------------------------------------
@@ -347,8 +384,8 @@ def test_synthetic_lesion_inside_and_non_empty_any_size(w, h, seed):
 
 
 def test_synthetic_dir_written_once(tmp_path):
-    path = data.synthetic_dir(count=3, seed=1, cache_dir=str(tmp_path))
-    assert path == data.synthetic_dir(count=3, seed=1, cache_dir=str(tmp_path))
+    path = data.synthetic_dir(count=3, seed=1, cache=str(tmp_path))
+    assert path == data.synthetic_dir(count=3, seed=1, cache=str(tmp_path))
     pairs, problems, layout = data.find_pairs(path)
     assert layout == "isic2018" and len(pairs) == 3 and problems == []
     assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp")] == []
@@ -408,17 +445,17 @@ def test_augment_is_reproducible_and_varies():
 
 
 # -----------------------------------------------------------------------------
-# Batches (keras PyDataset)
+# Batches
 
 def test_batches_shapes_shuffle_and_epochs():
     images = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 3), np.uint8)
     masks = np.zeros((10, 8, 8), np.uint8)
     masks[:, 2:6, 2:6] = 1
-    batches = data.Batches(images, masks, batch_size=4, augment=False, seed=1, workers=2)
+    batches = data.Batches(images, masks, batch_size=4, augment=False, seed=1)
     assert len(batches) == 3
     x, y = batches[0]
     assert x.shape == (4, 8, 8, 3) and x.dtype == np.uint8
-    assert y.shape == (4, 8, 8, 1) and y.dtype == np.float32 and set(np.unique(y)) <= {0.0, 1.0}
+    assert y.shape == (4, 8, 8, 1) and y.dtype == np.uint8 and set(np.unique(y)) == {0, 1}
     epoch0 = np.concatenate([batches[i][0][:, 0, 0, 0] for i in range(3)])
     assert sorted(epoch0) == list(range(10))
     batches.on_epoch_end()
@@ -426,25 +463,40 @@ def test_batches_shapes_shuffle_and_epochs():
     assert sorted(epoch1) == list(range(10)) and list(epoch0) != list(epoch1)
     again = data.Batches(images, masks, batch_size=4, augment=False, seed=1)
     assert np.array_equal(again[0][0], data.Batches(images, masks, 4, augment=False, seed=1)[0][0])
-    assert len(data.Batches(images, masks, batch_size=4, drop_remainder=True)) == 2
+    full = data.Batches(images, masks, batch_size=4, drop_remainder=True)
+    assert len(full) == 2 and all(len(full[i][0]) == 4 for i in range(2))
+    assert len(data.Batches(images, masks, batch_size=4, drop_remainder=True, steps=1)) == 1
+    assert len(data.Batches(images[:3], masks[:3], batch_size=4, drop_remainder=True)) == 1  # < 1 batch
     aug = data.Batches(images, masks, batch_size=4, augment=True, seed=1)
     assert np.array_equal(aug[1][1], aug[1][1])  # the same batch twice: same augmentation
 
 
+def test_batches_resume_at_an_epoch_continues_the_stream():
+    images, masks = data.make_synthetic(10, seed=0, size_wh=(16, 16))
+    stream = data.Batches(images, masks, batch_size=4, seed=3)
+    for _ in range(2):
+        stream.on_epoch_end()
+    resumed = data.Batches(images, masks, batch_size=4, seed=3, epoch=2)
+    for i in range(len(stream)):
+        assert all(np.array_equal(a, b) for a, b in zip(stream[i], resumed[i]))
+    assert not np.array_equal(data.Batches(images, masks, 4, seed=3)[0][0], resumed[0][0])
+
+
 def test_batches_feed_model_fit():
-    import keras
+    keras = data.import_keras()
+    import train
 
     images, masks = data.make_synthetic(6, seed=0, size_wh=(16, 16))
     model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255),
                               keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")])
     model.compile("adam", "binary_crossentropy")
-    batches = data.Batches(images, masks.astype(np.uint8), batch_size=4, workers=2)
-    history = model.fit(batches, epochs=2, verbose=0)
+    batches = data.Batches(images, masks.astype(np.uint8), batch_size=4)
+    history = model.fit(train.feed(keras, batches, workers=2), epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2 and batches.epoch >= 1
 
 
-def test_no_tensorflow_under_jax():
-    code = "import data, sys; data.Batches; assert 'tensorflow' not in sys.modules, 'tf imported'"
+def test_data_imports_no_keras():
+    code = "import data, sys; data.Batches; assert 'keras' not in sys.modules, 'keras imported'"
     env = dict(os.environ, KERAS_BACKEND="jax")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120)
@@ -466,7 +518,7 @@ def test_cli_problems_and_strict(bad_folder, capsys):
     assert data.main([str(bad_folder), "--json", "--size", "8"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["pairs"] == 2 and len(report["problems"]) == 8
-    assert data.main([str(bad_folder), "--strict", "--size", "8"]) == 1
+    assert data.main([str(bad_folder), "--strict", "--size", "8"]) == 2  # bad input
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
 
@@ -482,5 +534,5 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     for args in ([str(tmp_path / "missing")], [str(tmp_path)]):
         out = subprocess.run([sys.executable, "data.py", *args], cwd=REPO, capture_output=True,
                              text=True, timeout=60)
-        assert out.returncode == 1 and out.stdout == ""
+        assert out.returncode == 2 and out.stdout == ""
         assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr

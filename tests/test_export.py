@@ -45,16 +45,63 @@ def all_images(root):
     return data.load_split(root, "all", SIZE, progress=False).images
 
 
-def test_files_and_report(exported):
+def native_dice(truth, prob):
+    """NumPy reference of the challenge Dice: the probability map resized to the mask's native size."""
+    pred = data.resize_prob(prob, truth.shape) > 0.5
+    tp, total = np.count_nonzero(truth & pred), np.count_nonzero(truth) + np.count_nonzero(pred)
+    return 1.0 if total == 0 else 2 * tp / total
+
+
+def test_files_and_report(exported, trained, synthetic_data):
     out, report = exported
     assert sorted(os.listdir(out)) == ["model_float16.tflite", "model_float32.tflite", "model_int8.tflite",
                                        "model_int8_qat.tflite", "report.json", "saved_model"]
     with open(os.path.join(out, "report.json")) as f:
-        assert json.load(f)["tflite"].keys() == report["tflite"].keys()
-    for row in report["tflite"].values():
-        assert row["size_mb"] > 0 and row["latency_ms"]["1"] > 0
-        assert 0 <= row["dice_vs_truth"] <= 1 and 0 <= row["dice_vs_keras"] <= 1
+        assert json.load(f) == json.loads(json.dumps(report))  # the file is the returned report
     assert not [n for n in os.listdir(os.path.dirname(out)) if n != "export"]  # no temp folder left
+
+    # What was exported and on which images: the fixture's 20 train / 1 val / 3 test split.
+    pairs, _, _ = data.find_pairs(synthetic_data)
+    val_pairs = [p for p in pairs if p.split == "val"]
+    assert len(val_pairs) == 1 and sum(p.split == "train" for p in pairs) == 20
+    assert report["weights"] == os.path.abspath(trained[0]) and report["size"] == SIZE
+    assert report["data"] == synthetic_data and report["eval_split"] == "val" and report["eval_images"] == 1
+    assert report["calibration_images"] == 20  # min(calibration=20, 20 training images)
+    assert report["rebuilt_float32_from_mixed_precision"] is False and report["threshold"] == 0.5
+    assert report["threads"] == [1] and report["keras"]["params"] == trained[1].count_params()
+    assert report["saved_model"]["max_abs_diff_vs_keras"] <= export.SAVED_MODEL_ATOL
+    assert report["qat"]["images"] == 8 and report["qat"]["epochs"] == 1
+
+    # Dice against the truth, recomputed here at the mask's native resolution (not at 32 px).
+    image = data.load_split(synthetic_data, "val", SIZE, progress=False).images
+    prob = trained[1].predict(image.astype(np.float32), verbose=0)[0, ..., 0]
+    want = native_dice(data.load_mask(val_pairs[0].mask), prob)
+    assert 0 < want < 1
+    assert report["keras"]["dice_vs_truth"] == pytest.approx(want, abs=1e-6)
+    # float32 LiteRT is the Keras model up to summation order: the same masks, the same score.
+    assert report["tflite"]["float32"]["dice_vs_truth"] == pytest.approx(want, abs=1e-3)
+
+    assert list(report["tflite"]) == ["float32", "int8", "float16", "int8_qat"]
+    for kind, row in report["tflite"].items():
+        name = f"model_{kind}.tflite"
+        assert row["file"] == name
+        assert row["size_mb"] == round(os.path.getsize(os.path.join(out, name)) / 1e6, 3)
+        assert list(row["latency_ms"]) == ["1"] and row["latency_ms"]["1"] > 0
+        assert 0 <= row["dice_vs_truth"] <= 1
+        integer = kind.startswith("int8")
+        for tensor, shape in (("input", [1, SIZE, SIZE, 3]), ("output", [1, SIZE, SIZE, 1])):
+            contract = row[tensor]
+            assert contract["shape"] == shape and contract["dtype"] == ("uint8" if integer else "float32")
+            if integer:  # raw camera bytes in, probability q / 256 out
+                assert (contract["scale"], contract["zero_point"]) == ((1.0, 0) if tensor == "input" else (1 / 256, 0))
+            else:
+                assert (contract["scale"], contract["zero_point"]) == (0.0, 0)
+        if integer:
+            assert row["float32_tensors"] == 0
+    float32 = report["tflite"]["float32"]
+    assert float32["max_abs_diff_vs_keras"] <= export.FLOAT32_ATOL and float32["dice_vs_keras"] >= 0.999
+    assert report["tflite"]["float16"]["mean_abs_diff_vs_keras"] <= export.FLOAT16_MEAN_ATOL
+    assert report["tflite"]["int8"]["mean_abs_diff_vs_keras"] <= export.INT8_MEAN_ATOL
 
 
 def test_saved_model_reload_matches_keras(exported, trained, synthetic_data):
@@ -127,10 +174,10 @@ def test_failure_keeps_previous_export(trained, synthetic_data, tmp_path, monkey
     (out / "previous.txt").write_text("keep me")
 
     def broken(path, kind, *args):
-        raise export.ExportError(f"{os.path.basename(path)}: simulated check failure")
+        raise export.failed(f"{os.path.basename(path)}: simulated check failure")
 
     monkeypatch.setattr(export, "check_tflite", broken)  # fails after every file has been written
-    with pytest.raises(export.ExportError, match="simulated"):
+    with pytest.raises(export.data.Error, match="simulated"):
         export.export(trained[0], synthetic_data, str(out), quantize=("int8",), threads=(1,),
                       calibration=4, bench_runs=1, progress=False)
     assert os.listdir(tmp_path) == ["export"] and os.listdir(out) == ["previous.txt"]
@@ -146,8 +193,7 @@ def one_line_error(capsys, argv):
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys, trained):
     import keras
 
-    missing = str(tmp_path / "nope.keras")
-    assert "not found" in one_line_error(capsys, ["--weights", missing])
+    # (a missing file is test_cli_missing_file_exit_code's case, through the real command line)
     corrupt = tmp_path / "corrupt.keras"
     corrupt.write_bytes(b"PK\x03\x04 this is not a zip")
     assert "cannot load" in one_line_error(capsys, ["--weights", str(corrupt)])
@@ -162,7 +208,7 @@ def test_cli_missing_file_exit_code(tmp_path):
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "export.py")
     proc = subprocess.run([sys.executable, script, "--weights", str(tmp_path / "x.keras"),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # bad input
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "x.keras: model file not found" in lines[0]
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()

@@ -102,6 +102,17 @@ def test_save_load_round_trip(tmp_path):
     assert "(1, 32, 32, 1) float32" in r.stdout
 
 
+@pytest.mark.parametrize("loss", ["focal", "BCE_DICE", ""])
+def test_compile_model_unknown_loss_is_a_one_line_value_error(loss):
+    model = unet.build_unet(32, filters=4, depth=2)
+    with pytest.raises(ValueError) as e:
+        unet.compile_model(model, loss=loss)
+    message = str(e.value)
+    assert "\n" not in message and repr(loss) in message
+    assert all(name in message for name in unet.LOSSES)  # it says what would have worked
+    assert not model.compiled  # nothing half-done
+
+
 # --- losses and metrics ------------------------------------------------------------------------------
 def np_dice(t, p):
     """NumPy reference: per-image Dice of truth > 0.5 vs prob > 0.5, empty/empty = 1."""
@@ -177,3 +188,32 @@ def test_metric_averages_per_image_not_pooled():
     metric.reset_state()
     assert float(unet.IoUScore().result()) == 0.0
     assert unet.DiceScore.from_config(metric.get_config()).threshold == 0.5
+
+
+# train.py checks its flags before importing Keras (a typo fails in a moment), so it names the losses,
+# encoders and the size rule itself; these two tests keep those names and that rule unet.py's own.
+def test_train_flag_choices_are_unets():
+    import train
+
+    choices = {a.dest: set(a.choices) for a in train.parser()._actions if a.choices}
+    assert choices["loss"] == set(unet.LOSSES)
+    assert choices["encoder"] == {"none", *unet.ENCODERS}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 600), st.integers(1, 5), st.sampled_from(["none", "mobilenetv3"]))
+def test_train_size_rule_is_unets(size, depth, encoder):
+    import data
+    import train
+
+    try:
+        unet.check_size(size, depth if encoder == "none" else 5)
+        unet_ok = True
+    except ValueError:
+        unet_ok = False
+    try:
+        train.config_of({"size": size, "depth": depth, "encoder": encoder})
+        train_ok = True
+    except data.Error:
+        train_ok = False
+    assert train_ok == unet_ok
