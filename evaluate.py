@@ -8,9 +8,14 @@ that map back to the ground-truth mask's native resolution (bilinear), threshold
 against the native mask with the challenge's per-image metrics. The summary is the mean over images
 (the challenge's "macro average"), plus pooled (all pixels together) Dice/IoU, medians and the worst
 images. Any model file works through one code path: .keras, a SavedModel folder, or a .tflite.
+
+Images without a ground-truth mask (a folder of plain photos, one photo, or the unmatched images of
+an ISIC folder) are segmented instead of scored when --save-masks is given: a native-size mask, a
+tinted overlay and a row of predictions.csv each.
+
+    python evaluate.py --weights best.keras --data photos/ --save-masks out/
 """
 
-import argparse
 import csv
 import heapq
 import io
@@ -100,7 +105,7 @@ def summarize(rows, worst=5):
     The headline numbers are per-image means, the challenge's macro average. Pooled Dice/IoU sum
     the counts of all images first, so large images weigh more; medians show the typical image."""
     if not rows:
-        raise data.DataError("evaluate: no image could be scored")
+        raise data.Error("evaluate: no image could be scored")
     summary = {k: float(np.mean([r[k] for r in rows])) for k in METRICS}
     summary["median"] = {k: float(np.median([r[k] for r in rows])) for k in METRICS}
     tp, fp, fn, tn = (sum(int(r[k]) for r in rows) for k in ("tp", "fp", "fn", "tn"))
@@ -139,28 +144,28 @@ def _square_size(shape, path, size, default_size=None):
     An explicit `size` must match a fixed input; `size` or else `default_size` (run.json's
     training size) fills a dynamic one."""
     if len(shape) != 4 or shape[-1] not in (3, None):
-        raise data.DataError(f"{path}: model input shape {tuple(shape)} is not (N, H, W, 3)")
+        raise data.Error(f"{path}: model input shape {tuple(shape)} is not (N, H, W, 3)")
     h, w = shape[1], shape[2]
     if h is None or w is None or h < 0 or w < 0:
         size = size if size is not None else default_size
         if size is None:
-            raise data.DataError(f"{path}: model accepts any input size; pass --size PX "
+            raise data.Error(f"{path}: model accepts any input size; pass --size PX "
                                  "(or keep run.json beside it)")
         return int(size)
     if h != w:
-        raise data.DataError(f"{path}: model input is {h}x{w}, expected a square input")
+        raise data.Error(f"{path}: model input is {h}x{w}, expected a square input")
     if size is not None and int(size) != h:
-        raise data.DataError(f"{path}: model input is {h}x{w}, --size {size} does not match")
+        raise data.Error(f"{path}: model input is {h}x{w}, --size {size} does not match")
     return int(h)
 
 
 def _load_keras(path, size, default_size=None):
-    import keras
+    keras = data.import_keras()
 
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as e:  # corrupt zip, not a model, unknown layer...
-        raise data.DataError(f"{path}: cannot load Keras model ({_one_line(e)})") from None
+        raise data.Error(f"{path}: cannot load Keras model ({data.one_line(e)})") from None
     size = _square_size(model.input_shape, path, size, default_size)
 
     def run(x):
@@ -174,16 +179,17 @@ def _load_keras(path, size, default_size=None):
 
 
 def _load_saved_model(path, size, default_size=None):
+    data.import_keras()  # quietly, before TensorFlow's own import
     import tensorflow as tf  # only this branch needs TensorFlow
 
     try:
         loaded = tf.saved_model.load(path)
         fn = loaded.signatures["serving_default"]
     except Exception as e:
-        raise data.DataError(f"{path}: cannot load SavedModel ({_one_line(e)})") from None
+        raise data.Error(f"{path}: cannot load SavedModel ({data.one_line(e)})") from None
     specs = fn.structured_input_signature[1]
     if len(specs) != 1:
-        raise data.DataError(f"{path}: serving signature has {len(specs)} inputs, expected 1")
+        raise data.Error(f"{path}: serving signature has {len(specs)} inputs, expected 1")
     (name, spec), = specs.items()
     size = _square_size(spec.shape.as_list(), path, size, default_size)
 
@@ -204,7 +210,7 @@ def _load_tflite(path, size):
         interp = Interpreter(model_path=path, num_threads=os.cpu_count())
         interp.allocate_tensors()
     except Exception as e:
-        raise data.DataError(f"{path}: cannot load TFLite model ({_one_line(e)})") from None
+        raise data.Error(f"{path}: cannot load TFLite model ({data.one_line(e)})") from None
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
     size = _square_size(list(inp["shape"]), path, size)
     in_scale, in_zero = inp["quantization"]
@@ -242,14 +248,9 @@ def _check_output(run, size, path):
     try:
         y = np.asarray(run(np.zeros((1, size, size, 3), np.uint8)))
     except Exception as e:
-        raise data.DataError(f"{path}: model failed on a {size}x{size} input ({_one_line(e)})") from None
+        raise data.Error(f"{path}: model failed on a {size}x{size} input ({data.one_line(e)})") from None
     if y.size != size * size:
-        raise data.DataError(f"{path}: model output shape {y.shape} is not one {size}x{size} map")
-
-
-def _one_line(e):
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:300]
+        raise data.Error(f"{path}: model output shape {y.shape} is not one {size}x{size} map")
 
 
 def load_predictor(path, size=None, default_size=None):
@@ -259,16 +260,16 @@ def load_predictor(path, size=None, default_size=None):
     `default_size` is the fallback for such a model (train.py's size from run.json)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise data.DataError(f"{path}: model file not found")
+        raise data.Error(f"{path}: model file not found")
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "saved_model.pb")):
-            raise data.DataError(f"{path}: folder is not a SavedModel (no saved_model.pb)")
+            raise data.Error(f"{path}: folder is not a SavedModel (no saved_model.pb)")
         return _load_saved_model(path, size, default_size)
     if path.endswith(".tflite"):
         return _load_tflite(path, size)
     if path.endswith(".keras"):
         return _load_keras(path, size, default_size)
-    raise data.DataError(f"{path}: unknown model format (expected .keras, .tflite or a SavedModel folder)")
+    raise data.Error(f"{path}: unknown model format (expected .keras, .tflite or a SavedModel folder)")
 
 
 def predict_probs(predictor, images, tta=False):
@@ -279,6 +280,72 @@ def predict_probs(predictor, images, tta=False):
         probs = probs + predictor.predict(images[:, ::-1])[:, ::-1]
         probs = probs / 3.0
     return probs
+
+
+# ----------------------------------------------------------------------------------------------
+# Segmenting one photo: the functions the batch path below and a web app share
+
+TINT, OUTLINE = (255, 200, 0), (255, 0, 0)  # amber wash and a red border: visible on any skin tone
+
+
+def model_input(image, size):
+    """The size x size squash the model sees (the same squash the scores above are measured on)."""
+    return data.resize_image(image, (size, size))
+
+
+def native_prob(small_prob, size_hw, threshold=0.5):
+    """(float32 probability, bool mask) at size_hw from the model's size x size map."""
+    prob = data.resize_prob(small_prob, size_hw)
+    return prob, prob > threshold
+
+
+def segment(predictor, image, threshold=0.5, tta=False):
+    """(float32 prob (H, W), bool mask (H, W)) for one uint8 (H, W, 3) photo at its native size."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+    small = predict_probs(predictor, model_input(image, predictor.size)[None], tta)[0]
+    return native_prob(small, image.shape[:2], threshold)
+
+
+def _erode(mask):
+    # 4-neighbour erosion; pixels beyond the border count as background, so the frame is an edge.
+    inner = np.zeros_like(mask)
+    inner[1:-1, 1:-1] = (mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1]
+                         & mask[1:-1, :-2] & mask[1:-1, 2:])
+    return inner
+
+
+def overlay(image, mask, prob=None):
+    """uint8 (H, W, 3): the photo with the lesion tinted (stronger where the model is surer, if
+    prob is given) and its boundary drawn. Only mask pixels change, so the outline never hides the
+    skin around the lesion that a reader compares it with."""
+    image, mask = np.asarray(image, np.uint8), np.asarray(mask, bool)
+    if image.ndim != 3 or image.shape[2] != 3 or mask.shape != image.shape[:2]:
+        raise ValueError(f"image {image.shape} and mask {mask.shape} do not match")
+    out = image.copy()
+    alpha = np.full(mask.shape, 0.4, np.float32) if prob is None else \
+        np.clip(np.asarray(prob, np.float32), 0.0, 1.0) * 0.5
+    a = alpha[mask][:, None]
+    out[mask] = np.round(image[mask] * (1 - a) + np.asarray(TINT, np.float32) * a).astype(np.uint8)
+    # About 3 px on a 1000 px photo: thick enough to see, thin enough not to hide the border.
+    inner = mask
+    for _ in range(max(1, round(max(mask.shape) / 350))):
+        inner = _erode(inner)
+    out[mask & ~inner] = OUTLINE
+    return out
+
+
+def lesion_stats(mask, prob):
+    """{"area_px", "area_percent" (0-100), "mean_prob" (inside the mask; 0.0 if empty), "width",
+    "height"} of one native-size mask and its probability map."""
+    mask = np.asarray(mask, bool)
+    area = int(np.count_nonzero(mask))
+    # sum(where=) instead of prob[mask]: no 12-megapixel temporary copy.
+    inside = float(np.sum(prob, where=mask, dtype=np.float64)) if area else 0.0
+    h, w = mask.shape
+    return {"area_px": area, "area_percent": 100.0 * area / mask.size if mask.size else 0.0,
+            "mean_prob": inside / area if area else 0.0, "width": int(w), "height": int(h)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,7 +496,7 @@ def _decode(pair, size):
     try:
         # Draft mode: a 4288x2848 JPEG decodes at 1/8 scale straight to >= size x size.
         image = data.load_image(pair.image, min_size=(size, size))
-    except data.DataError as e:
+    except data.Error as e:
         return {"file": pair.image, "problem": str(e)}, time.perf_counter() - t
     return (pair, image.shape[:2], data.resize_image(image, (size, size))), time.perf_counter() - t
 
@@ -442,7 +509,7 @@ def _score(pair, image_hw, prob, threshold, save_masks):
     t = time.perf_counter()
     try:
         truth = data.load_mask(pair.mask)  # native resolution: the challenge scores there
-    except data.DataError as e:
+    except data.Error as e:
         return {"file": pair.mask, "problem": str(e)}, None, (time.perf_counter() - t, 0.0)
     if not _draft_ok(image_hw, truth.shape):
         return ({"file": pair.mask, "problem": f"mask is {truth.shape[1]}x{truth.shape[0]}, its "
@@ -457,6 +524,39 @@ def _score(pair, image_hw, prob, threshold, save_masks):
     if save_masks:
         save_mask_png(save_masks, pair.id, pred)
     return row, thumbs, (scored - t, time.perf_counter() - scored)
+
+
+def pipeline(items, decode, finish, predictor, tta, timing, problems, bar, workers=None):
+    """The model never waits for the disk: while it predicts batch i, one thread decodes batch i + 1
+    and a pool finishes (scores, writes) batch i - 1. decode(item) -> (decoded tuple whose last
+    element is the model input, or a problem dict; seconds); finish(decoded, prob) runs in the pool.
+    Yields (decoded, finish's result) in item order; problems and decode/predict time are recorded."""
+    chunks = [items[i:i + predictor.batch] for i in range(0, len(items), predictor.batch)]
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(1) as decoder, ThreadPoolExecutor(workers) as pool:
+        submit = lambda chunk: [decoder.submit(decode, item) for item in chunk]
+        decoding, finishing = (submit(chunks[0]) if chunks else []), []
+        for i in range(len(chunks)):
+            decoded = []
+            for job in decoding:
+                result, seconds = job.result()
+                timing["decode"] += seconds
+                if isinstance(result, dict):
+                    problems.append(result)
+                    bar.update()
+                else:
+                    decoded.append(result)
+            decoding = submit(chunks[i + 1]) if i + 1 < len(chunks) else []
+            if decoded:
+                t = time.perf_counter()
+                probs = predict_probs(predictor, np.stack([d[-1] for d in decoded]), tta)
+                timing["predict"] += time.perf_counter() - t
+                jobs = [(d, pool.submit(finish, d, prob)) for d, prob in zip(decoded, probs)]
+                for d, job in finishing:  # batch i - 1 has been finishing while batch i predicted
+                    yield d, job.result()
+                finishing = jobs
+        for d, job in finishing:
+            yield d, job.result()
 
 
 def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=None,
@@ -475,49 +575,20 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
             os.makedirs(folder, exist_ok=True)
     bar = data.Progress(len(pairs), "evaluate", progress)
     started = time.perf_counter()
-    chunks = [pairs[i:i + predictor.batch] for i in range(0, len(pairs), predictor.batch)]
-
-    def collect(jobs):
-        # In image order, so rows, problems and the grid sample are the same on every run.
-        for job, image in jobs:
-            result, thumbs, (score_s, write_s) = job.result()
-            timing["score"] += score_s
-            timing["write"] += write_s
-            if thumbs is None:
-                problems.append(result)
-            else:
-                rows.append(result)
-                if out and picker.wants(result["dice"]):
-                    picker.add(result, make_tiles(image, *thumbs))
-            bar.update()
-
-    # A pipeline: while the model predicts batch i, one thread decodes batch i + 1 and a pool
-    # scores batch i - 1 at native resolution.
-    workers = workers or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(1) as decoder, ThreadPoolExecutor(workers) as scorer:
-        submit_decode = lambda chunk: [decoder.submit(_decode, pair, size) for pair in chunk]
-        decoding = submit_decode(chunks[0]) if chunks else []
-        scoring = []
-        for i in range(len(chunks)):
-            decoded = []
-            for job in decoding:
-                result, seconds = job.result()
-                timing["decode"] += seconds
-                if isinstance(result, dict):
-                    problems.append(result)
-                    bar.update()
-                else:
-                    decoded.append(result)
-            decoding = submit_decode(chunks[i + 1]) if i + 1 < len(chunks) else []
-            if decoded:
-                t = time.perf_counter()
-                probs = predict_probs(predictor, np.stack([image for _, _, image in decoded]), tta)
-                timing["predict"] += time.perf_counter() - t
-                jobs = [(scorer.submit(_score, pair, hw, prob, threshold, save_masks), image)
-                        for (pair, hw, image), prob in zip(decoded, probs)]
-                collect(scoring)  # batch i - 1 has been scoring while batch i predicted
-                scoring = jobs
-        collect(scoring)
+    # In image order, so rows, problems and the grid sample are the same on every run.
+    for (pair, hw, image), (result, thumbs, (score_s, write_s)) in pipeline(
+            pairs, lambda pair: _decode(pair, size),
+            lambda decoded, prob: _score(decoded[0], decoded[1], prob, threshold, save_masks),
+            predictor, tta, timing, problems, bar, workers):
+        timing["score"] += score_s
+        timing["write"] += write_s
+        if thumbs is None:
+            problems.append(result)
+        else:
+            rows.append(result)
+            if out and picker.wants(result["dice"]):
+                picker.add(result, make_tiles(image, *thumbs))
+        bar.update()
 
     summary = summarize(rows)
     summary.update(info or {})
@@ -541,6 +612,112 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
 
 
 # ----------------------------------------------------------------------------------------------
+# Masks for photos without ground truth
+
+OVERLAY_SIDE = 1024  # overlays are previews: a 12-megapixel JPEG would cost more than the model
+PREDICTION_COLUMNS = ("image_id", "file", "width", "height", "area_px", "area_percent", "mean_prob")
+OUTPUT_SUFFIXES = ("_segmentation", "_overlay")  # our own outputs, never photos to segment
+
+
+def photo_files(folder):
+    """The photos in a plain folder (not recursive), sorted, without masks this command wrote."""
+    return [p for p in data.image_files(folder)
+            if not os.path.splitext(os.path.basename(p))[0].lower().endswith(OUTPUT_SUFFIXES)]
+
+
+def _problem(path, error):
+    # data.Error messages already start with the file; the report adds it back once.
+    message = str(error)
+    return {"file": path, "problem": message[len(path) + 2:] if message.startswith(f"{path}: ")
+            else message}
+
+
+def _preview_hw(hw, side=OVERLAY_SIDE):
+    h, w = hw
+    scale = min(1.0, side / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _decode_photo(image_id, path, size):
+    """(image_id, path, native (h, w), preview image, model input) or a problem dict, and seconds.
+
+    One draft decode at the preview's size serves both the overlay and the model: the native
+    size comes from the header, so the full-resolution pixels are never decoded."""
+    t = time.perf_counter()
+    try:
+        data.open_image(path).close()  # a bad file fails here, as one line naming it
+        native = data.native_hw(path)
+        preview_hw = _preview_hw(native)
+        preview = data.resize_image(data.load_image(path, min_size=preview_hw), preview_hw)
+    except data.Error as e:
+        return _problem(path, e), time.perf_counter() - t
+    except OSError as e:
+        return {"file": path, "problem": f"cannot read ({e.strerror or data.one_line(e)})"}, \
+            time.perf_counter() - t
+    return (image_id, path, native, preview, model_input(preview, size)), time.perf_counter() - t
+
+
+def _write_prediction(folder, image_id, path, native, preview, small_prob, threshold):
+    """Mask at native size, overlay preview and the CSV row of one photo; a thread runs it."""
+    t = time.perf_counter()
+    prob, mask = native_prob(small_prob, native, threshold)
+    row = {"image_id": image_id, "file": path, **lesion_stats(mask, prob)}
+    if preview.shape[:2] == native:
+        preview_prob, preview_mask = prob, mask
+    else:
+        preview_prob, preview_mask = native_prob(small_prob, preview.shape[:2], threshold)
+    tinted = Image.fromarray(overlay(preview, preview_mask, preview_prob))
+    save_mask_png(folder, image_id, mask)
+    data.atomic_write(os.path.join(folder, f"{image_id}_overlay.jpg"),
+                      lambda f: tinted.save(f, "JPEG", quality=90))
+    return row, time.perf_counter() - t
+
+
+def write_predictions_csv(path, rows):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, PREDICTION_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "area_percent": f"{row['area_percent']:.4f}",
+                         "mean_prob": f"{row['mean_prob']:.6f}"})
+    _atomic_bytes(path, buffer.getvalue().encode())
+
+
+def predict_photos(predictor, paths, out, threshold=0.5, tta=False, progress=True, workers=None):
+    """Segment photos that have no ground truth: for each, <id>_segmentation.png (native size,
+    0/255), <id>_overlay.jpg (tinted, outlined, at most OVERLAY_SIDE px) into `out`, and one row
+    per photo in out/predictions.csv. Returns {"rows", "problems", "seconds"}; a bad file is a
+    problem, skipped, and the run goes on. Runs through pipeline(), as evaluate() does."""
+    size = predictor.size
+    os.makedirs(out, exist_ok=True)
+    timing = dict.fromkeys(("decode", "predict", "write"), 0.0)
+    rows, problems, ids = [], [], {}
+    todo = []
+    for path in paths:
+        image_id = os.path.splitext(os.path.basename(path))[0]
+        if image_id in ids:  # a.jpg and a.png would write the same <id>_segmentation.png
+            problems.append({"file": path, "problem": f"duplicate id {image_id} (already "
+                             f"{ids[image_id]}); skipped"})
+        else:
+            ids[image_id] = path
+            todo.append((image_id, path))
+    bar = data.Progress(len(todo), "predict", progress)
+    started = time.perf_counter()
+    for _, (row, seconds) in pipeline(
+            todo, lambda item: _decode_photo(*item, size),
+            lambda d, prob: _write_prediction(out, *d[:-1], prob, threshold),
+            predictor, tta, timing, problems, bar, workers):
+        timing["write"] += seconds
+        rows.append(row)  # in photo order, so predictions.csv is the same on every run
+        bar.update()
+    if rows:
+        write_predictions_csv(os.path.join(out, "predictions.csv"), rows)
+    timing["total"] = time.perf_counter() - started
+    return {"rows": rows, "problems": problems,
+            "seconds": {k: round(v, 3) for k, v in timing.items()}}
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -554,10 +731,8 @@ def read_run_json(weights):
                 with open(path) as f:
                     run = json.load(f)
             except (OSError, ValueError) as e:
-                raise data.DataError(f"{path}: unreadable run.json ({_one_line(e)})") from None
-            # Accept the config at the top level or nested under "config".
-            config = run.get("config", {}) if isinstance(run.get("config"), dict) else {}
-            return {**run, **config, "_path": path}
+                raise data.Error(f"{path}: unreadable run.json ({data.one_line(e)})") from None
+            return {**run, "_path": path}
     return {}
 
 
@@ -565,10 +740,29 @@ def _training_data(run):
     """The data a model was trained on, from run.json; the built-in synthetic set otherwise."""
     if isinstance(run.get("data"), str):
         if not os.path.isdir(run["data"]):
-            raise data.DataError(f"{run['_path']}: the model was trained on {run['data']}, which "
+            raise data.Error(f"{run['_path']}: the model was trained on {run['data']}, which "
                                  "is gone; pass --data DIR")
         return run["data"]
-    return data.synthetic_dir(cache_dir=run.get("cache") or None)  # as train.py without --data
+    return data.synthetic_dir(cache=run.get("cache") or None)  # as train.py without --data
+
+
+def find_inputs(root, val_fraction=0.1, test_fraction=0.1):
+    """(pairs, problems, layout, photos without masks). `root` may be an ISIC or images/ + masks/
+    folder (its images without a mask become photos), a plain folder of photos, or one photo."""
+    if os.path.isfile(root):
+        return [], [], "one photo", [root]
+    if not os.path.isdir(root):
+        raise data.Error(f"{root}: no such folder")
+    if not any(os.path.isdir(os.path.join(root, folder))
+               for folders in data.LAYOUTS.values() for _, folder, _ in folders):
+        photos = photo_files(root)
+        if not photos:
+            raise data.Error(f"{root}: no images found (and no ISIC 2016/2017/2018 folders or "
+                             "images/ + masks/)")
+        return [], [], "photos", photos
+    pairs, problems, layout = data.find_pairs(root, val_fraction, test_fraction)
+    photos = [p["file"] for p in problems if p["problem"].startswith("no mask")]
+    return pairs, [p for p in problems if not p["problem"].startswith("no mask")], layout, photos
 
 
 def print_table(summary, file=None):
@@ -586,15 +780,18 @@ def print_table(summary, file=None):
           f"write {s['write']:.2f}", file=file)
 
 
+@data.command
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", required=True, help=".keras file, SavedModel folder or .tflite")
-    p.add_argument("--data", default=None, help="dataset folder (default: the training data "
-                   "named in run.json beside the weights, else the built-in synthetic set)")
+    p.add_argument("--data", default=None, help="dataset folder, folder of photos or one "
+                   "photo (default: the training data named in run.json beside the weights, else "
+                   "the built-in synthetic set)")
     p.add_argument("--split", default="val", choices=("val", "test", "all"))
     p.add_argument("--out", default="eval", help="folder for metrics.csv, summary.json, grids")
     p.add_argument("--save-masks", default=None, metavar="DIR",
-                   help="write <id>_segmentation.png masks (ISIC submission format)")
+                   help="write <id>_segmentation.png masks (ISIC submission format); "
+                   "images without masks also get <id>_overlay.jpg and a predictions.csv row")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--tta", action="store_true", help="average identity, h-flip and v-flip")
     p.add_argument("--size", type=int, default=None, help="input size for a size-agnostic model")
@@ -602,46 +799,66 @@ def main(argv=None):
     p.add_argument("--test-fraction", type=float, default=None)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    try:
-        if not 0.0 <= args.threshold <= 1.0:
-            raise data.DataError(f"--threshold {args.threshold}: must be within [0, 1]")
-        if not os.path.exists(args.weights):
-            raise data.DataError(f"{args.weights}: model file not found")
-        run = read_run_json(args.weights)
-        # Same split fractions as training, so the val split never contains training images.
-        val_fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1)
-        test_fraction = args.test_fraction if args.test_fraction is not None else run.get("test_fraction", 0.1)
-        root = args.data or _training_data(run)
-        predictor = load_predictor(args.weights, args.size, default_size=run.get("size"))
-        pairs, problems, layout = data.find_pairs(root, val_fraction, test_fraction)
-        chosen = [q for q in pairs if args.split == "all" or q.split == args.split]
-        if not chosen:
-            raise data.DataError(f"{root}: no images in the {args.split} split "
-                                 f"({len(pairs)} pairs found, layout {layout})")
-        print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {root} "
-              f"({layout}, split {args.split}: {len(chosen)} images)", file=sys.stderr)
-        for problem in problems:
+    if not 0.0 <= args.threshold <= 1.0:
+        raise data.Error(f"--threshold {args.threshold}: must be within [0, 1]")
+    if not os.path.exists(args.weights):
+        raise data.Error(f"{args.weights}: model file not found")
+    run = read_run_json(args.weights)
+    # Same split fractions as training, so the val split never contains training images.
+    val_fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1)
+    test_fraction = args.test_fraction if args.test_fraction is not None else run.get("test_fraction", 0.1)
+    root = args.data or _training_data(run)
+    predictor = load_predictor(args.weights, args.size, default_size=run.get("size"))
+    pairs, problems, layout, photos = find_inputs(root, val_fraction, test_fraction)
+    if photos and not args.save_masks:
+        if not pairs:
+            raise data.Error(f"{root}: {len(photos)} images and no masks; pass --save-masks DIR "
+                             "to write a predicted mask for each")
+        problems += [{"file": p, "problem": "no mask; pass --save-masks DIR to predict one"}
+                     for p in photos]
+        photos = []
+    chosen = [q for q in pairs if args.split == "all" or q.split == args.split]
+    if not chosen and not photos:
+        raise data.Error(f"{root}: no images in the {args.split} split "
+                             f"({len(pairs)} pairs found, layout {layout})")
+    split = f"split {args.split}: {len(chosen)} images" if pairs else "no masks"
+    lone = f", {len(photos)} without masks" if photos else ""
+    print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {root} "
+          f"({layout}, {split}{lone})", file=sys.stderr)
+    for problem in problems:
+        print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
+    progress = not args.no_progress and sys.stderr.isatty()
+    predicted = None
+    if photos:
+        predicted = predict_photos(predictor, photos, args.save_masks, args.threshold, args.tta,
+                                   progress=progress)
+        for problem in predicted["problems"]:
             print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
+    if chosen:
         info = {"data": os.path.abspath(root), "layout": layout, "split": args.split,
                 "val_fraction": val_fraction, "test_fraction": test_fraction,
-                "run_json": run.get("_path")}
+                "run_json": run.get("_path"),
+                "predicted": len(predicted["rows"]) if predicted else 0}
         summary = evaluate(predictor, chosen, args.threshold, args.tta, args.out, args.save_masks,
-                           progress=not args.no_progress and sys.stderr.isatty(),
-                           problems=problems, info=info)
+                           progress=progress, problems=problems, info=info)
         for problem in summary["problems"][len(problems):]:
             print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
         print_table(summary)
         masks = f"; {len(summary['rows'])} masks in {args.save_masks}" if args.save_masks else ""
         print(f"wrote {args.out}/: metrics.csv, summary.json, grid_best/worst/random.png{masks}",
               file=sys.stderr)
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # e.g. --out is a file, a full disk, no permission
-        print(f"error: {e.filename or ''}: {e.strerror or _one_line(e)}", file=sys.stderr)
-        return 1
+    if predicted is None:
+        return 0
+    if not predicted["rows"] and not chosen:
+        raise data.Error(f"{root}: no image could be segmented", exit_code=1)
+    s = predicted["seconds"]
+    scored = f"scored {summary['images']} images with masks; " if chosen else ""
+    print(f"{scored}predicted {len(predicted['rows'])} without "
+          f"({len(predicted['problems'])} skipped) in {s['total']:.2f}s (predict {s['predict']:.2f}, "
+          f"decode {s['decode']:.2f}, resize-back+write {s['write']:.2f})")
+    print(f"wrote {args.save_masks}/: <id>_segmentation.png, <id>_overlay.jpg, predictions.csv",
+          file=sys.stderr)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

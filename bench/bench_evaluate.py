@@ -1,10 +1,13 @@
-"""How much does native-resolution scoring cost on top of the model itself?
+"""How much does native-resolution scoring (or, with --photos, prediction) cost on top of the model?
 
     python bench/bench_evaluate.py [--data ../shared/data/isic2017-fullres] [--size 256] [--filters 32]
+    python bench/bench_evaluate.py --photos     # masks, overlays and predictions.csv, masks ignored
 
-Evaluates a default-size U-Net (untrained weights: timing only) on the full-resolution ISIC 2017
-images (up to 4288x2848) and compares the total evaluation time with the model's own inference
-time on the same images (already decoded and resized). Target: ratio <= 1.5.
+Runs a default-size U-Net (untrained weights: timing only) on the full-resolution ISIC 2017 images
+(up to 4288x2848): evaluate.evaluate scores each at native size, or with --photos
+evaluate.predict_photos writes each native-size mask, a 1024 px overlay and a predictions.csv row.
+Compares the whole run with the model's own inference time on the same images (already decoded
+and resized). Target: ratio <= 1.5.
 """
 
 import argparse
@@ -34,6 +37,7 @@ def main():
     p.add_argument("--batch", type=int, default=None, help="images per predict call (default: "
                    "the Predictor's)")
     p.add_argument("--save-masks", action="store_true", help="also time writing the PNG masks")
+    p.add_argument("--photos", action="store_true", help="time predict_photos (no ground truth)")
     args = p.parse_args()
 
     pairs, problems, layout = data.find_pairs(args.data)
@@ -47,16 +51,21 @@ def main():
         images = np.stack([data.resize_image(data.load_image(q.image, min_size=(args.size,) * 2),
                                              (args.size,) * 2) for q in pairs])
         predictor.predict(images)  # warm-up: traces the predict function for both batch shapes
-        evaluate.evaluate(predictor, pairs[:1], progress=False)  # warm-up: fonts, thread pools
 
+        def run(selected, i):
+            if args.photos:
+                return evaluate.predict_photos(predictor, [q.image for q in selected],
+                                               os.path.join(tmp, f"photos{i}"), progress=False)
+            masks = os.path.join(tmp, "masks") if args.save_masks else None
+            return evaluate.evaluate(predictor, selected, out=os.path.join(tmp, "eval"),
+                                     save_masks=masks, progress=False)
+
+        run(pairs[:1], "warm")  # warm-up: fonts, thread pools
         # Interleaved, so both see the same load on a shared machine; the best of each is kept.
         model_times, runs = [], []
-        for _ in range(args.repeats):
+        for i in range(args.repeats):
             model_times.append(_timed(lambda: predictor.predict(images)))
-            masks = os.path.join(tmp, "masks") if args.save_masks else None
-            summary = evaluate.evaluate(predictor, pairs, out=os.path.join(tmp, "eval"),
-                                        save_masks=masks, progress=False)
-            runs.append(summary["seconds"])
+            runs.append(run(pairs, i)["seconds"])
         model_s = min(model_times)
         best = min(runs, key=lambda s: s["total"])
 
@@ -64,9 +73,9 @@ def main():
     print(f"{len(pairs)} images ({layout}), {megapixels:.1f} Mpx of masks, model {args.size}px "
           f"filters {args.filters}, batch {predictor.batch}, {os.cpu_count()} CPUs, best of {args.repeats}")
     print(f"model inference alone  {model_s:6.2f} s")
-    print(f"evaluate total         {best['total']:6.2f} s wall; stages (decode and scoring run in "
-          f"threads alongside predict): decode {best['decode']:.2f}, predict {best['predict']:.2f}, "
-          f"resize-back+score {best['score']:.2f}, write {best['write']:.2f}")
+    what = "predict_photos" if args.photos else "evaluate"
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in best.items() if k != "total")
+    print(f"{what + ' total':<23}{best['total']:6.2f} s wall; stages (in threads alongside predict): {stages}")
     print(f"ratio total / model    {best['total'] / model_s:6.2f}   (target <= 1.5)")
     ratios = ", ".join(f"{r['total'] / m:.2f}" for r, m in zip(runs, model_times))
     print(f"per-repeat ratios      {ratios}   load average {os.getloadavg()[0]:.1f}")

@@ -419,14 +419,15 @@ def test_cli_bad_inputs_are_one_line_errors(models, synthetic_data, tmp_path, ca
                             if "--data" not in argv else [*argv, "--out", str(tmp_path / "e")],
                             capsys)
         lines = [line for line in err.splitlines() if line.startswith("error:")]
-        assert code == 1 and len(lines) == 1 and expected in lines[0], (argv, err)
+        # Bad input exits 2; an output folder that cannot be written is a failure of the run: 1.
+        assert code == (1 if "--save-masks" in argv else 2) and len(lines) == 1 and expected in lines[0], (argv, err)
         assert "\n" not in lines[0]
     # A size-agnostic model needs a size that fits the U-Net (divisible by 16).
     unet = pytest.importorskip("unet")
     anysize = tmp_path / "anysize.keras"
     unet.build_unet(size=None, filters=4).save(anysize)
     code, _, err = _run(["--weights", str(anysize), "--data", synthetic_data, "--size", "40"], capsys)
-    assert code == 1 and err.strip().splitlines()[-1].startswith("error:")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error:")
     code, _, err = _run(["--weights", str(anysize), "--data", synthetic_data, "--size", "32",
                          "--split", "test", "--out", str(tmp_path / "ok")], capsys)
     assert code == 0

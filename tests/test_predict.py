@@ -1,0 +1,271 @@
+"""evaluate.py on photos without ground truth: segment / overlay / lesion_stats, the batch path
+(--data photos/ --save-masks out/), mixed folders and bad files."""
+
+import csv
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402
+import evaluate  # noqa: E402
+
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny untrained U-Net as .keras and its Predictor: timing-free, shapes are what count."""
+    unet = pytest.importorskip("unet")
+    path = str(tmp_path_factory.mktemp("model") / "tiny.keras")
+    unet.build_unet(32, filters=4, depth=2).save(path)
+    return path, evaluate.load_predictor(path)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Plain photos, no layout, no masks: a non-square PNG, a JPEG and a JPEG stored 120x80 with
+    EXIF orientation 6 (displayed 80x120)."""
+    folder = tmp_path_factory.mktemp("photos")
+    images, _ = data.make_synthetic(3, seed=1, size_wh=(160, 96))
+    Image.fromarray(images[0]).save(folder / "wide.png")
+    Image.fromarray(images[1]).save(folder / "plain.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(images[2][:80, :120]).save(folder / "rotated.jpg", quality=95, exif=exif)
+    return str(folder), {"wide": (96, 160), "plain": (96, 160), "rotated": (120, 80)}
+
+
+def _run(argv, capsys):
+    code = evaluate.main([*argv, "--no-progress"])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def _rows(folder):
+    with open(os.path.join(folder, "predictions.csv")) as f:
+        return {r["image_id"]: r for r in csv.DictReader(f)}
+
+
+def _mask(folder, image_id):
+    with Image.open(os.path.join(folder, f"{image_id}_segmentation.png")) as m:
+        assert m.mode == "L"
+        return np.asarray(m)
+
+
+# ---------------------------------------------------------------------------- the functions
+
+def test_segment_returns_native_prob_and_thresholded_mask(model):
+    _, predictor = model
+    image = data.make_synthetic(1, size_wh=(70, 45))[0][0]
+    prob, mask = evaluate.segment(predictor, image, threshold=0.5)
+    assert prob.shape == mask.shape == (45, 70)
+    assert prob.dtype == np.float32 and mask.dtype == bool
+    assert np.array_equal(mask, prob > 0.5)
+    _, low = evaluate.segment(predictor, image, threshold=0.0)
+    assert np.array_equal(low, prob > 0.0)
+    tta_prob, _ = evaluate.segment(predictor, image, tta=True)
+    assert tta_prob.shape == (45, 70) and np.all((tta_prob >= 0) & (tta_prob <= 1))
+    with pytest.raises(ValueError):
+        evaluate.segment(predictor, image[..., 0])
+
+
+@st.composite
+def masks_and_probs(draw):
+    h, w = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    threshold = draw(st.sampled_from([0.0, 0.3, 0.5, 0.9]))
+    kind = draw(st.sampled_from(["random", "blob", "empty", "full"]))
+    if kind == "blob":
+        yy, xx = np.mgrid[:h, :w]
+        prob = np.exp(-((yy - h / 2) ** 2 + (xx - w / 2) ** 2) / (0.1 * h * w + 1))
+    elif kind == "empty":
+        prob = np.zeros((h, w))
+    elif kind == "full":
+        prob = np.ones((h, w))
+    else:
+        prob = rng.random((h, w))
+    prob = prob.astype(np.float32)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return image, prob, prob > threshold, threshold
+
+
+@FAST
+@given(masks_and_probs())
+def test_lesion_stats_invariants(case):
+    _, prob, mask, threshold = case
+    stats = evaluate.lesion_stats(mask, prob)
+    assert set(stats) == {"area_px", "area_percent", "mean_prob", "width", "height"}
+    assert stats["area_px"] == int(mask.sum()) and isinstance(stats["area_px"], int)
+    assert 0.0 <= stats["area_percent"] <= 100.0
+    assert stats["area_percent"] == pytest.approx(100.0 * mask.sum() / mask.size)
+    assert (stats["height"], stats["width"]) == mask.shape
+    if mask.any():
+        assert stats["mean_prob"] > threshold or np.isclose(stats["mean_prob"], threshold)
+        assert stats["mean_prob"] == pytest.approx(float(prob[mask].mean()), rel=1e-5)
+    else:
+        assert stats["mean_prob"] == 0.0
+
+
+@FAST
+@given(masks_and_probs(), st.booleans())
+def test_overlay_changes_only_the_lesion_and_outlines_it(case, with_prob):
+    image, prob, mask, _ = case
+    out = evaluate.overlay(image, mask, prob if with_prob else None)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    # Outside the mask (so also outside any dilation of it) the photo is untouched.
+    assert np.array_equal(out[~mask], image[~mask])
+    # Every mask pixel touching the background or the frame is drawn in the outline colour.
+    padded = np.pad(mask, 1)
+    edge = mask & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    assert np.all(out[edge] == evaluate.OUTLINE)
+
+
+def test_overlay_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        evaluate.overlay(np.zeros((4, 5, 3), np.uint8), np.zeros((5, 4), bool))
+
+
+# ---------------------------------------------------------------------------- the command line
+
+def test_photos_without_masks(model, photos, tmp_path, capsys):
+    weights, predictor = model
+    folder, native = photos
+    out = tmp_path / "out"
+    code, stdout, err = _run(["--weights", weights, "--data", folder, "--save-masks", str(out)],
+                             capsys)
+    assert code == 0, err
+    assert "predicted 3 without" in stdout and "skipped" not in err
+    rows = _rows(out)
+    assert set(rows) == set(native)
+    files = {f"{i}{suffix}" for i in native for suffix in ("_segmentation.png", "_overlay.jpg")}
+    assert set(os.listdir(out)) == files | {"predictions.csv"}  # no temp files left behind
+    for image_id, hw in native.items():
+        mask = _mask(out, image_id)
+        assert mask.shape == hw  # native size, after EXIF rotation for "rotated"
+        assert set(np.unique(mask)) <= {0, 255}
+        row = rows[image_id]
+        assert (int(row["height"]), int(row["width"])) == hw
+        assert int(row["area_px"]) == int((mask == 255).sum())
+        assert float(row["area_percent"]) == pytest.approx(100 * (mask == 255).mean(), abs=1e-4)
+        assert row["file"] == os.path.join(folder, next(n for n in os.listdir(folder)
+                                                        if n.startswith(image_id + ".")))
+        with Image.open(out / f"{image_id}_overlay.jpg") as o:
+            assert (o.height, o.width) == hw
+        # One source of truth: the batch path gives exactly what segment() gives a web app.
+        prob, expected = evaluate.segment(predictor, data.load_image(row["file"]))
+        assert np.array_equal(mask == 255, expected)
+        stats = evaluate.lesion_stats(expected, prob)
+        assert float(row["mean_prob"]) == pytest.approx(stats["mean_prob"], abs=1e-6)
+
+
+def test_one_photo_and_folder_without_save_masks(model, photos, tmp_path, capsys):
+    weights, _ = model
+    folder, native = photos
+    photo = os.path.join(folder, "rotated.jpg")
+    code, stdout, _ = _run(["--weights", weights, "--data", photo, "--save-masks",
+                            str(tmp_path / "one")], capsys)
+    assert code == 0 and "predicted 1 without" in stdout
+    assert list(_rows(tmp_path / "one")) == ["rotated"]
+    assert _mask(tmp_path / "one", "rotated").shape == native["rotated"]
+    # Without somewhere to write masks, plain photos are one clear error line.
+    code, _, err = _run(["--weights", weights, "--data", folder], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "--save-masks" in lines[0]
+
+
+def test_outputs_in_the_photo_folder_are_not_segmented_again(model, photos, tmp_path, capsys):
+    weights, _ = model
+    folder = tmp_path / "photos"
+    shutil.copytree(photos[0], folder)
+    for _ in range(2):
+        code, stdout, _ = _run(["--weights", weights, "--data", str(folder), "--save-masks",
+                                str(folder)], capsys)
+        assert code == 0 and "predicted 3 without" in stdout
+
+
+def test_mixed_folder_scores_pairs_and_predicts_the_rest(model, synthetic_data, tmp_path, capsys):
+    weights, _ = model
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_data, root)
+    pairs, _, _ = data.find_pairs(str(root))
+    lone = pairs[:3]
+    for pair in lone:
+        os.remove(pair.mask)
+    masks, out = tmp_path / "masks", tmp_path / "eval"
+    code, stdout, err = _run(["--weights", weights, "--data", str(root), "--split", "all",
+                              "--out", str(out), "--save-masks", str(masks)], capsys)
+    assert code == 0, err
+    assert "scored 21 images with masks; predicted 3 without" in stdout
+    assert "no mask" not in err  # predicted, not reported as skipped
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 21 and summary["predicted"] == 3 and summary["problems"] == []
+    assert set(_rows(masks)) == {p.id for p in lone}
+    names = os.listdir(masks)
+    assert sorted(n for n in names if n.endswith("_segmentation.png")) == \
+        sorted(f"{p.id}_segmentation.png" for p in pairs)
+    assert sorted(n for n in names if n.endswith("_overlay.jpg")) == \
+        sorted(f"{p.id}_overlay.jpg" for p in lone)
+    # Without --save-masks the pairs are scored and the lone images reported, as before.
+    code, _, err = _run(["--weights", weights, "--data", str(root), "--split", "all",
+                         "--out", str(tmp_path / "e2")], capsys)
+    assert code == 0
+    assert all(f"skipped: {p.image}: no mask" in err for p in lone)
+
+
+def test_bad_files_are_skipped_with_one_line(model, photos, tmp_path, capsys):
+    weights, _ = model
+    folder = tmp_path / "photos"
+    shutil.copytree(photos[0], folder)
+    with open(folder / "plain.jpg", "r+b") as f:
+        f.truncate(300)
+    (folder / "text.png").write_text("not an image at all")
+    (folder / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    code, stdout, err = _run(["--weights", weights, "--data", str(folder), "--save-masks",
+                              str(out)], capsys)
+    assert code == 0, err
+    skipped = [line for line in err.splitlines() if line.startswith("skipped:")]
+    bad = [str(folder / n) for n in ("empty.jpg", "plain.jpg", "text.png")]
+    assert len(skipped) == 3
+    for path, line in zip(bad, skipped):
+        assert line.startswith(f"skipped: {path}: ") and line.count(path) == 1
+    assert set(_rows(out)) == {"wide", "rotated"}
+    assert "predicted 2 without (3 skipped)" in stdout
+    # Nothing readable at all: an error, not an empty success.
+    code, _, err = _run(["--weights", weights, "--data", str(folder / "empty.jpg"),
+                         "--save-masks", str(tmp_path / "none")], capsys)
+    assert code == 1 and err.strip().splitlines()[-1].startswith("error:")
+
+
+def test_saved_model_and_tflite_share_the_path(model, photos, tmp_path, capsys):
+    tf = pytest.importorskip("tensorflow")
+    keras = data.import_keras()
+    weights, _ = model
+    folder, native = photos
+    saved = str(tmp_path / "saved_model")
+    keras.models.load_model(weights, compile=False).export(saved, verbose=False)
+    tflite = str(tmp_path / "tiny.tflite")
+    with open(tflite, "wb") as f:
+        f.write(tf.lite.TFLiteConverter.from_saved_model(saved).convert())
+    areas = {}
+    for name, path in (("keras", weights), ("saved_model", saved), ("tflite", tflite)):
+        out = tmp_path / name
+        code, stdout, err = _run(["--weights", path, "--data", folder, "--save-masks", str(out)],
+                                 capsys)
+        assert code == 0 and "predicted 3 without" in stdout, (name, err)
+        areas[name] = {i: int(r["area_px"]) for i, r in _rows(out).items()}
+        assert all(_mask(out, i).shape == hw for i, hw in native.items())
+    for name in ("saved_model", "tflite"):
+        for image_id, area in areas["keras"].items():
+            # An untrained net sits near 0.5; float noise flips only a sliver of pixels.
+            assert abs(areas[name][image_id] - area) <= 0.02 * np.prod(native[image_id]), name
