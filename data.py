@@ -8,6 +8,7 @@ data, augmentation, batches for model.fit, the command line.
 """
 import argparse
 import contextlib
+import csv
 import functools
 import hashlib
 import json
@@ -132,9 +133,17 @@ LAYOUTS = {
         ("train", "ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
         ("test", "ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth"),
     ],
+    # HAM10000 ships its images in two folders that share one mask folder, and no official split.
+    "ham10000": [
+        ("train", "HAM10000_images_part_1", "HAM10000_segmentations_lesion_tschandl"),
+        ("train", "HAM10000_images_part_2", "HAM10000_segmentations_lesion_tschandl"),
+    ],
     "generic": [("train", "images", "masks")],
 }
 MASK_SUFFIXES = ("", "_segmentation", "_mask")  # ISIC: ID_segmentation.png (2016: _Segmentation)
+# HAM10000 has several images of one lesion (10,015 images, 7,470 lesions): hashing image ids would
+# put photos of one lesion in both train and val, so with this file the hash is of the lesion_id.
+LESION_METADATA = "HAM10000_metadata.csv"
 
 
 def split_of(image_id, val_fraction=0.1, test_fraction=0.1):
@@ -158,6 +167,24 @@ def image_files(folder):
             and os.path.isfile(os.path.join(folder, n))]
 
 
+def lesion_groups(root):
+    """{image_id: lesion_id} from root's HAM10000_metadata.csv, or {} without one. The split hashes
+    the lesion_id, so all images of one lesion land in the same split."""
+    path = os.path.join(root, LESION_METADATA)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not {"lesion_id", "image_id"} <= set(reader.fieldnames or ()):
+                raise Error(f"{path}: needs lesion_id and image_id columns "
+                            f"(has {', '.join(reader.fieldnames or []) or 'none'})")
+            return {row["image_id"].strip(): row["lesion_id"].strip() for row in reader
+                    if row["image_id"] and row["lesion_id"] and row["lesion_id"].strip()}
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise Error(f"{path}: unreadable metadata ({one_line(e)})") from None
+
+
 def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
     """(pairs sorted by id, problems [{"file", "problem"}], layout name). Raises Error for a
     missing folder or one with no recognised layout / no images."""
@@ -167,26 +194,33 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
     layout = next((name for name, folders in LAYOUTS.items()
                    if any(os.path.isdir(os.path.join(root, f[1])) for f in folders)), None)
     if layout is None:
-        raise Error(f"{root}: no known layout (expected ISIC 2016/2017/2018 folders or "
-                        f"images/ + masks/)")
+        raise Error(f"{root}: no known layout (expected ISIC 2016/2017/2018 or HAM10000 "
+                        f"folders, or images/ + masks/)")
     folders = LAYOUTS[layout]
     present = {split for split, img_dir, _ in folders if os.path.isdir(os.path.join(root, img_dir))}
     # A split without its official folder is carved out of the training folder by hash.
     pool_val = 0.0 if "val" in present else val_fraction
     pool_test = 0.0 if "test" in present else test_fraction
 
-    pairs, problems, seen = [], [], {}
-    for split, img_dir, mask_dir in folders:
+    groups = lesion_groups(root)
+    # A mask folder shared by several image folders (HAM10000) is read once, and its orphans are
+    # only known after the last image folder that uses it.
+    last_use = {mask_dir: i for i, (split, _, mask_dir) in enumerate(folders) if split in present}
+    pairs, problems, seen, mask_sets = [], [], {}, {}
+    for i, (split, img_dir, mask_name) in enumerate(folders):
         if split not in present:
             continue
-        masks, mask_dir = {}, os.path.join(root, mask_dir)
-        for path in image_files(mask_dir):  # matched case-insensitively: 2016 uses _Segmentation
-            stem = os.path.splitext(os.path.basename(path))[0].lower()
-            if stem in masks:
-                problems.append({"file": path, "problem": f"second mask with this name "
-                                 f"(already {masks[stem]}); ignored"})
-            else:
-                masks[stem] = path
+        mask_dir = os.path.join(root, mask_name)
+        if mask_name not in mask_sets:
+            masks = mask_sets[mask_name] = {}
+            for path in image_files(mask_dir):  # matched case-insensitively: 2016 uses _Segmentation
+                stem = os.path.splitext(os.path.basename(path))[0].lower()
+                if stem in masks:
+                    problems.append({"file": path, "problem": f"second mask with this name "
+                                     f"(already {masks[stem]}); ignored"})
+                else:
+                    masks[stem] = path
+        masks = mask_sets[mask_name]
         for path in image_files(os.path.join(root, img_dir)):
             image_id = os.path.splitext(os.path.basename(path))[0]
             names = [(image_id + suffix).lower() for suffix in MASK_SUFFIXES]
@@ -200,10 +234,12 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
                 problems.append({"file": path, "problem": f"no mask (expected "
                                  f"{image_id}_segmentation.png or {image_id}.png in {mask_dir})"})
                 continue
-            s = split if split != "train" else split_of(image_id, pool_val, pool_test)
+            group = groups.get(image_id, image_id)
+            s = split if split != "train" else split_of(group, pool_val, pool_test)
             pairs.append(Pair(image_id, path, mask, s))
-        for path in masks.values():
-            problems.append({"file": path, "problem": "orphan mask (no image with this id)"})
+        if last_use[mask_name] == i:
+            for path in masks.values():
+                problems.append({"file": path, "problem": "orphan mask (no image with this id)"})
     if not pairs and not problems:
         raise Error(f"{root}: no images found ({layout} layout)")
     pairs.sort(key=lambda p: p.id)
@@ -337,6 +373,9 @@ class Arrays:
     images: np.ndarray  # uint8 (N, S, S, 3)
     masks: np.ndarray  # uint8 (N, S, S) values 0/1
     problems: list  # [{"file", "problem"}] for the pairs that were skipped
+    # load_split of several folders: [{"path", "layout", "start", "stop"}], the rows of each folder
+    # (images[start:stop] are views, so per-source scores cost no copy); one source otherwise.
+    sources: list = None
 
 
 CACHE_VERSION = 2  # bump when the decode/resize code changes what lands in the cache
@@ -478,22 +517,51 @@ def load_arrays(pairs, size, cache=None, workers=None, strict=False, progress=Tr
 
 def load_split(data=None, split="train", size=256, val_fraction=0.1, test_fraction=0.1,
                cache=None, strict=False, progress=True):
-    """Arrays for one split ("train", "val", "test" or "all") of a data folder; data=None uses
-    the built-in synthetic set, through exactly the same code path as real data."""
+    """Arrays for one split ("train", "val", "test" or "all") of a data folder, or of a list of
+    folders, each split by its own rules, one after another in one array (one load_arrays call:
+    no second copy of the union); data=None uses the built-in synthetic set, through exactly the
+    same code path as real data."""
     if split not in ("train", "val", "test", "all"):
         raise Error(f"{split}: unknown split (use train, val, test or all)")
     if data is None:
         data = synthetic_dir(cache=cache or None)
-    pairs, problems, _ = find_pairs(data, val_fraction, test_fraction)
-    if strict and problems:
-        raise Error(f"{problems[0]['file']}: {problems[0]['problem']}")
-    chosen = [p for p in pairs if split in ("all", p.split)]
-    if not chosen:
-        counts = {s: sum(p.split == s for p in pairs) for s in ("train", "val", "test")}
-        raise Error(f"{data}: no pairs in split '{split}' ({counts})")
+    folders = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    chosen, problems, spans = [], [], []
+    for folder in folders:
+        pairs, found, layout = find_pairs(folder, val_fraction, test_fraction)
+        if strict and found:
+            raise Error(f"{found[0]['file']}: {found[0]['problem']}")
+        picked = [p for p in pairs if split in ("all", p.split)]
+        if not picked:
+            counts = {s: sum(p.split == s for p in pairs) for s in ("train", "val", "test")}
+            raise Error(f"{folder}: no pairs in split '{split}' ({counts})")
+        spans.append((os.path.abspath(folder), layout, picked))
+        chosen += picked
+        problems += found
     arrays = load_arrays(chosen, size, cache=cache, strict=strict, progress=progress)
     arrays.problems = problems + arrays.problems
+    # Skipped pairs shift the rows: count each source's survivors by pair identity.
+    kept, start, arrays.sources = {id(p) for p in arrays.pairs}, 0, []
+    for path, layout, picked in spans:
+        stop = start + sum(id(p) in kept for p in picked)
+        arrays.sources.append({"path": path, "layout": layout, "start": start, "stop": stop})
+        start = stop
     return arrays
+
+
+def source_names(folders):
+    """Short, unique, CSV-safe names for train.py's log columns and evaluate.py's
+    output folders: the folder names, numbered if they clash."""
+    names = []
+    for folder in folders:
+        base = "".join(c if c.isalnum() or c in "-_" else "_" for c in os.path.basename(folder)) or "data"
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}_{n}"
+        names.append(name)
+    return names
+
 
 
 # -----------------------------------------------------------------------------

@@ -737,13 +737,14 @@ def read_run_json(weights):
 
 
 def _training_data(run):
-    """The data a model was trained on, from run.json; the built-in synthetic set otherwise."""
-    if isinstance(run.get("data"), str):
-        if not os.path.isdir(run["data"]):
-            raise data.Error(f"{run['_path']}: the model was trained on {run['data']}, which "
+    """The folders a model was trained on, from run.json (one path, or a list for train.py with
+    several --data); the built-in synthetic set otherwise."""
+    folders = [run["data"]] if isinstance(run.get("data"), str) else run.get("data") or []
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise data.Error(f"{run['_path']}: the model was trained on {folder}, which "
                                  "is gone; pass --data DIR")
-        return run["data"]
-    return data.synthetic_dir(cache=run.get("cache") or None)  # as train.py without --data
+    return folders or [data.synthetic_dir(cache=run.get("cache") or None)]  # as train.py without --data
 
 
 def find_inputs(root, val_fraction=0.1, test_fraction=0.1):
@@ -780,6 +781,52 @@ def print_table(summary, file=None):
           f"write {s['write']:.2f}", file=file)
 
 
+def evaluate_sources(predictor, roots, args, run, val_fraction, test_fraction, progress):
+    """A model trained on several --data folders: each folder's split, found by its own rules as in
+    training, is scored alone into OUT/<name>/, then all images together into OUT/summary.json
+    (one prediction per image: the together numbers are aggregated from the per-source rows)."""
+    summaries, rows, problems = {}, [], []
+    for name, root in zip(data.source_names(roots), roots):
+        pairs, found, layout, photos = find_inputs(root, val_fraction, test_fraction)
+        found += [{"file": p, "problem": "no mask; skipped"} for p in photos]
+        chosen = [q for q in pairs if args.split == "all" or q.split == args.split]
+        if not chosen:
+            raise data.Error(f"{root}: no images in the {args.split} split "
+                             f"({len(pairs)} pairs found, layout {layout})")
+        print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {root} "
+              f"({layout}, split {args.split}: {len(chosen)} images)", file=sys.stderr)
+        for problem in found:
+            print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
+        info = {"source": name, "data": os.path.abspath(root), "layout": layout, "split": args.split,
+                "val_fraction": val_fraction, "test_fraction": test_fraction,
+                "run_json": run.get("_path"), "predicted": 0}
+        summary = evaluate(predictor, chosen, args.threshold, args.tta, os.path.join(args.out, name),
+                           args.save_masks, progress=progress, problems=found, info=info)
+        for problem in summary["problems"][len(found):]:
+            print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
+        print(f"\n{name}: {root}")
+        print_table(summary)
+        summaries[name], rows, problems = summary, rows + summary["rows"], problems + summary["problems"]
+    together = summarize(rows)
+    together.update({"data": [os.path.abspath(r) for r in roots], "split": args.split,
+                     "val_fraction": val_fraction, "test_fraction": test_fraction,
+                     "run_json": run.get("_path"), "model": predictor.path,
+                     "model_format": predictor.kind, "size": predictor.size,
+                     "threshold": args.threshold, "tta": args.tta, "problems": problems,
+                     "seconds": {k: round(sum(s["seconds"][k] for s in summaries.values()), 3)
+                                 for k in ("decode", "predict", "score", "write", "total")},
+                     "sources": {name: {k: s[k] for k in ("data", "layout", "images", *METRICS, "median",
+                                                          "pooled", "worst")}
+                                 for name, s in summaries.items()}})
+    _atomic_bytes(os.path.join(args.out, "summary.json"), (json.dumps(together, indent=2) + "\n").encode())
+    print(f"\nall {len(roots)} sources together")
+    print_table(together)
+    names = ", ".join(summaries)
+    print(f"wrote {args.out}/: summary.json (all together, and per source), and per source "
+          f"({names}) <name>/metrics.csv, summary.json, grid_best/worst/random.png", file=sys.stderr)
+    return together
+
+
 @data.command
 def main(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -807,8 +854,13 @@ def main(argv=None):
     # Same split fractions as training, so the val split never contains training images.
     val_fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1)
     test_fraction = args.test_fraction if args.test_fraction is not None else run.get("test_fraction", 0.1)
-    root = args.data or _training_data(run)
+    roots = [args.data] if args.data else _training_data(run)
     predictor = load_predictor(args.weights, args.size, default_size=run.get("size"))
+    progress = not args.no_progress and sys.stderr.isatty()
+    if len(roots) > 1:
+        evaluate_sources(predictor, roots, args, run, val_fraction, test_fraction, progress)
+        return 0
+    root = roots[0]
     pairs, problems, layout, photos = find_inputs(root, val_fraction, test_fraction)
     if photos and not args.save_masks:
         if not pairs:
@@ -827,7 +879,6 @@ def main(argv=None):
           f"({layout}, {split}{lone})", file=sys.stderr)
     for problem in problems:
         print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
-    progress = not args.no_progress and sys.stderr.isatty()
     predicted = None
     if photos:
         predicted = predict_photos(predictor, photos, args.save_masks, args.threshold, args.tta,

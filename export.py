@@ -405,15 +405,16 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
     run = evaluate.read_run_json(weights)
     size = model_size(original, run, weights)
     model, rebuilt = float32_copy(original)
-    data_dir = data_dir or run.get("data") or None
+    data_dir = data_dir or run.get("data") or None  # one folder, or the list of a multi-source run
     fractions = {"val_fraction": float(run.get("val_fraction", 0.1)),
                  "test_fraction": float(run.get("test_fraction", 0.1))}
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
 
     # One look at the folder: calibration images are a fixed, evenly spaced subset of the training
     # split; Dice is measured on the validation split (test, then train, when a tiny set has none).
-    root = data_dir or data.synthetic_dir()
-    pairs, _, _ = data.find_pairs(root, **fractions)
+    roots = [data_dir] if isinstance(data_dir, str) else data_dir or [data.synthetic_dir()]
+    pairs = [p for root in roots for p in data.find_pairs(root, **fractions)[0]]
+    root = ", ".join(roots)
     train = data.load_arrays([p for p in pairs if p.split == "train"], size, progress=False)
     if not train.pairs:
         raise data.Error(f"{root}: no usable training images for calibration")

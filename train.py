@@ -1,6 +1,7 @@
 """Train the U-Net on ISIC-style skin-lesion data (or the built-in synthetic set when --data is absent).
 
     python train.py --data data/isic2018 --size 128 --epochs 20
+    python train.py --data data/isic2018 --data data/ham10000      # several sets: docs/training.md
     python evaluate.py --weights best.keras
 
 Writes OUT/best.keras (best validation Dice), OUT/last.keras (model + optimizer state, for resuming),
@@ -40,7 +41,9 @@ PLATEAU_PATIENCE, PLATEAU_FACTOR = 3, 0.5
 def parser():
     p = data.ArgumentParser(description="Train the skin-lesion U-Net.")
     a = p.add_argument
-    a("--data", default=None, help="data folder (ISIC 2016/2017/2018 or images/ + masks/); default: synthetic")
+    a("--data", action="append", default=None,
+      help="data folder (ISIC 2016/2017/2018, HAM10000 or images/ + masks/); repeat to train on several, "
+           "each split by its own rules; default: synthetic")
     a("--epochs", type=int, default=40)
     a("--size", type=int, default=256, help="square input size in pixels, a multiple of 2**depth")
     a("--batch", type=int, default=16)
@@ -96,12 +99,29 @@ def config_of(cfg):
     if not (isinstance(cfg["size"], int) and cfg["size"] > 0 and cfg["size"] % 2 ** depth == 0):
         extra = "" if cfg["encoder"] == "none" else f" (encoder {cfg['encoder']} has 5 strides)"
         raise data.Error(f"--size {cfg['size']}: must be a multiple of 2**depth = {2 ** depth}{extra}")
-    if cfg["data"] is not None:
-        if not os.path.isdir(cfg["data"]):
-            raise data.Error(f"{cfg['data']}: data folder not found")
-        cfg["data"] = os.path.abspath(cfg["data"])
+    cfg["data"] = data_value(cfg["data"])
     cfg["out"] = os.path.abspath(cfg["out"])
     return cfg
+
+
+def sources_of(value):
+    """run.json / state "data" (None, one path, or a list of paths) as a list of paths."""
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def data_value(value):
+    """--data as stored: None (synthetic), one absolute path (a string, as before several folders
+    were possible, so older runs still resume and older readers of run.json still work), or a
+    list of 2+ absolute paths."""
+    folders = []
+    for folder in sources_of(value):
+        if not os.path.isdir(folder):
+            raise data.Error(f"{folder}: data folder not found")
+        folder = os.path.abspath(folder)
+        if folder in folders:  # the same images twice would weigh one set double, silently
+            raise data.Error(f"--data {folder}: given twice")
+        folders.append(folder)
+    return None if not folders else folders[0] if len(folders) == 1 else folders
 
 
 def check_writable(out):
@@ -122,10 +142,12 @@ def atomic_write_text(path, text):
 
 
 def write_log(path, rows):
-    lines = [",".join(LOG_FIELDS)]
+    # Per-source columns (val_dice_<name>) exist only with 2+ sources; rows carry them, in order.
+    fields = LOG_FIELDS + [k for k in (rows[0] if rows else {}) if k not in LOG_FIELDS]
+    lines = [",".join(fields)]
     for r in rows:
         lines.append(",".join("" if r.get(k) is None else f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k])
-                              for k in LOG_FIELDS))
+                              for k in fields))
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -158,7 +180,20 @@ def cosine_lr(cfg, epoch):
     return lo + 0.5 * (cfg["lr"] - lo) * (1 + math.cos(math.pi * epoch / max(cfg["epochs"], 1)))
 
 
-def make_epoch_callback(keras, cfg, state, steps, paths):
+def per_source_dice(model, images, masks, batch, chunk=256):
+    """Mean per-image Dice (threshold 0.5, as the val_dice metric) of one source's validation
+    arrays; predicted in chunks so a large source never holds all its probabilities at once."""
+    import unet
+
+    scores = []
+    for i in range(0, len(images), chunk):
+        probs = model.predict(images[i:i + chunk], batch_size=batch, verbose=0)
+        scores.append(np.asarray(unet.ops.convert_to_numpy(unet.dice_per_image(masks[i:i + chunk], probs))))
+    return float(np.mean(np.concatenate(scores)))
+
+
+def make_epoch_callback(keras, cfg, state, steps, paths, per_source=None):
+    """per_source: {name: (val images, val masks)} with 2+ sources, scored after each epoch."""
     class EpochEnd(keras.callbacks.Callback):
         """Schedule, images/s, NaN guard, early stopping, checkpoints and the CSV log, all in one place so
         that their state is committed together (inside last.keras) at the end of each epoch.
@@ -198,6 +233,8 @@ def make_epoch_callback(keras, cfg, state, steps, paths):
                 state["diverged"] = f"loss {row['loss']} / val_loss {row['val_loss']} at epoch {epoch + 1}"
                 self.model.stop_training = True
                 return
+            for name, (images, masks) in (per_source or {}).items():
+                row[f"val_dice_{name}"] = per_source_dice(self.model, images, masks, cfg["batch"])
             score = row["val_dice"] if row["val_dice"] is not None else -row["loss"]
             improved = state["best"] is None or score > state["best"]["score"]
             if improved:
@@ -222,7 +259,8 @@ def make_epoch_callback(keras, cfg, state, steps, paths):
             if improved:
                 copy_atomic(paths["last"], paths["best"])
             write_log(paths["log"], state["history"])
-            scores = "  ".join(f"{k} {row[k]:.4f}" for k in ("loss", "val_loss", "val_dice", "val_iou")
+            scores = "  ".join(f"{k} {row[k]:.4f}" for k in ("loss", "val_loss", "val_dice", "val_iou",
+                                                              *(f"val_dice_{n}" for n in per_source or {}))
                                if row[k] is not None)
             print(f"epoch {epoch + 1}/{cfg['epochs']}: {scores}  lr {row['lr']:.2e}  {ips:.1f} img/s"
                   f"{'  *best' if improved else ''}", flush=True)
@@ -312,8 +350,11 @@ def resume_or_start(cfg, identity, paths):
     state = None if cfg["fresh"] else read_state(paths["last"])
     if state is not None:
         earlier = {k: state.get("config", {}).get(k) for k in IDENTITY}
-        if earlier != identity:
-            diff = [f"{k} {earlier[k]!r} -> {identity[k]!r}" for k in IDENTITY if earlier[k] != identity[k]]
+        # "data" compared as a list: a run stored as one path resumes from the same single --data.
+        changed = [k for k in IDENTITY if (sources_of(earlier[k]) != sources_of(identity[k]) if k == "data"
+                                           else earlier[k] != identity[k])]
+        if changed:
+            diff = [f"{k} {earlier[k]!r} -> {identity[k]!r}" for k in changed]
             raise data.Error(f"{paths['last']}: holds a run with another configuration ({'; '.join(diff)}); "
                              "rerun with --fresh to discard it, or use another --out")
     if state is None:
@@ -324,8 +365,11 @@ def resume_or_start(cfg, identity, paths):
 
 
 def load_data(cfg, replicas, epoch):
-    """(training batches, validation batches, summary for run.json). Fails with one line on a missing
-    or empty folder, before any model is built."""
+    """(training batches, validation batches, summary for run.json, per-source validation arrays).
+    Several --data folders: each is split by its own rules (layout, lesion metadata); training uses
+    the union of their train splits, validation the union of their val splits, and with 2+ sources
+    each one's val arrays (views into the union) are also scored alone after every epoch. Fails with
+    one line on a missing or empty folder, before any model is built."""
     t0 = time.time()
     kw = {"size": cfg["size"], "cache": cfg["cache"], "progress": sys.stderr.isatty(),
           "val_fraction": cfg["val_fraction"], "test_fraction": cfg["test_fraction"]}
@@ -339,7 +383,13 @@ def load_data(cfg, replicas, epoch):
                "train": len(train_set.pairs), "val": len(val_set.pairs),
                "problems": train_set.problems + [p for p in val_set.problems if p not in train_set.problems],
                "load_seconds": round(time.time() - t0, 1)}
-    return train_batches, val_batches, summary
+    names = data.source_names([s["path"] for s in val_set.sources])
+    summary["sources"] = [{"name": name, "path": tr["path"], "layout": tr["layout"],
+                           "train": tr["stop"] - tr["start"], "val": va["stop"] - va["start"]}
+                          for name, tr, va in zip(names, train_set.sources, val_set.sources)]
+    per_source = {name: (val_set.images[va["start"]:va["stop"]], val_set.masks[va["start"]:va["stop"]])
+                  for name, va in zip(names, val_set.sources)} if len(names) > 1 else {}
+    return train_batches, val_batches, summary, per_source
 
 
 def build_model(keras, unet, cfg, info, state, paths):
@@ -394,7 +444,7 @@ def train(cfg):
     try:
         cfg["precision"] = info["precision"]
         state = resume_or_start(cfg, {k: cfg[k] for k in IDENTITY}, paths)
-        train_batches, val_batches, data_summary = load_data(cfg, info["replicas"], state["epoch"])
+        train_batches, val_batches, data_summary, per_source = load_data(cfg, info["replicas"], state["epoch"])
         with scope():
             model = build_model(keras, unet, cfg, info, state, paths)
         if state["epoch"]:
@@ -415,7 +465,8 @@ def train(cfg):
             with scope():
                 model.fit(feed(keras, train_batches, workers), validation_data=feed(keras, val_batches, workers),
                           epochs=cfg["epochs"], initial_epoch=state["epoch"], verbose=verbose,
-                          callbacks=[make_epoch_callback(keras, cfg, state, len(train_batches), paths)])
+                          callbacks=[make_epoch_callback(keras, cfg, state, len(train_batches), paths,
+                                                         per_source)])
     finally:
         if info["distribute"] == "data_parallel":
             keras.distribution.set_distribution(None)
