@@ -272,14 +272,58 @@ def load_predictor(path, size=None, default_size=None):
     raise data.Error(f"{path}: unknown model format (expected .keras, .tflite or a SavedModel folder)")
 
 
-def predict_probs(predictor, images, tta=False):
-    """Probabilities (N, S, S); with tta, the mean of identity, horizontal and vertical flips."""
+POST = ("none", "fill", "largest", "fill+largest")
+
+
+def predict_probs(predictor, images, tta=False, post="none", threshold=0.5):
+    """Probabilities (N, S, S) at the model's size: with tta, the mean of identity, horizontal and
+    vertical flips; then post-processed (see postprocess). Every path that predicts comes here."""
     probs = predictor.predict(images)
     if tta:
         probs = probs + predictor.predict(images[:, :, ::-1])[:, :, ::-1]
         probs = probs + predictor.predict(images[:, ::-1])[:, ::-1]
         probs = probs / 3.0
-    return probs
+    return np.stack([postprocess(p, threshold, post) for p in probs]) if post != "none" else probs
+
+
+def label(mask):
+    """4-connected components of a bool (H, W) mask: int labels, 0 off the mask. Each pass gives a
+    pixel the smallest label among itself and its neighbours, then jumps every label to its own
+    pixel's label, so chains collapse quickly; done when a pass changes nothing."""
+    h, w = mask.shape
+    none = h * w + 1
+    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), none)
+    while True:
+        padded = np.pad(labels, 1, constant_values=none)
+        smallest = np.minimum.reduce([labels, padded[:-2, 1:-1], padded[2:, 1:-1],
+                                      padded[1:-1, :-2], padded[1:-1, 2:]])
+        smallest = np.where(mask, smallest, none)
+        flat = np.append(smallest.ravel(), none)
+        jumped = np.where(mask, flat[np.minimum(smallest, none) - 1], none)
+        if np.array_equal(jumped, labels):
+            return np.where(mask, labels, 0)
+        labels = jumped
+
+
+def postprocess(prob, threshold=0.5, post="none"):
+    """Clean one model-size probability map: "fill" sets holes in the lesion (background that does
+    not reach the border) to 1, "largest" sets every lesion component but the largest to 0. The
+    probabilities are edited rather than a binary mask, so the resize to native size and the
+    threshold that follow stay the one path they are without post-processing."""
+    if post not in POST:
+        raise ValueError(f"post {post!r} is not one of {', '.join(POST)}")
+    prob = np.array(prob, np.float32)
+    if "fill" in post:
+        background = label(prob <= threshold)
+        border = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
+        prob[(background > 0) & ~np.isin(background, border)] = 1.0
+    if "largest" in post:
+        lesion = label(prob > threshold)
+        if lesion.any():
+            sizes = np.bincount(lesion.ravel())
+            sizes[0] = 0
+            prob[(lesion > 0) & (lesion != sizes.argmax())] = 0.0
+    return prob
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,12 +343,12 @@ def native_prob(small_prob, size_hw, threshold=0.5):
     return prob, prob > threshold
 
 
-def segment(predictor, image, threshold=0.5, tta=False):
+def segment(predictor, image, threshold=0.5, tta=False, post="none"):
     """(float32 prob (H, W), bool mask (H, W)) for one uint8 (H, W, 3) photo at its native size."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-    small = predict_probs(predictor, model_input(image, predictor.size)[None], tta)[0]
+    small = predict_probs(predictor, model_input(image, predictor.size)[None], tta, post, threshold)[0]
     return native_prob(small, image.shape[:2], threshold)
 
 
@@ -526,12 +570,13 @@ def _score(pair, image_hw, prob, threshold, save_masks):
     return row, thumbs, (scored - t, time.perf_counter() - scored)
 
 
-def pipeline(items, decode, finish, predictor, tta, timing, problems, bar, workers=None):
+def pipeline(items, decode, finish, predict, batch, timing, problems, bar, workers=None):
     """The model never waits for the disk: while it predicts batch i, one thread decodes batch i + 1
     and a pool finishes (scores, writes) batch i - 1. decode(item) -> (decoded tuple whose last
-    element is the model input, or a problem dict; seconds); finish(decoded, prob) runs in the pool.
-    Yields (decoded, finish's result) in item order; problems and decode/predict time are recorded."""
-    chunks = [items[i:i + predictor.batch] for i in range(0, len(items), predictor.batch)]
+    element is the model input, or a problem dict; seconds); predict(images) -> probabilities;
+    finish(decoded, prob) runs in the pool. Yields (decoded, finish's result) in item order;
+    problems and decode/predict time are recorded."""
+    chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(1) as decoder, ThreadPoolExecutor(workers) as pool:
         submit = lambda chunk: [decoder.submit(decode, item) for item in chunk]
@@ -549,7 +594,7 @@ def pipeline(items, decode, finish, predictor, tta, timing, problems, bar, worke
             decoding = submit(chunks[i + 1]) if i + 1 < len(chunks) else []
             if decoded:
                 t = time.perf_counter()
-                probs = predict_probs(predictor, np.stack([d[-1] for d in decoded]), tta)
+                probs = predict(np.stack([d[-1] for d in decoded]))
                 timing["predict"] += time.perf_counter() - t
                 jobs = [(d, pool.submit(finish, d, prob)) for d, prob in zip(decoded, probs)]
                 for d, job in finishing:  # batch i - 1 has been finishing while batch i predicted
@@ -560,7 +605,7 @@ def pipeline(items, decode, finish, predictor, tta, timing, problems, bar, worke
 
 
 def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=None,
-             progress=True, problems=None, info=None, workers=None):
+             progress=True, problems=None, info=None, workers=None, post="none"):
     """Score `pairs` (data.Pair list) with `predictor`; returns the summary dict.
 
     Writes metrics.csv, summary.json and grid_*.png into `out` (if given) and the predicted masks
@@ -579,7 +624,8 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
     for (pair, hw, image), (result, thumbs, (score_s, write_s)) in pipeline(
             pairs, lambda pair: _decode(pair, size),
             lambda decoded, prob: _score(decoded[0], decoded[1], prob, threshold, save_masks),
-            predictor, tta, timing, problems, bar, workers):
+            lambda x: predict_probs(predictor, x, tta, post, threshold), predictor.batch,
+            timing, problems, bar, workers):
         timing["score"] += score_s
         timing["write"] += write_s
         if thumbs is None:
@@ -593,7 +639,7 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
     summary = summarize(rows)
     summary.update(info or {})
     summary.update({"model": predictor.path, "model_format": predictor.kind, "size": size,
-                    "threshold": threshold, "tta": tta, "problems": problems})
+                    "threshold": threshold, "tta": tta, "post": post, "problems": problems})
     t = time.perf_counter()
     if out:
         write_csv(os.path.join(out, "metrics.csv"), rows)
@@ -683,7 +729,8 @@ def write_predictions_csv(path, rows):
     _atomic_bytes(path, buffer.getvalue().encode())
 
 
-def predict_photos(predictor, paths, out, threshold=0.5, tta=False, progress=True, workers=None):
+def predict_photos(predictor, paths, out, threshold=0.5, tta=False, progress=True, workers=None,
+                   post="none"):
     """Segment photos that have no ground truth: for each, <id>_segmentation.png (native size,
     0/255), <id>_overlay.jpg (tinted, outlined, at most OVERLAY_SIDE px) into `out`, and one row
     per photo in out/predictions.csv. Returns {"rows", "problems", "seconds"}; a bad file is a
@@ -706,7 +753,8 @@ def predict_photos(predictor, paths, out, threshold=0.5, tta=False, progress=Tru
     for _, (row, seconds) in pipeline(
             todo, lambda item: _decode_photo(*item, size),
             lambda d, prob: _write_prediction(out, *d[:-1], prob, threshold),
-            predictor, tta, timing, problems, bar, workers):
+            lambda x: predict_probs(predictor, x, tta, post, threshold), predictor.batch,
+            timing, problems, bar, workers):
         timing["write"] += seconds
         rows.append(row)  # in photo order, so predictions.csv is the same on every run
         bar.update()
@@ -801,7 +849,7 @@ def evaluate_sources(predictor, roots, args, run, val_fraction, test_fraction, p
                 "val_fraction": val_fraction, "test_fraction": test_fraction,
                 "run_json": run.get("_path"), "predicted": 0}
         summary = evaluate(predictor, chosen, args.threshold, args.tta, os.path.join(args.out, name),
-                           args.save_masks, progress=progress, problems=found, info=info)
+                           args.save_masks, progress=progress, problems=found, info=info, post=args.post)
         for problem in summary["problems"][len(found):]:
             print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
         print(f"\n{name}: {root}")
@@ -841,6 +889,8 @@ def main(argv=None):
                    "images without masks also get <id>_overlay.jpg and a predictions.csv row")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--tta", action="store_true", help="average identity, h-flip and v-flip")
+    p.add_argument("--post", choices=POST, default="none",
+                   help="fill holes and/or keep the largest lesion (docs/results.md measures them)")
     p.add_argument("--size", type=int, default=None, help="input size for a size-agnostic model")
     p.add_argument("--val-fraction", type=float, default=None)
     p.add_argument("--test-fraction", type=float, default=None)
@@ -882,7 +932,7 @@ def main(argv=None):
     predicted = None
     if photos:
         predicted = predict_photos(predictor, photos, args.save_masks, args.threshold, args.tta,
-                                   progress=progress)
+                                   progress=progress, post=args.post)
         for problem in predicted["problems"]:
             print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
     if chosen:
@@ -891,7 +941,7 @@ def main(argv=None):
                 "run_json": run.get("_path"),
                 "predicted": len(predicted["rows"]) if predicted else 0}
         summary = evaluate(predictor, chosen, args.threshold, args.tta, args.out, args.save_masks,
-                           progress=progress, problems=problems, info=info)
+                           progress=progress, problems=problems, info=info, post=args.post)
         for problem in summary["problems"][len(problems):]:
             print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
         print_table(summary)

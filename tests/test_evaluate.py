@@ -454,3 +454,77 @@ def test_bad_image_is_reported_and_skipped(models, synthetic_data, tmp_path, cap
     assert summary["images"] == 21
     assert {p["file"] for p in summary["problems"]} == {broken_image.image, broken_mask.mask,
                                                         wrong_size.mask}
+
+
+# ----------------------------------------------------------------------------------------------
+# Post-processing: connected components, hole filling, largest lesion
+
+
+def _bfs_components(mask):
+    """Reference: the components of a bool mask as a set of frozensets of (y, x), by plain BFS."""
+    seen, comps = set(), set()
+    h, w = mask.shape
+    for y, x in zip(*np.nonzero(mask)):
+        if (y, x) in seen:
+            continue
+        stack, comp = [(y, x)], set()
+        seen.add((y, x))
+        while stack:
+            cy, cx = stack.pop()
+            comp.add((cy, cx))
+            for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and (ny, nx) not in seen:
+                    seen.add((ny, nx))
+                    stack.append((ny, nx))
+        comps.add(frozenset(comp))
+    return comps
+
+
+masks_2d = st.integers(1, 14).flatmap(lambda h: st.integers(1, 14).flatmap(
+    lambda w: st.lists(st.booleans(), min_size=h * w, max_size=h * w).map(
+        lambda v: np.array(v, bool).reshape(h, w))))
+
+
+@settings(max_examples=150, deadline=None)
+@given(masks_2d)
+def test_label_finds_exactly_the_connected_components(mask):
+    labels = evaluate.label(mask)
+    assert ((labels > 0) == mask).all()
+    found = {frozenset(zip(*np.nonzero(labels == k))) for k in np.unique(labels[labels > 0])}
+    assert found == _bfs_components(mask)
+
+
+@settings(max_examples=100, deadline=None)
+@given(masks_2d)
+def test_postprocess_fill_and_largest(mask):
+    prob = np.where(mask, 0.9, 0.1).astype(np.float32)
+    filled = evaluate.postprocess(prob, 0.5, "fill") > 0.5
+    assert (filled >= mask).all()  # only adds
+    holes = evaluate.label(~filled)  # every background region left touches the border
+    border = set(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+    assert set(np.unique(holes[holes > 0])) <= border
+    largest = evaluate.postprocess(prob, 0.5, "largest") > 0.5
+    assert (largest <= mask).all()  # only removes
+    comps = _bfs_components(mask)
+    assert len(_bfs_components(largest)) == min(1, len(comps))
+    assert largest.sum() == max((len(c) for c in comps), default=0)
+    both = evaluate.postprocess(prob, 0.5, "fill+largest")
+    assert np.array_equal(evaluate.postprocess(both, 0.5, "fill+largest"), both)  # idempotent
+    assert np.array_equal(evaluate.postprocess(prob, 0.5, "none"), prob)
+
+
+def test_cli_post_processing_reaches_the_saved_masks(models, synthetic_data, tmp_path, capsys):
+    """--post goes through the one prediction path: the masks evaluate.py writes are the raw ones
+    with small specks removed (largest) and never smaller after filling (fill)."""
+    paths, _, _ = models
+    area = {}
+    for post in ("none", "fill", "largest"):
+        masks = tmp_path / post
+        code, _, _ = _run(["--weights", paths["keras"], "--data", synthetic_data, "--split", "all", "--post", post,
+                           "--out", str(tmp_path / f"e_{post}"), "--save-masks", str(masks)], capsys)
+        assert code == 0
+        assert json.loads((tmp_path / f"e_{post}" / "summary.json").read_text())["post"] == post
+        area[post] = {f.name: int((np.asarray(Image.open(f)) > 0).sum()) for f in sorted(masks.iterdir())}
+    assert all(area["fill"][k] >= area["none"][k] >= area["largest"][k] for k in area["none"])
+    code, _, err = _run(["--weights", paths["keras"], "--data", synthetic_data, "--post", "smooth"], capsys)
+    assert code == 2 and "--post" in err

@@ -1,0 +1,60 @@
+"""Which decision threshold, post-processing and test-time augmentation, measured on the val split.
+
+    python bench/sweep_val.py --weights best.keras [--data DIR] [--split val]
+
+Predicts every image once without and once with TTA (evaluate.predict_probs, the one prediction
+path), then applies each post-processing (evaluate.postprocess) and threshold to the model-size
+probabilities, resizes back to the mask's native size and scores as evaluate.py does (per-image
+Dice and the challenge's thresholded Jaccard, mean over images). Choose on val; read test once.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402
+import evaluate  # noqa: E402
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", required=True)
+    p.add_argument("--data", default=None, help="default: run.json's training data")
+    p.add_argument("--split", default="val", choices=("val", "test"))
+    args = p.parse_args()
+    run = evaluate.read_run_json(args.weights)
+    root = args.data or run["data"]
+    predictor = evaluate.load_predictor(args.weights, default_size=run.get("size"))
+    pairs, _, _ = data.find_pairs(root, run.get("val_fraction", 0.1), run.get("test_fraction", 0.1))
+    pairs = [q for q in pairs if q.split == args.split]
+    size = predictor.size
+    images = np.stack([evaluate.model_input(data.load_image(q.image, min_size=(size, size)), size)
+                       for q in pairs])
+    truths = [data.load_mask(q.mask) for q in pairs]
+    scores = {}
+    for tta in (False, True):
+        probs = evaluate.predict_probs(predictor, images, tta=tta)
+        for post in evaluate.POST:
+            for threshold in THRESHOLDS:
+                rows = []
+                for prob, truth in zip(probs, truths):
+                    small = evaluate.postprocess(prob, threshold, post)
+                    pred = data.resize_prob(small, truth.shape) > threshold
+                    rows.append(evaluate.image_scores(truth, pred))
+                scores[tta, post, threshold] = {k: float(np.mean([r[k] for r in rows]))
+                                                for k in ("dice", "threshold_jaccard")}
+    base = scores[False, "none", 0.5]
+    print(f"{args.weights} on {root} {args.split} ({len(pairs)} images, {size} px)")
+    print(f"{'tta':<6}{'post':<14}{'threshold':>10}{'dice':>9}{'thr-jacc':>10}{'d dice':>9}{'d thr-jacc':>12}")
+    for (tta, post, threshold), s in sorted(scores.items(), key=lambda kv: -kv[1]["threshold_jaccard"]):
+        print(f"{str(tta):<6}{post:<14}{threshold:>10.1f}{s['dice']:>9.4f}{s['threshold_jaccard']:>10.4f}"
+              f"{s['dice'] - base['dice']:>+9.4f}{s['threshold_jaccard'] - base['threshold_jaccard']:>+12.4f}")
+
+
+if __name__ == "__main__":
+    main()
