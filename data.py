@@ -141,6 +141,7 @@ LAYOUTS = {
     "generic": [("train", "images", "masks")],
 }
 MASK_SUFFIXES = ("", "_segmentation", "_mask")  # ISIC: ID_segmentation.png (2016: _Segmentation)
+NO_MASK = "no mask"  # how a problem for an image without its mask starts (evaluate.py predicts those)
 # HAM10000 has several images of one lesion (10,015 images, 7,470 lesions): hashing image ids would
 # put photos of one lesion in both train and val, so with this file the hash is of the lesion_id.
 LESION_METADATA = "HAM10000_metadata.csv"
@@ -185,17 +186,28 @@ def lesion_groups(root):
         raise Error(f"{path}: unreadable metadata ({one_line(e)})") from None
 
 
+def layout_of(root):
+    """The name of the first LAYOUTS entry with an image folder in root, else None."""
+    return next((name for name, folders in LAYOUTS.items()
+                 if any(os.path.isdir(os.path.join(root, f[1])) for f in folders)), None)
+
+
+def folders_of(value):
+    """A data setting as train.py stores it in run.json (None, one path, or a list of paths for
+    several --data folders) as a list of paths."""
+    return [] if value is None else [value] if isinstance(value, (str, os.PathLike)) else list(value)
+
+
 def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
     """(pairs sorted by id, problems [{"file", "problem"}], layout name). Raises Error for a
     missing folder or one with no recognised layout / no images."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise Error(f"{root}: no such folder")
-    layout = next((name for name, folders in LAYOUTS.items()
-                   if any(os.path.isdir(os.path.join(root, f[1])) for f in folders)), None)
+    layout = layout_of(root)
     if layout is None:
         raise Error(f"{root}: no known layout (expected ISIC 2016/2017/2018 or HAM10000 "
-                        f"folders, or images/ + masks/)")
+                    f"folders, or images/ + masks/)")
     folders = LAYOUTS[layout]
     present = {split for split, img_dir, _ in folders if os.path.isdir(os.path.join(root, img_dir))}
     # A split without its official folder is carved out of the training folder by hash.
@@ -231,7 +243,7 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
                 continue
             seen[image_id] = path
             if mask is None:
-                problems.append({"file": path, "problem": f"no mask (expected "
+                problems.append({"file": path, "problem": f"{NO_MASK} (expected "
                                  f"{image_id}_segmentation.png or {image_id}.png in {mask_dir})"})
                 continue
             group = groups.get(image_id, image_id)
@@ -269,7 +281,7 @@ def open_image(path):
     if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
         img.close()
         raise Error(f"{path}: decompression bomb refused ({img.width}x{img.height} = {pixels} "
-                        f"pixels > Pillow's limit {Image.MAX_IMAGE_PIXELS})")
+                    f"pixels > Pillow's limit {Image.MAX_IMAGE_PIXELS})")
     return img
 
 
@@ -443,7 +455,7 @@ def _load_pair(pair, size, folder):
     mask = load_mask(pair.mask)
     if mask.shape != native:
         raise Error(f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
-                        f"is {native[1]}x{native[0]}")
+                    f"is {native[1]}x{native[0]}")
     image = resize_image(image, (size, size))
     mask = resize_mask(mask, (size, size)).astype(np.uint8)
     if path:
@@ -525,7 +537,7 @@ def load_split(data=None, split="train", size=256, val_fraction=0.1, test_fracti
         raise Error(f"{split}: unknown split (use train, val, test or all)")
     if data is None:
         data = synthetic_dir(cache=cache or None)
-    folders = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    folders = folders_of(data)
     chosen, problems, spans = [], [], []
     for folder in folders:
         pairs, found, layout = find_pairs(folder, val_fraction, test_fraction)
@@ -561,7 +573,6 @@ def source_names(folders):
             name = f"{base}_{n}"
         names.append(name)
     return names
-
 
 
 # -----------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def _square_size(shape, path, size, default_size=None):
         size = size if size is not None else default_size
         if size is None:
             raise data.Error(f"{path}: model accepts any input size; pass --size PX "
-                                 "(or keep run.json beside it)")
+                             "(or keep run.json beside it)")
         return int(size)
     if h != w:
         raise data.Error(f"{path}: model input is {h}x{w}, expected a square input")
@@ -787,11 +787,11 @@ def read_run_json(weights):
 def _training_data(run):
     """The folders a model was trained on, from run.json (one path, or a list for train.py with
     several --data); the built-in synthetic set otherwise."""
-    folders = [run["data"]] if isinstance(run.get("data"), str) else run.get("data") or []
+    folders = data.folders_of(run.get("data"))
     for folder in folders:
         if not os.path.isdir(folder):
             raise data.Error(f"{run['_path']}: the model was trained on {folder}, which "
-                                 "is gone; pass --data DIR")
+                             "is gone; pass --data DIR")
     return folders or [data.synthetic_dir(cache=run.get("cache") or None)]  # as train.py without --data
 
 
@@ -802,16 +802,15 @@ def find_inputs(root, val_fraction=0.1, test_fraction=0.1):
         return [], [], "one photo", [root]
     if not os.path.isdir(root):
         raise data.Error(f"{root}: no such folder")
-    if not any(os.path.isdir(os.path.join(root, folder))
-               for folders in data.LAYOUTS.values() for _, folder, _ in folders):
+    if data.layout_of(root) is None:
         photos = photo_files(root)
         if not photos:
             raise data.Error(f"{root}: no images found (and no ISIC 2016/2017/2018 folders or "
                              "images/ + masks/)")
         return [], [], "photos", photos
     pairs, problems, layout = data.find_pairs(root, val_fraction, test_fraction)
-    photos = [p["file"] for p in problems if p["problem"].startswith("no mask")]
-    return pairs, [p for p in problems if not p["problem"].startswith("no mask")], layout, photos
+    photos = [p["file"] for p in problems if p["problem"].startswith(data.NO_MASK)]
+    return pairs, [p for p in problems if not p["problem"].startswith(data.NO_MASK)], layout, photos
 
 
 def print_table(summary, file=None):
@@ -922,7 +921,7 @@ def main(argv=None):
     chosen = [q for q in pairs if args.split == "all" or q.split == args.split]
     if not chosen and not photos:
         raise data.Error(f"{root}: no images in the {args.split} split "
-                             f"({len(pairs)} pairs found, layout {layout})")
+                         f"({len(pairs)} pairs found, layout {layout})")
     split = f"split {args.split}: {len(chosen)} images" if pairs else "no masks"
     lone = f", {len(photos)} without masks" if photos else ""
     print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {root} "

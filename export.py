@@ -76,13 +76,13 @@ def load_model(path):
         raise data.Error(f"{path}: cannot load Keras model ({data.one_line(e)})") from None
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise data.Error(f"{path}: not a segmentation model ({len(model.inputs)} inputs, "
-                          f"{len(model.outputs)} outputs; expected 1 image in, 1 mask out)")
+                         f"{len(model.outputs)} outputs; expected 1 image in, 1 mask out)")
     shape_in, shape_out = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
     if len(shape_in) != 4 or shape_in[-1] != 3:
         raise data.Error(f"{path}: not a segmentation model (input shape {shape_in}, expected (N, S, S, 3))")
     if len(shape_out) != 4 or shape_out[-1] != 1 or shape_out[1:3] != shape_in[1:3]:
         raise data.Error(f"{path}: not a segmentation model (output shape {shape_out} for input "
-                          f"{shape_in}, expected one (N, S, S, 1) probability map)")
+                         f"{shape_in}, expected one (N, S, S, 1) probability map)")
     return model
 
 
@@ -209,10 +209,10 @@ def check_tflite(path, kind, size, keras_probs, images):
     want_in = np.uint8 if kind.startswith("int8") else np.float32
     if tuple(inp["shape"]) != (1, size, size, 3) or inp["dtype"] != want_in:
         raise failed(f"{name}: input is {inp['dtype'].__name__} {tuple(inp['shape'])}, "
-                          f"expected {want_in.__name__} (1, {size}, {size}, 3)")
+                     f"expected {want_in.__name__} (1, {size}, {size}, 3)")
     if tuple(out["shape"]) != (1, size, size, 1) or out["dtype"] != want_in:
         raise failed(f"{name}: output is {out['dtype'].__name__} {tuple(out['shape'])}, "
-                          f"expected {want_in.__name__} (1, {size}, {size}, 1)")
+                     f"expected {want_in.__name__} (1, {size}, {size}, 1)")
     probs = evaluate.load_predictor(path).predict(images)  # the same decoding as evaluate.py
     if not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
         raise failed(f"{name}: output is not a probability map (range {probs.min()}..{probs.max()})")
@@ -223,7 +223,7 @@ def check_tflite(path, kind, size, keras_probs, images):
         raise failed(f"{name}: differs from the Keras model by {diff.mean():.2g} on average")
     if kind == "int8" and diff.mean() > INT8_MEAN_ATOL:
         raise failed(f"{name}: differs from the Keras model by {diff.mean():.2g} on average "
-                          "(bad calibration data?)")
+                     "(bad calibration data?)")
     agree = evaluate.image_scores(keras_probs > THRESHOLD, probs > THRESHOLD)["dice"]
     return {"file": name, "size_mb": round(os.path.getsize(path) / 1e6, 3),
             "input": tensor_contract(inp), "output": tensor_contract(out), "ops": ops,
@@ -412,7 +412,7 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
 
     # One look at the folder: calibration images are a fixed, evenly spaced subset of the training
     # split; Dice is measured on the validation split (test, then train, when a tiny set has none).
-    roots = [data_dir] if isinstance(data_dir, str) else data_dir or [data.synthetic_dir()]
+    roots = data.folders_of(data_dir) or [data.synthetic_dir()]
     pairs = [p for root in roots for p in data.find_pairs(root, **fractions)[0]]
     root = ", ".join(roots)
     train = data.load_arrays([p for p in pairs if p.split == "train"], size, progress=False)

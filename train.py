@@ -104,17 +104,12 @@ def config_of(cfg):
     return cfg
 
 
-def sources_of(value):
-    """run.json / state "data" (None, one path, or a list of paths) as a list of paths."""
-    return [] if value is None else [value] if isinstance(value, str) else list(value)
-
-
 def data_value(value):
     """--data as stored: None (synthetic), one absolute path (a string, as before several folders
     were possible, so older runs still resume and older readers of run.json still work), or a
     list of 2+ absolute paths."""
     folders = []
-    for folder in sources_of(value):
+    for folder in data.folders_of(value):
         if not os.path.isdir(folder):
             raise data.Error(f"{folder}: data folder not found")
         folder = os.path.abspath(folder)
@@ -183,12 +178,14 @@ def cosine_lr(cfg, epoch):
 def per_source_dice(model, images, masks, batch, chunk=256):
     """Mean per-image Dice (threshold 0.5, as the val_dice metric) of one source's validation
     arrays; predicted in chunks so a large source never holds all its probabilities at once."""
+    from keras import ops
+
     import unet
 
     scores = []
     for i in range(0, len(images), chunk):
         probs = model.predict(images[i:i + chunk], batch_size=batch, verbose=0)
-        scores.append(np.asarray(unet.ops.convert_to_numpy(unet.dice_per_image(masks[i:i + chunk], probs))))
+        scores.append(ops.convert_to_numpy(unet.dice_per_image(masks[i:i + chunk], probs)))
     return float(np.mean(np.concatenate(scores)))
 
 
@@ -351,7 +348,7 @@ def resume_or_start(cfg, identity, paths):
     if state is not None:
         earlier = {k: state.get("config", {}).get(k) for k in IDENTITY}
         # "data" compared as a list: a run stored as one path resumes from the same single --data.
-        changed = [k for k in IDENTITY if (sources_of(earlier[k]) != sources_of(identity[k]) if k == "data"
+        changed = [k for k in IDENTITY if (data.folders_of(earlier[k]) != data.folders_of(identity[k]) if k == "data"
                                            else earlier[k] != identity[k])]
         if changed:
             diff = [f"{k} {earlier[k]!r} -> {identity[k]!r}" for k in changed]
