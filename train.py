@@ -397,7 +397,11 @@ def build_model(keras, unet, cfg, info, state, paths):
     unet.compile_model(model, cfg["loss"], cfg["lr"], info["jit"])
     if state["epoch"]:
         model.optimizer.build(model.trainable_variables)
-        model.load_weights(paths["last"])
+        try:
+            model.load_weights(paths["last"])
+        except Exception as e:  # its state entry reads, its weights do not: damaged or edited by hand
+            raise data.Error(f"{paths['last']}: cannot load its weights to resume ({data.one_line(e)}); "
+                             "rerun with --fresh to start over") from None
     return model
 
 

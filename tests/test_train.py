@@ -262,3 +262,23 @@ def test_jax_data_parallel_over_two_host_devices_matches_one_device(synthetic_da
             assert abs(float(b[key]) - float(a[key])) < 0.02, key
     assert float(one[-1]["loss"]) < float(one[0]["loss"])  # it trained, on both
     assert float(two[-1]["loss"]) < float(two[0]["loss"])
+
+
+def test_a_checkpoint_whose_weights_do_not_load_is_one_line_exit_2(synthetic_data, tmp_path, capsys):
+    import zipfile
+
+    out = str(tmp_path / "run")
+    args = ["--data", synthetic_data, "--out", out, *QUICK]
+    assert train.main([*args, "--epochs", "1"]) == 0
+    last = os.path.join(out, "last.keras")
+    with zipfile.ZipFile(last) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    weights = next(n for n in entries if n.endswith(".h5"))
+    entries[weights] = b"not an h5 file"  # the resume state entry stays readable
+    with zipfile.ZipFile(last, "w") as z:
+        for name, blob in entries.items():
+            z.writestr(name, blob)
+    capsys.readouterr()
+    assert train.main([*args, "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {last}: cannot load its weights") and "\n" not in err and "--fresh" in err
