@@ -45,6 +45,9 @@ run|smoke)
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-bench.XXXXXX")
     trap 'rm -rf "$WORK"' EXIT
     export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+    # JAX grabs 75% of the GPU's memory per process by default; the benchmark's own process still
+    # holds that while train.py runs in a child, whose allocator then retries (and logs) ever smaller grabs.
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
     if [ "$cmd" = run ]; then
         [ -d "$GPU_DIR/data/isic2018" ] || { echo "error: $GPU_DIR/data/isic2018: missing; run 'bash bench/gpu.sh prepare' first and carry $GPU_DIR" >&2; exit 2; }
         if ! $PY -c 'import keras' 2>/dev/null; then
