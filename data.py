@@ -769,14 +769,18 @@ class Batches:
     any order, and a resumed run continues the same stream by starting at epoch=. For training,
     drop_remainder=True keeps every batch full (the partial last batch would mean a second compiled
     step shape and a noisy batch-norm update) and steps caps the batches per epoch (0: all).
+    balance: row spans [(start, stop), ...] of several sources to draw equally often: each epoch
+    takes every source's rows as many times as the largest source has rows (a smaller source is
+    repeated, in a fresh order each pass), instead of each row once.
     Plain Python: train.py hands it to keras.utils.PyDataset's worker threads (train.feed), so that
     data.py, and everything that only reads data, never imports Keras or TensorFlow."""
 
     def __init__(self, images, masks, batch_size, augment=True, shuffle=True, seed=0, epoch=0,
-                 drop_remainder=False, steps=0):
+                 drop_remainder=False, steps=0, balance=None):
         self.images, self.masks = images, masks
         self.batch_size, self.augment, self.shuffle, self.seed = batch_size, augment, shuffle, seed
-        n = len(images)
+        self.balance = [(a, b) for a, b in balance or [] if b > a]
+        n = len(self.balance) * max(b - a for a, b in self.balance) if self.balance else len(images)
         full = drop_remainder and n >= batch_size  # a set smaller than one batch: one partial batch
         self.length = n // batch_size if full else math.ceil(n / batch_size)
         self.length = min(self.length, steps) if steps else self.length
@@ -784,9 +788,15 @@ class Batches:
 
     def start_epoch(self, epoch):
         self.epoch = epoch
-        n = len(self.images)
         seeded = np.random.default_rng([self.seed, epoch])
-        self.order = seeded.permutation(n) if self.shuffle else np.arange(n)
+        if self.balance:
+            longest = max(b - a for a, b in self.balance)
+            passes = [np.concatenate([a + seeded.permutation(b - a) for _ in range(-(-longest // (b - a)))])[:longest]
+                      for a, b in self.balance]
+            self.order = seeded.permutation(np.concatenate(passes))
+        else:
+            n = len(self.images)
+            self.order = seeded.permutation(n) if self.shuffle else np.arange(n)
 
     def on_epoch_end(self):
         self.start_epoch(self.epoch + 1)

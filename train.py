@@ -33,7 +33,8 @@ LOG_FIELDS = ["epoch", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou",
               "images_per_sec", "seconds"]
 # What must match for a rerun to continue an earlier run (epochs, patience, jit, ... may change).
 IDENTITY = ["data", "size", "batch", "filters", "depth", "lr", "seed", "loss", "encoder", "encoder_weights",
-            "precision", "schedule", "val_fraction", "test_fraction", "augment", "steps_per_epoch"]
+            "precision", "schedule", "val_fraction", "test_fraction", "augment", "steps_per_epoch", "balance",
+            "init"]
 MIN_LR_FACTOR = 0.01   # cosine decays to 1% of --lr; plateau never goes below it either
 PLATEAU_PATIENCE, PLATEAU_FACTOR = 3, 0.5
 
@@ -44,6 +45,10 @@ def parser():
     a("--data", action="append", default=None,
       help="data folder (ISIC 2016/2017/2018, HAM10000 or images/ + masks/); repeat to train on several, "
            "each split by its own rules; default: synthetic")
+    a("--balance", action="store_true",
+      help="with several --data: draw each source equally often (default: each image once per epoch)")
+    a("--init", default=None, help="start from the weights of this .keras, e.g. a model pre-trained on "
+                                   "another set; same --size, --filters, --depth, --encoder")
     a("--epochs", type=int, default=40)
     a("--size", type=int, default=256, help="square input size in pixels, a multiple of 2**depth")
     a("--batch", type=int, default=16)
@@ -100,6 +105,12 @@ def config_of(cfg):
         extra = "" if cfg["encoder"] == "none" else f" (encoder {cfg['encoder']} has 5 strides)"
         raise data.Error(f"--size {cfg['size']}: must be a multiple of 2**depth = {2 ** depth}{extra}")
     cfg["data"] = data_value(cfg["data"])
+    if cfg["balance"] and not isinstance(cfg["data"], list):
+        raise data.Error("--balance: needs two or more --data folders")
+    if cfg["init"] is not None:
+        if not os.path.isfile(cfg["init"]):
+            raise data.Error(f"--init {cfg['init']}: file not found")
+        cfg["init"] = os.path.abspath(cfg["init"])
     cfg["out"] = os.path.abspath(cfg["out"])
     return cfg
 
@@ -346,7 +357,9 @@ def resume_or_start(cfg, identity, paths):
                 os.remove(paths[k])
     state = None if cfg["fresh"] else read_state(paths["last"])
     if state is not None:
-        earlier = {k: state.get("config", {}).get(k) for k in IDENTITY}
+        # A key that a run from before it existed lacks had its default value then.
+        defaults = vars(parser().parse_args([]))
+        earlier = {k: state.get("config", {}).get(k, defaults[k]) for k in IDENTITY}
         # "data" compared as a list: a run stored as one path resumes from the same single --data.
         changed = [k for k in IDENTITY if (data.folders_of(earlier[k]) != data.folders_of(identity[k]) if k == "data"
                                            else earlier[k] != identity[k])]
@@ -373,7 +386,8 @@ def load_data(cfg, replicas, epoch):
     train_set = data.load_split(cfg["data"], "train", **kw)
     val_set = data.load_split(cfg["data"], "val", **kw)
     train_batches = data.Batches(train_set.images, train_set.masks, cfg["batch"], augment=cfg["augment"],
-                                 seed=cfg["seed"], epoch=epoch, drop_remainder=True, steps=cfg["steps_per_epoch"])
+                                 seed=cfg["seed"], epoch=epoch, drop_remainder=True, steps=cfg["steps_per_epoch"],
+                                 balance=[(s["start"], s["stop"]) for s in train_set.sources] if cfg["balance"] else None)
     val_images, val_masks = split_evenly(val_set, replicas)
     val_batches = data.Batches(val_images, val_masks, cfg["batch"], augment=False, shuffle=False)
     summary = {"path": cfg["data"] or data.synthetic_dir(cache=cfg["cache"]), "synthetic": cfg["data"] is None,
@@ -395,6 +409,11 @@ def build_model(keras, unet, cfg, info, state, paths):
                             encoder=None if cfg["encoder"] == "none" else cfg["encoder"],
                             encoder_weights=None if cfg["encoder_weights"] == "none" else cfg["encoder_weights"])
     unet.compile_model(model, cfg["loss"], cfg["lr"], info["jit"])
+    if cfg["init"] and not state["epoch"]:  # weights only: fine-tuning starts a fresh optimizer
+        try:
+            model.set_weights(keras.models.load_model(cfg["init"], compile=False).get_weights())
+        except Exception as e:
+            raise data.Error(f"--init {cfg['init']}: cannot start from its weights ({data.one_line(e)})") from None
     if state["epoch"]:
         model.optimizer.build(model.trainable_variables)
         try:
@@ -460,7 +479,9 @@ def train(cfg):
             print(f"training {model.name} ({model.count_params() / 1e6:.2f} M params) on {data_summary['train']} "
                   f"images, validating on {data_summary['val']}, {cfg['size']} px, batch {cfg['batch']}; "
                   f"{info['backend']} {info['accelerator']} {info['precision']} jit={info['jit']} "
-                  f"distribute={info['distribute']}", flush=True)
+                  f"distribute={info['distribute']}"
+                  f"{'; sources balanced' if cfg['balance'] else ''}"
+                  f"{'; starting from ' + cfg['init'] if cfg['init'] else ''}", flush=True)
             verbose = cfg["verbose"] if cfg["verbose"] is not None else (1 if sys.stdout.isatty() else 0)
             workers = cfg["workers"] or os.cpu_count() or 1
             with scope():

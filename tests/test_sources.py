@@ -217,3 +217,57 @@ def test_one_data_folder_is_stored_as_before_and_an_old_run_resumes(sources, tmp
     identity = {**state["config"], "data": [state["config"]["data"]]}
     assert train.resume_or_start({"fresh": False, "lr": 1e-3}, identity, paths)["epoch"] == 1
     assert train.train([*args, "--epochs", "2"])["epochs_done"] == 2
+
+
+# --- weighting the sources (--balance) and starting from other weights (--init) ----------------------
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 30), min_size=2, max_size=3), seed=st.integers(0, 2**16),
+       epoch=st.integers(0, 5))
+def test_balance_draws_every_source_as_often_as_the_largest(sizes, seed, epoch):
+    import numpy as np
+
+    starts = np.cumsum([0, *sizes])
+    spans = list(zip(starts[:-1].tolist(), starts[1:].tolist()))
+    rows = np.arange(starts[-1])
+    batches = data.Batches(rows, rows, batch_size=4, augment=False, seed=seed, epoch=epoch, balance=spans)
+    longest = max(sizes)
+    assert len(batches.order) == len(sizes) * longest and len(batches) == -(-len(sizes) * longest // 4)
+    counts = np.bincount(batches.order, minlength=len(rows))
+    for (a, b), size in zip(spans, sizes):
+        assert counts[a:b].sum() == longest  # each source fills the same share of the epoch
+        assert set(counts[a:b]) <= {longest // size, -(-longest // size)}  # and uses its rows evenly
+    again = data.Batches(rows, rows, batch_size=4, augment=False, seed=seed, epoch=epoch, balance=spans)
+    assert np.array_equal(batches.order, again.order)  # a pure function of (seed, epoch): resume-safe
+
+
+def test_balance_and_init_in_train(sources, tmp_path):
+    import keras
+    import numpy as np
+
+    with pytest.raises(data.Error, match="--balance: needs two or more --data folders"):
+        train.config_of(["--data", sources[0], "--balance"])
+    with pytest.raises(data.Error, match="--init .*nothing.keras: file not found"):
+        train.config_of(["--init", str(tmp_path / "nothing.keras")])
+
+    # --balance: an epoch is both training splits, each drawn as often as the larger one
+    out = str(tmp_path / "balanced")
+    train.train(["--data", sources[0], "--data", sources[1], "--balance", "--out", out, *TINY, "--epochs", "1"])
+    split = json.load(open(os.path.join(out, "run.json")))["data_summary"]["sources"]
+    assert split[0]["train"] != split[1]["train"]
+    steps = 2 * max(s["train"] for s in split) // 4
+    assert int(keras.models.load_model(os.path.join(out, "last.keras")).optimizer.iterations.numpy()) == steps
+
+    # --init: a run with a vanishing learning rate ends where its starting weights were
+    tuned = str(tmp_path / "tuned")
+    train.train(["--data", sources[0], "--init", os.path.join(out, "best.keras"), "--lr", "1e-12",
+                 "--out", tuned, *TINY, "--epochs", "1"])
+    start, end = (keras.models.load_model(os.path.join(d, "best.keras"), compile=False) for d in (out, tuned))
+    for a, b in zip(start.trainable_weights, end.trainable_weights):
+        assert np.allclose(a.numpy(), b.numpy(), atol=1e-6)
+    assert json.load(open(os.path.join(tuned, "run.json")))["init"] == os.path.join(out, "best.keras")
+    with pytest.raises(data.Error, match="another configuration.*init"):
+        train.train(["--data", sources[0], "--out", tuned, *TINY, "--epochs", "2"])
+    with pytest.raises(data.Error, match="--init .*best.keras: cannot start from its weights"):
+        train.train(["--data", sources[0], "--init", os.path.join(out, "best.keras"), "--filters", "6",
+                     "--out", str(tmp_path / "other"), *TINY[:2], *TINY[4:], "--epochs", "1"])
