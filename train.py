@@ -186,22 +186,33 @@ def cosine_lr(cfg, epoch):
     return lo + 0.5 * (cfg["lr"] - lo) * (1 + math.cos(math.pi * epoch / max(cfg["epochs"], 1)))
 
 
-def per_source_dice(model, images, masks, batch, chunk=256):
-    """Mean per-image Dice (threshold 0.5, as the val_dice metric) of one source's validation
-    arrays; predicted in chunks so a large source never holds all its probabilities at once."""
+def validate(model, loss, images, masks, batch, spans, chunk=256):
+    """fit's three validation figures from one prediction pass, plus each source's Dice: {"val_loss",
+    "val_dice", "val_iou", "val_dice_<name>", ...}, per image and averaged as the compiled loss and
+    metrics are. With 2+ sources this replaces fit's own validation, which cannot split its scores by
+    source (a second pass for them cost as much again). Predicted in chunks, so a large validation set
+    never holds all its probabilities at once."""
     from keras import ops
 
     import unet
 
-    scores = []
+    scores = {"loss": [], "dice": [], "iou": []}
     for i in range(0, len(images), chunk):
-        probs = model.predict(images[i:i + chunk], batch_size=batch, verbose=0)
-        scores.append(ops.convert_to_numpy(unet.dice_per_image(masks[i:i + chunk], probs)))
-    return float(np.mean(np.concatenate(scores)))
+        truth, probs = masks[i:i + chunk], model.predict(images[i:i + chunk], batch_size=batch, verbose=0)
+        for k, fn in (("loss", loss), ("dice", unet.dice_per_image), ("iou", unet.iou_per_image)):
+            scores[k].append(ops.convert_to_numpy(fn(truth, probs)))
+    scores = {k: np.concatenate(v) for k, v in scores.items()}
+    row = {f"val_{k}": float(v.mean()) for k, v in scores.items()}
+    row.update({f"val_dice_{name}": float(scores["dice"][a:b].mean()) if b > a else None
+                for name, (a, b) in spans.items()})
+    return row
 
 
 def make_epoch_callback(keras, cfg, state, steps, paths, per_source=None):
-    """per_source: {name: (val images, val masks)} with 2+ sources, scored after each epoch."""
+    """per_source: (val images, val masks, {name: (start, stop)}) with 2+ sources: validation (all and
+    per source) is then done here, after each epoch, instead of by fit."""
+    source_names = list(per_source[2]) if per_source else []
+
     class EpochEnd(keras.callbacks.Callback):
         """Schedule, images/s, NaN guard, early stopping, checkpoints and the CSV log, all in one place so
         that their state is committed together (inside last.keras) at the end of each epoch.
@@ -236,13 +247,15 @@ def make_epoch_callback(keras, cfg, state, steps, paths, per_source=None):
                    "seconds": round(now - self.t_begin, 2)}
             for k in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou"):
                 row[k] = float(logs[k]) if k in logs else None
+            if per_source:
+                import unet
+                row.update(validate(self.model, unet.LOSSES[cfg["loss"]], *per_source[:2], cfg["batch"], per_source[2]))
+                row["seconds"] = round(time.perf_counter() - self.t_begin, 2)
             if not all(math.isfinite(row[k]) for k in ("loss", "val_loss") if row[k] is not None):
                 # NaN guard: keep the last good checkpoint, commit nothing from this epoch.
                 state["diverged"] = f"loss {row['loss']} / val_loss {row['val_loss']} at epoch {epoch + 1}"
                 self.model.stop_training = True
                 return
-            for name, (images, masks) in (per_source or {}).items():
-                row[f"val_dice_{name}"] = per_source_dice(self.model, images, masks, cfg["batch"])
             score = row["val_dice"] if row["val_dice"] is not None else -row["loss"]
             improved = state["best"] is None or score > state["best"]["score"]
             if improved:
@@ -268,7 +281,7 @@ def make_epoch_callback(keras, cfg, state, steps, paths, per_source=None):
                 copy_atomic(paths["last"], paths["best"])
             write_log(paths["log"], state["history"])
             scores = "  ".join(f"{k} {row[k]:.4f}" for k in ("loss", "val_loss", "val_dice", "val_iou",
-                                                              *(f"val_dice_{n}" for n in per_source or {}))
+                                                              *(f"val_dice_{n}" for n in source_names))
                                if row[k] is not None)
             print(f"epoch {epoch + 1}/{cfg['epochs']}: {scores}  lr {row['lr']:.2e}  {ips:.1f} img/s"
                   f"{'  *best' if improved else ''}", flush=True)
@@ -377,8 +390,8 @@ def resume_or_start(cfg, identity, paths):
 def load_data(cfg, replicas, epoch):
     """(training batches, validation batches, summary for run.json, per-source validation arrays).
     Several --data folders: each is split by its own rules (layout, lesion metadata); training uses
-    the union of their train splits, validation the union of their val splits, and with 2+ sources
-    each one's val arrays (views into the union) are also scored alone after every epoch. Fails with
+    the union of their train splits, validation the union of their val splits; with 2+ sources the
+    epoch callback validates (validate(): all, and each source's rows alone) instead of fit. Fails with
     one line on a missing or empty folder, before any model is built."""
     t0 = time.time()
     kw = {"size": cfg["size"], "cache": cfg["cache"], "progress": sys.stderr.isatty(),
@@ -398,8 +411,9 @@ def load_data(cfg, replicas, epoch):
     summary["sources"] = [{"name": name, "path": tr["path"], "layout": tr["layout"],
                            "train": tr["stop"] - tr["start"], "val": va["stop"] - va["start"]}
                           for name, tr, va in zip(names, train_set.sources, val_set.sources)]
-    per_source = {name: (val_set.images[va["start"]:va["stop"]], val_set.masks[va["start"]:va["stop"]])
-                  for name, va in zip(names, val_set.sources)} if len(names) > 1 else {}
+    spans = {name: (min(va["start"], len(val_images)), min(va["stop"], len(val_images)))
+             for name, va in zip(names, val_set.sources)}
+    per_source = (val_images, val_masks, spans) if len(names) > 1 else None
     return train_batches, val_batches, summary, per_source
 
 
@@ -485,7 +499,8 @@ def train(cfg):
             verbose = cfg["verbose"] if cfg["verbose"] is not None else (1 if sys.stdout.isatty() else 0)
             workers = cfg["workers"] or os.cpu_count() or 1
             with scope():
-                model.fit(feed(keras, train_batches, workers), validation_data=feed(keras, val_batches, workers),
+                model.fit(feed(keras, train_batches, workers),
+                          validation_data=None if per_source else feed(keras, val_batches, workers),
                           epochs=cfg["epochs"], initial_epoch=state["epoch"], verbose=verbose,
                           callbacks=[make_epoch_callback(keras, cfg, state, len(train_batches), paths,
                                                          per_source)])

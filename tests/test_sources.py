@@ -167,6 +167,17 @@ def test_two_sources_train_resume_refuse_and_evaluate_per_source(sources, tmp_pa
     log = read_log(out)
     assert list(log[0]) == train.LOG_FIELDS + ["val_dice_isic", "val_dice_ham"]
     assert all(0 <= float(log[0][k]) <= 1 for k in ("val_dice", "val_dice_isic", "val_dice_ham"))
+    # One validation pass gives both: the whole is the image-weighted mean of the parts, and it is what
+    # the compiled loss and metrics say of the saved model on the union of the val splits.
+    n = [s["val"] for s in run["data_summary"]["sources"]]
+    parts = [float(log[0]["val_dice_isic"]), float(log[0]["val_dice_ham"])]
+    assert float(log[0]["val_dice"]) == pytest.approx((n[0] * parts[0] + n[1] * parts[1]) / sum(n), abs=1e-6)
+    import keras
+    val = data.load_split(sources, "val", size=32, val_fraction=0.3, progress=False)
+    scores = keras.models.load_model(os.path.join(out, "best.keras")).evaluate(
+        val.images, val.masks[..., None], batch_size=4, verbose=0, return_dict=True)
+    assert scores["dice"] == pytest.approx(float(log[0]["val_dice"]), abs=1e-5)
+    assert scores["loss"] == pytest.approx(float(log[0]["val_loss"]), rel=1e-4)
 
     # --epochs raised: continues after epoch 1, per-source columns kept
     assert train.train([*args, "--epochs", "2"])["epochs_done"] == 2
