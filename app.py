@@ -246,7 +246,6 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     default_size = evaluate.read_run_json(args.weights).get("size")
     predictor = LockedPredictor(evaluate.load_predictor(args.weights, args.size, default_size))
-    import gradio as gr  # noqa: F401  (after the model: a bad model file fails fast)
 
     folder = tempfile.mkdtemp(prefix="skin-unet-app-")
     try:
