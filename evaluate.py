@@ -828,6 +828,27 @@ def print_table(summary, file=None):
           f"write {s['write']:.2f}", file=file)
 
 
+def print_problems(problems):
+    for problem in problems:
+        print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
+
+
+def print_header(args, predictor, root, layout, what, problems):
+    print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {root} ({layout}, {what})",
+          file=sys.stderr)
+    print_problems(problems)
+
+
+def score_split(predictor, root, chosen, found, layout, args, run, fractions, out, progress, **info):
+    """evaluate() of one folder's chosen pairs into `out`; the pairs it had to skip on stderr."""
+    info = {**info, "data": os.path.abspath(root), "layout": layout, "split": args.split,
+            "val_fraction": fractions[0], "test_fraction": fractions[1], "run_json": run.get("_path")}
+    summary = evaluate(predictor, chosen, args.threshold, args.tta, out, args.save_masks,
+                       progress=progress, problems=found, info=info, post=args.post)
+    print_problems(summary["problems"][len(found):])
+    return summary
+
+
 def evaluate_sources(predictor, roots, args, run, val_fraction, test_fraction, progress):
     """A model trained on several --data folders: each folder's split, found by its own rules as in
     training, is scored alone into OUT/<name>/, then all images together into OUT/summary.json
@@ -840,17 +861,9 @@ def evaluate_sources(predictor, roots, args, run, val_fraction, test_fraction, p
         if not chosen:
             raise data.Error(f"{root}: no images in the {args.split} split "
                              f"({len(pairs)} pairs found, layout {layout})")
-        print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {root} "
-              f"({layout}, split {args.split}: {len(chosen)} images)", file=sys.stderr)
-        for problem in found:
-            print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
-        info = {"source": name, "data": os.path.abspath(root), "layout": layout, "split": args.split,
-                "val_fraction": val_fraction, "test_fraction": test_fraction,
-                "run_json": run.get("_path"), "predicted": 0}
-        summary = evaluate(predictor, chosen, args.threshold, args.tta, os.path.join(args.out, name),
-                           args.save_masks, progress=progress, problems=found, info=info, post=args.post)
-        for problem in summary["problems"][len(found):]:
-            print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
+        print_header(args, predictor, root, layout, f"split {args.split}: {len(chosen)} images", found)
+        summary = score_split(predictor, root, chosen, found, layout, args, run, (val_fraction, test_fraction),
+                              os.path.join(args.out, name), progress, source=name, predicted=0)
         print(f"\n{name}: {root}")
         print_table(summary)
         summaries[name], rows, problems = summary, rows + summary["rows"], problems + summary["problems"]
@@ -924,25 +937,15 @@ def main(argv=None):
                          f"({len(pairs)} pairs found, layout {layout})")
     split = f"split {args.split}: {len(chosen)} images" if pairs else "no masks"
     lone = f", {len(photos)} without masks" if photos else ""
-    print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {root} "
-          f"({layout}, {split}{lone})", file=sys.stderr)
-    for problem in problems:
-        print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
+    print_header(args, predictor, root, layout, split + lone, problems)
     predicted = None
     if photos:
         predicted = predict_photos(predictor, photos, args.save_masks, args.threshold, args.tta,
                                    progress=progress, post=args.post)
-        for problem in predicted["problems"]:
-            print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
+        print_problems(predicted["problems"])
     if chosen:
-        info = {"data": os.path.abspath(root), "layout": layout, "split": args.split,
-                "val_fraction": val_fraction, "test_fraction": test_fraction,
-                "run_json": run.get("_path"),
-                "predicted": len(predicted["rows"]) if predicted else 0}
-        summary = evaluate(predictor, chosen, args.threshold, args.tta, args.out, args.save_masks,
-                           progress=progress, problems=problems, info=info, post=args.post)
-        for problem in summary["problems"][len(problems):]:
-            print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
+        summary = score_split(predictor, root, chosen, problems, layout, args, run, (val_fraction, test_fraction),
+                              args.out, progress, predicted=len(predicted["rows"]) if predicted else 0)
         print_table(summary)
         masks = f"; {len(summary['rows'])} masks in {args.save_masks}" if args.save_masks else ""
         print(f"wrote {args.out}/: metrics.csv, summary.json, grid_best/worst/random.png{masks}",
