@@ -780,7 +780,8 @@ class Batches:
         self.images, self.masks = images, masks
         self.batch_size, self.augment, self.shuffle, self.seed = batch_size, augment, shuffle, seed
         self.balance = [(a, b) for a, b in balance or [] if b > a]
-        n = len(self.balance) * max(b - a for a, b in self.balance) if self.balance else len(images)
+        self.longest = max((b - a for a, b in self.balance), default=0)  # rows per source per epoch
+        n = len(self.balance) * self.longest if self.balance else len(images)
         full = drop_remainder and n >= batch_size  # a set smaller than one batch: one partial batch
         self.length = n // batch_size if full else math.ceil(n / batch_size)
         self.length = min(self.length, steps) if steps else self.length
@@ -790,8 +791,8 @@ class Batches:
         self.epoch = epoch
         seeded = np.random.default_rng([self.seed, epoch])
         if self.balance:
-            longest = max(b - a for a, b in self.balance)
-            passes = [np.concatenate([a + seeded.permutation(b - a) for _ in range(-(-longest // (b - a)))])[:longest]
+            passes = [np.concatenate([a + seeded.permutation(b - a)
+                                      for _ in range(-(-self.longest // (b - a)))])[:self.longest]
                       for a, b in self.balance]
             self.order = seeded.permutation(np.concatenate(passes))
         else:

@@ -186,7 +186,7 @@ def cosine_lr(cfg, epoch):
     return lo + 0.5 * (cfg["lr"] - lo) * (1 + math.cos(math.pi * epoch / max(cfg["epochs"], 1)))
 
 
-def validate(model, loss, images, masks, batch, spans, chunk=256):
+def validate(model, loss_name, images, masks, batch, spans, chunk=256):
     """fit's three validation figures from one prediction pass, plus each source's Dice: {"val_loss",
     "val_dice", "val_iou", "val_dice_<name>", ...}, per image and averaged as the compiled loss and
     metrics are. With 2+ sources this replaces fit's own validation, which cannot split its scores by
@@ -199,7 +199,7 @@ def validate(model, loss, images, masks, batch, spans, chunk=256):
     scores = {"loss": [], "dice": [], "iou": []}
     for i in range(0, len(images), chunk):
         truth, probs = masks[i:i + chunk], model.predict(images[i:i + chunk], batch_size=batch, verbose=0)
-        for k, fn in (("loss", loss), ("dice", unet.dice_per_image), ("iou", unet.iou_per_image)):
+        for k, fn in (("loss", unet.LOSSES[loss_name]), ("dice", unet.dice_per_image), ("iou", unet.iou_per_image)):
             scores[k].append(ops.convert_to_numpy(fn(truth, probs)))
     scores = {k: np.concatenate(v) for k, v in scores.items()}
     row = {f"val_{k}": float(v.mean()) for k, v in scores.items()}
@@ -248,8 +248,7 @@ def make_epoch_callback(keras, cfg, state, steps, paths, per_source=None):
             for k in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou"):
                 row[k] = float(logs[k]) if k in logs else None
             if per_source:
-                import unet
-                row.update(validate(self.model, unet.LOSSES[cfg["loss"]], *per_source[:2], cfg["batch"], per_source[2]))
+                row.update(validate(self.model, cfg["loss"], *per_source[:2], cfg["batch"], per_source[2]))
                 row["seconds"] = round(time.perf_counter() - self.t_begin, 2)
             if not all(math.isfinite(row[k]) for k in ("loss", "val_loss") if row[k] is not None):
                 # NaN guard: keep the last good checkpoint, commit nothing from this epoch.

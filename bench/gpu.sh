@@ -2,7 +2,7 @@
 # The GPU check as one prepared command (README, "Training on a GPU").
 #
 #   bash bench/gpu.sh prepare        # here, on the CPU machine: fill .gpu/ (git-ignored, <= 60 MiB)
-#   bash bench/gpu.sh run [OUT]      # on the GPU machine, with .gpu carried: <= 8 minutes
+#   bash bench/gpu.sh run [OUT]      # on the GPU machine, with .gpu carried: planned <= 8 minutes
 #   bash bench/gpu.sh smoke [OUT]    # here: every step of `run` at toy sizes on the CPU, < 3 minutes
 #
 # The GPU machine has Python 3.12, JAX, PyTorch and CUDA but no TensorFlow and no network, and
