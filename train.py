@@ -34,7 +34,7 @@ LOG_FIELDS = ["epoch", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou",
 # What must match for a rerun to continue an earlier run (epochs, patience, jit, ... may change).
 IDENTITY = ["data", "size", "batch", "filters", "depth", "lr", "seed", "loss", "encoder", "encoder_weights",
             "precision", "schedule", "val_fraction", "test_fraction", "augment", "steps_per_epoch", "balance",
-            "init"]
+            "init", "ema"]
 MIN_LR_FACTOR = 0.01   # cosine decays to 1% of --lr; plateau never goes below it either
 PLATEAU_PATIENCE, PLATEAU_FACTOR = 3, 0.5
 
@@ -58,7 +58,10 @@ def parser():
     a("--lr", type=float, default=1e-3)
     a("--seed", type=int, default=0)
     a("--out", default=".", help="output folder (default: here, so evaluate.py --weights best.keras follows)")
-    a("--loss", choices=["bce_dice", "dice", "bce"], default="bce_dice")
+    a("--loss", choices=["bce_dice", "dice", "bce", "bce_lovasz"], default="bce_dice")
+    a("--ema", type=float, default=0.0,
+      help="keep a moving average of the weights with this momentum (e.g. 0.995) and validate and save "
+           "best.keras with it; 0: off")
     a("--encoder", choices=["none", "mobilenetv3", "mobilenetv3small", "mobilenetv3large",
                             "efficientnetb0", "resnet50"], default="none")
     a("--encoder-weights", choices=["imagenet", "none"], default="none",
@@ -96,6 +99,8 @@ def config_of(cfg):
             raise data.Error(f"--{key.replace('_', '-')} {cfg[key]}: must be >= 0")
     if not cfg["lr"] > 0:
         raise data.Error(f"--lr {cfg['lr']}: must be > 0")
+    if not 0 <= cfg["ema"] < 1:
+        raise data.Error(f"--ema {cfg['ema']}: must be in [0, 1) (0: off)")
     if not (0 <= cfg["val_fraction"] < 1 and 0 <= cfg["test_fraction"] < 1
             and cfg["val_fraction"] + cfg["test_fraction"] < 1):
         raise data.Error(f"--val-fraction {cfg['val_fraction']} / --test-fraction {cfg['test_fraction']}: "
@@ -169,6 +174,31 @@ def save_model(model, path, state=None):
 def copy_atomic(src, dst):
     with data.atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+@contextlib.contextmanager
+def ema_weights(keras, model, on=True):
+    """With --ema: the optimizer's moving average in the model's weights for the duration, the trained
+    weights back afterwards (Keras's SwapEMAWeights callback, driven by hand). on=False: no change."""
+    if not on:
+        yield
+        return
+    swap = keras.callbacks.SwapEMAWeights()
+    swap.set_model(model)
+    swap.on_test_begin()
+    try:
+        yield
+    finally:
+        swap.on_test_end()
+
+
+def save_best(keras, model, cfg, paths, state):
+    """best.keras is last.keras as committed, or with --ema the weights that were validated: the average."""
+    if cfg["ema"]:
+        with ema_weights(keras, model):
+            save_model(model, paths["best"], state)
+    else:
+        copy_atomic(paths["last"], paths["best"])
 
 
 def read_state(path):
@@ -248,7 +278,8 @@ def make_epoch_callback(keras, cfg, state, steps, paths, per_source=None):
             for k in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou"):
                 row[k] = float(logs[k]) if k in logs else None
             if per_source:
-                row.update(validate(self.model, cfg["loss"], *per_source[:2], cfg["batch"], per_source[2]))
+                with ema_weights(keras, self.model, cfg["ema"] > 0):
+                    row.update(validate(self.model, cfg["loss"], *per_source[:2], cfg["batch"], per_source[2]))
                 row["seconds"] = round(time.perf_counter() - self.t_begin, 2)
             if not all(math.isfinite(row[k]) for k in ("loss", "val_loss") if row[k] is not None):
                 # NaN guard: keep the last good checkpoint, commit nothing from this epoch.
@@ -277,7 +308,7 @@ def make_epoch_callback(keras, cfg, state, steps, paths, per_source=None):
             save_model(self.model, paths["last"], state)
             atomic_write_text(paths["state"], json.dumps(state, indent=1))
             if improved:
-                copy_atomic(paths["last"], paths["best"])
+                save_best(keras, self.model, cfg, paths, state)
             write_log(paths["log"], state["history"])
             scores = "  ".join(f"{k} {row[k]:.4f}" for k in ("loss", "val_loss", "val_dice", "val_iou",
                                                               *(f"val_dice_{n}" for n in source_names))
@@ -421,7 +452,7 @@ def build_model(keras, unet, cfg, info, state, paths):
     model = unet.build_unet(cfg["size"], cfg["filters"], cfg["depth"],
                             encoder=None if cfg["encoder"] == "none" else cfg["encoder"],
                             encoder_weights=None if cfg["encoder_weights"] == "none" else cfg["encoder_weights"])
-    unet.compile_model(model, cfg["loss"], cfg["lr"], info["jit"])
+    unet.compile_model(model, cfg["loss"], cfg["lr"], info["jit"], ema=cfg["ema"])
     if cfg["init"] and not state["epoch"]:  # weights only: fine-tuning starts a fresh optimizer
         try:
             model.set_weights(keras.models.load_model(cfg["init"], compile=False).get_weights())
@@ -437,15 +468,15 @@ def build_model(keras, unet, cfg, info, state, paths):
     return model
 
 
-def repair_after_kill(state, paths):
+def repair_after_kill(keras, model, cfg, state, paths):
     """A kill between the commit (last.keras) and the end of on_epoch_end can leave state.json, log.csv
-    or best.keras one epoch behind: rewrite them from the state inside last.keras."""
+    or best.keras one epoch behind: rewrite them from last.keras (its state, or the model loaded from it)."""
     atomic_write_text(paths["state"], json.dumps(state, indent=1))
     write_log(paths["log"], state["history"])
     best = read_state(paths["best"]) if os.path.exists(paths["best"]) else None
     if state["best"] and state["best"]["epoch"] == state["epoch"] \
             and (best is None or best["epoch"] != state["best"]["epoch"]):
-        copy_atomic(paths["last"], paths["best"])
+        save_best(keras, model, cfg, paths, state)
 
 
 def summarize(state, paths, t_fit):
@@ -480,9 +511,9 @@ def train(cfg):
         train_batches, val_batches, data_summary, per_source = load_data(cfg, info["replicas"], state["epoch"])
         with scope():
             model = build_model(keras, unet, cfg, info, state, paths)
-        if state["epoch"]:
-            repair_after_kill(state, paths)
-            print(f"resuming {out} after epoch {state['epoch']}", flush=True)
+            if state["epoch"]:
+                repair_after_kill(keras, model, cfg, state, paths)
+                print(f"resuming {out} after epoch {state['epoch']}", flush=True)
         run = {**cfg, "data_summary": data_summary, **info, "params": model.count_params(),
                "model": model.name, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": None}
         atomic_write_text(paths["run"], json.dumps(run, indent=1))
@@ -494,6 +525,7 @@ def train(cfg):
                   f"{info['backend']} {info['accelerator']} {info['precision']} jit={info['jit']} "
                   f"distribute={info['distribute']}"
                   f"{'; sources balanced' if cfg['balance'] else ''}"
+                  f"{'; weights averaged, EMA ' + str(cfg['ema']) if cfg['ema'] else ''}"
                   f"{'; starting from ' + cfg['init'] if cfg['init'] else ''}", flush=True)
             verbose = cfg["verbose"] if cfg["verbose"] is not None else (1 if sys.stdout.isatty() else 0)
             workers = cfg["workers"] or os.cpu_count() or 1
@@ -501,8 +533,8 @@ def train(cfg):
                 model.fit(feed(keras, train_batches, workers),
                           validation_data=None if per_source else feed(keras, val_batches, workers),
                           epochs=cfg["epochs"], initial_epoch=state["epoch"], verbose=verbose,
-                          callbacks=[make_epoch_callback(keras, cfg, state, len(train_batches), paths,
-                                                         per_source)])
+                          callbacks=[*([keras.callbacks.SwapEMAWeights()] if cfg["ema"] and not per_source else []),
+                                     make_epoch_callback(keras, cfg, state, len(train_batches), paths, per_source)])
     finally:
         if info["distribute"] == "data_parallel":
             keras.distribution.set_distribution(None)

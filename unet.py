@@ -189,7 +189,29 @@ def bce_dice(y_true, y_pred):
     return bce(y_true, y_pred) + dice(y_true, y_pred)
 
 
-LOSSES = {"bce_dice": bce_dice, "dice": dice, "bce": bce}
+def lovasz(y_true, y_pred):
+    """Per-image Lovász loss (Berman et al., CVPR 2018): the tight convex extension of 1 - Jaccard to
+    probabilities, applied to the pixel errors |truth - p|. On hard 0/1 predictions it equals
+    1 - iou_per_image exactly, so it optimises the challenge's own per-image score, not its Dice proxy."""
+    t, p, _ = _per_image(y_true, y_pred)
+    t = ops.reshape(ops.cast(t > 0.5, "float32"), (ops.shape(t)[0], -1))
+    errors = ops.abs(t - ops.reshape(p, ops.shape(t)))
+    order = ops.argsort(-errors, axis=-1)  # largest error first
+    errors, truth = ops.take_along_axis(errors, order, axis=-1), ops.take_along_axis(t, order, axis=-1)
+    # Jaccard loss of the k largest errors taken as mistakes, for every k; union >= 1 always.
+    lesion = ops.sum(truth, axis=-1, keepdims=True)
+    jaccard = 1.0 - (lesion - ops.cumsum(truth, axis=-1)) / (lesion + ops.cumsum(1.0 - truth, axis=-1))
+    steps = ops.concatenate([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], axis=-1)
+    return ops.sum(errors * steps, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+def bce_lovasz(y_true, y_pred):
+    """BCE (every pixel gets a gradient) + Lovász (the per-image Jaccard itself)."""
+    return bce(y_true, y_pred) + lovasz(y_true, y_pred)
+
+
+LOSSES = {"bce_dice": bce_dice, "dice": dice, "bce": bce, "bce_lovasz": bce_lovasz}
 
 
 # --- metrics -----------------------------------------------------------------------------------------
@@ -282,13 +304,16 @@ def default_jit():
     return keras.backend.backend() in ("jax", "tensorflow")
 
 
-def compile_model(model, loss="bce_dice", lr=1e-3, jit_compile="auto", steps_per_execution=1):
-    """Adam + the chosen loss + per-image Dice / IoU; jit_compile "auto" means default_jit()."""
+def compile_model(model, loss="bce_dice", lr=1e-3, jit_compile="auto", steps_per_execution=1, ema=0.0):
+    """Adam + the chosen loss + per-image Dice / IoU; jit_compile "auto" means default_jit().
+    ema > 0: the optimizer also keeps a moving average of the weights with this momentum (on the device,
+    inside the train step); train.py validates and saves best.keras with it."""
     if loss not in LOSSES:
         raise ValueError(f"loss {loss!r} is not one of {', '.join(LOSSES)}")
     if jit_compile == "auto":
         jit_compile = default_jit()
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss=LOSSES[loss],
+    optimizer = keras.optimizers.Adam(lr, use_ema=ema > 0, ema_momentum=ema or 0.99)
+    model.compile(optimizer=optimizer, loss=LOSSES[loss],
                   metrics=[DiceScore(), IoUScore()], jit_compile=jit_compile,
                   steps_per_execution=steps_per_execution)
     return model

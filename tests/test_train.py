@@ -1,6 +1,6 @@
 """train.py: a tiny real run, resuming (in-process and after kill -9), MirroredStrategy, bad input,
 no TensorFlow import under the JAX backend, the NaN guard, early stopping, the plateau schedule,
---steps-per-epoch and JAX data parallelism over two host devices."""
+--steps-per-epoch, JAX data parallelism over two host devices and --ema."""
 import csv
 import importlib.util
 import json
@@ -282,3 +282,33 @@ def test_a_checkpoint_whose_weights_do_not_load_is_one_line_exit_2(synthetic_dat
     assert train.main([*args, "--epochs", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {last}: cannot load its weights") and "\n" not in err and "--fresh" in err
+
+
+def test_ema_validates_and_saves_the_average_and_keeps_it_for_resuming(synthetic_data, tmp_path):
+    import keras
+    import numpy as np
+
+    with pytest.raises(data.Error, match=r"--ema 1.0: must be in \[0, 1\)"):
+        train.config_of(["--ema", "1"])
+    out = str(tmp_path / "run")
+    args = ["--data", synthetic_data, "--out", out, "--ema", "0.5", "--val-fraction", "0.3", *TINY]
+    train.train([*args, "--epochs", "1"])
+    best, last = (keras.models.load_model(os.path.join(out, f)) for f in ("best.keras", "last.keras"))
+    # last.keras: the trained weights, with the average inside its optimizer state (what a resume reads);
+    # best.keras: the average itself
+    trained = [v.numpy() for v in last.trainable_weights]
+    with train.ema_weights(keras, last):
+        averaged = [v.numpy() for v in last.trainable_weights]
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(averaged, best.trainable_weights))
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(trained, last.trainable_weights))  # swapped back
+    assert not all(np.allclose(a, b) for a, b in zip(averaged, trained))
+    # the logged validation scores are the average's, not the trained weights'
+    val = data.load_split(synthetic_data, "val", size=32, val_fraction=0.3, progress=False)
+    logged = float(rows(out)[0]["val_loss"])
+    scores = [m.evaluate(val.images, val.masks[..., None], batch_size=4, verbose=0, return_dict=True)["loss"]
+              for m in (best, last)]
+    assert scores[0] == pytest.approx(logged, rel=1e-4) and scores[1] != pytest.approx(logged, rel=1e-4)
+    # resumes with the average; a run without --ema is another configuration
+    assert train.train([*args, "--epochs", "2"])["epochs_done"] == 2
+    with pytest.raises(data.Error, match="another configuration.*ema 0.5 -> 0.0"):
+        train.train([*args[:4], *args[6:], "--epochs", "3"])

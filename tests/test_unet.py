@@ -80,15 +80,16 @@ def test_resnet_encoder_gets_caffe_preprocessing_from_raw_rgb():
     assert not model.get_layer("caffe_bgr").trainable_weights
 
 
-def test_save_load_round_trip(tmp_path):
-    model = unet.compile_model(unet.build_unet(32, filters=4, depth=2), loss="dice")
+@pytest.mark.parametrize("loss", ["dice", "bce_lovasz"])
+def test_save_load_round_trip(tmp_path, loss):
+    model = unet.compile_model(unet.build_unet(32, filters=4, depth=2), loss=loss)
     x = pixels(4, 32)
     y = (x[..., :1] > 128).astype("float32")
     model.fit(x, y, epochs=1, batch_size=2, verbose=0)
     path = str(tmp_path / "m.keras")
     model.save(path)
     loaded = keras.models.load_model(path)  # compile=True: needs the registered loss / metrics
-    assert loaded.loss is unet.dice
+    assert loaded.loss is unet.LOSSES[loss]
     np.testing.assert_array_equal(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
     assert {"loss", "dice", "iou"} <= set(loaded.evaluate(x, y, verbose=0, return_dict=True))
     # bare session: no `import unet`, not even this repository on the path
@@ -173,6 +174,21 @@ def test_losses_are_bounded_and_symmetric_soft_dice(truth, seed):
     # bfloat16 predictions (mixed precision) are computed in float32
     low = np_(unet.bce_dice(truth, keras.ops.cast(prob, "bfloat16")))
     assert low.dtype == np.float32 and np.all(np.isfinite(low))
+
+
+@settings(max_examples=30, deadline=None)
+@given(masks, st.integers(0, 2 ** 31))
+def test_lovasz_is_one_minus_jaccard_on_hard_masks_and_bounded_between(truth, seed):
+    prob = np.random.default_rng(seed).random(truth.shape).astype("float32")
+    hard = (prob > 0.5).astype("float32")
+    # at the corners of the cube it is the challenge's per-image score itself (empty/empty: loss 0)
+    np.testing.assert_allclose(np_(unet.lovasz(truth, hard)), 1 - np_iou(truth, hard), atol=1e-6)
+    soft = np_(unet.lovasz(truth, prob))
+    assert soft.shape == (len(truth),) and np.all((soft >= -1e-6) & (soft <= 1 + 1e-6))
+    # convex extension: a blend of two hard predictions costs at most the blend of their costs
+    other = 1 - hard
+    mid = np_(unet.lovasz(truth, 0.5 * hard + 0.5 * other))
+    assert np.all(mid <= 0.5 * np_(unet.lovasz(truth, hard)) + 0.5 * np_(unet.lovasz(truth, other)) + 1e-6)
 
 
 def test_metric_averages_per_image_not_pooled():
