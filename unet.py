@@ -312,7 +312,7 @@ def compile_model(model, loss="bce_dice", lr=1e-3, jit_compile="auto", steps_per
         raise ValueError(f"loss {loss!r} is not one of {', '.join(LOSSES)}")
     if jit_compile == "auto":
         jit_compile = default_jit()
-    optimizer = keras.optimizers.Adam(lr, use_ema=ema > 0, ema_momentum=ema or 0.99)
+    optimizer = keras.optimizers.Adam(lr, use_ema=ema > 0, ema_momentum=ema)  # read only when use_ema
     model.compile(optimizer=optimizer, loss=LOSSES[loss],
                   metrics=[DiceScore(), IoUScore()], jit_compile=jit_compile,
                   steps_per_execution=steps_per_execution)
