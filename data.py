@@ -688,74 +688,150 @@ def synthetic_dir(count=200, seed=0, cache=None):
 # -----------------------------------------------------------------------------
 # Augmentation
 
+# The ranges, the one definition both augmentation paths use (the draws below are shared, only
+# the pixel work differs: Pillow on the host, keras.ops on the accelerator).
+ROTATION_DEG = 15           # small rotation, +-, on top of a random flip and 90-degree turn
+SCALE = (0.9, 1.1)          # zoom, drawn log-uniformly
+SHIFT = 0.06                # translation, +- this fraction of the width / height
+HUE_DEG = 10                # +-
+SATURATION = (0.8, 1.2)
+BRIGHTNESS = (0.85, 1.15)
+CONTRAST = (0.8, 1.2)       # around the image's mean luma
+
 # RGB <-> YIQ: hue is a rotation of the (I, Q) chroma plane, saturation a scaling of it, and Y
 # (luma) is left alone, so one 3x3 matrix per image does hue + saturation + brightness.
 RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
                        [0.596, -0.274, -0.322],
                        [0.211, -0.523, 0.312]], np.float32)
 YIQ_TO_RGB = np.linalg.inv(RGB_TO_YIQ).astype(np.float32)
+NO_COLOUR = np.array([1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0], np.float32)  # convert() matrix: unchanged
+NO_AFFINE = np.array([1, 0, 0, 0, 1, 0], np.float64)  # AFFINE coefficients: unchanged
 
 
 def _affine(rng, h, w):
     """Pillow AFFINE coefficients (output pixel -> input pixel) of a random flip, 90-degree
-    rotation, small rotation (+-15 deg), scale (0.9-1.1) and shift (+-6%), about the centre."""
+    rotation, small rotation, scale and shift, about the centre."""
     flip = np.diag([-1.0 if rng.random() < 0.5 else 1.0, 1.0])
     k = rng.integers(0, 4)
     rot90 = np.array([[0.0, -1.0], [1.0, 0.0]]) if k % 2 else np.eye(2)
     rot90 = rot90 * (-1.0 if k >= 2 else 1.0)
-    a = np.deg2rad(rng.uniform(-15, 15))
-    small = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) * np.exp(rng.uniform(np.log(0.9), np.log(1.1)))
+    a = np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG))
+    small = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) * np.exp(rng.uniform(*np.log(SCALE)))
     forward = small @ rot90 @ flip  # input -> output about the centre
-    shift = rng.uniform(-0.06, 0.06, 2) * (w, h)
+    shift = rng.uniform(-SHIFT, SHIFT, 2) * (w, h)
     inv = np.linalg.inv(forward)
     centre = np.array([w / 2, h / 2])
     offset = centre - inv @ (centre + shift)
     return (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
 
 
-def _colour(rng, images):
-    """Per-image colour jitter as Pillow convert() matrices (12 numbers: 3x3 + offset): hue
-    +-10 deg, saturation 0.8-1.2, brightness 0.85-1.15, contrast 0.8-1.2 around the image's
-    mean luma. Hue and saturation act on the chroma plane of YIQ only, so gray stays gray."""
-    n = len(images)
-    hue = np.deg2rad(rng.uniform(-10, 10, n))
-    sat = rng.uniform(0.8, 1.2, n)
-    bright, contrast = rng.uniform(0.85, 1.15, n), rng.uniform(0.8, 1.2, n)
+def mean_luma(images, chunk=256):
+    """Mean luma (Y of YIQ) of each image, from every 4th pixel in each direction: contrast's
+    centre. Batches works it out once per image; in chunks, so no whole-set temporary."""
+    return np.concatenate([images[i:i + chunk, ::4, ::4].reshape(len(images[i:i + chunk]), -1, 3).mean(axis=1)
+                           @ RGB_TO_YIQ[0] for i in range(0, len(images), chunk)] or [np.zeros(0)])
+
+
+def _colour(rng, luma):
+    """Per-image colour jitter as Pillow convert() matrices (12 numbers: 3x3 + offset): hue,
+    saturation, brightness, and contrast around the image's mean luma. Hue and saturation act on
+    the chroma plane of YIQ only, so gray stays gray."""
+    n = len(luma)
+    hue = np.deg2rad(rng.uniform(-HUE_DEG, HUE_DEG, n))
+    sat = rng.uniform(*SATURATION, n)
+    bright, contrast = rng.uniform(*BRIGHTNESS, n), rng.uniform(*CONTRAST, n)
     chroma = np.zeros((n, 3, 3), np.float32)
     chroma[:, 0, 0] = 1
     chroma[:, 1, 1], chroma[:, 1, 2] = sat * np.cos(hue), -sat * np.sin(hue)
     chroma[:, 2, 1], chroma[:, 2, 2] = sat * np.sin(hue), sat * np.cos(hue)
     matrix = (bright * contrast)[:, None, None] * (YIQ_TO_RGB @ chroma @ RGB_TO_YIQ)
-    luma = images[:, ::4, ::4].reshape(n, -1, 3).mean(axis=1) @ RGB_TO_YIQ[0]  # subsampled: cheap
     offset = np.repeat(((1 - contrast) * bright * luma)[:, None, None], 3, axis=1)
     return np.concatenate([matrix, offset], axis=2).reshape(n, 12)
 
 
+def augment_params(images, rng, geometric=True, photometric=True, luma=None):
+    """The random draws of one batch: (colour (B, 12) float32 convert() matrices, affine (B, 6)
+    float64 AFFINE coefficients); a part switched off is the identity. Drawn in the same order
+    since the first release, so a seed gives the same augmentation as it always has. luma: the
+    images' mean_luma, if known."""
+    n, h, w = images.shape[:3]
+    if photometric:
+        colour = _colour(rng, mean_luma(images) if luma is None else luma).astype(np.float32)
+    else:
+        colour = np.tile(NO_COLOUR, (n, 1))
+    affine = np.array([_affine(rng, h, w) for _ in range(n)]) if geometric else np.tile(NO_AFFINE, (n, 1))
+    return colour, affine.reshape(n, 6)
+
+
 def augment_batch(images, masks, rng, geometric=True, photometric=True):
-    """Augment a batch: colour jitter on the images only, then the same random affine on each
-    image and its mask, so masks stay binary (bilinear on 0/255, then > 127) and aligned.
-    images uint8 (B, H, W, 3), masks bool or 0/1 (B, H, W); returns new arrays, same dtypes.
-    Per image this is two Pillow C calls (~3 ms at 256 px on one core) that release the GIL, so
-    worker threads scale with cores."""
+    """Augment a batch on the host: colour jitter on the images only, then the same random affine
+    on each image and its mask, so masks stay binary (bilinear on 0/255, then > 127) and aligned.
+    images uint8 (B, H, W, 3), masks bool or 0/1 (B, H, W); returns new arrays, same dtypes."""
     images = np.asarray(images, np.uint8)
+    return warp_pillow(images, masks, *augment_params(images, rng, geometric, photometric))
+
+
+def warp_pillow(images, masks, colour, affine):
+    """augment_batch's pixel work, given its draws: two Pillow C calls per image (~3 ms at 256 px
+    on one core). They release the GIL, but the Python around them does not, so worker threads
+    stop scaling after about two (docs/benchmarks.md): warp_device is the accelerator's path."""
     masks = np.asarray(masks)
     n, h, w = masks.shape
-    colours = _colour(rng, images) if photometric else None
     masks255 = np.where(masks > 0, np.uint8(255), np.uint8(0))
     out_images, out_masks = np.empty_like(images), np.empty((n, h, w), np.uint8)
     for i in range(n):
         rgb = Image.fromarray(images[i])
-        if photometric:
-            rgb = rgb.convert("RGB", tuple(colours[i]))
+        if not np.array_equal(colour[i], NO_COLOUR):
+            rgb = rgb.convert("RGB", tuple(colour[i]))
         # The mask rides along as a 4th band, so one resampling pass moves image and mask with
         # identical geometry. "CMYK" is just Pillow's plain 4 x 8-bit mode here; RGBA would
         # premultiply the colours by the mask.
         pil = Image.merge("CMYK", [*rgb.split(), Image.fromarray(masks255[i])])
-        if geometric:
-            pil = pil.transform((w, h), Image.AFFINE, _affine(rng, h, w), Image.BILINEAR)
+        if not np.array_equal(affine[i], NO_AFFINE):
+            pil = pil.transform((w, h), Image.AFFINE, tuple(affine[i]), Image.BILINEAR)
         *bands, mask = pil.split()
         out_images[i], out_masks[i] = np.asarray(Image.merge("RGB", bands)), np.asarray(mask)
     return out_images, (out_masks > 127).astype(masks.dtype)
+
+
+def warp_device(images, masks, colour, affine):
+    """warp_pillow in keras.ops, for the accelerator: the same draws give the same pixels to within
+    one grey level (float32 here, double in Pillow) and the same masks. images uint8 (B, H, W, 3),
+    masks (B, H, W, 1) 0/1, colour (B, 12), affine (B, 6); returns uint8 images and masks, as the
+    host path does. Pillow's arithmetic, step by step: the colour matrix rounds half up and clips;
+    the affine maps each output pixel centre to an input point; a point outside the image gives
+    black (and background); inside, bilinear between the 4 nearest pixel centres (clamped at the
+    edges), truncated to an integer. The mask is a 4th band of the same warp, then > 127.
+    Gathers only (take / floor / clip / where): no scatter, and no keras image op, whose affine
+    goes through a slow map_coordinates on JAX. Keras is imported here, not by data.py."""
+    from keras import ops
+
+    n, h, w = images.shape[0], images.shape[1], images.shape[2]
+    m = ops.reshape(ops.cast(colour, "float32"), (-1, 3, 4))
+    rgb = ops.einsum("bhwc,bdc->bhwd", ops.cast(images, "float32"), m[:, :, :3]) + m[:, None, None, :, 3]
+    rgb = ops.clip(ops.floor(rgb + 0.5), 0.0, 255.0)
+    bands = ops.concatenate([rgb, ops.cast(ops.reshape(masks, (-1, h, w, 1)), "float32") * 255.0], axis=-1)
+
+    a = ops.cast(affine, "float32")[:, :, None, None]  # (B, 6, 1, 1) against the (H, W) pixel grid
+    ys, xs = ops.meshgrid(ops.arange(h, dtype="float32") + 0.5, ops.arange(w, dtype="float32") + 0.5,
+                          indexing="ij")
+    sx, sy = a[:, 0] * xs + a[:, 1] * ys + a[:, 2], a[:, 3] * xs + a[:, 4] * ys + a[:, 5]  # (B, H, W)
+    inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
+    sx, sy = sx - 0.5, sy - 0.5
+    x0, y0 = ops.floor(sx), ops.floor(sy)
+    dx, dy = (sx - x0)[..., None], (sy - y0)[..., None]
+    flat = ops.reshape(bands, (-1, 4))
+    row = ops.reshape(ops.arange(n, dtype="int32") * (h * w), (-1, 1, 1))
+
+    def pixel(yy, xx):  # (B, H, W, 4): the input pixels at (clamped) rows yy, columns xx
+        yy = ops.cast(ops.clip(yy, 0, h - 1), "int32")
+        xx = ops.cast(ops.clip(xx, 0, w - 1), "int32")
+        return ops.reshape(ops.take(flat, ops.reshape(row + yy * w + xx, (-1,)), axis=0), (-1, h, w, 4))
+
+    p00, p01, p10, p11 = pixel(y0, x0), pixel(y0, x0 + 1), pixel(y0 + 1, x0), pixel(y0 + 1, x0 + 1)
+    top, bottom = p00 + (p01 - p00) * dx, p10 + (p11 - p10) * dx
+    out = ops.where(inside[..., None], ops.floor(top + (bottom - top) * dy), 0.0)
+    return ops.cast(out[..., :3], "uint8"), ops.cast(out[..., 3:] > 127.0, "uint8")
 
 
 # -----------------------------------------------------------------------------
@@ -780,6 +856,8 @@ class Batches:
         self.images, self.masks = images, masks
         self.batch_size, self.augment, self.shuffle, self.seed = batch_size, augment, shuffle, seed
         self.balance = [(a, b) for a, b in balance or [] if b > a]
+        # Contrast's centre, once per image: it was a third of the draws' time per batch.
+        self.luma = mean_luma(images) if augment else None
         self.longest = max((b - a for a, b in self.balance), default=0)  # rows per source per epoch
         n = len(self.balance) * self.longest if self.balance else len(images)
         full = drop_remainder and n >= batch_size  # a set smaller than one batch: one partial batch
@@ -806,11 +884,22 @@ class Batches:
         return self.length
 
     def __getitem__(self, index):
+        """Batch `index`, augmented on the host (Pillow) when augment is on."""
+        x, y, colour, affine = self.draw(index)
+        if not self.augment:
+            return x, y
+        x, y = warp_pillow(x, y[..., 0], colour, affine)
+        return x, y[..., None]
+
+    def draw(self, index):
+        """Batch `index` before augmentation's pixel work: (images, masks (B, S, S, 1), colour,
+        affine), the draws seeded by (seed, epoch, index) (identity without augment). This is all the
+        host does when the accelerator augments (train.feed): a gather and a few hundred numbers."""
         idx = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
-        x, y = self.images[idx], self.masks[idx]
-        if self.augment:
-            x, y = augment_batch(x, y, np.random.default_rng([self.seed, self.epoch, index]))
-        return x, np.asarray(y, np.uint8)[..., None]
+        x, y = self.images[idx], np.asarray(self.masks[idx], np.uint8)[..., None]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        luma = self.luma[idx] if self.augment else None
+        return (x, y, *augment_params(x, rng, geometric=self.augment, photometric=self.augment, luma=luma))
 
 
 # -----------------------------------------------------------------------------
