@@ -47,12 +47,46 @@ def up(x, filters, upsample, name):
     # (CPU), the LiteRT GPU delegate and int8 quantization all handle, and it is what the PyTorch peer
     # uses. "bilinear" becomes RESIZE_BILINEAR (half_pixel_centers) + conv: also convertible, but some
     # accelerator delegates (older NNAPI drivers, Edge TPU) support only the align_corners variants.
+    # "matmul" is the transposed convolution itself, written as what it is: a 2x2 stride-2 kernel
+    # never overlaps, so each input pixel becomes its own 2x2 output block, one matmul (channels ->
+    # 4 x filters) and a pixel shuffle. Same function, same parameter count; its weight gradient is
+    # a plain matmul, where XLA lowers Conv2DTranspose's to a whole-image dilated convolution, a
+    # known slow path on GPUs (jax-ml/jax#31662).
     if upsample == "transpose":
         return layers.Conv2DTranspose(filters, 2, strides=2, name=f"{name}_up")(x)
     if upsample == "bilinear":
         x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_resize")(x)
         return layers.Conv2D(filters, 1, name=f"{name}_up")(x)
-    raise ValueError(f"upsample {upsample!r} is not one of transpose, bilinear")
+    if upsample == "matmul":
+        h, w = fixed_hw(x, "upsample 'matmul'")
+        x = layers.Dense(4 * filters, name=f"{name}_up")(x)  # channel (dy * 2 + dx) * filters + f
+        x = layers.Reshape((h, w, 2, 2 * filters), name=f"{name}_rows")(x)  # (dy, dx * filters + f)
+        x = layers.Permute((1, 3, 2, 4), name=f"{name}_interleave")(x)  # (h, dy, w, dx * filters + f)
+        return layers.Reshape((2 * h, 2 * w, filters), name=f"{name}_shuffle")(x)
+    raise ValueError(f"upsample {upsample!r} is not one of {', '.join(UPSAMPLES)}")
+
+
+def down(x, pool, name):
+    # "max" is MaxPooling2D. "reshape" takes the same maximum of each 2x2 block as a reshape + max:
+    # equal outputs, and a gradient that is elementwise, where MaxPooling2D's is a select-and-scatter
+    # (atomic scatter on a GPU). Both are built-in Keras operations, so .keras files still load in a
+    # bare session.
+    if pool == "max":
+        return layers.MaxPooling2D(2, name=name)(x)
+    if pool == "reshape":
+        h, w = fixed_hw(x, "pool 'reshape'")
+        return ops.max(ops.reshape(x, (-1, h // 2, 2, w // 2, 2, x.shape[-1])), axis=(2, 4))
+    raise ValueError(f"pool {pool!r} is not one of {', '.join(POOLS)}")
+
+
+UPSAMPLES, POOLS = ("transpose", "bilinear", "matmul"), ("max", "reshape")
+
+
+def fixed_hw(x, what):
+    h, w = x.shape[1], x.shape[2]
+    if h is None or w is None:
+        raise ValueError(f"{what} needs a fixed size (size=None accepts any size only with the default layers)")
+    return h, w
 
 
 def head(x, dropout):
@@ -106,11 +140,12 @@ def encoder_features(image, encoder, weights):
 
 
 def build_unet(size=256, filters=12, depth=4, dropout=0.0, upsample="transpose", encoder=None,
-               encoder_weights=None):
+               encoder_weights=None, pool="max"):
     """U-Net: input "image" (size, size, 3) raw RGB 0..255, output "mask" (size, size, 1) float32 in [0, 1].
 
-    size=None accepts any multiple of 2**depth. encoder (None or one of ENCODERS) swaps the plain encoder
-    for a keras.applications backbone (depth is then 5, its number of strides); encoder_weights="imagenet"
+    size=None accepts any multiple of 2**depth (with the default up-sampling and pooling). upsample
+    "matmul" and pool "reshape" are the default layers' functions in other forms, for speed (up, down).
+    encoder (None or one of ENCODERS) swaps the plain encoder for a keras.applications backbone (depth is then 5, its number of strides); encoder_weights="imagenet"
     downloads the ImageNet weights on first use (to ~/.keras/models), None starts from random weights.
     """
     if encoder in (None, "none"):
@@ -127,7 +162,7 @@ def build_unet(size=256, filters=12, depth=4, dropout=0.0, upsample="transpose",
         for level in range(depth):
             x = conv_block(x, filters * 2 ** level, f"enc{level}")
             skips.append(x)
-            x = layers.MaxPooling2D(2, name=f"pool{level}")(x)
+            x = down(x, pool, f"pool{level}")
         x = conv_block(x, filters * 2 ** depth, "bottleneck")
         if dropout:
             x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
