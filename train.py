@@ -34,7 +34,7 @@ LOG_FIELDS = ["epoch", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou",
 # What must match for a rerun to continue an earlier run (epochs, patience, jit, ... may change).
 IDENTITY = ["data", "size", "batch", "filters", "depth", "lr", "seed", "loss", "encoder", "encoder_weights",
             "precision", "schedule", "val_fraction", "test_fraction", "augment", "steps_per_epoch", "balance",
-            "init", "ema"]
+            "init", "ema", "upsample", "pool"]
 MIN_LR_FACTOR = 0.01   # cosine decays to 1% of --lr; plateau never goes below it either
 PLATEAU_PATIENCE, PLATEAU_FACTOR = 3, 0.5
 
@@ -62,6 +62,10 @@ def parser():
     a("--ema", type=float, default=0.0,
       help="keep a moving average of the weights with this momentum (e.g. 0.995) and validate and save "
            "best.keras with it; 0: off")
+    a("--upsample", choices=["transpose", "matmul"], default="transpose",
+      help="decoder up-sampling: Conv2DTranspose, or the same function as one matmul + pixel shuffle")
+    a("--pool", choices=["max", "reshape"], default="max",
+      help="encoder down-sampling: MaxPooling2D, or the same maximum as a reshape + max")
     a("--encoder", choices=["none", "mobilenetv3", "mobilenetv3small", "mobilenetv3large",
                             "efficientnetb0", "resnet50"], default="none")
     a("--encoder-weights", choices=["imagenet", "none"], default="none",
@@ -76,6 +80,9 @@ def parser():
     a("--val-fraction", type=float, default=0.1)
     a("--test-fraction", type=float, default=0.1)
     a("--no-augment", dest="augment", action="store_false")
+    a("--augment-on", choices=["auto", "host", "device"], default="auto",
+      help="where augmentation's pixel work runs (the random draws are the same): host = Pillow in the feed's "
+           "threads, device = keras.ops on the accelerator; auto: device on a GPU/TPU, host on a CPU")
     a("--steps-per-epoch", type=int, default=0, help="cap training batches per epoch (0: all)")
     a("--workers", type=int, default=0, help="batch-loading threads (0: all cores)")
     a("--cache", default=None, help="array cache folder (default: $SKIN_UNET_CACHE or ~/.cache/skin-unet)")
@@ -358,8 +365,11 @@ def setup_backend(keras, unet, cfg):
         if mode == "data_parallel":
             keras.distribution.set_distribution(None)
         raise data.Error(f"--batch {cfg['batch']}: must be a multiple of the {replicas} replicas")
+    # Augmentation's pixel work: Pillow threads feed a CPU-bound step easily (over 20x what it takes on
+    # the 2-core CPU) but cap a GPU at ~400 images/s (GIL-bound); there, keras.ops on the device.
+    augment_on = cfg["augment_on"] if cfg["augment_on"] != "auto" else "host" if accel == "cpu" else "device"
     return strategy, {"backend": backend, "accelerator": accel, "precision": precision, "jit": jit,
-                      "distribute": mode, "replicas": replicas}
+                      "distribute": mode, "replicas": replicas, "augment_on": augment_on if cfg["augment"] else None}
 
 
 def split_evenly(val_set, replicas):
@@ -375,20 +385,45 @@ def split_evenly(val_set, replicas):
     return val_set.images[:keep], val_set.masks[:keep]
 
 
-def feed(keras, batches, workers):
+def feed(keras, batches, workers, warp=None):
     """data.Batches as a keras.utils.PyDataset: fit's worker threads call batches[i] in parallel
-    (augmentation is Pillow C code that releases the GIL, and threads share the arrays for free)."""
+    (augmentation is Pillow C code that releases the GIL, and threads share the arrays for free).
+    warp (device_warp): the threads only gather and draw, and hand the uint8 batch and its draws to
+    the compiled keras.ops warp, which returns arrays on the accelerator that fit takes as they are
+    (on JAX a device array is not copied again)."""
     class Feed(keras.utils.PyDataset):
         def __len__(self):
             return len(batches)
 
         def __getitem__(self, index):
-            return batches[index]
+            return batches[index] if warp is None else warp(*batches.draw(index))
 
         def on_epoch_end(self):
             batches.on_epoch_end()
 
     return Feed(workers=workers, max_queue_size=16)
+
+
+def compiled(keras, fn):
+    """fn (keras.ops code) compiled by the backend's own compiler: jax.jit, or tf.function with XLA;
+    torch runs it eagerly. A new input shape compiles again, so callers keep the shape fixed."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+        return jax.jit(fn)
+    if backend == "tensorflow":
+        import tensorflow as tf  # TF backend only
+        return tf.function(fn, jit_compile=True)
+    return fn
+
+
+def device_warp(keras, batches):
+    """data.warp_device compiled for the accelerator, and run once on a batch of this shape before fit
+    (so the first epoch's speed does not include the compile)."""
+    warp = compiled(keras, data.warp_device)
+    x, y, colour, affine = batches.draw(0)
+    keras.ops.convert_to_numpy(warp(x, y, colour, affine)[1])
+    return warp
 
 
 # --- train(): resume or start, data, model, fit, summary ------------------------------------------
@@ -449,7 +484,7 @@ def load_data(cfg, replicas, epoch):
 
 def build_model(keras, unet, cfg, info, state, paths):
     """The compiled U-Net; on resume, with the weights and optimizer state of last.keras."""
-    model = unet.build_unet(cfg["size"], cfg["filters"], cfg["depth"],
+    model = unet.build_unet(cfg["size"], cfg["filters"], cfg["depth"], upsample=cfg["upsample"], pool=cfg["pool"],
                             encoder=None if cfg["encoder"] == "none" else cfg["encoder"],
                             encoder_weights=None if cfg["encoder_weights"] == "none" else cfg["encoder_weights"])
     unet.compile_model(model, cfg["loss"], cfg["lr"], info["jit"], ema=cfg["ema"])
@@ -524,13 +559,15 @@ def train(cfg):
                   f"images, validating on {data_summary['val']}, {cfg['size']} px, batch {cfg['batch']}; "
                   f"{info['backend']} {info['accelerator']} {info['precision']} jit={info['jit']} "
                   f"distribute={info['distribute']}"
+                  f"{'; augmenting on the ' + info['augment_on'] if info['augment_on'] else ''}"
                   f"{'; sources balanced' if cfg['balance'] else ''}"
                   f"{'; weights averaged, EMA ' + str(cfg['ema']) if cfg['ema'] else ''}"
                   f"{'; starting from ' + cfg['init'] if cfg['init'] else ''}", flush=True)
             verbose = cfg["verbose"] if cfg["verbose"] is not None else (1 if sys.stdout.isatty() else 0)
             workers = cfg["workers"] or os.cpu_count() or 1
+            warp = device_warp(keras, train_batches) if info["augment_on"] == "device" else None
             with scope():
-                model.fit(feed(keras, train_batches, workers),
+                model.fit(feed(keras, train_batches, workers, warp),
                           validation_data=None if per_source else feed(keras, val_batches, workers),
                           epochs=cfg["epochs"], initial_epoch=state["epoch"], verbose=verbose,
                           callbacks=[*([keras.callbacks.SwapEMAWeights()] if cfg["ema"] and not per_source else []),

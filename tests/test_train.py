@@ -264,6 +264,66 @@ def test_jax_data_parallel_over_two_host_devices_matches_one_device(synthetic_da
     assert float(two[-1]["loss"]) < float(two[0]["loss"])
 
 
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_jax_fit_with_device_augmentation_keeps_batches_on_the_device(synthetic_data, tmp_path):
+    # 1. train.py with the accelerator's path (forced here, on the CPU) and matmul up-sampling. (Not
+    #    --pool reshape: XLA:CPU at optimization level 0, used here for speed, miscompiles reduce_max's
+    #    gradient to NaN; test_unet checks that form's gradients at the default level.)
+    # 2. The batches fit's compiled step receives are the very device arrays the warp made: nothing
+    #    copied them to the host and back. A feed that does round-trip them (the negative control) is seen.
+    # 3. The warp on JAX gives the same pixels as Pillow for the same draws (the backend half of the
+    #    parity test, which runs on the default backend in-process).
+    out = str(tmp_path / "run")
+    code = f"""
+import sys; sys.path.insert(0, {ROOT!r})
+import numpy as np, jax, keras, data, train, unet
+rc = train.main({[*TINY, "--data", synthetic_data, "--epochs", "2", "--out", out, "--augment-on", "device",
+                  "--upsample", "matmul", "--verbose", "0"]!r})
+assert rc == 0, rc
+images, masks = data.make_synthetic(8, seed=0, size_wh=(32, 32))
+batches = data.Batches(images, masks.astype(np.uint8), 4, drop_remainder=True)
+warp = train.device_warp(keras, batches)
+
+def steps_see(feed_warp):
+    made, seen = [], []
+    def recording(*drawn):
+        out = feed_warp(*drawn)
+        made.append(out[0])
+        return out
+    model = unet.compile_model(unet.build_unet(32, 4, 2))
+    model.make_train_function()
+    step = model.train_function
+    def spy(state, iterator):  # what fit hands its compiled step
+        batch = next(iterator)
+        seen.append(batch[0])
+        return step(state, iter([batch]))
+    model.train_function = spy
+    model.fit(train.feed(keras, batches, 2, recording), epochs=1, verbose=0)
+    return made, seen
+
+def untouched(made, seen):  # every batch the step got is a device array the warp made
+    return len(seen) == 2 and all(isinstance(x, jax.Array) and any(x is m for m in made) for x in seen)
+
+assert untouched(*steps_see(warp))
+assert not untouched(*steps_see(lambda *a: tuple(np.asarray(t) for t in warp(*a))))
+x, y, colour, affine = batches.draw(1)
+xp, yp = data.warp_pillow(x, y[..., 0], colour, affine)
+xd, yd = (np.asarray(t) for t in warp(x, y, colour, affine))
+assert np.abs(xd.astype(int) - xp).max() <= 1 and np.array_equal(yd[..., 0], yp)
+print("ok")
+"""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-1000:] + r.stderr[-3000:]
+    run = run_json(out)
+    assert run["augment_on"] == "device" and run["backend"] == "jax"
+    assert (run["upsample"], run["pool"]) == ("matmul", "max") and len(rows(out)) == 2
+    # A rerun with the stock forms is another network: refused, not resumed into the wrong layout.
+    r = cli(["--data", synthetic_data, "--epochs", "3", "--out", out, *TINY, "--augment-on", "device"], timeout=120,
+            env={**os.environ, "KERAS_BACKEND": "jax"})
+    assert r.returncode == 2 and "upsample 'matmul' -> 'transpose'" in r.stderr
+
+
 def test_a_checkpoint_whose_weights_do_not_load_is_one_line_exit_2(synthetic_data, tmp_path, capsys):
     import zipfile
 
