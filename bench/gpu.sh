@@ -2,14 +2,15 @@
 # The GPU check as one prepared command (README, "Training on a GPU").
 #
 #   bash bench/gpu.sh prepare        # here, on the CPU machine: fill .gpu/ (git-ignored, <= 60 MiB)
-#   bash bench/gpu.sh run [OUT]      # on the GPU machine, with .gpu carried: planned <= 8 minutes
+#   bash bench/gpu.sh run [OUT]      # on the GPU machine, with .gpu carried: a budget of 8 minutes
 #   bash bench/gpu.sh smoke [OUT]    # here: every step of `run` at toy sizes on the CPU, < 3 minutes
 #
 # The GPU machine has Python 3.12, JAX, PyTorch and CUDA but no TensorFlow and no network, and
 # only the working tree travels there (../shared stays behind). So `prepare` brings the keras,
 # namex and optree wheels, the ISIC 2018 pairs resized to 256 px, the 12 full-resolution ISIC
-# 2017 pairs and the PyTorch peer into .gpu/. `run` writes OUT/gpu.json (every figure),
-# OUT/gpu.log, OUT/runs.tar.gz and OUT/best_filters12.keras: 4 files, under the 8 that come back.
+# 2017 pairs and the PyTorch peer into .gpu/ (from ../shared, which `prepare` needs: set SHARED
+# otherwise). `run` writes OUT/gpu.json (every figure, rewritten after each stage), OUT/gpu.log,
+# OUT/runs.tar.gz and the converged OUT/best.keras.part0..2: 6 files, under the 8 that come back.
 # OUT defaults to $GPU_BENCH_OUT, else gpu-out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ OUT=${2:-${GPU_BENCH_OUT:-gpu-out}}
 
 case "$cmd" in
 prepare)
+    [ -d "$SHARED/data/isic2018" ] || { echo "error: $SHARED/data/isic2018: not found; prepare copies the real data from ../shared (set SHARED=... to point elsewhere)" >&2; exit 2; }
     rm -rf "$GPU_DIR" && mkdir -p "$GPU_DIR/whl" "$GPU_DIR/data" "$GPU_DIR/peer"
     # The versions this repo is tested with: keras from requirements.txt, its two pure helpers
     # as installed here.
@@ -42,12 +44,16 @@ prepare)
     ;;
 run|smoke)
     mkdir -p "$OUT"
+    export GPU_BENCH_T0=$(date +%s)  # the 8-minute budget counts from here, the peer included
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-bench.XXXXXX")
     trap 'rm -rf "$WORK"' EXIT
     export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
     # JAX grabs 75% of the GPU's memory per process by default; the benchmark's own process still
     # holds that while train.py runs in a child, whose allocator then retries (and logs) ever smaller grabs.
     export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    # The same train step is compiled in several processes (train.py's run, the step stage, the
+    # converged run): JAX's persistent cache lets a later one reuse an earlier compile.
+    export JAX_COMPILATION_CACHE_DIR="$WORK/jax-cache"
     if [ "$cmd" = run ]; then
         [ -d "$GPU_DIR/data/isic2018" ] || { echo "error: $GPU_DIR/data/isic2018: missing; run 'bash bench/gpu.sh prepare' first and carry $GPU_DIR" >&2; exit 2; }
         if ! $PY -c 'import keras' 2>/dev/null; then

@@ -6,9 +6,15 @@
     python bench/gpu_bench.py peer --out peer.json              # the PyTorch peer (own process)
     python bench/gpu_bench.py run --data D --fullres F --out OUT [--peer peer.json] [--tiny]
 
-`run` writes OUT/gpu.json (every figure), OUT/runs.tar.gz (each run's log.csv and run.json, each
-evaluation's summary.json and metrics.csv) and OUT/best_filters12.keras (the default model,
-weights only). Keep KERAS_BACKEND=jax: the GPU machine has no TensorFlow.
+`run` answers the most important question first and rewrites OUT/gpu.json after every stage, so a
+run cut short still says what it found. The stages: (1, gpu.sh) the peer; (2) train.py end to end
+and its ratio to the peer; (3) the step alone in each form (bench/bench_step.py); (4) the feed alone,
+host side and device augmentation; (5) the top device ops of a few steps; (6) a base-32 model trained
+to early stopping with the fastest form, on what is left of the budget, scored on val, test and the
+full-resolution set. It also writes OUT/runs.tar.gz (each run's log.csv and run.json, each
+evaluation's summary.json and metrics.csv) and the converged best.keras (weights only) in parts of
+at most 15 MiB: `cat best.keras.part* > best.keras`. Keep KERAS_BACKEND=jax: the GPU machine has no
+TensorFlow.
 """
 import argparse
 import csv
@@ -28,16 +34,21 @@ from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
 
-# Plain, visible settings. GPU: the real check (<= 8 minutes on one H100). TINY: the same steps
-# at toy sizes, so `gpu.sh smoke` exercises every line on a CPU in well under 3 minutes.
-# The first GPU run (2026-11-27) took 10 minutes with batches (64, 128) and caps 120/150 s; batch 128
-# told nothing batch 64 did not, so one batch size and equal caps keep it inside 8.
-GPU = {"size": 256, "depth": 4, "speed_filters": 32, "batches": (64,), "speed_epochs": 4,
-       "step_iters": 30, "peer_steps": 60, "models": (12, 32), "train_flags": [],
-       "train_cap_s": {12: 120, 32: 120}}
-TINY = {"size": 32, "depth": 2, "speed_filters": 4, "batches": (8,), "speed_epochs": 2, "step_iters": 3,
-        "peer_steps": 3, "models": (12, 4), "train_flags": ["--epochs", "2", "--batch", "8", "--depth", "2"],
-        "train_cap_s": {12: 120, 4: 120}}
+# Plain, visible settings. GPU: the real check, planned for 8 minutes on one H200 (stages past their
+# share are cut short, and the last one, the converged model, gets what is left). TINY: the same
+# stages at toy sizes, so `gpu.sh smoke` runs every line on a CPU in well under 3 minutes.
+GPU = {"size": 256, "depth": 4, "filters": 32, "batch": 64, "speed_epochs": 4, "step_steps": 30,
+       "peer_steps": 60, "profile_steps": 5, "budget_s": 480, "eval_reserve_s": 75, "converged_min_s": 150,
+       "max_epochs": 150, "train_flags": []}
+TINY = {"size": 32, "depth": 2, "filters": 4, "batch": 8, "speed_epochs": 2, "step_steps": 3,
+        "peer_steps": 3, "profile_steps": 2, "budget_s": 150, "eval_reserve_s": 20, "converged_min_s": 10,
+        "max_epochs": 2, "train_flags": ["--batch", "8", "--depth", "2"],
+        # XLA:CPU at optimization level 0 (the smoke's, for speed) turns reduce_max's gradient, so
+        # --pool reshape's, into NaN; at the default level, and on GPUs, it matches MaxPooling2D's.
+        "converged_variant": "stock"}
+# Step variants in the order they matter (a stage cut short keeps the first ones): bench/bench_step.py.
+STEP_VARIANTS = ("stock", "both", "matmul", "reshape", "no_metrics", "torch")
+PART_BYTES = 15 * 2**20  # files come back from the GPU machine up to 16 MiB each: the base-32 model is ~31 MB
 
 
 def log(msg):
@@ -111,83 +122,93 @@ def peer(out, batches, size, steps, script):
 
 
 # -----------------------------------------------------------------------------------------------
-# Speed: the feed alone, the step alone, then train.py's real loop
+# The stages
 
-def feed_rate(images, masks, batch, passes=2):
-    """Images/s of data.Batches with augmentation and no model, on every core (as fit's workers)."""
-    batches = data.Batches(images, masks, batch, augment=True, shuffle=True, seed=0)
-    n, rate = len(batches), 0.0
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        for _ in range(passes):  # the first pass warms the pool and the page cache
-            t = time.perf_counter()
-            for _ in pool.map(batches.__getitem__, range(n)):
-                pass
-            rate = n * batch / (time.perf_counter() - t)
-    return rate
-
-
-def step_rate(size, depth, filters, batch, iters):
-    """Images/s of the compiled train step alone, on a batch already on the device: the model's
-    ceiling inside Keras, with the precision and XLA settings train.py picks for this machine."""
-    import keras
-    import train
-    import unet
-
-    keras.backend.clear_session()
-    cfg = train.config_of({"size": size, "depth": depth, "filters": filters, "batch": batch})
-    _, info = train.setup_backend(keras, unet, cfg)
-    try:
-        model = unet.compile_model(unet.build_unet(size, filters, depth), jit_compile=info["jit"])
-        rng = np.random.default_rng(0)
-        x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-        y = (rng.random((batch, size, size, 1)) > 0.5).astype(np.uint8)
-        if keras.backend.backend() == "jax":
-            import jax
-            x, y = jax.device_put(x), jax.device_put(y)
-        for _ in range(3):  # compile + warm-up
-            model.train_on_batch(x, y)
-        t = time.perf_counter()
-        for _ in range(iters):  # train_on_batch returns host numbers: each step is synced
-            model.train_on_batch(x, y)
-        return iters * batch / (time.perf_counter() - t), info
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
-def train_py_rate(data_dir, size, depth, filters, batch, epochs, out):
-    """train.py's own figure: the median images/s of log.csv from the 2nd epoch on (the 1st compiles)."""
-    import train
-    train.train({"data": data_dir, "size": size, "depth": depth, "filters": filters, "batch": batch, "epochs": epochs,
-                 "patience": 0, "out": out, "fresh": True, "verbose": 0})
+def train_py_rate(data_dir, p, epochs, out, flags=()):
+    """train.py as a user runs it (real JPEGs, augmentation where train.py puts it, callbacks): the
+    median images/s of its log.csv from the 2nd epoch on (the 1st compiles), and every epoch's figure."""
+    cmd = ["--data", data_dir, "--size", str(p["size"]), "--depth", str(p["depth"]), "--filters", str(p["filters"]),
+           "--batch", str(p["batch"]), "--epochs", str(epochs), "--patience", "0", "--out", out, "--fresh",
+           "--verbose", "0", *flags]
+    rc = train_main(cmd)
+    if rc:
+        raise SystemExit(f"train.py {' '.join(cmd)} failed (exit {rc})")
     with open(os.path.join(out, "log.csv")) as f:
-        rates = [float(r["images_per_sec"]) for r in csv.DictReader(f)]
-    return float(np.median(rates[1:] or rates)), rates
+        rows = list(csv.DictReader(f))
+    with open(os.path.join(out, "run.json")) as f:
+        run = json.load(f)
+    rates = [float(r["images_per_sec"]) for r in rows]
+    return {"images_per_s": float(np.median(rates[1:] or rates)), "epochs": rates,
+            "epoch_seconds": [float(r["seconds"]) for r in rows], "augment_on": run.get("augment_on"),
+            "precision": run.get("precision"), "jit": run.get("jit")}
 
 
-# -----------------------------------------------------------------------------------------------
-# Accuracy: train.py and evaluate.py exactly as a user runs them
+def train_main(argv):
+    import train
+    return train.main(argv)
 
-def accuracy(data_dir, fullres, size, filters, flags, cap_s, out):
-    """Train until early stopping (or the time cap: train.py resumes after a kill, and best.keras
-    is complete at every moment), then score val, test and the full-resolution set."""
+
+def feed_rates(images, masks, batch, seconds=3.0):
+    """The feed in its two halves: the host side of the GPU feed (Batches.draw: gather, draws, uint8
+    hand-over; one thread, then one per core) and the device augmentation alone (the compiled
+    keras.ops warp on batches already on the device)."""
+    import keras
+
+    import train
+
+    batches = data.Batches(images, masks, batch, drop_remainder=True, seed=0)
+    n = len(batches)
+
+    def host(threads):
+        done, t = 0, time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            while time.perf_counter() - t < seconds:
+                done += sum(1 for _ in pool.map(batches.draw, range(n)))
+        return round(done * batch / (time.perf_counter() - t), 1)
+
+    result = {"host_1_thread": host(1), f"host_{os.cpu_count()}_threads": host(os.cpu_count())}
+    warp = train.device_warp(keras, batches)
+    on_device = [[keras.ops.convert_to_tensor(a) for a in batches.draw(i)] for i in range(min(n, 8))]
+    done, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        for drawn in on_device:
+            out = warp(*drawn)
+        keras.ops.convert_to_numpy(out[1][:1])  # waits for the device
+        done += len(on_device) * batch
+    result["device_augment"] = round(done / (time.perf_counter() - t), 1)
+    return result
+
+
+def accuracy(data_dir, fullres, p, variant, epochs, cap_s, out):
+    """Train base `filters` at `size` with the fastest step variant until early stopping (or the time
+    cap: train.py resumes after a kill and best.keras is complete at every moment), then score val,
+    test and the full-resolution set with evaluate.py, exactly as a user runs them."""
+    import bench_step
     import evaluate
-    run_dir = os.path.join(out, f"filters{filters}")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", data_dir, "--size", str(size),
-           "--filters", str(filters), "--out", run_dir, "--fresh", "--verbose", "0", *flags]
+    upsample, pool, _ = bench_step.VARIANTS[variant]
+    run_dir = os.path.join(out, "converged")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", data_dir, "--size", str(p["size"]),
+           "--filters", str(p["filters"]), "--upsample", upsample, "--pool", pool, "--epochs", str(epochs),
+           "--out", run_dir, "--fresh", "--verbose", "0", *p["train_flags"]]
     log(" ".join(cmd[1:]))
     t = time.time()
     try:
-        rc = subprocess.run(cmd, timeout=cap_s).returncode
+        rc = subprocess.run(cmd, timeout=max(cap_s, 1)).returncode
     except subprocess.TimeoutExpired:
         rc = "time cap"
-    result = {"train_seconds": round(time.time() - t, 1), "train_exit": rc}
+    result = {"variant": variant, "epochs_planned": epochs, "train_seconds": round(time.time() - t, 1),
+              "train_exit": rc}
     with open(os.path.join(run_dir, "run.json")) as f:
         run = json.load(f)
-    with open(os.path.join(run_dir, "log.csv")) as f:
-        rows = list(csv.DictReader(f))
+    rows = []
+    if os.path.exists(os.path.join(run_dir, "log.csv")):
+        with open(os.path.join(run_dir, "log.csv")) as f:
+            rows = list(csv.DictReader(f))
     result.update(params=run["params"], epochs_done=len(rows), result=run.get("result"),
                   images_per_sec=float(np.median([float(r["images_per_sec"]) for r in rows[1:]] or [0])))
     best = os.path.join(run_dir, "best.keras")
+    if not os.path.exists(best):  # diverged in its first epoch, or cut before one ended: nothing to score
+        return result
     for name, extra in (("val", ["--split", "val"]), ("test", ["--split", "test"]),
                         ("isic2017_fullres", ["--data", fullres, "--split", "all"])):
         eval_dir = os.path.join(run_dir, f"eval_{name}")
@@ -207,18 +228,22 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     work = args.work
     os.environ.setdefault("SKIN_UNET_CACHE", os.path.join(work, "cache"))
-    t_all = time.time()
+    t_all = float(os.environ.get("GPU_BENCH_T0", time.time()))  # gpu.sh's start: the peer counts too
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
     import keras
+
+    import bench_step
     import unet
     report = {"command": " ".join(sys.argv), "tiny": args.tiny, "backend": keras.backend.backend(),
-              "accelerator": unet.accelerator(), "cores": os.cpu_count(), "settings": {
-                  k: v for k, v in p.items() if k != "train_cap_s"}, "seconds": {}}
+              "accelerator": unet.accelerator(), "cpu": bench_step.cpu_info(), "settings": p, "seconds": {}}
     if keras.backend.backend() == "jax":
         import jax
         report["devices"] = [f"{d.platform}:{d.device_kind}" for d in jax.devices()]
         report["versions"] = {"jax": jax.__version__, "keras": keras.__version__}
     report["peer"] = json.load(open(args.peer)) if args.peer and os.path.isfile(args.peer) else {"skipped": "no peer.json"}
-    size, f_speed = p["size"], p["speed_filters"]
+    peer_rate = report["peer"].get(str(p["batch"]), {}).get("images_per_s")
+    shape = (p["size"], p["depth"], p["filters"], p["batch"])
+    left = lambda: p["budget_s"] - (time.time() - t_all)  # noqa: E731
 
     def stage(name):
         report["seconds"][name] = round(time.time() - stage.t, 1)
@@ -227,39 +252,58 @@ def run(args):
                           lambda f: f.write(json.dumps(report, indent=1).encode()), durable=False)
     stage.t = time.time()
 
-    train_set = data.load_split(args.data, "train", size, progress=False)
-    stage("load")
-    report["feed"] = {str(b): round(feed_rate(train_set.images, train_set.masks, b), 1) for b in p["batches"]}
-    log(f"feed alone (augment, {os.cpu_count()} threads): {report['feed']} images/s")
-    stage("feed")
+    # 2. The headline: train.py end to end, as a user runs it, against the peer.
+    report["train_py"] = train_py_rate(args.data, p, p["speed_epochs"], os.path.join(work, "speed"))
+    rate = report["train_py"]["images_per_s"]
+    report["ratio_to_peer"] = round(rate / peer_rate, 3) if peer_rate else None
+    log(f"train.py: {rate:.1f} images/s (epochs {report['train_py']['epochs']}, augment on the "
+        f"{report['train_py']['augment_on']}); peer {peer_rate}; ratio {report['ratio_to_peer']}")
+    stage("train_py")
+
+    # 3. The step alone, each variant, while the budget keeps enough for the converged model; the
+    # stock step also gives (5) the top device ops of a few more steps, with no second compile.
     report["step"] = {}
-    for b in p["batches"]:
-        rate, info = step_rate(size, p["depth"], f_speed, b, p["step_iters"])
-        report["step"][str(b)], report["step_settings"] = round(rate, 1), info
-        log(f"model step alone, batch {b}: {rate:.1f} images/s ({info})")
-    stage("step")
-    report["train_py"], report["ratio_to_peer"], report["train_py_epochs"] = {}, {}, {}
-    for b in p["batches"]:
-        rate, rates = train_py_rate(args.data, size, p["depth"], f_speed, b, p["speed_epochs"],
-                                    os.path.join(work, f"speed_b{b}"))
-        report["train_py"][str(b)], report["train_py_epochs"][str(b)] = round(rate, 1), rates
-        peer_rate = report["peer"].get(str(b), {}).get("images_per_s")
-        report["ratio_to_peer"][str(b)] = round(rate / peer_rate, 3) if peer_rate else None
-        log(f"train.py batch {b}: {rate:.1f} images/s (epochs {rates}); peer {peer_rate}")
-    stage("speed")
+    for variant in STEP_VARIANTS:
+        if left() < p["eval_reserve_s"] + p["converged_min_s"]:
+            report["step"][variant] = {"skipped": f"{left():.0f} s of the budget left"}
+            continue
+        try:
+            r = (bench_step.torch_rate(*shape, p["step_steps"], 3) if variant == "torch" else
+                 bench_step.step_rate(variant, *shape, p["step_steps"], 3,
+                                      profile=p["profile_steps"] if variant == "stock" else 0))
+        except Exception as e:  # one form that fails must not cost the others
+            r = {"skipped": f"failed: {data.one_line(e)}"}
+        report["top_ops"] = r.pop("top_ops", report.get("top_ops"))
+        report["step"][variant] = r
+        log(f"step alone, {variant}: {r.get('images_per_s', r.get('skipped'))} images/s, compile {r.get('compile_s')} s")
+        stage(f"step_{variant}")
+
+    # 4. The feed alone: the host side and the device augmentation, separately.
+    train_set = data.load_split(args.data, "train", p["size"], progress=False)
+    report["feed"] = feed_rates(train_set.images, train_set.masks, p["batch"], seconds=3.0 if not args.tiny else 0.5)
+    log(f"feed alone: {report['feed']} images/s")
     del train_set
-    report["accuracy"] = {}
-    for filters in p["models"]:
-        report["accuracy"][f"filters{filters}"] = accuracy(args.data, args.fullres, size, filters, p["train_flags"],
-                                                           p["train_cap_s"][filters], work)
-        stage(f"accuracy_filters{filters}")
+    stage("feed")
+
+    # 6. The converged model, with the fastest form of the step, on what is left of the budget.
+    timed = {v: r["images_per_s"] for v, r in report["step"].items() if v in ("stock", "both", "matmul", "reshape")
+             and "images_per_s" in r}
+    variant = p.get("converged_variant") or (max(timed, key=timed.get) if timed else "stock")
+    epoch_s = max(report["train_py"]["epoch_seconds"][1:] or report["train_py"]["epoch_seconds"])
+    # train.py's default batch, 16, runs an epoch in up to ~2.5x the speed run's batch-64 time (smaller
+    # kernels, 4x the steps), and the first epoch compiles: plan the cosine schedule to end in time.
+    cap = left() - p["eval_reserve_s"]
+    epochs = int(max(2, min(p["max_epochs"], (cap - 40) / (2.5 * epoch_s))))
+    report["accuracy"] = accuracy(args.data, args.fullres, p, variant, epochs, cap, work)
+    stage("accuracy")
     report["seconds"]["total"] = round(time.time() - t_all, 1)
-    pack(report, work, args.out, p["models"][0])
+    pack(report, work, args.out)
     print(table(report), flush=True)
 
 
-def pack(report, work, out, default_filters):
-    """At most 8 files come back from the GPU machine: gpu.json, one tarball, the default model."""
+def pack(report, work, out):
+    """At most 8 files come back from the GPU machine, each up to 16 MiB: gpu.json, one tarball, and
+    the converged best.keras (weights only) in parts: `cat best.keras.part* > best.keras` joins them."""
     with data.atomic_path(os.path.join(out, "runs.tar.gz")) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for folder, _, files in os.walk(work):
             if "cache" in os.path.relpath(folder, work).split(os.sep):
@@ -269,27 +313,46 @@ def pack(report, work, out, default_filters):
                     path = os.path.join(folder, name)
                     tar.add(path, os.path.relpath(path, work))
     import keras
-    best = os.path.join(work, f"filters{default_filters}", "best.keras")
+    best = os.path.join(work, "converged", "best.keras")
     if os.path.exists(best):  # weights only: the optimizer state would triple the file
-        keras.models.load_model(best, compile=False).save(os.path.join(out, f"best_filters{default_filters}.keras"))
+        whole = os.path.join(work, "best.keras")
+        keras.models.load_model(best, compile=False).save(whole)
+        with open(whole, "rb") as f:
+            for i, chunk in enumerate(iter(lambda: f.read(PART_BYTES), b"")):
+                data.atomic_write(os.path.join(out, f"best.keras.part{i}"), lambda g: g.write(chunk))
     data.atomic_write(os.path.join(out, "gpu.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
 
 
 def table(report):
     """The README's GPU rows, from gpu.json."""
-    lines = [f"devices {report.get('devices')}, backend {report['backend']}, {report['cores']} cores",
-             "| batch | train.py img/s | peer img/s | ratio | feed alone img/s | step alone img/s |",
-             "|---|---|---|---|---|---|"]
-    for b in report["train_py"]:
-        peer_rate = report["peer"].get(b, {}).get("images_per_s", "n/a")
-        lines.append(f"| {b} | {report['train_py'][b]} | {peer_rate} | {report['ratio_to_peer'][b]} "
-                     f"| {report['feed'][b]} | {report['step'][b]} |")
-    lines += ["", "| model | params | epochs | split | images | Dice | thresholded Jaccard |", "|---|---|---|---|---|---|---|"]
-    for name, acc in report["accuracy"].items():
-        for split in ("val", "test", "isic2017_fullres"):
-            s = acc[split]
-            lines.append(f"| {name} | {acc['params'] / 1e6:.2f} M | {acc['epochs_done']} | {split} | {s['images']} "
-                         f"| {s['dice']:.3f} | {s['threshold_jaccard']:.3f} |")
+    s = report["settings"]
+    peer = report["peer"].get(str(s["batch"]), {}).get("images_per_s", "n/a")
+    lines = [f"devices {report.get('devices')}, backend {report['backend']}, host {report.get('cpu')}",
+             f"{s['size']} px, base {s['filters']}, batch {s['batch']}",
+             "", "| what | images/s | vs peer |", "|---|---|---|",
+             f"| train.py end to end (augment on the {report['train_py']['augment_on']}) | "
+             f"{report['train_py']['images_per_s']:.1f} | **{report['ratio_to_peer']}** |",
+             f"| PyTorch peer (bf16, torch.compile, data on the device) | {peer} | 1.0 |"]
+    for variant, r in report["step"].items():
+        if "images_per_s" in r:
+            ratio = f"{r['images_per_s'] / peer:.3f}" if isinstance(peer, (int, float)) else "n/a"
+            lines.append(f"| step alone, {variant} (compile {r['compile_s']} s) | {r['images_per_s']} | {ratio} |")
+        else:
+            lines.append(f"| step alone, {variant} | {r['skipped']} | |")
+    for key, value in report["feed"].items():
+        lines.append(f"| feed alone, {key.replace('_', ' ')} | {value} | |")
+    if isinstance(report.get("top_ops"), list):
+        lines += ["", "| top device op | ms/step | share |", "|---|---|---|"]
+        lines += [f"| `{op['op']}` | {op['ms']} | {op['share']:.1%} |" for op in report["top_ops"][:8]]
+    acc = report["accuracy"]
+    if "val" not in acc:
+        return "\n".join(lines + ["", f"converged: no model ({acc['variant']}, exit {acc['train_exit']})"])
+    lines += ["", f"converged: {acc['variant']}, {acc['epochs_done']} of {acc['epochs_planned']} epochs, "
+              f"{acc['train_seconds']} s, {acc['params'] / 1e6:.2f} M params",
+              "| split | images | Dice | thresholded Jaccard |", "|---|---|---|---|"]
+    for split in ("val", "test", "isic2017_fullres"):
+        lines.append(f"| {split} | {acc[split]['images']} | {acc[split]['dice']:.3f} | "
+                     f"{acc[split]['threshold_jaccard']:.3f} |")
     return "\n".join(lines)
 
 
@@ -322,7 +385,7 @@ def main():
         smoke_data(args.dir)
     elif args.cmd == "peer":
         p = TINY if args.tiny else GPU
-        peer(args.out, p["batches"], p["size"], p["peer_steps"], args.script)
+        peer(args.out, (p["batch"],), p["size"], p["peer_steps"], args.script)
     elif args.cmd == "run":
         run(args)
     else:
