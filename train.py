@@ -5,7 +5,11 @@
     python evaluate.py --weights best.keras
 
 Writes OUT/best.keras (best validation Dice), OUT/last.keras (model + optimizer state, for resuming),
-OUT/log.csv (one row per epoch), OUT/run.json (configuration + data summary + result) and OUT/state.json.
+OUT/log.csv (one row per epoch), OUT/curves.png (the log as a picture), OUT/run.json (configuration +
+data summary + result) and OUT/state.json. --tensorboard DIR adds TensorBoard's event files.
+
+    python train.py --plot runs/a                 # redraw runs/a/curves.png from its log.csv
+    python train.py --plot runs/a runs/b --out .  # several runs in one picture: ./curves.png
 
 Interruption costs nothing: kill it at any moment and rerun the same command; it resumes after the last
 finished epoch. The resume state (epoch, best score, schedule and early-stopping counters, the log rows)
@@ -14,10 +18,13 @@ temp file and renamed into place. A different configuration in the same OUT is r
 """
 import argparse
 import contextlib
+import csv
 import functools
+import importlib.util
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -57,7 +64,7 @@ def parser():
     a("--depth", type=int, default=4, help="number of poolings")
     a("--lr", type=float, default=1e-3)
     a("--seed", type=int, default=0)
-    a("--out", default=".", help="output folder (default: here, so evaluate.py --weights best.keras follows)")
+    a("--out", default=None, help="output folder (default: here, so evaluate.py --weights best.keras follows)")
     a("--loss", choices=["bce_dice", "dice", "bce", "bce_lovasz"], default="bce_dice")
     a("--ema", type=float, default=0.0,
       help="keep a moving average of the weights with this momentum (e.g. 0.995) and validate and save "
@@ -72,7 +79,9 @@ def parser():
       help="imagenet downloads the backbone weights on first use")
     a("--precision", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"], default="auto",
       help="auto: mixed_bfloat16 on a GPU/TPU, float32 on CPU")
-    a("--jit", choices=["auto", "on", "off"], default="auto", help="XLA; auto: on for the JAX and TensorFlow backends")
+    a("--jit", choices=["auto", "on", "off"], default="auto",
+      help="XLA; auto: on for JAX and on an accelerator; TensorFlow on a CPU times both at the start of a long "
+           "run and keeps the faster (a short run: off)")
     a("--distribute", choices=["auto", "none", "mirrored", "data_parallel"], default="auto",
       help="mirrored: tf.distribute (TF backend); data_parallel: keras.distribution (JAX backend)")
     a("--patience", type=int, default=10, help="early stopping after N epochs without val Dice gain; 0: off")
@@ -88,6 +97,10 @@ def parser():
     a("--cache", default=None, help="array cache folder (default: $SKIN_UNET_CACHE or ~/.cache/skin-unet)")
     a("--fresh", action="store_true", help="discard an earlier run in OUT instead of resuming it")
     a("--verbose", type=int, choices=[0, 1, 2], default=None, help="Keras progress: 1 bar, 2 one line (default: 1 on a terminal)")
+    a("--tensorboard", metavar="DIR", default=None,
+      help="also write TensorBoard event files (scalars per epoch) to DIR: tensorboard --logdir DIR")
+    a("--plot", nargs="+", metavar="RUN", default=None,
+      help="only draw: RUN/curves.png from RUN/log.csv; several RUNs: one picture, a line per run, in --out")
     return p
 
 
@@ -123,7 +136,13 @@ def config_of(cfg):
         if not os.path.isfile(cfg["init"]):
             raise data.Error(f"--init {cfg['init']}: file not found")
         cfg["init"] = os.path.abspath(cfg["init"])
-    cfg["out"] = os.path.abspath(cfg["out"])
+    cfg["out"] = os.path.abspath(cfg["out"] or ".")
+    if cfg["tensorboard"]:
+        missing = [m for m in ("tensorboard", "tensorflow") if importlib.util.find_spec(m) is None]
+        if missing:  # checked before anything runs: never a failure mid-run
+            raise data.Error(f"--tensorboard: needs {' and '.join(missing)} (pip install {' '.join(missing)}); "
+                             "TensorFlow writes the event files on every Keras backend")
+        cfg["tensorboard"] = os.path.abspath(cfg["tensorboard"])
     return cfg
 
 
@@ -167,6 +186,79 @@ def write_log(path, rows):
         lines.append(",".join("" if r.get(k) is None else f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k])
                               for k in fields))
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_log(path):
+    """log.csv as rows of numbers (None where a cell is empty), as state["history"] holds them."""
+    try:
+        with open(path, newline="") as f:
+            return [{k: (None if v in ("", None) else int(v) if k == "epoch" else float(v)) for k, v in row.items()}
+                    for row in csv.DictReader(f)]
+    except FileNotFoundError:
+        raise data.Error(f"{path}: not found (a run folder holds log.csv after its first epoch)") from None
+    except (ValueError, csv.Error) as e:
+        raise data.Error(f"{path}: not a train.py log ({data.one_line(e)})") from None
+
+
+def draw_curves(path, runs):
+    """curves.png: loss (train solid, val dashed), val Dice (solid) and IoU (dotted) with each source's
+    val Dice, and the learning rate, per epoch; a ring marks each run's best val Dice. runs: [(name,
+    rows)], one line set per run. matplotlib's object API with the Agg canvas: no pyplot, no window, no
+    global state. The epochs drawn are in the PNG's Description chunk. Written atomically."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(13, 3.6), dpi=100, layout="constrained")
+    loss_ax, score_ax, lr_ax = fig.subplots(1, 3)
+    drawn = {}
+    for i, (name, rows) in enumerate(runs):
+        colour, label = f"C{i}", f"{name}: " if len(runs) > 1 else ""
+        epochs = [r["epoch"] for r in rows]
+        drawn[name or "run"] = len(rows)
+
+        def line(ax, key, style="-", text=None, **kw):
+            points = [(e, r[key]) for e, r in zip(epochs, rows) if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), style, color=kw.pop("color", colour), label=label + (text or key), **kw)
+            return points
+
+        line(loss_ax, "loss", "-", "train loss")
+        line(loss_ax, "val_loss", "--", "val loss")
+        dice = line(score_ax, "val_dice", "-", "val Dice")
+        line(score_ax, "val_iou", ":", "val IoU")
+        sources = [k for k in (rows[0] if rows else {}) if k.startswith("val_dice_")]
+        for j, key in enumerate(sources):
+            line(score_ax, key, "-", key[len("val_dice_"):] + " Dice", color=f"C{len(runs) + i * len(sources) + j}",
+                 linewidth=0.8, alpha=0.8)
+        line(lr_ax, "lr", "-", "lr")
+        if dice:
+            best = max(dice, key=lambda p: p[1])
+            score_ax.plot(*best, "o", color=colour, markerfacecolor="none", markersize=9)
+            score_ax.annotate(f"best {best[1]:.3f}, epoch {best[0]}", best, textcoords="offset points",
+                              xytext=(-6, -14), ha="right", fontsize=8, color=colour)
+    for ax, title in ((loss_ax, "loss"), (score_ax, "validation (per image, > 0.5)"), (lr_ax, "learning rate")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    lr_ax.set_yscale("log")
+    with data.atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", metadata={"Description": json.dumps({"epochs": drawn})})
+    return drawn
+
+
+def plot_command(cfg):
+    """--plot RUN [RUN ...]: draw from log.csv files alone (no Keras): RUN/curves.png for one run, else
+    curves.png in --out (default: here), a line set per run named by its folder."""
+    folders = [os.path.abspath(f) for f in cfg["plot"]]
+    runs = [(os.path.basename(f) or f, read_log(os.path.join(f, "log.csv"))) for f in folders]
+    out = cfg["out"] or (folders[0] if len(folders) == 1 else ".")
+    path = os.path.join(out, "curves.png")
+    drawn = draw_curves(path, runs)
+    print(f"wrote {path} ({', '.join(f'{k}: {n} epochs' for k, n in drawn.items())})")
+    return 0
 
 
 def save_model(model, path, state=None):
@@ -255,6 +347,7 @@ def make_epoch_callback(keras, cfg, state, steps, paths, per_source=None):
         that their state is committed together (inside last.keras) at the end of each epoch.
         Only epoch-level hooks plus on_train_batch_begin: no per-step host syncs (Keras may then
         dispatch batch callbacks asynchronously)."""
+        no_curves = False  # set after the first failed drawing (no matplotlib, a full disk)
 
         def on_epoch_begin(self, epoch, logs=None):
             lr = cosine_lr(cfg, epoch) if cfg["schedule"] == "cosine" else state["lr"]
@@ -317,6 +410,14 @@ def make_epoch_callback(keras, cfg, state, steps, paths, per_source=None):
             if improved:
                 save_best(keras, self.model, cfg, paths, state)
             write_log(paths["log"], state["history"])
+            if not self.no_curves:
+                try:
+                    draw_curves(paths["curves"], [("", state["history"])])
+                except (OSError, ImportError) as e:  # a picture is not worth a run: say so once, go on
+                    self.no_curves = True
+                    print(f"note: {paths['curves']}: not drawn ({data.one_line(e)})", file=sys.stderr)
+            # TensorBoard (after this callback) logs what fit put in logs; add what only this one knows.
+            logs.update({k: v for k, v in row.items() if k.startswith("val_") and v is not None})
             scores = "  ".join(f"{k} {row[k]:.4f}" for k in ("loss", "val_loss", "val_dice", "val_iou",
                                                               *(f"val_dice_{n}" for n in source_names))
                                if row[k] is not None)
@@ -327,12 +428,97 @@ def make_epoch_callback(keras, cfg, state, steps, paths, per_source=None):
 
 
 # --- backend setup ----------------------------------------------------------------------------------
+def accelerator(keras):
+    """'gpu' / 'tpu' when the active backend sees one, else 'cpu' (never imports another backend)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+        return jax.default_backend() if jax.default_backend() in ("gpu", "tpu") else "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf  # TF backend only
+        return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+    if backend == "torch":
+        import torch
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def cpu_info():
+    """The host CPU as run.json and every benchmark record it: {"model", "flags" (of avx2, avx512f,
+    avx512_bf16, amx_tile), "cores"}. Whether XLA helps a CPU step depends on it (docs/training.md)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:  # not Linux
+        pass
+    return {"model": model, "flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags],
+            "cores": os.cpu_count()}
+
+
+def cpu_line():
+    c = cpu_info()
+    return f"{c['model']} ({' '.join(c['flags']) or 'no avx2'}), {c['cores']} cores"
+
+
+# XLA on a CPU: a TensorFlow XLA step was 1.8-2.1x Keras's own on a 2-core AMD EPYC (AVX2) and 0.75x it
+# on a 2-core Intel Xeon (AVX-512). So on a CPU a long run times both on its first batch and keeps the
+# faster; a short one (the probe would cost over ~5% of it) keeps Keras's CPU default, off.
+XLA_PROBE_MIN_STEPS = 500
+XLA_PROBE_STEPS, XLA_PROBE_ROUNDS, XLA_PROBE_MARGIN = 3, 2, 1.05
+
+
+def jit_rule(keras, cfg, accel, mode):
+    """(XLA on?, why) for this backend and machine; (None, why) where only a timed probe can tell."""
+    if cfg["jit"] != "auto":
+        return cfg["jit"] == "on", f"--jit {cfg['jit']}"
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return True, "JAX runs op by op without it"
+    if backend != "tensorflow":
+        return False, f"{backend}: Keras's default"
+    if mode == "mirrored":
+        return False, "XLA cannot reach MirroredStrategy's per-device variables"
+    if accel != "cpu":
+        return True, "on an accelerator XLA fuses batch norm and ReLU into the convolutions"
+    return None, "TensorFlow on a CPU: XLA helps on some CPUs and hurts on others"
+
+
+def probe_jit(keras, cfg, x, y):
+    """Time XLA against TensorFlow's own kernels on this machine: a throwaway copy of the model per
+    setting, one warm-up step (which compiles), then XLA_PROBE_STEPS steps, in XLA_PROBE_ROUNDS
+    interleaved rounds, best of each. XLA only where it wins by XLA_PROBE_MARGIN. (jit, why, rates)."""
+    import unet
+
+    models = {}
+    for jit in (True, False):
+        models[jit] = new_model(unet, cfg)
+        unet.compile_model(models[jit], cfg["loss"], cfg["lr"], jit)
+        models[jit].train_on_batch(x, y)
+    rates = {True: 0.0, False: 0.0}
+    for _ in range(XLA_PROBE_ROUNDS):
+        for jit, model in models.items():
+            t = time.perf_counter()
+            for _ in range(XLA_PROBE_STEPS):
+                model.train_on_batch(x, y)  # synchronous: returns host numbers
+            rates[jit] = max(rates[jit], XLA_PROBE_STEPS * len(x) / (time.perf_counter() - t))
+    del models
+    jit = rates[True] > XLA_PROBE_MARGIN * rates[False]
+    why = f"probe on this CPU: XLA {rates[True]:.1f} vs {rates[False]:.1f} images/s without"
+    return jit, why, {"xla": round(rates[True], 2), "no_xla": round(rates[False], 2)}
+
+
 def setup_backend(keras, unet, cfg):
-    """Resolve precision / jit / distribution for this machine; returns (strategy scope or None, info)."""
-    accel = unet.accelerator()
+    """Resolve precision / jit / distribution for this machine; returns (strategy scope or None, info).
+    info["jit"] is None where train() must probe (jit_rule)."""
+    accel = accelerator(keras)
     backend = keras.backend.backend()
     precision = cfg["precision"] if cfg["precision"] != "auto" else ("mixed_bfloat16" if accel != "cpu" else "float32")
-    jit = {"auto": unet.default_jit(), "on": True, "off": False}[cfg["jit"]]
     keras.mixed_precision.set_global_policy(precision)
     devices = [d for d in keras.distribution.list_devices() if not d.lower().startswith("cpu")] \
         if backend == "jax" else []
@@ -353,8 +539,6 @@ def setup_backend(keras, unet, cfg):
         names = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
         strategy = tf.distribute.MirroredStrategy(names)
         replicas = strategy.num_replicas_in_sync
-        if cfg["jit"] == "auto":
-            jit = False  # XLA cannot reach MirroredStrategy's per-device variable copies (TF known issue)
     elif mode == "data_parallel":
         if backend != "jax":
             raise data.Error(f"--distribute data_parallel needs KERAS_BACKEND=jax (this is {backend})")
@@ -368,8 +552,10 @@ def setup_backend(keras, unet, cfg):
     # Augmentation's pixel work: Pillow threads feed a CPU-bound step easily (over 20x what it takes on
     # the 2-core CPU) but cap a GPU at ~400 images/s (GIL-bound); there, keras.ops on the device.
     augment_on = cfg["augment_on"] if cfg["augment_on"] != "auto" else "host" if accel == "cpu" else "device"
-    return strategy, {"backend": backend, "accelerator": accel, "precision": precision, "jit": jit,
-                      "distribute": mode, "replicas": replicas, "augment_on": augment_on if cfg["augment"] else None}
+    jit, why = jit_rule(keras, cfg, accel, mode)
+    return strategy, {"backend": backend, "accelerator": accel, "cpu": cpu_info(), "precision": precision,
+                      "jit": jit, "jit_reason": why, "distribute": mode, "replicas": replicas,
+                      "augment_on": augment_on if cfg["augment"] else None}
 
 
 def split_evenly(val_set, replicas):
@@ -383,6 +569,15 @@ def split_evenly(val_set, replicas):
         print(f"note: validating on {keep} of {len(val_set.images)} images (a multiple of {replicas} replicas)",
               file=sys.stderr)
     return val_set.images[:keep], val_set.masks[:keep]
+
+
+def tensorboard(keras, cfg):
+    """[keras.callbacks.TensorBoard] with --tensorboard: scalars once per epoch (the loss, Dice and IoU,
+    their val_ forms and each source's val Dice, the learning rate), no graph, no profiling."""
+    if not cfg["tensorboard"]:
+        return []
+    return [keras.callbacks.TensorBoard(cfg["tensorboard"], histogram_freq=0, write_graph=False,
+                                        update_freq="epoch", profile_batch=0)]
 
 
 def feed(keras, batches, workers, warp=None):
@@ -482,11 +677,28 @@ def load_data(cfg, replicas, epoch):
     return train_batches, val_batches, summary, per_source
 
 
+def new_model(unet, cfg):
+    return unet.build_unet(cfg["size"], cfg["filters"], cfg["depth"], upsample=cfg["upsample"], pool=cfg["pool"],
+                           encoder=None if cfg["encoder"] == "none" else cfg["encoder"],
+                           encoder_weights=None if cfg["encoder_weights"] == "none" else cfg["encoder_weights"])
+
+
+def settle_jit(keras, cfg, info, state, batches):
+    """Where jit_rule leaves it to a probe: probe a run long enough to pay for it, else XLA off."""
+    if info["jit"] is not None:
+        return
+    planned = max(cfg["epochs"] - state["epoch"], 0) * len(batches)
+    if planned < XLA_PROBE_MIN_STEPS:
+        info["jit"], info["jit_reason"] = False, f"Keras's CPU default (a run of {planned} steps is too short to probe)"
+        return
+    x, y = batches[0]
+    info["jit"], info["jit_reason"], info["jit_probe"] = probe_jit(keras, cfg, x, y)
+    keras.utils.set_random_seed(cfg["seed"])  # the real model starts where it would have without the probe
+
+
 def build_model(keras, unet, cfg, info, state, paths):
     """The compiled U-Net; on resume, with the weights and optimizer state of last.keras."""
-    model = unet.build_unet(cfg["size"], cfg["filters"], cfg["depth"], upsample=cfg["upsample"], pool=cfg["pool"],
-                            encoder=None if cfg["encoder"] == "none" else cfg["encoder"],
-                            encoder_weights=None if cfg["encoder_weights"] == "none" else cfg["encoder_weights"])
+    model = new_model(unet, cfg)
     unet.compile_model(model, cfg["loss"], cfg["lr"], info["jit"], ema=cfg["ema"])
     if cfg["init"] and not state["epoch"]:  # weights only: fine-tuning starts a fresh optimizer
         try:
@@ -521,7 +733,7 @@ def summarize(state, paths, t_fit):
             "val_iou": best.get("val_iou"),
             "images_per_sec": float(np.median(rates[1:] or rates)) if rates else None,
             "train_seconds": round(time.time() - t_fit, 1), "stopped": state["stopped"],
-            "diverged": state["diverged"], "files": [paths[k] for k in ("best", "last", "log", "run")]}
+            "diverged": state["diverged"], "files": [paths[k] for k in ("best", "last", "log", "curves", "run")]}
 
 
 def train(cfg):
@@ -531,7 +743,7 @@ def train(cfg):
     check_writable(out)
     paths = {k: os.path.join(out, f) for k, f in
              [("best", "best.keras"), ("last", "last.keras"), ("log", "log.csv"), ("run", "run.json"),
-              ("state", "state.json")]}
+              ("state", "state.json"), ("curves", "curves.png")]}
 
     keras = data.import_keras()  # after the flag checks, so bad input fails fast
     import unet
@@ -544,6 +756,7 @@ def train(cfg):
         cfg["precision"] = info["precision"]
         state = resume_or_start(cfg, {k: cfg[k] for k in IDENTITY}, paths)
         train_batches, val_batches, data_summary, per_source = load_data(cfg, info["replicas"], state["epoch"])
+        settle_jit(keras, cfg, info, state, train_batches)
         with scope():
             model = build_model(keras, unet, cfg, info, state, paths)
             if state["epoch"]:
@@ -557,7 +770,7 @@ def train(cfg):
         if not (state["epoch"] >= cfg["epochs"] or state["stopped"]):
             print(f"training {model.name} ({model.count_params() / 1e6:.2f} M params) on {data_summary['train']} "
                   f"images, validating on {data_summary['val']}, {cfg['size']} px, batch {cfg['batch']}; "
-                  f"{info['backend']} {info['accelerator']} {info['precision']} jit={info['jit']} "
+                  f"{info['backend']} {info['accelerator']} {info['precision']} jit={info['jit']} ({info['jit_reason']}) "
                   f"distribute={info['distribute']}"
                   f"{'; augmenting on the ' + info['augment_on'] if info['augment_on'] else ''}"
                   f"{'; sources balanced' if cfg['balance'] else ''}"
@@ -571,7 +784,8 @@ def train(cfg):
                           validation_data=None if per_source else feed(keras, val_batches, workers),
                           epochs=cfg["epochs"], initial_epoch=state["epoch"], verbose=verbose,
                           callbacks=[*([keras.callbacks.SwapEMAWeights()] if cfg["ema"] and not per_source else []),
-                                     make_epoch_callback(keras, cfg, state, len(train_batches), paths, per_source)])
+                                     make_epoch_callback(keras, cfg, state, len(train_batches), paths, per_source),
+                                     *tensorboard(keras, cfg)])
     finally:
         if info["distribute"] == "data_parallel":
             keras.distribution.set_distribution(None)
@@ -597,7 +811,11 @@ def print_summary(s):
 @functools.partial(data.command, interrupted="interrupted: rerun the same command to resume after the last "
                                              "finished epoch")
 def main(argv=None):
-    summary = train(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = vars(parser().parse_args(argv))
+    if cfg["plot"]:
+        return plot_command(cfg)
+    summary = train(argv)
     print_summary(summary)
     return 1 if summary["diverged"] else 0  # diverged: a failure during the run
 

@@ -317,36 +317,13 @@ class IoUScore(PerImageScore):
 
 
 # --- compile -----------------------------------------------------------------------------------------
-def accelerator():
-    """'gpu' / 'tpu' when the active backend sees one, else 'cpu' (never imports another backend)."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-        return jax.default_backend() if jax.default_backend() in ("gpu", "tpu") else "cpu"
-    if backend == "tensorflow":
-        import tensorflow as tf
-        return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
-    if backend == "torch":
-        import torch
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    return "cpu"
-
-
-def default_jit():
-    """XLA on JAX (without jit every op runs eagerly, many times slower) and on TensorFlow: on a GPU
-    it fuses BN/ReLU into the convolutions, and on a CPU a TF XLA train step also beat TF's own
-    kernels (figures in docs/training.md). torch's compile is left off."""
-    return keras.backend.backend() in ("jax", "tensorflow")
-
-
 def compile_model(model, loss="bce_dice", lr=1e-3, jit_compile="auto", steps_per_execution=1, ema=0.0):
-    """Adam + the chosen loss + per-image Dice / IoU; jit_compile "auto" means default_jit().
+    """Adam + the chosen loss + per-image Dice / IoU. jit_compile "auto" is Keras's own choice (XLA on
+    JAX, and on TensorFlow only with an accelerator); train.py decides for itself (train.jit_rule).
     ema > 0: the optimizer also keeps a moving average of the weights with this momentum (on the device,
     inside the train step); train.py validates and saves best.keras with it."""
     if loss not in LOSSES:
         raise ValueError(f"loss {loss!r} is not one of {', '.join(LOSSES)}")
-    if jit_compile == "auto":
-        jit_compile = default_jit()
     optimizer = keras.optimizers.Adam(lr, use_ema=ema > 0, ema_momentum=ema)  # read only when use_ema
     model.compile(optimizer=optimizer, loss=LOSSES[loss],
                   metrics=[DiceScore(), IoUScore()], jit_compile=jit_compile,

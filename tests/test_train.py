@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import data
@@ -23,6 +24,15 @@ TINY = ["--size", "32", "--filters", "4", "--depth", "2", "--batch", "4", "--wor
 def rows(out):
     with open(os.path.join(out, "log.csv")) as f:
         return list(csv.DictReader(f))
+
+
+def curves_epochs(folder, name="curves.png"):
+    """The epochs each run has in a curves picture (train.draw_curves writes them into the PNG)."""
+    from PIL import Image
+
+    with Image.open(os.path.join(folder, name)) as im:
+        assert im.format == "PNG" and im.size[0] > 600
+        return json.loads(im.text["Description"])["epochs"]
 
 
 def cli(args, timeout=300, **kw):
@@ -45,12 +55,14 @@ def test_two_epochs_write_model_log_and_run_json_then_resume(synthetic_data, tmp
     import keras
     best = keras.models.load_model(os.path.join(out, "best.keras"), compile=False)
     assert best.output_shape == (None, 32, 32, 1)
+    assert curves_epochs(out) == {"run": 2}
 
     # same command with more epochs: continues at epoch 3, optimizer state included
     iterations = train.read_state(os.path.join(out, "last.keras"))["epoch"]
     s = train.train(["--data", synthetic_data, "--epochs", "3", "--out", out, *TINY])
     assert s["epochs_done"] == 3 and iterations == 2
     assert [r["epoch"] for r in rows(out)] == ["1", "2", "3"]
+    assert curves_epochs(out) == {"run": 3}  # redrawn after the resume, with the whole history
     # a finished run rerun is a no-op
     assert train.train(["--data", synthetic_data, "--epochs", "3", "--out", out, *TINY])["epochs_done"] == 3
     # another configuration in the same folder is refused (one line), unless --fresh
@@ -227,6 +239,81 @@ def test_steps_per_epoch_caps_training_batches(synthetic_data, tmp_path):
     # The optimizer counts every training step it took; last.keras stores that count.
     model = keras.models.load_model(os.path.join(out, "last.keras"))
     assert int(model.optimizer.iterations.numpy()) == 2 * 2
+
+
+def test_tensorboard_logs_every_epochs_scalars_and_plot_redraws_runs(synthetic_data, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = {}
+    for name, lr in (("a", "0.001"), ("b", "0.003")):
+        runs[name] = str(tmp_path / name)
+        assert train.main(["--data", synthetic_data, "--out", runs[name], *QUICK, "--epochs", "2", "--lr", lr,
+                           "--tensorboard", str(tmp_path / "tb" / name)]) == 0
+    # Read the events back: per epoch, the train and validation scalars and the learning rate.
+    logged = {}
+    for split in ("train", "validation"):
+        events = EventAccumulator(str(tmp_path / "tb" / "a" / split))
+        events.Reload()
+        logged[split] = {tag: [float(e.tensor_proto.float_val[0]) if e.tensor_proto.float_val else
+                               float(np.frombuffer(e.tensor_proto.tensor_content, np.float32)[0])
+                               for e in events.Tensors(tag)] for tag in events.Tags()["tensors"]}
+    log = rows(runs["a"])
+    assert {"epoch_loss", "epoch_dice", "epoch_iou", "epoch_learning_rate"} <= set(logged["train"])
+    assert {"epoch_loss", "epoch_dice", "epoch_iou"} <= set(logged["validation"])
+    assert logged["train"]["epoch_loss"] == pytest.approx([float(r["loss"]) for r in log], rel=1e-4)
+    assert logged["validation"]["epoch_dice"] == pytest.approx([float(r["val_dice"]) for r in log], rel=1e-4)
+    assert logged["train"]["epoch_learning_rate"] == pytest.approx([float(r["lr"]) for r in log], rel=1e-4)
+
+    # --plot: one run redraws its own picture; several make one picture with a line set per run.
+    os.remove(os.path.join(runs["a"], "curves.png"))
+    assert train.main(["--plot", runs["a"]]) == 0 and curves_epochs(runs["a"]) == {"a": 2}
+    both = str(tmp_path / "both")
+    assert train.main(["--plot", runs["a"], runs["b"], "--out", both]) == 0
+    assert curves_epochs(both) == {"a": 2, "b": 2}
+    capsys.readouterr()
+    assert train.main(["--plot", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nothing/log.csv: not found" in err
+
+
+def test_tensorboard_without_its_packages_stops_at_the_start_in_one_line(synthetic_data, tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    out = str(tmp_path / "run")
+    assert train.main(["--data", synthetic_data, "--out", out, *QUICK, "--tensorboard", str(tmp_path / "tb")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --tensorboard: needs tensorboard (pip install tensorboard); TensorFlow writes the "
+                   "event files on every Keras backend")
+    assert not os.path.exists(os.path.join(out, "last.keras"))  # stopped before anything ran
+
+
+def test_xla_on_a_cpu_is_timed_on_long_runs_reported_and_overridden(synthetic_data, tmp_path, monkeypatch, capsys):
+    import keras
+
+    if keras.backend.backend() != "tensorflow" or train.accelerator(keras) != "cpu":
+        pytest.skip("the probe is for TensorFlow on a CPU")
+    base = ["--data", synthetic_data, *TINY, "--no-augment", "--verbose", "0", "--epochs", "2"]
+    # A short run does not pay for the probe: Keras's CPU default, said in the start line and run.json.
+    train.train([*base, "--out", str(tmp_path / "short")])
+    run = run_json(str(tmp_path / "short"))
+    assert run["jit"] is False and "too short to probe" in run["jit_reason"] and "jit_probe" not in run
+    assert "jit=False (Keras's CPU default" in capsys.readouterr().out
+    assert set(run["cpu"]) == {"model", "flags", "cores"} and run["cpu"]["cores"] == os.cpu_count()
+    # A long run (made so here) times both and keeps the faster, by the margin.
+    monkeypatch.setattr(train, "XLA_PROBE_MIN_STEPS", 1)
+    train.train([*base, "--out", str(tmp_path / "long")])
+    run = run_json(str(tmp_path / "long"))
+    rates = run["jit_probe"]
+    assert rates["xla"] > 0 and rates["no_xla"] > 0
+    assert run["jit"] is (rates["xla"] > train.XLA_PROBE_MARGIN * rates["no_xla"])
+    assert run["jit_reason"].startswith("probe on this CPU: XLA")
+    assert f"jit={run['jit']} (probe on this CPU" in capsys.readouterr().out
+    # --jit decides alone, with no probe.
+    for flag, want in (("on", True), ("off", False)):
+        train.train([*base, "--out", str(tmp_path / flag), "--jit", flag])
+        run = run_json(str(tmp_path / flag))
+        assert run["jit"] is want and run["jit_reason"] == f"--jit {flag}" and "jit_probe" not in run
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
