@@ -20,7 +20,6 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "bench"))
 import data  # noqa: E402
 
 
@@ -100,8 +99,8 @@ def main():
     parser.add_argument("--batches", type=int, default=64, help="batches in the feed measurement")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     args = parser.parse_args()
-    from bench_step import cpu_info
-    print(f"{cpu_info()}; size {args.size}, batch {args.batch}")
+    import train  # imports no Keras by itself
+    print(f"{train.cpu_line()}; size {args.size}, batch {args.batch}")
     first = None
     for root in (args.isic2018, args.isic2017):
         try:

@@ -8,8 +8,10 @@ device, for each form of the U-Net (unet.py's up / down), without metrics, and o
 Each variant runs fit on one batch held on the device, handed over by a PyDataset `--steps` times
 per epoch: no host feed, no per-step sync (train_on_batch syncs and copies the logs every step, so it
 understates an asynchronous step). images/s is the median of the epochs after the first; compile_s is
-the first epoch's excess over that. Precision and XLA are what train.py picks on this machine.
-The CPU model and its flags are printed first: a figure without its machine says little.
+the first epoch's excess over that. Precision is train.py's choice for this machine; XLA too
+(`--jit auto`; where train.py would time both, on a TensorFlow CPU, Keras's default: off), or
+`--jit on|off`, or `--jit both` for each variant with and without. The CPU model and its flags are
+printed first: a figure without its machine says little.
 """
 import argparse
 import json
@@ -33,23 +35,6 @@ VARIANTS = {"stock": ("transpose", "max", True), "matmul": ("matmul", "max", Tru
             "no_metrics": ("transpose", "max", False)}
 
 
-def cpu_info():
-    """'model name (avx2 avx512f amx)' from /proc/cpuinfo: which machine made a figure."""
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:
-        pass
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{model} ({' '.join(wanted) or 'no avx2'}), {os.cpu_count()} cores"
-
-
 def build(variant, size, depth, filters, batch, jit=None):
     """(model compiled as train.py compiles it, device-resident x, y, settings) for one variant;
     jit None: train.py's choice for this machine."""
@@ -63,6 +48,8 @@ def build(variant, size, depth, filters, batch, jit=None):
     cfg = train.config_of({"size": size, "depth": depth, "filters": filters, "batch": batch})
     _, info = train.setup_backend(keras, unet, cfg)
     info["jit"] = info["jit"] if jit is None else jit
+    if info["jit"] is None:  # where train.py would probe a long run: Keras's default here (--jit both times both)
+        info["jit"] = False
     model = unet.compile_model(unet.build_unet(size, filters, depth, upsample=upsample, pool=pool),
                                jit_compile=info["jit"])
     if not metrics:
@@ -170,37 +157,42 @@ def main():
     ap.add_argument("--epochs", type=int, default=3, help="the first compiles; the median of the rest counts")
     ap.add_argument("--variants", default="stock,matmul,reshape,both,no_metrics",
                     help=f"comma-separated, of {', '.join(VARIANTS)}, torch")
+    ap.add_argument("--jit", choices=["auto", "on", "off", "both"], default="auto")
     ap.add_argument("--repeat", type=int, default=1, help="run the list this many times (noisy machines)")
     ap.add_argument("--profile", type=int, default=0, help="JAX: also the top ops of this many steps")
     ap.add_argument("--json", default=None, help="also write every figure here")
     args = ap.parse_args()
     keras = data.import_keras()
-    import unet
-    print(f"{cpu_info()}; {keras.backend.backend()} {unet.accelerator()}, Keras {keras.__version__}; "
+    import train
+    print(f"{train.cpu_line()}; {keras.backend.backend()} {train.accelerator(keras)}, Keras {keras.__version__}; "
           f"{args.size} px, base {args.filters}, depth {args.depth}, batch {args.batch}, {args.steps} steps x "
           f"{args.epochs} epochs", flush=True)
     shape = (args.size, args.depth, args.filters, args.batch, args.steps, args.epochs)
+    jits = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}[args.jit]
     results = {}
     for _ in range(args.repeat):
-        for name in args.variants.split(","):
-            r = torch_rate(*shape) if name == "torch" else step_rate(name, *shape)
-            results.setdefault(name, []).append(r)
-            if "skipped" in r:
-                print(f"  {name:11s} skipped: {r['skipped']}", flush=True)
-            else:
-                s = r["settings"]
-                print(f"  {name:11s} {r['images_per_s']:8.1f} images/s  compile {r['compile_s']:5.1f} s  "
-                      f"({s['backend']} {s['precision']} jit={s['jit']})", flush=True)
+        for variant in args.variants.split(","):
+            for jit in [None] if variant == "torch" else jits:
+                name = variant + ("" if args.jit != "both" else "/xla" if jit else "/no_xla")
+                r = torch_rate(*shape) if variant == "torch" else step_rate(variant, *shape, jit=jit)
+                results.setdefault(name, []).append(r)
+                if "skipped" in r:
+                    print(f"  {name:17s} skipped: {r['skipped']}", flush=True)
+                else:
+                    s = r["settings"]
+                    print(f"  {name:17s} {r['images_per_s']:8.1f} images/s  compile {r['compile_s']:5.1f} s  "
+                          f"({s['backend']} {s['precision']} jit={s['jit']})", flush=True)
     best = {k: max((r.get("images_per_s", 0) for r in v)) for k, v in results.items()}
-    if best.get("stock"):
-        print("best of repeats, relative to stock: " + ", ".join(f"{k} {v / best['stock']:.3f}" for k, v in best.items()))
+    first = next(iter(best.values()), 0)
+    if first:
+        print(f"best of repeats, relative to {next(iter(best))}: " + ", ".join(f"{k} {v / first:.3f}" for k, v in best.items()))
     if args.profile:
         ops = step_rate("stock", *shape, profile=args.profile)["top_ops"]
         results["top_ops"] = ops
         for op in ops:
             print(f"  {op['ms']:9.3f} ms/step  {op['share']:6.1%}  {op['op']}")
     if args.json:
-        data.atomic_write(args.json, lambda f: f.write(json.dumps({"cpu": cpu_info(), **results}, indent=1).encode()))
+        data.atomic_write(args.json, lambda f: f.write(json.dumps({"cpu": train.cpu_info(), **results}, indent=1).encode()))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,17 @@
 (a) train.train(): real JPEGs from the array cache, augmentation threads, uint8 batches, all callbacks
     (checkpoints, CSV log, schedule, early stopping), a short validation each epoch; images/s is its
     log.csv figure (training batches from the 2nd step of the epoch to the end of training).
-(b) bare model.fit of the same U-Net (same compile) on in-memory uint8 arrays, no callbacks, measured
-    over the same window. The last epoch of each counts (the first one pays for compilation).
+(b) bare model.fit of the same U-Net with Keras's default compile (XLA off on a CPU-only machine) on
+    in-memory uint8 arrays, no callbacks, measured over the same window. The last epoch of each counts
+    (the first one pays for compilation).
+train.py makes its own XLA decision as a long run would (its probe: a benchmark run is too short to
+trigger it otherwise), so on a CPU where XLA loses the ratio shows whether the probe saw that.
 Prints both and the ratio (goal >= 0.95). Runs (b), (a), (b), (a) and keeps each one's best epoch,
 because on a shared machine the other load changes while it runs.
 """
 import argparse
 import csv
+import json
 import os
 import sys
 import tempfile
@@ -30,7 +34,7 @@ def bare_fit(images, masks, size, batch, filters, epochs, steps):
     import unet
 
     keras.backend.clear_session()
-    model = unet.compile_model(unet.build_unet(size, filters))
+    model = unet.compile_model(unet.build_unet(size, filters))  # jit_compile="auto": Keras's default
     x = images[:steps * batch]
     y = masks[:steps * batch, ..., None].astype(np.float32)
 
@@ -54,9 +58,13 @@ def bare_fit(images, masks, size, batch, filters, epochs, steps):
 
 
 def train_py(args, out):
+    train.XLA_PROBE_MIN_STEPS = 0  # decide XLA as a long run of this shape would
     train.train({"data": args.data, "size": args.size, "batch": args.batch, "filters": args.filters,
                  "epochs": args.epochs, "steps_per_epoch": args.steps, "val_fraction": args.val_fraction,
                  "out": out, "fresh": True, "patience": 0, "verbose": 0})
+    with open(os.path.join(out, "run.json")) as f:
+        run = json.load(f)
+    print(f"  train.py: jit={run['jit']} ({run['jit_reason']})", flush=True)
     with open(os.path.join(out, "log.csv")) as f:
         return float(list(csv.DictReader(f))[-1]["images_per_sec"])
 
@@ -73,6 +81,9 @@ def main():
     p.add_argument("--val-fraction", type=float, default=0.02, help="small: validation is not what is timed")
     args = p.parse_args()
     args.data = os.path.abspath(args.data)
+    if not os.path.isdir(args.data):
+        sys.exit(f"error: {args.data}: data folder not found (give --data)")
+    print(train.cpu_line(), flush=True)
     t0 = time.time()
     arrays = data.load_split(args.data, "train", args.size, val_fraction=args.val_fraction)
     print(f"arrays: {len(arrays.images)} images at {args.size}px from the cache in {time.time() - t0:.1f}s", flush=True)
@@ -87,7 +98,7 @@ def main():
     import keras
     fit, tr = max(fit_rates), max(train_rates)
     print(f"RESULT backend={keras.backend.backend()} size={args.size} batch={args.batch} filters={args.filters} "
-          f"steps={args.steps} cores={os.cpu_count()}: train.py {tr:.2f} images/s, bare fit {fit:.2f} images/s, "
+          f"steps={args.steps} on {train.cpu_line()}: train.py {tr:.2f} images/s, bare fit {fit:.2f} images/s, "
           f"ratio {tr / fit:.3f} (goal >= 0.95); total {time.time() - t0:.0f}s", flush=True)
 
 

@@ -233,9 +233,9 @@ def run(args):
     import keras
 
     import bench_step
-    import unet
+    import train
     report = {"command": " ".join(sys.argv), "tiny": args.tiny, "backend": keras.backend.backend(),
-              "accelerator": unet.accelerator(), "cpu": bench_step.cpu_info(), "settings": p, "seconds": {}}
+              "accelerator": train.accelerator(keras), "cpu": train.cpu_line(), "settings": p, "seconds": {}}
     if keras.backend.backend() == "jax":
         import jax
         report["devices"] = [f"{d.platform}:{d.device_kind}" for d in jax.devices()]
