@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import export  # noqa: E402
+import train  # noqa: E402  (for the CPU line)
 import unet  # noqa: E402
 
 # name: (build_unet kwargs, size MB target, ms target)
@@ -41,6 +42,7 @@ def main():
     parser.add_argument("--presets", default="default,f32,f12_128,f8_128")
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
+    print(train.cpu_line())
     print(f"{'preset':<10}{'params':>10}{'int8 MB':>9}{'target':>8}" +
           "".join(f"{f'ms@{t}thr':>10}" for t in threads) + f"{'target':>8}  verdict")
     for name in args.presets.split(","):
