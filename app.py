@@ -2,8 +2,8 @@
 
     python app.py [--weights best.keras] [--host 127.0.0.1] [--port 7860]
 
-Any model evaluate.py reads works (.keras, a SavedModel folder, a .tflite), through the same
-Predictor and the same preprocessing (evaluate.segment). The page shows the photo with the lesion
+Any model predict.py reads works (.keras, a SavedModel folder, a .tflite), through the same
+Predictor and the same preprocessing (predict.segment). The page shows the photo with the lesion
 tinted and outlined, the mask, the lesion's area, and a threshold slider that re-draws all of it
 from the cached probability map without running the model again; the mask downloads as a PNG at
 the photo's native size. It serves on 127.0.0.1 only unless --host says otherwise, sends no
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 import data
-import evaluate  # the one Predictor and preprocessing path (imports no Keras by itself)
+import predict  # the one Predictor and preprocessing path (imports no Keras by itself)
 
 DISPLAY_MAX = 1024  # px, long side of the images sent to the browser (the mask file is native)
 DEFAULT_THRESHOLD = 0.5
@@ -102,8 +102,8 @@ def render(state, threshold, folder):
     mask = state["prob"] > threshold
     small_mask = state["small_prob"] > threshold
     # The overlay is drawn on the display-size copy: the slider stays fast on a 24 MP photo.
-    shown = evaluate.overlay(state["small_image"], small_mask, state["small_prob"])
-    stats = evaluate.lesion_stats(mask, state["prob"])
+    shown = predict.overlay(state["small_image"], small_mask, state["small_prob"])
+    stats = predict.lesion_stats(mask, state["prob"])
     path = _write_mask(mask, folder, state["name"])
     return shown, small_mask.astype(np.uint8) * 255, _stats_text(stats, threshold), path
 
@@ -126,7 +126,7 @@ def analyse(predictor, path, threshold=DEFAULT_THRESHOLD, folder=None):
         # data.py names the (temporary, server-side) file path; the visitor knows it by its name.
         message = data.one_line(e).replace(path, shown_name)
         return None, None, f"⚠️ {message}", None, None
-    prob, _ = evaluate.segment(predictor, image, threshold)
+    prob, _ = predict.segment(predictor, image, threshold)
     small_hw = _display_size(*image.shape[:2])
     state = {"prob": prob, "name": os.path.splitext(shown_name)[0] or "photo",
              "small_image": data.resize_image(image, small_hw),
@@ -228,13 +228,13 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.weights is None:
         if not os.path.exists("best.keras"):
-            raise data.Error("best.keras: not found; train one with `python train.py` "
+            raise data.Error("best.keras", "not found; train one with `python train.py` "
                              "(or pass --weights)")
         args.weights = "best.keras"
     elif not os.path.exists(args.weights):
-        raise data.Error(f"{args.weights}: model file not found")
+        raise data.Error(args.weights, "model file not found")
     if not 1 <= args.port <= 65535:
-        raise data.Error(f"--port: {args.port} is not a port number (1-65535)")
+        raise data.Error("--port", f"{args.port} is not a port number (1-65535)")
     return args
 
 
@@ -244,8 +244,7 @@ def main(argv=None):
     # Before gradio is imported: it reads these when it loads.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    default_size = evaluate.read_run_json(args.weights).get("size")
-    predictor = LockedPredictor(evaluate.load_predictor(args.weights, args.size, default_size))
+    predictor = LockedPredictor(predict.load_predictor(args.weights, args.size))
 
     folder = tempfile.mkdtemp(prefix="skin-unet-app-")
     try:

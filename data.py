@@ -11,6 +11,7 @@ import contextlib
 import csv
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -65,13 +66,15 @@ def import_keras():
 # One way to fail, for every module and command line
 
 class Error(Exception):
-    """A problem the user can act on, in one line: "<file or flag>: <problem>". A command line
-    prints it as `error: <message>` and exits with exit_code: 2 for bad input or flags (the
-    default), 1 for a failure during the run (an export that fails its checks, say)."""
+    """A problem the user can act on, in one line: `file` (a path, or the flag at fault) and
+    `problem`, read together as "<file>: <problem>". A command line prints it as `error: ...` and
+    exits with exit_code: 2 for bad input or flags (the default), 1 for a failure during the run
+    (an export that fails its checks, say). Reports that list skipped files take the two fields
+    apart, so a file is never named twice."""
 
-    def __init__(self, message, exit_code=2):
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, file, problem, exit_code=2):
+        super().__init__(f"{file}: {problem}")
+        self.file, self.problem, self.exit_code = str(file), problem, exit_code
 
 
 def one_line(e):
@@ -83,7 +86,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises Error (one line, exit 2) instead of printing its usage block."""
 
     def error(self, message):
-        raise Error(message)
+        flag, _, problem = message.partition(": ")  # argparse: "argument --loss: invalid choice: ..."
+        raise Error(flag, problem) if problem else Error(self.prog, message)
 
 
 def command(main, interrupted="interrupted"):
@@ -178,12 +182,12 @@ def lesion_groups(root):
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if not {"lesion_id", "image_id"} <= set(reader.fieldnames or ()):
-                raise Error(f"{path}: needs lesion_id and image_id columns "
+                raise Error(path, "needs lesion_id and image_id columns "
                             f"(has {', '.join(reader.fieldnames or []) or 'none'})")
             return {row["image_id"].strip(): row["lesion_id"].strip() for row in reader
                     if row["image_id"] and row["lesion_id"] and row["lesion_id"].strip()}
     except (UnicodeDecodeError, csv.Error) as e:
-        raise Error(f"{path}: unreadable metadata ({one_line(e)})") from None
+        raise Error(path, f"unreadable metadata ({one_line(e)})") from None
 
 
 def layout_of(root):
@@ -203,10 +207,10 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
     missing folder or one with no recognised layout / no images."""
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise Error(f"{root}: no such folder")
+        raise Error(root, "no such folder")
     layout = layout_of(root)
     if layout is None:
-        raise Error(f"{root}: no known layout (expected ISIC 2016/2017/2018 or HAM10000 "
+        raise Error(root, "no known layout (expected ISIC 2016/2017/2018 or HAM10000 "
                     f"folders, or images/ + masks/)")
     folders = LAYOUTS[layout]
     present = {split for split, img_dir, _ in folders if os.path.isdir(os.path.join(root, img_dir))}
@@ -253,7 +257,7 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
             for path in masks.values():
                 problems.append({"file": path, "problem": "orphan mask (no image with this id)"})
     if not pairs and not problems:
-        raise Error(f"{root}: no images found ({layout} layout)")
+        raise Error(root, f"no images found ({layout} layout)")
     pairs.sort(key=lambda p: p.id)
     return pairs, problems, layout
 
@@ -261,26 +265,27 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
 # -----------------------------------------------------------------------------
 # Decoding and resizing
 
-def open_image(path):
-    """Open an image lazily, turning every way a file can be bad into a one-line Error."""
+def open_image(path, raw=None):
+    """Open an image lazily, turning every way a file can be bad into a one-line Error. raw: the
+    file's bytes, when it lives inside another file (an HDF5 archive); path then only names it."""
     try:
-        if os.path.getsize(path) == 0:
-            raise Error(f"{path}: empty file (0 bytes)")
-        img = Image.open(path)
+        if (os.path.getsize(path) if raw is None else len(raw)) == 0:
+            raise Error(path, "empty file (0 bytes)")
+        img = Image.open(path if raw is None else io.BytesIO(raw))
     except Error:
         raise
     except FileNotFoundError:
-        raise Error(f"{path}: file not found") from None
+        raise Error(path, "file not found") from None
     except Image.DecompressionBombError as e:
-        raise Error(f"{path}: decompression bomb refused ({e})") from None
+        raise Error(path, f"decompression bomb refused ({e})") from None
     except UnidentifiedImageError:
-        raise Error(f"{path}: not an image (Pillow cannot identify it)") from None
+        raise Error(path, "not an image (Pillow cannot identify it)") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise Error(f"{path}: truncated or corrupt image ({e})") from None
+        raise Error(path, f"truncated or corrupt image ({e})") from None
     pixels = img.width * img.height
     if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
         img.close()
-        raise Error(f"{path}: decompression bomb refused ({img.width}x{img.height} = {pixels} "
+        raise Error(path, f"decompression bomb refused ({img.width}x{img.height} = {pixels} "
                     f"pixels > Pillow's limit {Image.MAX_IMAGE_PIXELS})")
     return img
 
@@ -291,7 +296,7 @@ def _decode(img, path, mode=None):
         img = ImageOps.exif_transpose(img)
         return img.convert(mode) if mode and img.mode != mode else img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise Error(f"{path}: truncated or corrupt image ({e})") from None
+        raise Error(path, f"truncated or corrupt image ({e})") from None
 
 
 def _orientation(img):
@@ -301,13 +306,16 @@ def _orientation(img):
         return 1
 
 
-def _read_image(path, min_size=None):
+SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the picture on its side
+
+
+def _read_image(path, min_size=None, raw=None):
     """(uint8 HxWx3 RGB, native (h, w) after EXIF rotation). With min_size=(h, w), JPEG draft
     mode decodes at 1/2, 1/4 or 1/8 scale as long as the result stays >= min_size: a 6700 px
     ISIC original then decodes ~10x faster, and the resize that follows antialiases anyway."""
-    img = open_image(path)
+    img = open_image(path, raw)
     w, h = img.size
-    rotated = _orientation(img) in (5, 6, 7, 8)  # EXIF orientations that swap width and height
+    rotated = _orientation(img) in SWAPS_SIDES
     if min_size is not None and img.format == "JPEG":
         want_h, want_w = min_size
         img.draft("RGB", (want_h, want_w) if rotated else (want_w, want_h))
@@ -315,9 +323,9 @@ def _read_image(path, min_size=None):
     return np.asarray(img), ((w, h) if rotated else (h, w))
 
 
-def load_image(path, min_size=None):
-    """uint8 (H, W, 3) RGB with EXIF orientation applied (see _read_image for min_size)."""
-    return _read_image(path, min_size)[0]
+def load_image(path, min_size=None, raw=None):
+    """uint8 (H, W, 3) RGB with EXIF orientation applied (see _read_image for min_size and raw)."""
+    return _read_image(path, min_size, raw)[0]
 
 
 def load_mask(path):
@@ -403,8 +411,8 @@ def _cache_key(pair, size):
     return hashlib.sha1("|".join(parts).encode()).hexdigest()
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+UMASK = os.umask(0)  # read once (setting it is the only way to read it), for files made private by mkstemp
+os.umask(UMASK)
 
 
 @contextlib.contextmanager
@@ -416,7 +424,7 @@ def atomic_path(path, suffix=None, durable=True):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-",
                                suffix=os.path.splitext(path)[1] if suffix is None else suffix)
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private
+    os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp's 0600 would make outputs private
     os.close(fd)
     try:
         yield tmp
@@ -442,7 +450,7 @@ def _load_pair(pair, size, folder):
     try:
         key = _cache_key(pair, size)
     except OSError as e:
-        raise Error(f"{e.filename}: cannot read ({e.strerror})") from None
+        raise Error(e.filename, f"cannot read ({e.strerror})") from None
     path = os.path.join(folder, key[:2], key + ".npy") if folder else None
     if path and os.path.exists(path):
         try:
@@ -454,7 +462,7 @@ def _load_pair(pair, size, folder):
     image, native = _read_image(pair.image, min_size=(size, size))
     mask = load_mask(pair.mask)
     if mask.shape != native:
-        raise Error(f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+        raise Error(pair.mask, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image "
                     f"is {native[1]}x{native[0]}")
     image = resize_image(image, (size, size))
     mask = resize_mask(mask, (size, size)).astype(np.uint8)
@@ -508,8 +516,7 @@ def load_arrays(pairs, size, cache=None, workers=None, strict=False, progress=Tr
             ok[i] = True
             return None
         except Error as e:
-            file, _, problem = str(e).partition(": ")
-            return {"file": file, "problem": problem}
+            return {"file": e.file, "problem": e.problem}
 
     pool = ThreadPoolExecutor(workers or os.cpu_count() or 1)
     try:
@@ -517,7 +524,7 @@ def load_arrays(pairs, size, cache=None, workers=None, strict=False, progress=Tr
             bar.update()
             if problem:
                 if strict:
-                    raise Error(f"{problem['file']}: {problem['problem']}")
+                    raise Error(problem['file'], f"{problem['problem']}")
                 problems.append(problem)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -534,7 +541,7 @@ def load_split(data=None, split="train", size=256, val_fraction=0.1, test_fracti
     no second copy of the union); data=None uses the built-in synthetic set, through exactly the
     same code path as real data."""
     if split not in ("train", "val", "test", "all"):
-        raise Error(f"{split}: unknown split (use train, val, test or all)")
+        raise Error(split, "unknown split (use train, val, test or all)")
     if data is None:
         data = synthetic_dir(cache=cache or None)
     folders = folders_of(data)
@@ -542,11 +549,11 @@ def load_split(data=None, split="train", size=256, val_fraction=0.1, test_fracti
     for folder in folders:
         pairs, found, layout = find_pairs(folder, val_fraction, test_fraction)
         if strict and found:
-            raise Error(f"{found[0]['file']}: {found[0]['problem']}")
+            raise Error(found[0]['file'], f"{found[0]['problem']}")
         picked = [p for p in pairs if split in ("all", p.split)]
         if not picked:
             counts = {s: sum(p.split == s for p in pairs) for s in ("train", "val", "test")}
-            raise Error(f"{folder}: no pairs in split '{split}' ({counts})")
+            raise Error(folder, f"no pairs in split '{split}' ({counts})")
         spans.append((os.path.abspath(folder), layout, picked))
         chosen += picked
         problems += found
@@ -905,11 +912,12 @@ class Batches:
 # -----------------------------------------------------------------------------
 # Command line
 
-def native_hw(path):
-    """(h, w) as displayed (EXIF rotation applied), from the header only: no decode."""
-    with Image.open(path) as img:
+def native_hw(path, raw=None):
+    """(h, w) as displayed (EXIF rotation applied), from the header only: no decode. A bad file
+    is a one-line Error (open_image)."""
+    with open_image(path, raw) as img:
         w, h = img.size
-        return (w, h) if _orientation(img) in (5, 6, 7, 8) else (h, w)
+        return (w, h) if _orientation(img) in SWAPS_SIDES else (h, w)
 
 
 def _report(root, arrays, layout, args):
@@ -946,7 +954,7 @@ def main(argv=None):
     if args.synthetic:
         width = args.size or 384
         if width < 16 or args.count < 1:
-            raise Error(f"{args.synthetic}: --size must be >= 16 and --count >= 1")
+            raise Error(args.synthetic, "--size must be >= 16 and --count >= 1")
         write_synthetic(args.synthetic, args.count, args.seed, (width, round(width * 3 / 4)))
         print(f"wrote {args.count} synthetic pairs ({width}x{round(width * 3 / 4)}) "
               f"to {args.synthetic}")
@@ -955,10 +963,10 @@ def main(argv=None):
         parser.error("give a data folder, or --synthetic OUT")
     args.size = args.size or 256
     if args.size < 1:
-        raise Error(f"{args.size}: --size must be positive")
+        raise Error(f"--size {args.size}", "must be positive")
     pairs, problems, layout = find_pairs(args.dir, args.val_fraction, args.test_fraction)
     if args.strict and problems:
-        raise Error(f"{problems[0]['file']}: {problems[0]['problem']}")
+        raise Error(problems[0]['file'], f"{problems[0]['problem']}")
     arrays = load_arrays(pairs, args.size, cache=args.cache, strict=args.strict,
                          progress=not args.json and sys.stderr.isatty())
     arrays.problems = problems + arrays.problems
@@ -977,7 +985,7 @@ def main(argv=None):
         for p in report["problems"]:
             print(f"  {p['file']}: {p['problem']}")
     if not arrays.pairs:
-        raise Error(f"{args.dir}: no usable pairs")
+        raise Error(args.dir, "no usable pairs")
     return 0
 
 

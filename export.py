@@ -39,7 +39,8 @@ import time
 import numpy as np
 
 import data
-import evaluate  # the same predictors and scorer as evaluate.py (it imports no Keras by itself)
+import evaluate  # the scorer (Dice against the truth)
+import predict  # the one loader and prediction path for every format (imports no Keras by itself)
 
 QUANT_KINDS = ("int8", "float16")
 SAVED_MODEL_ATOL = 1e-5    # SavedModel reload vs Keras, max abs difference
@@ -49,9 +50,9 @@ INT8_MEAN_ATOL = 0.05      # int8: mean abs probability difference (a broken cal
 THRESHOLD = 0.5
 
 
-def failed(message):
+def failed(file, problem):
     """An export that fails one of its checks: a failure during the run, so exit 1 (bad input is 2)."""
-    return data.Error(message, exit_code=1)
+    return data.Error(file, problem, exit_code=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,41 +62,25 @@ def failed(message):
 def check_weights_path(path):
     """Before TensorFlow is imported: a typo fails in a moment, with one line."""
     if not os.path.isfile(path):
-        raise data.Error(f"{path}: model file not found")
+        raise data.Error(path, "model file not found")
     if not path.endswith(".keras"):
-        raise data.Error(f"{path}: expected a .keras model file (train.py's best.keras)")
+        raise data.Error(path, "expected a .keras model file (train.py's best.keras)")
 
 
 def load_model(path):
     """The .keras model, checked to be a segmentation model: one (N, S, S, 3) input, one mask output."""
     check_weights_path(path)
-    keras = data.import_keras()
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as e:  # not a zip, truncated, unknown layer ...
-        raise data.Error(f"{path}: cannot load Keras model ({data.one_line(e)})") from None
+    model = predict.load_keras(path)
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise data.Error(f"{path}: not a segmentation model ({len(model.inputs)} inputs, "
+        raise data.Error(path, f"not a segmentation model ({len(model.inputs)} inputs, "
                          f"{len(model.outputs)} outputs; expected 1 image in, 1 mask out)")
     shape_in, shape_out = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
     if len(shape_in) != 4 or shape_in[-1] != 3:
-        raise data.Error(f"{path}: not a segmentation model (input shape {shape_in}, expected (N, S, S, 3))")
+        raise data.Error(path, f"not a segmentation model (input shape {shape_in}, expected (N, S, S, 3))")
     if len(shape_out) != 4 or shape_out[-1] != 1 or shape_out[1:3] != shape_in[1:3]:
-        raise data.Error(f"{path}: not a segmentation model (output shape {shape_out} for input "
+        raise data.Error(path, f"not a segmentation model (output shape {shape_out} for input "
                          f"{shape_in}, expected one (N, S, S, 1) probability map)")
     return model
-
-
-def model_size(model, run, path):
-    """Square input size: the model's own, else run.json's training size (export needs a fixed one)."""
-    h, w = model.inputs[0].shape[1:3]
-    if h is not None and w is not None:
-        if h != w:
-            raise data.Error(f"{path}: model input is {h}x{w}, expected a square input")
-        return int(h)
-    if run.get("size"):
-        return int(run["size"])
-    raise data.Error(f"{path}: model accepts any input size and no run.json gives the training size")
 
 
 def float32_copy(model):
@@ -188,6 +173,8 @@ def tflite_info(path, threads=1):
 
     interp = Interpreter(model_path=path, num_threads=threads)
     interp.allocate_tensors()
+    # LiteRT has no public call that lists a model's ops (the converter's Analyzer only prints them);
+    # the interpreter's own _get_ops_details is the one that reads them from the file.
     ops = sorted({op["op_name"] for op in interp._get_ops_details()})
     return interp, interp.get_input_details()[0], interp.get_output_details()[0], ops
 
@@ -205,24 +192,24 @@ def check_tflite(path, kind, size, keras_probs, images):
     float_tensors = sum(t["dtype"] == np.float32 for t in interp.get_tensor_details())
     flex = [op for op in ops if op.startswith("Flex") or op == "CUSTOM"]
     if flex:
-        raise failed(f"{name}: needs non-builtin ops {flex} (TF Select / custom)")
+        raise failed(name, f"needs non-builtin ops {flex} (TF Select / custom)")
     want_in = np.uint8 if kind.startswith("int8") else np.float32
     if tuple(inp["shape"]) != (1, size, size, 3) or inp["dtype"] != want_in:
-        raise failed(f"{name}: input is {inp['dtype'].__name__} {tuple(inp['shape'])}, "
+        raise failed(name, f"input is {inp['dtype'].__name__} {tuple(inp['shape'])}, "
                      f"expected {want_in.__name__} (1, {size}, {size}, 3)")
     if tuple(out["shape"]) != (1, size, size, 1) or out["dtype"] != want_in:
-        raise failed(f"{name}: output is {out['dtype'].__name__} {tuple(out['shape'])}, "
+        raise failed(name, f"output is {out['dtype'].__name__} {tuple(out['shape'])}, "
                      f"expected {want_in.__name__} (1, {size}, {size}, 1)")
-    probs = evaluate.load_predictor(path).predict(images)  # the same decoding as evaluate.py
+    probs = predict.load_predictor(path).predict(images)  # the same decoding as predict.py and evaluate.py
     if not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
-        raise failed(f"{name}: output is not a probability map (range {probs.min()}..{probs.max()})")
+        raise failed(name, f"output is not a probability map (range {probs.min()}..{probs.max()})")
     diff = np.abs(probs - keras_probs)
     if kind == "float32" and diff.max() > FLOAT32_ATOL:
-        raise failed(f"{name}: differs from the Keras model by {diff.max():.2g} (> {FLOAT32_ATOL})")
+        raise failed(name, f"differs from the Keras model by {diff.max():.2g} (> {FLOAT32_ATOL})")
     if kind == "float16" and diff.mean() > FLOAT16_MEAN_ATOL:
-        raise failed(f"{name}: differs from the Keras model by {diff.mean():.2g} on average")
+        raise failed(name, f"differs from the Keras model by {diff.mean():.2g} on average")
     if kind == "int8" and diff.mean() > INT8_MEAN_ATOL:
-        raise failed(f"{name}: differs from the Keras model by {diff.mean():.2g} on average "
+        raise failed(name, f"differs from the Keras model by {diff.mean():.2g} on average "
                      "(bad calibration data?)")
     agree = evaluate.image_scores(keras_probs > THRESHOLD, probs > THRESHOLD)["dice"]
     return {"file": name, "size_mb": round(os.path.getsize(path) / 1e6, 3),
@@ -256,7 +243,7 @@ def run_qat(model, train, size, epochs, work, batch=8, lr=1e-5):
     work/model_int8_qat.tflite. Returns the child's summary dict."""
     cfg = model.get_config()
     if any(layer.get("class_name") in ("Functional", "Model", "Sequential") for layer in cfg["layers"]):
-        raise data.Error("--qat supports the plain U-Net only (a pretrained encoder is a nested model)")
+        raise data.Error("--qat", "supports the plain U-Net only (a pretrained encoder is a nested model)")
     qdir = os.path.join(work, "qat")
     os.makedirs(qdir)
     with open(os.path.join(qdir, "graph.json"), "w") as f:
@@ -270,7 +257,7 @@ def run_qat(model, train, size, epochs, work, batch=8, lr=1e-5):
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         errors = [line for line in lines if "Error" in line] or lines or ["no output"]
-        raise failed(f"QAT child process failed: {data.one_line(errors[-1])}")
+        raise failed("--qat", f"the child process failed: {data.one_line(errors[-1])}")
     with open(os.path.join(qdir, "qat.json")) as f:
         summary = json.load(f)
     os.replace(os.path.join(qdir, "model_int8_qat.tflite"), os.path.join(work, "model_int8_qat.tflite"))
@@ -390,7 +377,7 @@ def qat_worker(qdir):
 def check_quantize(quantize):
     bad = [k for k in quantize if k not in QUANT_KINDS]
     if bad:
-        raise data.Error(f"--quantize {','.join(bad)}: unknown (choose from {', '.join(QUANT_KINDS)})")
+        raise data.Error(f"--quantize {','.join(bad)}", f"unknown (choose from {', '.join(QUANT_KINDS)})")
 
 
 def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, threads=(1, 2),
@@ -398,95 +385,43 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
     """Convert, verify, benchmark; publish `out` only when every check passed. Returns the report."""
     check_quantize(quantize)
     started = time.perf_counter()
-    original = load_model(weights)
-    keras = data.import_keras()
-    import tensorflow as tf
-
-    run = evaluate.read_run_json(weights)
-    size = model_size(original, run, weights)
-    model, rebuilt = float32_copy(original)
-    data_dir = data_dir or run.get("data") or None  # one folder, or the list of a multi-source run
-    fractions = {"val_fraction": float(run.get("val_fraction", 0.1)),
-                 "test_fraction": float(run.get("test_fraction", 0.1))}
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
-
-    # One look at the folder: calibration images are a fixed, evenly spaced subset of the training
-    # split; Dice is measured on the validation split (test, then train, when a tiny set has none).
-    roots = data.folders_of(data_dir) or [data.synthetic_dir()]
-    pairs = [p for root in roots for p in data.find_pairs(root, **fractions)[0]]
-    root = ", ".join(roots)
-    train = data.load_arrays([p for p in pairs if p.split == "train"], size, progress=False)
-    if not train.pairs:
-        raise data.Error(f"{root}: no usable training images for calibration")
-    pick = np.linspace(0, len(train.images) - 1, min(calibration, len(train.images))).round().astype(int)
-    calib = train.images[np.unique(pick)]
-    eval_split = next(s for s in ("val", "test", "train") if any(p.split == s for p in pairs))
-    val = data.load_arrays([p for p in pairs if p.split == eval_split], size, progress=False)
-    eval_pairs = val.pairs
-
+    run = predict.read_run_json(weights)
+    model, size, rebuilt = float32_model(weights, run)
+    images = choose_images(run, data_dir, size, calibration)
     out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
-        keras_probs = model.predict(val.images.astype(np.float32), batch_size=8, verbose=0)[..., 0]
-
+        keras_probs = model.predict(images["val"].images.astype(np.float32), batch_size=8, verbose=0)[..., 0]
         log("export: SavedModel")
-        saved = os.path.join(work, "saved_model")
-        write_saved_model(model, size, saved)
-        reloaded = tf.saved_model.load(saved).signatures["serving_default"]
-        sm_probs = np.concatenate([reloaded(image=tf.constant(val.images[i:i + 8], tf.float32))["mask"].numpy()
-                                   for i in range(0, len(val.images), 8)])[..., 0]
-        sm_diff = float(np.abs(sm_probs - keras_probs).max())
-        if sm_diff > SAVED_MODEL_ATOL:
-            raise failed(f"saved_model: reloaded output differs from Keras by {sm_diff:.2g}")
-
-        fixed = os.path.join(work, ".batch1_saved_model")  # conversion input only, removed below
-        write_saved_model(model, size, fixed, batch=1)
-        files = {}
-        for kind in ("float32", *[k for k in QUANT_KINDS if k in quantize]):
-            log(f"export: {kind} TFLite")
-            path = os.path.join(work, f"model_{kind}.tflite")
-            try:
-                blob = convert(fixed, kind, calib if kind == "int8" else None)
-            except Exception as e:
-                raise failed(f"model_{kind}.tflite: conversion failed ({data.one_line(e)})") from None
-            with open(path, "wb") as f:
-                f.write(blob)
-            files[kind] = path
-        shutil.rmtree(fixed)
+        sm_diff = saved_model_step(model, size, work, images["val"].images, keras_probs)
+        files = tflite_step(model, size, work, quantize, images["calibration"], log)
         qat_summary = None
         if qat:
             log(f"export: QAT int8, {qat} epoch(s)")
-            qtrain = train
-            if qat_images and qat_images < len(train.images):
-                keep = np.linspace(0, len(train.images) - 1, qat_images).round().astype(int)
-                qtrain = data.Arrays(pairs=[train.pairs[i] for i in keep], images=train.images[keep],
-                                     masks=train.masks[keep], problems=[])
-            qat_summary = run_qat(model, qtrain, size, qat, work)
+            qat_summary = run_qat(model, subset(images["train"], qat_images), size, qat, work)
             files["int8_qat"] = os.path.join(work, "model_int8_qat.tflite")
-
         rows = {}
-        keras_eval = evaluate.evaluate(evaluate.Predictor(weights, "keras", size, lambda x: model.predict_on_batch(
-            x.astype(np.float32))[..., 0]), eval_pairs, progress=False)
         for kind, path in files.items():
             log(f"export: checking {os.path.basename(path)}")
             # int8_qat was fine-tuned (different weights): sanity checks only, no closeness bound.
-            row = check_tflite(path, kind, size, keras_probs, val.images)
+            row = check_tflite(path, kind, size, keras_probs, images["val"].images)
             row["latency_ms"] = {str(t): latency_ms(path, t, runs=bench_runs) for t in threads}
-            row["dice_vs_truth"] = float(evaluate.evaluate(evaluate.load_predictor(path), eval_pairs,
-                                                           progress=False)["dice"])
+            row["dice_vs_truth"] = dice_vs_truth(predict.load_predictor(path), images["val"].pairs)
             rows[kind] = row
-
+        keras_predictor = predict.Predictor(weights, "keras", size,
+                                            lambda x: model.predict_on_batch(x.astype(np.float32))[..., 0])
         report = {
-            "weights": os.path.abspath(weights), "size": size, "data": data_dir or "synthetic",
-            "eval_split": eval_split, "eval_images": len(val.images), "calibration_images": len(calib),
-            "rebuilt_float32_from_mixed_precision": rebuilt, "threshold": THRESHOLD,
-            "keras": {"dice_vs_truth": float(keras_eval["dice"]), "params": int(model.count_params())},
+            "weights": os.path.abspath(weights), "size": size, "data": images["data"] or "synthetic",
+            "eval_split": images["eval_split"], "eval_images": len(images["val"].images),
+            "calibration_images": len(images["calibration"]), "rebuilt_float32_from_mixed_precision": rebuilt,
+            "threshold": THRESHOLD,
+            "keras": {"dice_vs_truth": dice_vs_truth(keras_predictor, images["val"].pairs),
+                      "params": int(model.count_params())},
             "saved_model": {"path": "saved_model", "signature": "serving_default", "input": "image",
                             "output": "mask", "max_abs_diff_vs_keras": sm_diff},
-            "tflite": rows, "qat": qat_summary, "threads": list(threads),
-            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+            "tflite": rows, "qat": qat_summary, "threads": list(threads), "versions": versions(),
             "seconds": round(time.perf_counter() - started, 1),
         }
         with open(os.path.join(work, "report.json"), "w") as f:
@@ -498,22 +433,97 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
     return report
 
 
+def float32_model(weights, run):
+    """(the model in float32, its square input size, whether it had to be rebuilt from mixed precision)."""
+    original = load_model(weights)
+    size = predict.square_size(tuple(original.inputs[0].shape), weights, None, run.get("size"))
+    model, rebuilt = float32_copy(original)
+    return model, size, rebuilt
+
+
+def choose_images(run, data_dir, size, calibration):
+    """One look at the data: the training split (calibration: a fixed, evenly spaced subset of it;
+    QAT) and the split Dice is measured on (val; test, then train, when a tiny set has none)."""
+    data_dir = data_dir or run.get("data") or None  # one folder, or the list of a multi-source run
+    fractions = {"val_fraction": float(run.get("val_fraction", 0.1)),
+                 "test_fraction": float(run.get("test_fraction", 0.1))}
+    roots = data.folders_of(data_dir) or [data.synthetic_dir()]
+    pairs = [p for root in roots for p in data.find_pairs(root, **fractions)[0]]
+    train = data.load_arrays([p for p in pairs if p.split == "train"], size, progress=False)
+    if not train.pairs:
+        raise data.Error(", ".join(roots), "no usable training images for calibration")
+    pick = np.linspace(0, len(train.images) - 1, min(calibration, len(train.images))).round().astype(int)
+    eval_split = next(s for s in ("val", "test", "train") if any(p.split == s for p in pairs))
+    val = data.load_arrays([p for p in pairs if p.split == eval_split], size, progress=False)
+    return {"data": data_dir, "train": train, "calibration": train.images[np.unique(pick)], "val": val,
+            "eval_split": eval_split}
+
+
+def subset(arrays, n):
+    """At most n evenly spaced images of `arrays` (all of them for n None)."""
+    if not n or n >= len(arrays.images):
+        return arrays
+    keep = np.linspace(0, len(arrays.images) - 1, n).round().astype(int)
+    return data.Arrays(pairs=[arrays.pairs[i] for i in keep], images=arrays.images[keep],
+                       masks=arrays.masks[keep], problems=[])
+
+
+def saved_model_step(model, size, work, images, keras_probs):
+    """work/saved_model, reloaded and checked against Keras; returns the largest difference."""
+    import tensorflow as tf
+
+    saved = os.path.join(work, "saved_model")
+    write_saved_model(model, size, saved)
+    reloaded = tf.saved_model.load(saved).signatures["serving_default"]
+    sm_probs = np.concatenate([reloaded(image=tf.constant(images[i:i + 8], tf.float32))["mask"].numpy()
+                               for i in range(0, len(images), 8)])[..., 0]
+    sm_diff = float(np.abs(sm_probs - keras_probs).max())
+    if sm_diff > SAVED_MODEL_ATOL:
+        raise failed("saved_model", f"reloaded output differs from Keras by {sm_diff:.2g}")
+    return sm_diff
+
+
+def tflite_step(model, size, work, quantize, calibration, log):
+    """{kind: path} of the float32 file and each asked-for quantization, converted from a batch-1
+    SavedModel that is removed afterwards."""
+    fixed = os.path.join(work, ".batch1_saved_model")
+    write_saved_model(model, size, fixed, batch=1)
+    files = {}
+    for kind in ("float32", *[k for k in QUANT_KINDS if k in quantize]):
+        log(f"export: {kind} TFLite")
+        path = os.path.join(work, f"model_{kind}.tflite")
+        try:
+            blob = convert(fixed, kind, calibration if kind == "int8" else None)
+        except Exception as e:
+            raise failed(f"model_{kind}.tflite", f"conversion failed ({data.one_line(e)})") from None
+        with open(path, "wb") as f:
+            f.write(blob)
+        files[kind] = path
+    shutil.rmtree(fixed)
+    return files
+
+
+def dice_vs_truth(predictor, pairs):
+    """Mean Dice against the ground truth at native resolution: evaluate.py's scorer, unchanged."""
+    return float(evaluate.evaluate(predictor, pairs, progress=False)["dice"])
+
+
+def versions():
+    import keras
+    import tensorflow as tf
+    return {"tensorflow": tf.__version__, "keras": keras.__version__}
+
+
 def publish(work, out):
     """Move the finished folder into place; an older export is removed only after the swap."""
     old = None
     if os.path.exists(out):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
         os.replace(out, os.path.join(old, "previous"))
-    os.chmod(work, 0o777 & ~_umask())  # mkdtemp made it private; publish it like a normal folder
+    os.chmod(work, 0o777 & ~data.UMASK)  # mkdtemp made it private; publish it like a normal folder
     os.replace(work, out)
     if old:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def print_table(report, file=sys.stdout):
@@ -554,7 +564,7 @@ def cli(argv):
     try:
         threads = tuple(int(t) for t in args.threads.split(","))
     except ValueError:
-        raise data.Error(f"--threads {args.threads}: expected a comma list of integers") from None
+        raise data.Error(f"--threads {args.threads}", "expected a comma list of integers") from None
     quantize = tuple(k.strip() for k in args.quantize.split(",") if k.strip())
     check_quantize(quantize)
     check_weights_path(args.weights)  # all before TensorFlow is imported

@@ -113,34 +113,34 @@ def config_of(cfg):
         cfg = {**vars(p.parse_args([])), **dict(vars(cfg) if isinstance(cfg, argparse.Namespace) else cfg)}
     for key in ("epochs", "batch", "filters", "depth"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise data.Error(f"--{key.replace('_', '-')} {cfg[key]!r}: must be a positive integer")
+            raise data.Error(f"--{key.replace('_', '-')} {cfg[key]!r}", "must be a positive integer")
     for key in ("patience", "steps_per_epoch", "workers"):
         if cfg[key] < 0:
-            raise data.Error(f"--{key.replace('_', '-')} {cfg[key]}: must be >= 0")
+            raise data.Error(f"--{key.replace('_', '-')} {cfg[key]}", "must be >= 0")
     if not cfg["lr"] > 0:
-        raise data.Error(f"--lr {cfg['lr']}: must be > 0")
+        raise data.Error(f"--lr {cfg['lr']}", "must be > 0")
     if not 0 <= cfg["ema"] < 1:
-        raise data.Error(f"--ema {cfg['ema']}: must be in [0, 1) (0: off)")
+        raise data.Error(f"--ema {cfg['ema']}", "must be in [0, 1) (0: off)")
     if not (0 <= cfg["val_fraction"] < 1 and 0 <= cfg["test_fraction"] < 1
             and cfg["val_fraction"] + cfg["test_fraction"] < 1):
-        raise data.Error(f"--val-fraction {cfg['val_fraction']} / --test-fraction {cfg['test_fraction']}: "
+        raise data.Error(f"--val-fraction {cfg['val_fraction']} / --test-fraction {cfg['test_fraction']}",
                          "each in [0, 1) and together < 1")
     depth = cfg["depth"] if cfg["encoder"] == "none" else 5
     if not (isinstance(cfg["size"], int) and cfg["size"] > 0 and cfg["size"] % 2 ** depth == 0):
         extra = "" if cfg["encoder"] == "none" else f" (encoder {cfg['encoder']} has 5 strides)"
-        raise data.Error(f"--size {cfg['size']}: must be a multiple of 2**depth = {2 ** depth}{extra}")
+        raise data.Error(f"--size {cfg['size']}", f"must be a multiple of 2**depth = {2 ** depth}{extra}")
     cfg["data"] = data_value(cfg["data"])
     if cfg["balance"] and not isinstance(cfg["data"], list):
-        raise data.Error("--balance: needs two or more --data folders")
+        raise data.Error("--balance", "needs two or more --data folders")
     if cfg["init"] is not None:
         if not os.path.isfile(cfg["init"]):
-            raise data.Error(f"--init {cfg['init']}: file not found")
+            raise data.Error(f"--init {cfg['init']}", "file not found")
         cfg["init"] = os.path.abspath(cfg["init"])
     cfg["out"] = os.path.abspath(cfg["out"] or ".")
     if cfg["tensorboard"]:
         missing = [m for m in ("tensorboard", "tensorflow") if importlib.util.find_spec(m) is None]
         if missing:  # checked before anything runs: never a failure mid-run
-            raise data.Error(f"--tensorboard: needs {' and '.join(missing)} (pip install {' '.join(missing)}); "
+            raise data.Error("--tensorboard", f"needs {' and '.join(missing)} (pip install {' '.join(missing)}); "
                              "TensorFlow writes the event files on every Keras backend")
         cfg["tensorboard"] = os.path.abspath(cfg["tensorboard"])
     return cfg
@@ -153,10 +153,10 @@ def data_value(value):
     folders = []
     for folder in data.folders_of(value):
         if not os.path.isdir(folder):
-            raise data.Error(f"{folder}: data folder not found")
+            raise data.Error(folder, "data folder not found")
         folder = os.path.abspath(folder)
         if folder in folders:  # the same images twice would weigh one set double, silently
-            raise data.Error(f"--data {folder}: given twice")
+            raise data.Error(f"--data {folder}", "given twice")
         folders.append(folder)
     return None if not folders else folders[0] if len(folders) == 1 else folders
 
@@ -170,7 +170,7 @@ def check_writable(out):
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise data.Error(f"{out}: output folder is not writable ({e.strerror or e})") from None
+        raise data.Error(out, f"output folder is not writable ({e.strerror or e})") from None
 
 
 # --- files, always written to a temp file beside the target and renamed into place (data.atomic_path) ---
@@ -195,9 +195,9 @@ def read_log(path):
             return [{k: (None if v in ("", None) else int(v) if k == "epoch" else float(v)) for k, v in row.items()}
                     for row in csv.DictReader(f)]
     except FileNotFoundError:
-        raise data.Error(f"{path}: not found (a run folder holds log.csv after its first epoch)") from None
+        raise data.Error(path, "not found (a run folder holds log.csv after its first epoch)") from None
     except (ValueError, csv.Error) as e:
-        raise data.Error(f"{path}: not a train.py log ({data.one_line(e)})") from None
+        raise data.Error(path, f"not a train.py log ({data.one_line(e)})") from None
 
 
 def draw_curves(path, runs):
@@ -533,7 +533,7 @@ def setup_backend(keras, unet, cfg):
     strategy, replicas = None, 1
     if mode == "mirrored":
         if backend != "tensorflow":
-            raise data.Error(f"--distribute mirrored needs KERAS_BACKEND=tensorflow (this is {backend})")
+            raise data.Error("--distribute mirrored", f"needs KERAS_BACKEND=tensorflow (this is {backend})")
         import tensorflow as tf  # TF backend only
         gpus = tf.config.list_logical_devices("GPU")
         names = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
@@ -541,14 +541,14 @@ def setup_backend(keras, unet, cfg):
         replicas = strategy.num_replicas_in_sync
     elif mode == "data_parallel":
         if backend != "jax":
-            raise data.Error(f"--distribute data_parallel needs KERAS_BACKEND=jax (this is {backend})")
+            raise data.Error("--distribute data_parallel", f"needs KERAS_BACKEND=jax (this is {backend})")
         all_devices = keras.distribution.list_devices()
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=all_devices))
         replicas = len(all_devices)
     if cfg["batch"] % replicas:
         if mode == "data_parallel":
             keras.distribution.set_distribution(None)
-        raise data.Error(f"--batch {cfg['batch']}: must be a multiple of the {replicas} replicas")
+        raise data.Error(f"--batch {cfg['batch']}", f"must be a multiple of the {replicas} replicas")
     # Augmentation's pixel work: Pillow threads feed a CPU-bound step easily (over 20x what it takes on
     # the 2-core CPU) but cap a GPU at ~400 images/s (GIL-bound); there, keras.ops on the device.
     augment_on = cfg["augment_on"] if cfg["augment_on"] != "auto" else "host" if accel == "cpu" else "device"
@@ -563,8 +563,8 @@ def split_evenly(val_set, replicas):
     on uneven shards): keep a multiple of `replicas` images (at most replicas - 1 dropped, said once)."""
     keep = len(val_set.images) // replicas * replicas
     if keep == 0:
-        raise data.Error(f"{len(val_set.images)} validation images cannot be split over {replicas} replicas; "
-                         "raise --val-fraction")
+        raise data.Error("--val-fraction", f"{len(val_set.images)} validation images cannot be split over "
+                         f"{replicas} replicas; raise it")
     if keep < len(val_set.images):
         print(f"note: validating on {keep} of {len(val_set.images)} images (a multiple of {replicas} replicas)",
               file=sys.stderr)
@@ -638,7 +638,7 @@ def resume_or_start(cfg, identity, paths):
                                            else earlier[k] != identity[k])]
         if changed:
             diff = [f"{k} {earlier[k]!r} -> {identity[k]!r}" for k in changed]
-            raise data.Error(f"{paths['last']}: holds a run with another configuration ({'; '.join(diff)}); "
+            raise data.Error(paths['last'], f"holds a run with another configuration ({'; '.join(diff)}); "
                              "rerun with --fresh to discard it, or use another --out")
     if state is None:
         state = {"version": 1, "config": identity, "epoch": 0, "best": None, "wait": 0,
@@ -704,13 +704,13 @@ def build_model(keras, unet, cfg, info, state, paths):
         try:
             model.set_weights(keras.models.load_model(cfg["init"], compile=False).get_weights())
         except Exception as e:
-            raise data.Error(f"--init {cfg['init']}: cannot start from its weights ({data.one_line(e)})") from None
+            raise data.Error(f"--init {cfg['init']}", f"cannot start from its weights ({data.one_line(e)})") from None
     if state["epoch"]:
         model.optimizer.build(model.trainable_variables)
         try:
             model.load_weights(paths["last"])
         except Exception as e:  # its state entry reads, its weights do not: damaged or edited by hand
-            raise data.Error(f"{paths['last']}: cannot load its weights to resume ({data.one_line(e)}); "
+            raise data.Error(paths['last'], f"cannot load its weights to resume ({data.one_line(e)}); "
                              "rerun with --fresh to start over") from None
     return model
 

@@ -5,7 +5,7 @@
 
 Runs a default-size U-Net (untrained weights: timing only) on the full-resolution ISIC 2017 images
 (up to 4288x2848): evaluate.evaluate scores each at native size, or with --photos
-evaluate.predict_photos writes each native-size mask, a 1024 px overlay and a predictions.csv row.
+predict.predict_photos writes each native-size mask, a 1024 px overlay and a predictions.csv row.
 Compares the whole run with the model's own inference time on the same images (already decoded
 and resized). Target: ratio <= 1.5.
 """
@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import predict  # noqa: E402
 import train  # noqa: E402  (for the CPU line)
 import unet  # noqa: E402
 
@@ -45,7 +46,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "model.keras")
         unet.build_unet(size=args.size, filters=args.filters).save(weights)
-        predictor = evaluate.load_predictor(weights)
+        predictor = predict.load_predictor(weights)
         predictor.batch = args.batch or predictor.batch
 
         # The model's own time: the same images, already decoded and resized, same batching.
@@ -55,8 +56,8 @@ def main():
 
         def run(selected, i):
             if args.photos:
-                return evaluate.predict_photos(predictor, [q.image for q in selected],
-                                               os.path.join(tmp, f"photos{i}"), progress=False)
+                return predict.predict_photos(predictor, [(q.id, q.image) for q in selected],
+                                              os.path.join(tmp, f"photos{i}"), progress=False)
             masks = os.path.join(tmp, "masks") if args.save_masks else None
             return evaluate.evaluate(predictor, selected, out=os.path.join(tmp, "eval"),
                                      save_masks=masks, progress=False)

@@ -2,8 +2,8 @@
 
     python bench/sweep_val.py --weights best.keras [--data DIR] [--split val]
 
-Predicts every image once without and once with TTA (evaluate.predict_probs, the one prediction
-path), then applies each post-processing (evaluate.postprocess) and threshold to the model-size
+Predicts every image once without and once with TTA (predict.predict_probs, the one prediction
+path), then applies each post-processing (predict.postprocess) and threshold to the model-size
 probabilities, resizes back to the mask's native size and scores as evaluate.py does (per-image
 Dice and the challenge's thresholded Jaccard, mean over images). Choose on val; read test once.
 """
@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import predict  # noqa: E402
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -27,23 +28,26 @@ def main():
     p.add_argument("--data", default=None, help="default: run.json's training data")
     p.add_argument("--split", default="val", choices=("val", "test"))
     args = p.parse_args()
-    run = evaluate.read_run_json(args.weights)
-    root = args.data or run["data"]
-    predictor = evaluate.load_predictor(args.weights, default_size=run.get("size"))
-    pairs, _, _ = data.find_pairs(root, run.get("val_fraction", 0.1), run.get("test_fraction", 0.1))
-    pairs = [q for q in pairs if q.split == args.split]
+    run = predict.read_run_json(args.weights)
+    roots = [args.data] if args.data else data.folders_of(run.get("data"))  # a multi-source run: all of them
+    if not roots:
+        sys.exit(f"error: {args.weights}: no run.json with the training data beside it; give --data DIR")
+    root = ", ".join(roots)
+    predictor = predict.load_predictor(args.weights)
+    pairs = [q for r in roots for q in data.find_pairs(r, run.get("val_fraction", 0.1), run.get("test_fraction", 0.1))[0]
+             if q.split == args.split]
     size = predictor.size
-    images = np.stack([evaluate.model_input(data.load_image(q.image, min_size=(size, size)), size)
+    images = np.stack([predict.model_input(data.load_image(q.image, min_size=(size, size)), size)
                        for q in pairs])
     truths = [data.load_mask(q.mask) for q in pairs]
     scores = {}
     for tta in (False, True):
-        probs = evaluate.predict_probs(predictor, images, tta=tta)
-        for post in evaluate.POST:
+        probs = predict.predict_probs(predictor, images, tta=tta)
+        for post in predict.POST:
             for threshold in THRESHOLDS:
                 rows = []
                 for prob, truth in zip(probs, truths):
-                    small = evaluate.postprocess(prob, threshold, post)
+                    small = predict.postprocess(prob, threshold, post)
                     pred = data.resize_prob(small, truth.shape) > threshold
                     rows.append(evaluate.image_scores(truth, pred))
                 scores[tta, post, threshold] = {k: float(np.mean([r[k] for r in rows]))

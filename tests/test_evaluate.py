@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import predict  # noqa: E402
 
 from isic_challenge_scoring import metrics as official  # noqa: E402
 from isic_challenge_scoring.confusion import create_binary_confusion_matrix  # noqa: E402
@@ -199,7 +200,7 @@ def test_official_segmentation_score_on_files(tmp_path):
         pred = truth ^ (rng.random((h, w)) < 0.15) if i != 3 else np.zeros((h, w), bool)
         image_id = f"ISIC_{i:07d}"
         Image.fromarray(truth.astype(np.uint8) * 255).save(truth_dir / f"{image_id}_segmentation.png")
-        evaluate.save_mask_png(str(pred_dir), image_id, pred)
+        predict.save_mask_png(str(pred_dir), image_id, pred)
         t = data.load_mask(str(truth_dir / f"{image_id}_segmentation.png"))
         p = data.load_mask(str(pred_dir / f"{image_id}_segmentation.png"))
         counts = evaluate.confusion(t, p)
@@ -259,15 +260,15 @@ def test_keras_metrics_agree_with_image_scores():
 def test_tta_averages_identity_and_flips():
     ramp = np.add.outer(np.arange(8), 10 * np.arange(8)).astype(np.float32) / 80
     # A model that ignores its input and outputs a fixed ramp shows each flip being undone.
-    fixed = evaluate.Predictor("ramp", "fake", 8, lambda x: np.repeat(ramp[None], len(x), 0))
+    fixed = predict.Predictor("ramp", "fake", 8, lambda x: np.repeat(ramp[None], len(x), 0))
     images = np.zeros((2, 8, 8, 3), np.uint8)
     expected = (ramp + ramp[:, ::-1] + ramp[::-1]) / 3
-    assert np.allclose(evaluate.predict_probs(fixed, images, tta=True), expected)
+    assert np.allclose(predict.predict_probs(fixed, images, tta=True), expected)
     # A pointwise model commutes with flips: TTA changes nothing.
-    pointwise = evaluate.Predictor("mean", "fake", 8, lambda x: x.mean(-1) / 255)
+    pointwise = predict.Predictor("mean", "fake", 8, lambda x: x.mean(-1) / 255)
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-    assert np.allclose(evaluate.predict_probs(pointwise, images, tta=True),
-                       evaluate.predict_probs(pointwise, images))
+    assert np.allclose(predict.predict_probs(pointwise, images, tta=True),
+                       predict.predict_probs(pointwise, images))
 
 
 # ---------------------------------------------------------------------------- grids and picker
@@ -320,12 +321,12 @@ def models(tmp_path_factory):
 def test_every_model_format_predicts_the_same(models):
     paths, images, expected = models
     for kind, atol in (("keras", 1e-6), ("saved_model", 1e-5), ("tflite", 1e-4), ("int8", 0.06)):
-        predictor = evaluate.load_predictor(paths[kind])
+        predictor = predict.load_predictor(paths[kind])
         assert predictor.size == 32
         probs = predictor.predict(images)
         assert probs.shape == (3, 32, 32) and probs.dtype == np.float32
         assert np.abs(probs - expected).max() <= atol, kind
-    tta = evaluate.predict_probs(evaluate.load_predictor(paths["keras"]), images, tta=True)
+    tta = predict.predict_probs(predict.load_predictor(paths["keras"]), images, tta=True)
     assert tta.shape == (3, 32, 32) and np.all((tta >= 0) & (tta <= 1))
 
 
@@ -454,6 +455,11 @@ def test_bad_image_is_reported_and_skipped(models, synthetic_data, tmp_path, cap
     assert summary["images"] == 21
     assert {p["file"] for p in summary["problems"]} == {broken_image.image, broken_mask.mask,
                                                         wrong_size.mask}
+    # Each skipped file is named once, in its line and in its problem (it was once named twice).
+    for problem in summary["problems"]:
+        assert problem["file"] not in problem["problem"]
+        line = next(line for line in err.splitlines() if line.startswith(f"skipped: {problem['file']}: "))
+        assert line.count(problem["file"]) == 1, line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,7 +494,7 @@ masks_2d = st.integers(1, 14).flatmap(lambda h: st.integers(1, 14).flatmap(
 @settings(max_examples=150, deadline=None)
 @given(masks_2d)
 def test_label_finds_exactly_the_connected_components(mask):
-    labels = evaluate.label(mask)
+    labels = predict.label(mask)
     assert ((labels > 0) == mask).all()
     found = {frozenset(zip(*np.nonzero(labels == k))) for k in np.unique(labels[labels > 0])}
     assert found == _bfs_components(mask)
@@ -498,19 +504,19 @@ def test_label_finds_exactly_the_connected_components(mask):
 @given(masks_2d)
 def test_postprocess_fill_and_largest(mask):
     prob = np.where(mask, 0.9, 0.1).astype(np.float32)
-    filled = evaluate.postprocess(prob, 0.5, "fill") > 0.5
+    filled = predict.postprocess(prob, 0.5, "fill") > 0.5
     assert (filled >= mask).all()  # only adds
-    holes = evaluate.label(~filled)  # every background region left touches the border
+    holes = predict.label(~filled)  # every background region left touches the border
     border = set(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
     assert set(np.unique(holes[holes > 0])) <= border
-    largest = evaluate.postprocess(prob, 0.5, "largest") > 0.5
+    largest = predict.postprocess(prob, 0.5, "largest") > 0.5
     assert (largest <= mask).all()  # only removes
     comps = _bfs_components(mask)
     assert len(_bfs_components(largest)) == min(1, len(comps))
     assert largest.sum() == max((len(c) for c in comps), default=0)
-    both = evaluate.postprocess(prob, 0.5, "fill+largest")
-    assert np.array_equal(evaluate.postprocess(both, 0.5, "fill+largest"), both)  # idempotent
-    assert np.array_equal(evaluate.postprocess(prob, 0.5, "none"), prob)
+    both = predict.postprocess(prob, 0.5, "fill+largest")
+    assert np.array_equal(predict.postprocess(both, 0.5, "fill+largest"), both)  # idempotent
+    assert np.array_equal(predict.postprocess(prob, 0.5, "none"), prob)
 
 
 def test_cli_post_processing_reaches_the_saved_masks(models, synthetic_data, tmp_path, capsys):

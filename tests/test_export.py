@@ -130,11 +130,12 @@ def test_tflite_dtypes_and_builtin_ops_only(exported, name, dtype):
 
 def test_int8_masks_agree_with_keras(exported, trained, synthetic_data):
     import evaluate
+    import predict
 
     images = all_images(synthetic_data)
     keras_masks = trained[1].predict(images.astype(np.float32), verbose=0)[..., 0] > 0.5
     assert keras_masks.mean() > 0.05  # the model found lesions; agreement is not "both empty"
-    probs = evaluate.load_predictor(os.path.join(exported[0], "model_int8.tflite")).predict(images)
+    probs = predict.load_predictor(os.path.join(exported[0], "model_int8.tflite")).predict(images)
     assert np.mean(evaluate.image_scores(keras_masks, probs > 0.5)["dice"]) >= 0.98
     assert exported[1]["tflite"]["int8"]["dice_vs_keras"] >= 0.98
 
@@ -174,7 +175,7 @@ def test_failure_keeps_previous_export(trained, synthetic_data, tmp_path, monkey
     (out / "previous.txt").write_text("keep me")
 
     def broken(path, kind, *args):
-        raise export.failed(f"{os.path.basename(path)}: simulated check failure")
+        raise export.failed(os.path.basename(path), "simulated check failure")
 
     monkeypatch.setattr(export, "check_tflite", broken)  # fails after every file has been written
     with pytest.raises(export.data.Error, match="simulated"):

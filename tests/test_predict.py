@@ -1,11 +1,14 @@
-"""evaluate.py on photos without ground truth: segment / overlay / lesion_stats, the batch path
-(--data photos/ --save-masks out/), mixed folders and bad files."""
+"""predict.py: segment / overlay / lesion_stats, the bulk path (--data photos/ --out masks/), data
+folders, HDF5 archives, reruns that skip finished photos, kills, bad files, all three formats."""
 
 import csv
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import predict  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -27,7 +33,7 @@ def model(tmp_path_factory):
     unet = pytest.importorskip("unet")
     path = str(tmp_path_factory.mktemp("model") / "tiny.keras")
     unet.build_unet(32, filters=4, depth=2).save(path)
-    return path, evaluate.load_predictor(path)
+    return path, predict.load_predictor(path)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +50,8 @@ def photos(tmp_path_factory):
     return str(folder), {"wide": (96, 160), "plain": (96, 160), "rotated": (120, 80)}
 
 
-def _run(argv, capsys):
-    code = evaluate.main([*argv, "--no-progress"])
+def _run(argv, capsys, command=predict):
+    code = command.main([*argv, "--no-progress"])
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     return code, out, err
@@ -67,16 +73,16 @@ def _mask(folder, image_id):
 def test_segment_returns_native_prob_and_thresholded_mask(model):
     _, predictor = model
     image = data.make_synthetic(1, size_wh=(70, 45))[0][0]
-    prob, mask = evaluate.segment(predictor, image, threshold=0.5)
+    prob, mask = predict.segment(predictor, image, threshold=0.5)
     assert prob.shape == mask.shape == (45, 70)
     assert prob.dtype == np.float32 and mask.dtype == bool
     assert np.array_equal(mask, prob > 0.5)
-    _, low = evaluate.segment(predictor, image, threshold=0.0)
+    _, low = predict.segment(predictor, image, threshold=0.0)
     assert np.array_equal(low, prob > 0.0)
-    tta_prob, _ = evaluate.segment(predictor, image, tta=True)
+    tta_prob, _ = predict.segment(predictor, image, tta=True)
     assert tta_prob.shape == (45, 70) and np.all((tta_prob >= 0) & (tta_prob <= 1))
     with pytest.raises(ValueError):
-        evaluate.segment(predictor, image[..., 0])
+        predict.segment(predictor, image[..., 0])
 
 
 @st.composite
@@ -103,7 +109,7 @@ def masks_and_probs(draw):
 @given(masks_and_probs())
 def test_lesion_stats_invariants(case):
     _, prob, mask, threshold = case
-    stats = evaluate.lesion_stats(mask, prob)
+    stats = predict.lesion_stats(mask, prob)
     assert set(stats) == {"area_px", "area_percent", "mean_prob", "width", "height"}
     assert stats["area_px"] == int(mask.sum()) and isinstance(stats["area_px"], int)
     assert 0.0 <= stats["area_percent"] <= 100.0
@@ -120,19 +126,19 @@ def test_lesion_stats_invariants(case):
 @given(masks_and_probs(), st.booleans())
 def test_overlay_changes_only_the_lesion_and_outlines_it(case, with_prob):
     image, prob, mask, _ = case
-    out = evaluate.overlay(image, mask, prob if with_prob else None)
+    out = predict.overlay(image, mask, prob if with_prob else None)
     assert out.shape == image.shape and out.dtype == np.uint8
     # Outside the mask (so also outside any dilation of it) the photo is untouched.
     assert np.array_equal(out[~mask], image[~mask])
     # Every mask pixel touching the background or the frame is drawn in the outline colour.
     padded = np.pad(mask, 1)
     edge = mask & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
-    assert np.all(out[edge] == evaluate.OUTLINE)
+    assert np.all(out[edge] == predict.OUTLINE)
 
 
 def test_overlay_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
-        evaluate.overlay(np.zeros((4, 5, 3), np.uint8), np.zeros((5, 4), bool))
+        predict.overlay(np.zeros((4, 5, 3), np.uint8), np.zeros((5, 4), bool))
 
 
 # ---------------------------------------------------------------------------- the command line
@@ -141,10 +147,9 @@ def test_photos_without_masks(model, photos, tmp_path, capsys):
     weights, predictor = model
     folder, native = photos
     out = tmp_path / "out"
-    code, stdout, err = _run(["--weights", weights, "--data", folder, "--save-masks", str(out)],
-                             capsys)
+    code, stdout, err = _run(["--weights", weights, "--data", folder, "--out", str(out)], capsys)
     assert code == 0, err
-    assert "predicted 3 without" in stdout and "skipped" not in err
+    assert "predicted 3 (0 skipped)" in stdout and "skipped:" not in err
     rows = _rows(out)
     assert set(rows) == set(native)
     files = {f"{i}{suffix}" for i in native for suffix in ("_segmentation.png", "_overlay.jpg")}
@@ -162,38 +167,116 @@ def test_photos_without_masks(model, photos, tmp_path, capsys):
         with Image.open(out / f"{image_id}_overlay.jpg") as o:
             assert (o.height, o.width) == hw
         # One source of truth: the batch path gives exactly what segment() gives a web app.
-        prob, expected = evaluate.segment(predictor, data.load_image(row["file"]))
+        prob, expected = predict.segment(predictor, data.load_image(row["file"]))
         assert np.array_equal(mask == 255, expected)
-        stats = evaluate.lesion_stats(expected, prob)
+        stats = predict.lesion_stats(expected, prob)
         assert float(row["mean_prob"]) == pytest.approx(stats["mean_prob"], abs=1e-6)
+    # --no-overlay: masks and rows only.
+    code, _, _ = _run(["--weights", weights, "--data", folder, "--out", str(tmp_path / "bare"), "--no-overlay"], capsys)
+    assert code == 0 and not [n for n in os.listdir(tmp_path / "bare") if n.endswith("_overlay.jpg")]
 
 
-def test_one_photo_and_folder_without_save_masks(model, photos, tmp_path, capsys):
+def test_one_photo_and_evaluate_points_photos_to_predict(model, photos, tmp_path, capsys):
     weights, _ = model
     folder, native = photos
     photo = os.path.join(folder, "rotated.jpg")
-    code, stdout, _ = _run(["--weights", weights, "--data", photo, "--save-masks",
-                            str(tmp_path / "one")], capsys)
-    assert code == 0 and "predicted 1 without" in stdout
+    code, stdout, _ = _run(["--weights", weights, "--data", photo, "--out", str(tmp_path / "one")], capsys)
+    assert code == 0 and "predicted 1 (0 skipped)" in stdout
     assert list(_rows(tmp_path / "one")) == ["rotated"]
     assert _mask(tmp_path / "one", "rotated").shape == native["rotated"]
-    # Without somewhere to write masks, plain photos are one clear error line.
-    code, _, err = _run(["--weights", weights, "--data", folder], capsys)
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(lines) == 1 and "--save-masks" in lines[0]
+    # evaluate.py scores against masks: plain photos are one clear error line naming predict.py.
+    for data_arg in (folder, photo):
+        code, _, err = _run(["--weights", weights, "--data", data_arg], capsys, command=evaluate)
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and "predict.py" in lines[0] and "no masks" in lines[0]
 
 
-def test_outputs_in_the_photo_folder_are_not_segmented_again(model, photos, tmp_path, capsys):
+def test_rerun_skips_finished_photos_and_overwrite_redoes_them(model, photos, tmp_path, capsys):
     weights, _ = model
     folder = tmp_path / "photos"
     shutil.copytree(photos[0], folder)
-    for _ in range(2):
-        code, stdout, _ = _run(["--weights", weights, "--data", str(folder), "--save-masks",
-                                str(folder)], capsys)
-        assert code == 0 and "predicted 3 without" in stdout
+    argv = ["--weights", weights, "--data", str(folder), "--out", str(folder)]  # outputs beside the photos
+    code, stdout, _ = _run(argv, capsys)
+    assert code == 0 and "predicted 3 (0 skipped)" in stdout  # our own outputs are not photos
+    first = (folder / "predictions.csv").read_text()
+    code, stdout, _ = _run(argv, capsys)
+    assert code == 0 and "3 photos already done" in stdout and "predicted 0 (0 skipped)" in stdout
+    assert (folder / "predictions.csv").read_text() == first
+    # A photo whose mask is gone, and a last row cut short (a kill mid-write), are redone; the rest kept.
+    os.remove(folder / "wide_segmentation.png")
+    lines = first.splitlines(keepends=True)
+    (folder / "predictions.csv").write_text("".join(lines[:-1]) + lines[-1][:10])
+    cut = lines[-1].split(",")[0]
+    code, stdout, _ = _run(argv, capsys)
+    redo = {"wide", cut}
+    assert code == 0 and f"{3 - len(redo)} photos already done" in stdout and f"predicted {len(redo)} " in stdout
+    assert sorted(_rows(folder)) == ["plain", "rotated", "wide"]  # every photo exactly once
+    assert len((folder / "predictions.csv").read_text().splitlines()) == 4
+    code, stdout, _ = _run([*argv, "--overwrite"], capsys)
+    assert code == 0 and "predicted 3 (0 skipped)" in stdout and "already done" not in stdout
+    assert (folder / "predictions.csv").read_text() == first
 
 
-def test_mixed_folder_scores_pairs_and_predicts_the_rest(model, synthetic_data, tmp_path, capsys):
+def test_kill_9_mid_archive_then_rerun_finishes_it_once(model, tmp_path):
+    weights, _ = model
+    folder = tmp_path / "many"
+    folder.mkdir()
+    images, _ = data.make_synthetic(4, seed=3, size_wh=(48, 36))
+    for i in range(240):
+        Image.fromarray(images[i % 4]).save(folder / f"p{i:04d}.jpg", quality=90)
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "predict.py"), "--weights", weights, "--data", str(folder),
+           "--out", str(out), "--no-progress", "--no-overlay"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    csv_path, rows_at_kill, deadline = out / "predictions.csv", 0, time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # wait for real progress, then kill
+        if csv_path.exists():
+            rows_at_kill = len(csv_path.read_text().splitlines()) - 1
+            if rows_at_kill >= 16:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.01)
+    proc.communicate(timeout=60)
+    assert 16 <= rows_at_kill < 240, rows_at_kill  # killed mid-way, not before or after
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "photos already done" in r.stdout
+    ids = [row["image_id"] for row in csv.DictReader(open(csv_path))]
+    assert sorted(ids) == [f"p{i:04d}" for i in range(240)]  # each exactly once, none lost
+    assert len([n for n in os.listdir(out) if n.endswith("_segmentation.png")]) == 240
+
+
+def test_isic_2024_hdf5_archive(model, tmp_path, capsys):
+    h5py = pytest.importorskip("h5py")
+    import io
+
+    weights, predictor = model
+    images, _ = data.make_synthetic(3, seed=4, size_wh=(133, 127))  # SLICE-3D crops are ~130 px
+    archive = tmp_path / "train-image.hdf5"
+    with h5py.File(archive, "w") as f:  # as the challenge ships it: one scalar of JPEG bytes per isic_id
+        for i, image in enumerate(images):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, "JPEG", quality=95)
+            f.create_dataset(f"ISIC_{i:07d}", data=np.void(buffer.getvalue()))
+        f.create_dataset("ISIC_9999999", data=np.void(b"\xff\xd8 not a jpeg"))
+    out = tmp_path / "out"
+    code, stdout, err = _run(["--weights", weights, "--data", str(archive), "--out", str(out)], capsys)
+    assert code == 0 and "predicted 3 (1 skipped)" in stdout, err
+    skipped = [line for line in err.splitlines() if line.startswith("skipped:")]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped: {archive}:ISIC_9999999: ")
+    rows = _rows(out)
+    assert sorted(rows) == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
+    for i, image in enumerate(images):
+        image_id = f"ISIC_{i:07d}"
+        assert rows[image_id]["file"] == f"{archive}:{image_id}"
+        mask = _mask(out, image_id)
+        assert mask.shape == (127, 133)
+        decoded = np.asarray(Image.open(io.BytesIO(h5py.File(archive)[image_id][()].tobytes())).convert("RGB"))
+        assert np.array_equal(mask == 255, predict.segment(predictor, decoded)[1])
+    assert _run(["--weights", weights, "--data", str(tmp_path / "missing.hdf5"), "--out", str(out)], capsys)[0] == 2
+
+
+def test_data_folders_predict_every_image_and_evaluate_skips_the_maskless(model, synthetic_data, tmp_path, capsys):
     weights, _ = model
     root = tmp_path / "data"
     shutil.copytree(synthetic_data, root)
@@ -201,25 +284,18 @@ def test_mixed_folder_scores_pairs_and_predicts_the_rest(model, synthetic_data, 
     lone = pairs[:3]
     for pair in lone:
         os.remove(pair.mask)
-    masks, out = tmp_path / "masks", tmp_path / "eval"
+    # evaluate.py scores the 21 pairs and names the 3 images it cannot score, and where to go.
     code, stdout, err = _run(["--weights", weights, "--data", str(root), "--split", "all",
-                              "--out", str(out), "--save-masks", str(masks)], capsys)
+                              "--out", str(tmp_path / "eval")], capsys, command=evaluate)
     assert code == 0, err
-    assert "scored 21 images with masks; predicted 3 without" in stdout
-    assert "no mask" not in err  # predicted, not reported as skipped
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 21 and summary["predicted"] == 3 and summary["problems"] == []
-    assert set(_rows(masks)) == {p.id for p in lone}
-    names = os.listdir(masks)
-    assert sorted(n for n in names if n.endswith("_segmentation.png")) == \
-        sorted(f"{p.id}_segmentation.png" for p in pairs)
-    assert sorted(n for n in names if n.endswith("_overlay.jpg")) == \
-        sorted(f"{p.id}_overlay.jpg" for p in lone)
-    # Without --save-masks the pairs are scored and the lone images reported, as before.
-    code, _, err = _run(["--weights", weights, "--data", str(root), "--split", "all",
-                         "--out", str(tmp_path / "e2")], capsys)
-    assert code == 0
-    assert all(f"skipped: {p.image}: no mask" in err for p in lone)
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["images"] == 21
+    for p in lone:
+        assert f"skipped: {p.image}: no mask to score against (predict.py" in err
+    # predict.py takes every image of a data folder, masks or not.
+    code, stdout, err = _run(["--weights", weights, "--data", str(root), "--out", str(tmp_path / "masks")], capsys)
+    assert code == 0 and "predicted 24 (0 skipped)" in stdout, err
+    assert set(_rows(tmp_path / "masks")) == {p.id for p in pairs}
 
 
 def test_bad_files_are_skipped_with_one_line(model, photos, tmp_path, capsys):
@@ -231,8 +307,7 @@ def test_bad_files_are_skipped_with_one_line(model, photos, tmp_path, capsys):
     (folder / "text.png").write_text("not an image at all")
     (folder / "empty.jpg").write_bytes(b"")
     out = tmp_path / "out"
-    code, stdout, err = _run(["--weights", weights, "--data", str(folder), "--save-masks",
-                              str(out)], capsys)
+    code, stdout, err = _run(["--weights", weights, "--data", str(folder), "--out", str(out)], capsys)
     assert code == 0, err
     skipped = [line for line in err.splitlines() if line.startswith("skipped:")]
     bad = [str(folder / n) for n in ("empty.jpg", "plain.jpg", "text.png")]
@@ -240,10 +315,10 @@ def test_bad_files_are_skipped_with_one_line(model, photos, tmp_path, capsys):
     for path, line in zip(bad, skipped):
         assert line.startswith(f"skipped: {path}: ") and line.count(path) == 1
     assert set(_rows(out)) == {"wide", "rotated"}
-    assert "predicted 2 without (3 skipped)" in stdout
+    assert "predicted 2 (3 skipped)" in stdout
     # Nothing readable at all: an error, not an empty success.
     code, _, err = _run(["--weights", weights, "--data", str(folder / "empty.jpg"),
-                         "--save-masks", str(tmp_path / "none")], capsys)
+                         "--out", str(tmp_path / "none")], capsys)
     assert code == 1 and err.strip().splitlines()[-1].startswith("error:")
 
 
@@ -260,9 +335,8 @@ def test_saved_model_and_tflite_share_the_path(model, photos, tmp_path, capsys):
     areas = {}
     for name, path in (("keras", weights), ("saved_model", saved), ("tflite", tflite)):
         out = tmp_path / name
-        code, stdout, err = _run(["--weights", path, "--data", folder, "--save-masks", str(out)],
-                                 capsys)
-        assert code == 0 and "predicted 3 without" in stdout, (name, err)
+        code, stdout, err = _run(["--weights", path, "--data", folder, "--out", str(out)], capsys)
+        assert code == 0 and "predicted 3 (0 skipped)" in stdout, (name, err)
         areas[name] = {i: int(r["area_px"]) for i, r in _rows(out).items()}
         assert all(_mask(out, i).shape == hw for i, hw in native.items())
     for name in ("saved_model", "tflite"):
