@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,118 +40,165 @@ import data
 STATE_ENTRY = "skin_unet_state.json"  # extra entry inside last.keras; Keras ignores unknown entries
 LOG_FIELDS = ["epoch", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "lr",
               "images_per_sec", "seconds"]
-# What must match for a rerun to continue an earlier run (epochs, patience, jit, ... may change).
-IDENTITY = ["data", "size", "batch", "filters", "depth", "lr", "seed", "loss", "encoder", "encoder_weights",
-            "precision", "schedule", "val_fraction", "test_fraction", "augment", "steps_per_epoch", "balance",
-            "init", "ema", "upsample", "pool"]
 MIN_LR_FACTOR = 0.01   # cosine decays to 1% of --lr; plateau never goes below it either
 PLATEAU_PATIENCE, PLATEAU_FACTOR = 3, 0.5
+
+
+def defines_run(default):
+    """A setting that defines the run: a rerun into the same --out with another value is refused (the
+    weights would have another shape, or the data stream another order), unless --fresh."""
+    return field(default=default, metadata={"defines_run": True})
+
+
+@dataclass
+class Config:
+    """Every setting of a training run, with its default; parser() gives each its flag and help.
+    Fields made with defines_run are the run's identity; the others (epochs, patience, jit, ...) may
+    change when a run is resumed."""
+    data: list = defines_run(None)  # absolute folders; None: the built-in synthetic set
+    balance: bool = defines_run(False)
+    init: str = defines_run(None)
+    epochs: int = 40
+    size: int = defines_run(256)
+    batch: int = defines_run(16)
+    filters: int = defines_run(12)
+    depth: int = defines_run(4)
+    lr: float = defines_run(1e-3)
+    seed: int = defines_run(0)
+    out: str = None
+    loss: str = defines_run("bce_dice")
+    ema: float = defines_run(0.0)
+    upsample: str = defines_run("transpose")
+    pool: str = defines_run("max")
+    encoder: str = defines_run("none")
+    encoder_weights: str = defines_run("none")
+    precision: str = defines_run("auto")
+    jit: str = "auto"
+    distribute: str = "auto"
+    patience: int = 10
+    schedule: str = defines_run("cosine")
+    val_fraction: float = defines_run(0.1)
+    test_fraction: float = defines_run(0.1)
+    augment: bool = defines_run(True)
+    augment_on: str = "auto"
+    steps_per_epoch: int = defines_run(0)
+    workers: int = 0
+    cache: str = None
+    fresh: bool = False
+    verbose: int = None
+    tensorboard: str = None
+    plot: list = None
+
+    def identity(self):
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("defines_run")}
 
 
 def parser():
     p = data.ArgumentParser(description="Train the skin-lesion U-Net.")
     a = p.add_argument
-    a("--data", action="append", default=None,
+    a("--data", action="append",
       help="data folder (ISIC 2016/2017/2018, HAM10000 or images/ + masks/); repeat to train on several, "
            "each split by its own rules; default: synthetic")
     a("--balance", action="store_true",
       help="with several --data: draw each source equally often (default: each image once per epoch)")
-    a("--init", default=None, help="start from the weights of this .keras, e.g. a model pre-trained on "
-                                   "another set; same --size, --filters, --depth, --encoder")
-    a("--epochs", type=int, default=40)
-    a("--size", type=int, default=256, help="square input size in pixels, a multiple of 2**depth")
-    a("--batch", type=int, default=16)
-    a("--filters", type=int, default=12,
+    a("--init", help="start from the weights of this .keras, e.g. a model pre-trained on another set; same "
+                     "--size, --filters, --depth, --encoder")
+    a("--epochs", type=int)
+    a("--size", type=int, help="square input size in pixels, a multiple of 2**depth")
+    a("--batch", type=int)
+    a("--filters", type=int,
       help="filters of the first level (doubling per level); 32 is the paper-sized network")
-    a("--depth", type=int, default=4, help="number of poolings")
-    a("--lr", type=float, default=1e-3)
-    a("--seed", type=int, default=0)
-    a("--out", default=None, help="output folder (default: here, so evaluate.py --weights best.keras follows)")
-    a("--loss", choices=["bce_dice", "dice", "bce", "bce_lovasz"], default="bce_dice")
-    a("--ema", type=float, default=0.0,
+    a("--depth", type=int, help="number of poolings")
+    a("--lr", type=float)
+    a("--seed", type=int)
+    a("--out", help="output folder (default: here, so evaluate.py --weights best.keras follows)")
+    a("--loss", choices=["bce_dice", "dice", "bce", "bce_lovasz"])
+    a("--ema", type=float,
       help="keep a moving average of the weights with this momentum (e.g. 0.995) and validate and save "
            "best.keras with it; 0: off")
-    a("--upsample", choices=["transpose", "matmul"], default="transpose",
+    a("--upsample", choices=["transpose", "matmul"],
       help="decoder up-sampling: Conv2DTranspose, or the same function as one matmul + pixel shuffle")
-    a("--pool", choices=["max", "reshape"], default="max",
+    a("--pool", choices=["max", "reshape"],
       help="encoder down-sampling: MaxPooling2D, or the same maximum as a reshape + max")
-    a("--encoder", choices=["none", "mobilenetv3", "mobilenetv3small", "mobilenetv3large",
-                            "efficientnetb0", "resnet50"], default="none")
-    a("--encoder-weights", choices=["imagenet", "none"], default="none",
+    a("--encoder", choices=["none", "mobilenetv3", "mobilenetv3small", "efficientnetb0", "resnet50"])
+    a("--encoder-weights", choices=["imagenet", "none"],
       help="imagenet downloads the backbone weights on first use")
-    a("--precision", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"], default="auto",
+    a("--precision", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"],
       help="auto: mixed_bfloat16 on a GPU/TPU, float32 on CPU")
-    a("--jit", choices=["auto", "on", "off"], default="auto",
+    a("--jit", choices=["auto", "on", "off"],
       help="XLA; auto: on for JAX and on an accelerator; TensorFlow on a CPU times both at the start of a long "
            "run and keeps the faster (a short run: off)")
-    a("--distribute", choices=["auto", "none", "mirrored", "data_parallel"], default="auto",
+    a("--distribute", choices=["auto", "none", "mirrored", "data_parallel"],
       help="mirrored: tf.distribute (TF backend); data_parallel: keras.distribution (JAX backend)")
-    a("--patience", type=int, default=10, help="early stopping after N epochs without val Dice gain; 0: off")
-    a("--schedule", choices=["cosine", "plateau"], default="cosine")
-    a("--val-fraction", type=float, default=0.1)
-    a("--test-fraction", type=float, default=0.1)
+    a("--patience", type=int, help="early stopping after N epochs without val Dice gain; 0: off")
+    a("--schedule", choices=["cosine", "plateau"])
+    a("--val-fraction", type=float)
+    a("--test-fraction", type=float)
     a("--no-augment", dest="augment", action="store_false")
-    a("--augment-on", choices=["auto", "host", "device"], default="auto",
+    a("--augment-on", choices=["auto", "host", "device"],
       help="where augmentation's pixel work runs (the random draws are the same): host = Pillow in the feed's "
            "threads, device = keras.ops on the accelerator; auto: device on a GPU/TPU, host on a CPU")
-    a("--steps-per-epoch", type=int, default=0, help="cap training batches per epoch (0: all)")
-    a("--workers", type=int, default=0, help="batch-loading threads (0: all cores)")
-    a("--cache", default=None, help="array cache folder (default: $SKIN_UNET_CACHE or ~/.cache/skin-unet)")
+    a("--steps-per-epoch", type=int, help="cap training batches per epoch (0: all)")
+    a("--workers", type=int, help="batch-loading threads (0: all cores)")
+    a("--cache", help="array cache folder (default: $SKIN_UNET_CACHE or ~/.cache/skin-unet)")
     a("--fresh", action="store_true", help="discard an earlier run in OUT instead of resuming it")
-    a("--verbose", type=int, choices=[0, 1, 2], default=None, help="Keras progress: 1 bar, 2 one line (default: 1 on a terminal)")
-    a("--tensorboard", metavar="DIR", default=None,
+    a("--verbose", type=int, choices=[0, 1, 2], help="Keras progress: 1 bar, 2 one line (default: 1 on a terminal)")
+    a("--tensorboard", metavar="DIR",
       help="also write TensorBoard event files (scalars per epoch) to DIR: tensorboard --logdir DIR")
-    a("--plot", nargs="+", metavar="RUN", default=None,
+    a("--plot", nargs="+", metavar="RUN",
       help="only draw: RUN/curves.png from RUN/log.csv; several RUNs: one picture, a line per run, in --out")
+    p.set_defaults(**{f.name: f.default for f in fields(Config)})
     return p
 
 
 def config_of(cfg):
-    """Defaults + a dict / Namespace / argv list, validated. Raises data.Error (exit 2)."""
-    p = parser()
+    """A Config from a Config, dict, Namespace or argv list (defaults for what it leaves out),
+    validated. Raises data.Error (exit 2)."""
     if isinstance(cfg, (list, tuple)):
-        cfg = vars(p.parse_args(list(cfg)))
-    else:
-        cfg = {**vars(p.parse_args([])), **dict(vars(cfg) if isinstance(cfg, argparse.Namespace) else cfg)}
+        cfg = vars(parser().parse_args(list(cfg)))
+    elif isinstance(cfg, argparse.Namespace):
+        cfg = vars(cfg)
+    elif isinstance(cfg, Config):
+        cfg = asdict(cfg)
+    cfg = Config(**cfg)
     for key in ("epochs", "batch", "filters", "depth"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise data.Error(f"--{key.replace('_', '-')} {cfg[key]!r}", "must be a positive integer")
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
+            raise data.Error(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}", "must be a positive integer")
     for key in ("patience", "steps_per_epoch", "workers"):
-        if cfg[key] < 0:
-            raise data.Error(f"--{key.replace('_', '-')} {cfg[key]}", "must be >= 0")
-    if not cfg["lr"] > 0:
-        raise data.Error(f"--lr {cfg['lr']}", "must be > 0")
-    if not 0 <= cfg["ema"] < 1:
-        raise data.Error(f"--ema {cfg['ema']}", "must be in [0, 1) (0: off)")
-    if not (0 <= cfg["val_fraction"] < 1 and 0 <= cfg["test_fraction"] < 1
-            and cfg["val_fraction"] + cfg["test_fraction"] < 1):
-        raise data.Error(f"--val-fraction {cfg['val_fraction']} / --test-fraction {cfg['test_fraction']}",
+        if getattr(cfg, key) < 0:
+            raise data.Error(f"--{key.replace('_', '-')} {getattr(cfg, key)}", "must be >= 0")
+    if not cfg.lr > 0:
+        raise data.Error(f"--lr {cfg.lr}", "must be > 0")
+    if not 0 <= cfg.ema < 1:
+        raise data.Error(f"--ema {cfg.ema}", "must be in [0, 1) (0: off)")
+    if not (0 <= cfg.val_fraction < 1 and 0 <= cfg.test_fraction < 1
+            and cfg.val_fraction + cfg.test_fraction < 1):
+        raise data.Error(f"--val-fraction {cfg.val_fraction} / --test-fraction {cfg.test_fraction}",
                          "each in [0, 1) and together < 1")
-    depth = cfg["depth"] if cfg["encoder"] == "none" else 5
-    if not (isinstance(cfg["size"], int) and cfg["size"] > 0 and cfg["size"] % 2 ** depth == 0):
-        extra = "" if cfg["encoder"] == "none" else f" (encoder {cfg['encoder']} has 5 strides)"
-        raise data.Error(f"--size {cfg['size']}", f"must be a multiple of 2**depth = {2 ** depth}{extra}")
-    cfg["data"] = data_value(cfg["data"])
-    if cfg["balance"] and not isinstance(cfg["data"], list):
+    depth = cfg.depth if cfg.encoder == "none" else 5
+    if not (isinstance(cfg.size, int) and cfg.size > 0 and cfg.size % 2 ** depth == 0):
+        extra = "" if cfg.encoder == "none" else f" (encoder {cfg.encoder} has 5 strides)"
+        raise data.Error(f"--size {cfg.size}", f"must be a multiple of 2**depth = {2 ** depth}{extra}")
+    cfg.data = data_value(cfg.data)
+    if cfg.balance and len(cfg.data or []) < 2:
         raise data.Error("--balance", "needs two or more --data folders")
-    if cfg["init"] is not None:
-        if not os.path.isfile(cfg["init"]):
-            raise data.Error(f"--init {cfg['init']}", "file not found")
-        cfg["init"] = os.path.abspath(cfg["init"])
-    cfg["out"] = os.path.abspath(cfg["out"] or ".")
-    if cfg["tensorboard"]:
+    if cfg.init is not None:
+        if not os.path.isfile(cfg.init):
+            raise data.Error(f"--init {cfg.init}", "file not found")
+        cfg.init = os.path.abspath(cfg.init)
+    cfg.out = os.path.abspath(cfg.out or ".")
+    if cfg.tensorboard:
         missing = [m for m in ("tensorboard", "tensorflow") if importlib.util.find_spec(m) is None]
         if missing:  # checked before anything runs: never a failure mid-run
             raise data.Error("--tensorboard", f"needs {' and '.join(missing)} (pip install {' '.join(missing)}); "
                              "TensorFlow writes the event files on every Keras backend")
-        cfg["tensorboard"] = os.path.abspath(cfg["tensorboard"])
+        cfg.tensorboard = os.path.abspath(cfg.tensorboard)
     return cfg
 
 
 def data_value(value):
-    """--data as stored: None (synthetic), one absolute path (a string, as before several folders
-    were possible, so older runs still resume and older readers of run.json still work), or a
-    list of 2+ absolute paths."""
+    """--data as stored: None (synthetic) or a list of absolute paths. (Runs from before several
+    folders were possible stored one path as a string: data.folders_of reads both.)"""
     folders = []
     for folder in data.folders_of(value):
         if not os.path.isdir(folder):
@@ -158,7 +207,7 @@ def data_value(value):
         if folder in folders:  # the same images twice would weigh one set double, silently
             raise data.Error(f"--data {folder}", "given twice")
         folders.append(folder)
-    return None if not folders else folders[0] if len(folders) == 1 else folders
+    return folders or None
 
 
 def check_writable(out):
@@ -252,9 +301,9 @@ def draw_curves(path, runs):
 def plot_command(cfg):
     """--plot RUN [RUN ...]: draw from log.csv files alone (no Keras): RUN/curves.png for one run, else
     curves.png in --out (default: here), a line set per run named by its folder."""
-    folders = [os.path.abspath(f) for f in cfg["plot"]]
+    folders = [os.path.abspath(f) for f in cfg.plot]
     runs = [(os.path.basename(f) or f, read_log(os.path.join(f, "log.csv"))) for f in folders]
-    out = cfg["out"] or (folders[0] if len(folders) == 1 else ".")
+    out = cfg.out or (folders[0] if len(folders) == 1 else ".")
     path = os.path.join(out, "curves.png")
     drawn = draw_curves(path, runs)
     print(f"wrote {path} ({', '.join(f'{k}: {n} epochs' for k, n in drawn.items())})")
@@ -276,9 +325,10 @@ def copy_atomic(src, dst):
 
 
 @contextlib.contextmanager
-def ema_weights(keras, model, on=True):
+def ema_weights(model, on=True):
     """With --ema: the optimizer's moving average in the model's weights for the duration, the trained
     weights back afterwards (Keras's SwapEMAWeights callback, driven by hand). on=False: no change."""
+    import keras
     if not on:
         yield
         return
@@ -291,10 +341,10 @@ def ema_weights(keras, model, on=True):
         swap.on_test_end()
 
 
-def save_best(keras, model, cfg, paths, state):
+def save_best(model, cfg, paths, state):
     """best.keras is last.keras as committed, or with --ema the weights that were validated: the average."""
-    if cfg["ema"]:
-        with ema_weights(keras, model):
+    if cfg.ema:
+        with ema_weights(model):
             save_model(model, paths["best"], state)
     else:
         copy_atomic(paths["last"], paths["best"])
@@ -310,9 +360,34 @@ def read_state(path):
 
 
 # --- the per-epoch bookkeeping ----------------------------------------------------------------------
+def epoch_decision(state, row, cfg):
+    """What one epoch's log row means for the run, as the state entries it changes (a pure function:
+    no Keras, no files). A non-finite loss or val_loss: "diverged" says so and nothing else changes.
+    Otherwise the epoch is appended; a better val Dice (the loss, without validation) becomes "best"
+    and resets the waits; else they grow, the plateau schedule halves the lr (not below MIN_LR_FACTOR
+    of --lr) every PLATEAU_PATIENCE epochs, and --patience epochs without a gain set "stopped"."""
+    if not all(math.isfinite(row[k]) for k in ("loss", "val_loss") if row.get(k) is not None):
+        return {"diverged": f"loss {row['loss']} / val_loss {row.get('val_loss')} at epoch {row['epoch']}",
+                "stopped": state["stopped"]}
+    new = {"diverged": None, "stopped": state["stopped"], "epoch": row["epoch"],
+           "history": [*state["history"], row], "best": state["best"], "wait": state["wait"] + 1,
+           "plateau_wait": state["plateau_wait"] + 1, "lr": state["lr"]}
+    score = row["val_dice"] if row.get("val_dice") is not None else -row["loss"]
+    if state["best"] is None or score > state["best"]["score"]:
+        new["best"] = {"epoch": row["epoch"], "score": score, "val_dice": row.get("val_dice"),
+                       "val_iou": row.get("val_iou"), "val_loss": row.get("val_loss")}
+        new["wait"] = new["plateau_wait"] = 0
+    elif cfg.schedule == "plateau" and new["plateau_wait"] >= PLATEAU_PATIENCE:
+        new["lr"] = max(state["lr"] * PLATEAU_FACTOR, cfg.lr * MIN_LR_FACTOR)
+        new["plateau_wait"] = 0
+    if cfg.patience and new["wait"] >= cfg.patience:
+        new["stopped"] = f"early stopping: no val Dice gain for {new['wait']} epochs"
+    return new
+
+
 def cosine_lr(cfg, epoch):
-    lo = cfg["lr"] * MIN_LR_FACTOR
-    return lo + 0.5 * (cfg["lr"] - lo) * (1 + math.cos(math.pi * epoch / max(cfg["epochs"], 1)))
+    lo = cfg.lr * MIN_LR_FACTOR
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * epoch / max(cfg.epochs, 1)))
 
 
 def validate(model, loss_name, images, masks, batch, spans, chunk=256):
@@ -337,10 +412,18 @@ def validate(model, loss_name, images, masks, batch, spans, chunk=256):
     return row
 
 
-def make_epoch_callback(keras, cfg, state, steps, paths, per_source=None):
-    """per_source: (val images, val masks, {name: (start, stop)}) with 2+ sources: validation (all and
-    per source) is then done here, after each epoch, instead of by fit."""
-    source_names = list(per_source[2]) if per_source else []
+class PerSource(NamedTuple):
+    """With 2+ --data sources, the validation set and each source's rows in it: validation (all, and
+    per source) is then done by the epoch callback instead of by fit."""
+    images: np.ndarray
+    masks: np.ndarray
+    spans: dict  # {source name: (start, stop)}
+
+
+def make_epoch_callback(cfg, state, steps, paths, per_source=None):
+    """The callback that ends every epoch (EpochEnd); per_source: a PerSource, or None with one source."""
+    import keras
+    source_names = list(per_source.spans) if per_source else []
 
     class EpochEnd(keras.callbacks.Callback):
         """Schedule, images/s, NaN guard, early stopping, checkpoints and the CSV log, all in one place so
@@ -350,7 +433,7 @@ def make_epoch_callback(keras, cfg, state, steps, paths, per_source=None):
         no_curves = False  # set after the first failed drawing (no matplotlib, a full disk)
 
         def on_epoch_begin(self, epoch, logs=None):
-            lr = cosine_lr(cfg, epoch) if cfg["schedule"] == "cosine" else state["lr"]
+            lr = cosine_lr(cfg, epoch) if cfg.schedule == "cosine" else state["lr"]
             self.model.optimizer.learning_rate = lr
             self.lr = lr
             self.t_begin, self.t_second, self.second, self.t_end, self.calls = time.perf_counter(), None, 0, None, 0
@@ -370,45 +453,31 @@ def make_epoch_callback(keras, cfg, state, steps, paths, per_source=None):
             now = time.perf_counter()
             t_end = self.t_end or now
             if self.t_second is not None and steps > self.second:
-                ips = (steps - self.second) * cfg["batch"] / max(t_end - self.t_second, 1e-9)
+                ips = (steps - self.second) * cfg.batch / max(t_end - self.t_second, 1e-9)
             else:
-                ips = steps * cfg["batch"] / max(t_end - self.t_begin, 1e-9)
+                ips = steps * cfg.batch / max(t_end - self.t_begin, 1e-9)
             row = {"epoch": epoch + 1, "lr": float(self.lr), "images_per_sec": round(ips, 2),
                    "seconds": round(now - self.t_begin, 2)}
             for k in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou"):
                 row[k] = float(logs[k]) if k in logs else None
             if per_source:
-                with ema_weights(keras, self.model, cfg["ema"] > 0):
-                    row.update(validate(self.model, cfg["loss"], *per_source[:2], cfg["batch"], per_source[2]))
+                with ema_weights(self.model, cfg.ema > 0):
+                    row.update(validate(self.model, cfg.loss, per_source.images, per_source.masks, cfg.batch,
+                                        per_source.spans))
                 row["seconds"] = round(time.perf_counter() - self.t_begin, 2)
-            if not all(math.isfinite(row[k]) for k in ("loss", "val_loss") if row[k] is not None):
-                # NaN guard: keep the last good checkpoint, commit nothing from this epoch.
-                state["diverged"] = f"loss {row['loss']} / val_loss {row['val_loss']} at epoch {epoch + 1}"
+            decided = epoch_decision(state, row, cfg)
+            state.update(decided)
+            if decided["diverged"] or decided["stopped"]:
                 self.model.stop_training = True
+            if decided["diverged"]:  # NaN guard: keep the last good checkpoint, commit nothing from this epoch
                 return
-            score = row["val_dice"] if row["val_dice"] is not None else -row["loss"]
-            improved = state["best"] is None or score > state["best"]["score"]
-            if improved:
-                state["best"] = {"epoch": epoch + 1, "score": score, "val_dice": row["val_dice"],
-                                 "val_iou": row["val_iou"], "val_loss": row["val_loss"]}
-                state["wait"] = state["plateau_wait"] = 0
-            else:
-                state["wait"] += 1
-                state["plateau_wait"] += 1
-                if cfg["schedule"] == "plateau" and state["plateau_wait"] >= PLATEAU_PATIENCE:
-                    state["lr"] = max(state["lr"] * PLATEAU_FACTOR, cfg["lr"] * MIN_LR_FACTOR)
-                    state["plateau_wait"] = 0
-            if cfg["patience"] and state["wait"] >= cfg["patience"]:
-                state["stopped"] = f"early stopping: no val Dice gain for {state['wait']} epochs"
-                self.model.stop_training = True
-            state["epoch"] = epoch + 1
-            state["history"].append(row)
+            improved = decided["best"] is not None and decided["best"]["epoch"] == epoch + 1
             # Commit point: last.keras holds weights, optimizer and state together. A kill before this
             # line replays the epoch; after it, the files below are repaired from last.keras on resume.
             save_model(self.model, paths["last"], state)
             atomic_write_text(paths["state"], json.dumps(state, indent=1))
             if improved:
-                save_best(keras, self.model, cfg, paths, state)
+                save_best(self.model, cfg, paths, state)
             write_log(paths["log"], state["history"])
             if not self.no_curves:
                 try:
@@ -421,15 +490,16 @@ def make_epoch_callback(keras, cfg, state, steps, paths, per_source=None):
             scores = "  ".join(f"{k} {row[k]:.4f}" for k in ("loss", "val_loss", "val_dice", "val_iou",
                                                               *(f"val_dice_{n}" for n in source_names))
                                if row[k] is not None)
-            print(f"epoch {epoch + 1}/{cfg['epochs']}: {scores}  lr {row['lr']:.2e}  {ips:.1f} img/s"
+            print(f"epoch {epoch + 1}/{cfg.epochs}: {scores}  lr {row['lr']:.2e}  {ips:.1f} img/s"
                   f"{'  *best' if improved else ''}", flush=True)
 
     return EpochEnd()
 
 
 # --- backend setup ----------------------------------------------------------------------------------
-def accelerator(keras):
+def accelerator():
     """'gpu' / 'tpu' when the active backend sees one, else 'cpu' (never imports another backend)."""
+    import keras
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
@@ -473,10 +543,11 @@ XLA_PROBE_MIN_STEPS = 500
 XLA_PROBE_STEPS, XLA_PROBE_ROUNDS, XLA_PROBE_MARGIN = 3, 2, 1.05
 
 
-def jit_rule(keras, cfg, accel, mode):
+def jit_rule(cfg, accel, mode):
     """(XLA on?, why) for this backend and machine; (None, why) where only a timed probe can tell."""
-    if cfg["jit"] != "auto":
-        return cfg["jit"] == "on", f"--jit {cfg['jit']}"
+    import keras
+    if cfg.jit != "auto":
+        return cfg.jit == "on", f"--jit {cfg.jit}"
     backend = keras.backend.backend()
     if backend == "jax":
         return True, "JAX runs op by op without it"
@@ -489,7 +560,7 @@ def jit_rule(keras, cfg, accel, mode):
     return None, "TensorFlow on a CPU: XLA helps on some CPUs and hurts on others"
 
 
-def probe_jit(keras, cfg, x, y):
+def probe_jit(cfg, x, y):
     """Time XLA against TensorFlow's own kernels on this machine: a throwaway copy of the model per
     setting, one warm-up step (which compiles), then XLA_PROBE_STEPS steps, in XLA_PROBE_ROUNDS
     interleaved rounds, best of each. XLA only where it wins by XLA_PROBE_MARGIN. (jit, why, rates)."""
@@ -498,7 +569,7 @@ def probe_jit(keras, cfg, x, y):
     models = {}
     for jit in (True, False):
         models[jit] = new_model(unet, cfg)
-        unet.compile_model(models[jit], cfg["loss"], cfg["lr"], jit)
+        unet.compile_model(models[jit], cfg.loss, cfg.lr, jit)
         models[jit].train_on_batch(x, y)
     rates = {True: 0.0, False: 0.0}
     for _ in range(XLA_PROBE_ROUNDS):
@@ -513,16 +584,17 @@ def probe_jit(keras, cfg, x, y):
     return jit, why, {"xla": round(rates[True], 2), "no_xla": round(rates[False], 2)}
 
 
-def setup_backend(keras, unet, cfg):
+def setup_backend(cfg):
     """Resolve precision / jit / distribution for this machine; returns (strategy scope or None, info).
     info["jit"] is None where train() must probe (jit_rule)."""
-    accel = accelerator(keras)
+    import keras
+    accel = accelerator()
     backend = keras.backend.backend()
-    precision = cfg["precision"] if cfg["precision"] != "auto" else ("mixed_bfloat16" if accel != "cpu" else "float32")
+    precision = cfg.precision if cfg.precision != "auto" else ("mixed_bfloat16" if accel != "cpu" else "float32")
     keras.mixed_precision.set_global_policy(precision)
     devices = [d for d in keras.distribution.list_devices() if not d.lower().startswith("cpu")] \
         if backend == "jax" else []
-    mode = cfg["distribute"]
+    mode = cfg.distribute
     if mode == "auto":
         mode = "none"
         if backend == "jax" and len(devices) > 1:
@@ -545,17 +617,17 @@ def setup_backend(keras, unet, cfg):
         all_devices = keras.distribution.list_devices()
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=all_devices))
         replicas = len(all_devices)
-    if cfg["batch"] % replicas:
+    if cfg.batch % replicas:
         if mode == "data_parallel":
             keras.distribution.set_distribution(None)
-        raise data.Error(f"--batch {cfg['batch']}", f"must be a multiple of the {replicas} replicas")
+        raise data.Error(f"--batch {cfg.batch}", f"must be a multiple of the {replicas} replicas")
     # Augmentation's pixel work: Pillow threads feed a CPU-bound step easily (over 20x what it takes on
     # the 2-core CPU) but cap a GPU at ~400 images/s (GIL-bound); there, keras.ops on the device.
-    augment_on = cfg["augment_on"] if cfg["augment_on"] != "auto" else "host" if accel == "cpu" else "device"
-    jit, why = jit_rule(keras, cfg, accel, mode)
+    augment_on = cfg.augment_on if cfg.augment_on != "auto" else "host" if accel == "cpu" else "device"
+    jit, why = jit_rule(cfg, accel, mode)
     return strategy, {"backend": backend, "accelerator": accel, "cpu": cpu_info(), "precision": precision,
                       "jit": jit, "jit_reason": why, "distribute": mode, "replicas": replicas,
-                      "augment_on": augment_on if cfg["augment"] else None}
+                      "augment_on": augment_on if cfg.augment else None}
 
 
 def split_evenly(val_set, replicas):
@@ -571,21 +643,23 @@ def split_evenly(val_set, replicas):
     return val_set.images[:keep], val_set.masks[:keep]
 
 
-def tensorboard(keras, cfg):
+def tensorboard(cfg):
     """[keras.callbacks.TensorBoard] with --tensorboard: scalars once per epoch (the loss, Dice and IoU,
     their val_ forms and each source's val Dice, the learning rate), no graph, no profiling."""
-    if not cfg["tensorboard"]:
+    import keras
+    if not cfg.tensorboard:
         return []
-    return [keras.callbacks.TensorBoard(cfg["tensorboard"], histogram_freq=0, write_graph=False,
+    return [keras.callbacks.TensorBoard(cfg.tensorboard, histogram_freq=0, write_graph=False,
                                         update_freq="epoch", profile_batch=0)]
 
 
-def feed(keras, batches, workers, warp=None):
+def feed(batches, workers, warp=None):
     """data.Batches as a keras.utils.PyDataset: fit's worker threads call batches[i] in parallel
     (augmentation is Pillow C code that releases the GIL, and threads share the arrays for free).
     warp (device_warp): the threads only gather and draw, and hand the uint8 batch and its draws to
     the compiled keras.ops warp, which returns arrays on the accelerator that fit takes as they are
     (on JAX a device array is not copied again)."""
+    import keras
     class Feed(keras.utils.PyDataset):
         def __len__(self):
             return len(batches)
@@ -599,9 +673,10 @@ def feed(keras, batches, workers, warp=None):
     return Feed(workers=workers, max_queue_size=16)
 
 
-def compiled(keras, fn):
+def compiled(fn):
     """fn (keras.ops code) compiled by the backend's own compiler: jax.jit, or tf.function with XLA;
     torch runs it eagerly. A new input shape compiles again, so callers keep the shape fixed."""
+    import keras
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
@@ -612,10 +687,11 @@ def compiled(keras, fn):
     return fn
 
 
-def device_warp(keras, batches):
+def device_warp(batches):
     """data.warp_device compiled for the accelerator, and run once on a batch of this shape before fit
     (so the first epoch's speed does not include the compile)."""
-    warp = compiled(keras, data.warp_device)
+    import keras
+    warp = compiled(data.warp_device)
     x, y, colour, affine = batches.draw(0)
     keras.ops.convert_to_numpy(warp(x, y, colour, affine)[1])
     return warp
@@ -624,17 +700,17 @@ def device_warp(keras, batches):
 # --- train(): resume or start, data, model, fit, summary ------------------------------------------
 def resume_or_start(cfg, identity, paths):
     """The resume state inside last.keras when it belongs to this configuration, else a fresh one."""
-    if cfg["fresh"]:
+    if cfg.fresh:
         for k in ("last", "state", "log", "best"):
             if os.path.exists(paths[k]):
                 os.remove(paths[k])
-    state = None if cfg["fresh"] else read_state(paths["last"])
+    state = None if cfg.fresh else read_state(paths["last"])
     if state is not None:
         # A key that a run from before it existed lacks had its default value then.
-        defaults = vars(parser().parse_args([]))
-        earlier = {k: state.get("config", {}).get(k, defaults[k]) for k in IDENTITY}
+        defaults = Config().identity()
+        earlier = {k: state.get("config", {}).get(k, default) for k, default in defaults.items()}
         # "data" compared as a list: a run stored as one path resumes from the same single --data.
-        changed = [k for k in IDENTITY if (data.folders_of(earlier[k]) != data.folders_of(identity[k]) if k == "data"
+        changed = [k for k in defaults if (data.folders_of(earlier[k]) != data.folders_of(identity[k]) if k == "data"
                                            else earlier[k] != identity[k])]
         if changed:
             diff = [f"{k} {earlier[k]!r} -> {identity[k]!r}" for k in changed]
@@ -642,7 +718,7 @@ def resume_or_start(cfg, identity, paths):
                              "rerun with --fresh to discard it, or use another --out")
     if state is None:
         state = {"version": 1, "config": identity, "epoch": 0, "best": None, "wait": 0,
-                 "plateau_wait": 0, "lr": cfg["lr"], "history": [], "stopped": None}
+                 "plateau_wait": 0, "lr": cfg.lr, "history": [], "stopped": None}
     state["diverged"] = None
     return state
 
@@ -654,16 +730,16 @@ def load_data(cfg, replicas, epoch):
     epoch callback validates (validate(): all, and each source's rows alone) instead of fit. Fails with
     one line on a missing or empty folder, before any model is built."""
     t0 = time.time()
-    kw = {"size": cfg["size"], "cache": cfg["cache"], "progress": sys.stderr.isatty(),
-          "val_fraction": cfg["val_fraction"], "test_fraction": cfg["test_fraction"]}
-    train_set = data.load_split(cfg["data"], "train", **kw)
-    val_set = data.load_split(cfg["data"], "val", **kw)
-    train_batches = data.Batches(train_set.images, train_set.masks, cfg["batch"], augment=cfg["augment"],
-                                 seed=cfg["seed"], epoch=epoch, drop_remainder=True, steps=cfg["steps_per_epoch"],
-                                 balance=[(s["start"], s["stop"]) for s in train_set.sources] if cfg["balance"] else None)
+    kw = {"size": cfg.size, "cache": cfg.cache, "progress": sys.stderr.isatty(),
+          "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction}
+    train_set = data.load_split(cfg.data, "train", **kw)
+    val_set = data.load_split(cfg.data, "val", **kw)
+    train_batches = data.Batches(train_set.images, train_set.masks, cfg.batch, augment=cfg.augment,
+                                 seed=cfg.seed, epoch=epoch, drop_remainder=True, steps=cfg.steps_per_epoch,
+                                 balance=[(s["start"], s["stop"]) for s in train_set.sources] if cfg.balance else None)
     val_images, val_masks = split_evenly(val_set, replicas)
-    val_batches = data.Batches(val_images, val_masks, cfg["batch"], augment=False, shuffle=False)
-    summary = {"path": cfg["data"] or data.synthetic_dir(cache=cfg["cache"]), "synthetic": cfg["data"] is None,
+    val_batches = data.Batches(val_images, val_masks, cfg.batch, augment=False, shuffle=False)
+    summary = {"path": cfg.data or data.synthetic_dir(cache=cfg.cache), "synthetic": cfg.data is None,
                "train": len(train_set.pairs), "val": len(val_set.pairs),
                "problems": train_set.problems + [p for p in val_set.problems if p not in train_set.problems],
                "load_seconds": round(time.time() - t0, 1)}
@@ -673,38 +749,41 @@ def load_data(cfg, replicas, epoch):
                           for name, tr, va in zip(names, train_set.sources, val_set.sources)]
     spans = {name: (min(va["start"], len(val_images)), min(va["stop"], len(val_images)))
              for name, va in zip(names, val_set.sources)}
-    per_source = (val_images, val_masks, spans) if len(names) > 1 else None
+    per_source = PerSource(val_images, val_masks, spans) if len(names) > 1 else None
     return train_batches, val_batches, summary, per_source
 
 
 def new_model(unet, cfg):
-    return unet.build_unet(cfg["size"], cfg["filters"], cfg["depth"], upsample=cfg["upsample"], pool=cfg["pool"],
-                           encoder=None if cfg["encoder"] == "none" else cfg["encoder"],
-                           encoder_weights=None if cfg["encoder_weights"] == "none" else cfg["encoder_weights"])
+    return unet.build_unet(cfg.size, cfg.filters, cfg.depth, upsample=cfg.upsample, pool=cfg.pool,
+                           encoder=None if cfg.encoder == "none" else cfg.encoder,
+                           encoder_weights=None if cfg.encoder_weights == "none" else cfg.encoder_weights)
 
 
-def settle_jit(keras, cfg, info, state, batches):
+def settle_jit(cfg, info, state, batches):
     """Where jit_rule leaves it to a probe: probe a run long enough to pay for it, else XLA off."""
+    import keras
     if info["jit"] is not None:
         return
-    planned = max(cfg["epochs"] - state["epoch"], 0) * len(batches)
+    planned = max(cfg.epochs - state["epoch"], 0) * len(batches)
     if planned < XLA_PROBE_MIN_STEPS:
         info["jit"], info["jit_reason"] = False, f"Keras's CPU default (a run of {planned} steps is too short to probe)"
         return
     x, y = batches[0]
-    info["jit"], info["jit_reason"], info["jit_probe"] = probe_jit(keras, cfg, x, y)
-    keras.utils.set_random_seed(cfg["seed"])  # the real model starts where it would have without the probe
+    info["jit"], info["jit_reason"], info["jit_probe"] = probe_jit(cfg, x, y)
+    keras.utils.set_random_seed(cfg.seed)  # the real model starts where it would have without the probe
 
 
-def build_model(keras, unet, cfg, info, state, paths):
+def build_model(cfg, info, state, paths):
     """The compiled U-Net; on resume, with the weights and optimizer state of last.keras."""
+    import keras
+    import unet
     model = new_model(unet, cfg)
-    unet.compile_model(model, cfg["loss"], cfg["lr"], info["jit"], ema=cfg["ema"])
-    if cfg["init"] and not state["epoch"]:  # weights only: fine-tuning starts a fresh optimizer
+    unet.compile_model(model, cfg.loss, cfg.lr, info["jit"], ema=cfg.ema)
+    if cfg.init and not state["epoch"]:  # weights only: fine-tuning starts a fresh optimizer
         try:
-            model.set_weights(keras.models.load_model(cfg["init"], compile=False).get_weights())
+            model.set_weights(keras.models.load_model(cfg.init, compile=False).get_weights())
         except Exception as e:
-            raise data.Error(f"--init {cfg['init']}", f"cannot start from its weights ({data.one_line(e)})") from None
+            raise data.Error(f"--init {cfg.init}", f"cannot start from its weights ({data.one_line(e)})") from None
     if state["epoch"]:
         model.optimizer.build(model.trainable_variables)
         try:
@@ -715,7 +794,7 @@ def build_model(keras, unet, cfg, info, state, paths):
     return model
 
 
-def repair_after_kill(keras, model, cfg, state, paths):
+def repair_after_kill(model, cfg, state, paths):
     """A kill between the commit (last.keras) and the end of on_epoch_end can leave state.json, log.csv
     or best.keras one epoch behind: rewrite them from last.keras (its state, or the model loaded from it)."""
     atomic_write_text(paths["state"], json.dumps(state, indent=1))
@@ -723,7 +802,7 @@ def repair_after_kill(keras, model, cfg, state, paths):
     best = read_state(paths["best"]) if os.path.exists(paths["best"]) else None
     if state["best"] and state["best"]["epoch"] == state["epoch"] \
             and (best is None or best["epoch"] != state["best"]["epoch"]):
-        save_best(keras, model, cfg, paths, state)
+        save_best(model, cfg, paths, state)
 
 
 def summarize(state, paths, t_fit):
@@ -739,53 +818,52 @@ def summarize(state, paths, t_fit):
 def train(cfg):
     """Train with a dict / Namespace / argv list of flags; returns the summary dict (also in run.json)."""
     cfg = config_of(cfg)
-    out = cfg["out"]
+    out = cfg.out
     check_writable(out)
     paths = {k: os.path.join(out, f) for k, f in
              [("best", "best.keras"), ("last", "last.keras"), ("log", "log.csv"), ("run", "run.json"),
               ("state", "state.json"), ("curves", "curves.png")]}
 
     keras = data.import_keras()  # after the flag checks, so bad input fails fast
-    import unet
 
     keras.backend.clear_session()
-    keras.utils.set_random_seed(cfg["seed"])
-    strategy, info = setup_backend(keras, unet, cfg)
+    keras.utils.set_random_seed(cfg.seed)
+    strategy, info = setup_backend(cfg)
     scope = strategy.scope if strategy else contextlib.nullcontext  # a fresh context each time
     try:
-        cfg["precision"] = info["precision"]
-        state = resume_or_start(cfg, {k: cfg[k] for k in IDENTITY}, paths)
+        cfg.precision = info["precision"]
+        state = resume_or_start(cfg, cfg.identity(), paths)
         train_batches, val_batches, data_summary, per_source = load_data(cfg, info["replicas"], state["epoch"])
-        settle_jit(keras, cfg, info, state, train_batches)
+        settle_jit(cfg, info, state, train_batches)
         with scope():
-            model = build_model(keras, unet, cfg, info, state, paths)
+            model = build_model(cfg, info, state, paths)
             if state["epoch"]:
-                repair_after_kill(keras, model, cfg, state, paths)
+                repair_after_kill(model, cfg, state, paths)
                 print(f"resuming {out} after epoch {state['epoch']}", flush=True)
-        run = {**cfg, "data_summary": data_summary, **info, "params": model.count_params(),
+        run = {**asdict(cfg), "data_summary": data_summary, **info, "params": model.count_params(),
                "model": model.name, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": None}
         atomic_write_text(paths["run"], json.dumps(run, indent=1))
 
         t_fit = time.time()
-        if not (state["epoch"] >= cfg["epochs"] or state["stopped"]):
+        if not (state["epoch"] >= cfg.epochs or state["stopped"]):
             print(f"training {model.name} ({model.count_params() / 1e6:.2f} M params) on {data_summary['train']} "
-                  f"images, validating on {data_summary['val']}, {cfg['size']} px, batch {cfg['batch']}; "
+                  f"images, validating on {data_summary['val']}, {cfg.size} px, batch {cfg.batch}; "
                   f"{info['backend']} {info['accelerator']} {info['precision']} jit={info['jit']} ({info['jit_reason']}) "
                   f"distribute={info['distribute']}"
                   f"{'; augmenting on the ' + info['augment_on'] if info['augment_on'] else ''}"
-                  f"{'; sources balanced' if cfg['balance'] else ''}"
-                  f"{'; weights averaged, EMA ' + str(cfg['ema']) if cfg['ema'] else ''}"
-                  f"{'; starting from ' + cfg['init'] if cfg['init'] else ''}", flush=True)
-            verbose = cfg["verbose"] if cfg["verbose"] is not None else (1 if sys.stdout.isatty() else 0)
-            workers = cfg["workers"] or os.cpu_count() or 1
-            warp = device_warp(keras, train_batches) if info["augment_on"] == "device" else None
+                  f"{'; sources balanced' if cfg.balance else ''}"
+                  f"{'; weights averaged, EMA ' + str(cfg.ema) if cfg.ema else ''}"
+                  f"{'; starting from ' + cfg.init if cfg.init else ''}", flush=True)
+            verbose = cfg.verbose if cfg.verbose is not None else (1 if sys.stdout.isatty() else 0)
+            workers = cfg.workers or os.cpu_count() or 1
+            warp = device_warp(train_batches) if info["augment_on"] == "device" else None
             with scope():
-                model.fit(feed(keras, train_batches, workers, warp),
-                          validation_data=None if per_source else feed(keras, val_batches, workers),
-                          epochs=cfg["epochs"], initial_epoch=state["epoch"], verbose=verbose,
-                          callbacks=[*([keras.callbacks.SwapEMAWeights()] if cfg["ema"] and not per_source else []),
-                                     make_epoch_callback(keras, cfg, state, len(train_batches), paths, per_source),
-                                     *tensorboard(keras, cfg)])
+                model.fit(feed(train_batches, workers, warp),
+                          validation_data=None if per_source else feed(val_batches, workers),
+                          epochs=cfg.epochs, initial_epoch=state["epoch"], verbose=verbose,
+                          callbacks=[*([keras.callbacks.SwapEMAWeights()] if cfg.ema and not per_source else []),
+                                     make_epoch_callback(cfg, state, len(train_batches), paths, per_source),
+                                     *tensorboard(cfg)])
     finally:
         if info["distribute"] == "data_parallel":
             keras.distribution.set_distribution(None)
@@ -812,9 +890,9 @@ def print_summary(s):
                                              "finished epoch")
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cfg = vars(parser().parse_args(argv))
-    if cfg["plot"]:
-        return plot_command(cfg)
+    args = parser().parse_args(argv)
+    if args.plot:
+        return plot_command(args)
     summary = train(argv)
     print_summary(summary)
     return 1 if summary["diverged"] else 0  # diverged: a failure during the run

@@ -89,10 +89,8 @@ def fixed_hw(x, what):
     return h, w
 
 
-def head(x, dropout):
+def head(x):
     """1x1 conv to one logit, sigmoid in float32 so the output is float32 even under mixed precision."""
-    if dropout:
-        x = layers.Dropout(dropout, name="head_dropout")(x)
     x = layers.Conv2D(1, 1, name="logits")(x)
     return layers.Activation("sigmoid", dtype="float32", name="mask")(x)
 
@@ -106,7 +104,6 @@ def head(x, dropout):
 # frozen 1x1 convolution so the whole model still takes raw RGB 0..255 with built-in layers only.
 ENCODERS = {
     "mobilenetv3": ("MobileNetV3Large", {"include_preprocessing": True}),
-    "mobilenetv3large": ("MobileNetV3Large", {"include_preprocessing": True}),
     "mobilenetv3small": ("MobileNetV3Small", {"include_preprocessing": True}),
     "efficientnetb0": ("EfficientNetB0", {}),
     "resnet50": ("ResNet50", {}),
@@ -145,40 +142,50 @@ def build_unet(size=256, filters=12, depth=4, dropout=0.0, upsample="transpose",
 
     size=None accepts any multiple of 2**depth (with the default up-sampling and pooling). upsample
     "matmul" and pool "reshape" are the default layers' functions in other forms, for speed (up, down).
-    encoder (None or one of ENCODERS) swaps the plain encoder for a keras.applications backbone (depth is then 5, its number of strides); encoder_weights="imagenet"
-    downloads the ImageNet weights on first use (to ~/.keras/models), None starts from random weights.
+    encoder (None or one of ENCODERS) swaps the plain encoder for a keras.applications backbone
+    (build_encoder_unet). dropout > 0 drops out at the bottleneck.
     """
-    if encoder in (None, "none"):
-        check_size(size, depth)
-    else:
-        depth = 5
-        check_size(size, depth)
-        if size is None:
-            raise ValueError("a pretrained encoder needs a fixed size")
+    if encoder not in (None, "none"):
+        return build_encoder_unet(size, filters, encoder, encoder_weights, dropout, upsample)
+    check_size(size, depth)
     image = keras.Input((size, size, 3), name="image")  # float32: uint8 batches are cast inside the step
-    if encoder in (None, "none"):
-        x = layers.Rescaling(1 / 127.5, offset=-1.0, name="normalize")(image)  # 0..255 -> -1..1
-        skips = []
-        for level in range(depth):
-            x = conv_block(x, filters * 2 ** level, f"enc{level}")
-            skips.append(x)
-            x = down(x, pool, f"pool{level}")
-        x = conv_block(x, filters * 2 ** depth, "bottleneck")
-        if dropout:
-            x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
-    else:
-        *skips, x = encoder_features(image, encoder, encoder_weights)
-        skips = [None] + skips  # full resolution has no backbone feature
-        if dropout:
-            x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
-    for level in reversed(range(depth)):
+    x = layers.Rescaling(1 / 127.5, offset=-1.0, name="normalize")(image)  # 0..255 -> -1..1
+    skips = []
+    for level in range(depth):
+        x = conv_block(x, filters * 2 ** level, f"enc{level}")
+        skips.append(x)
+        x = down(x, pool, f"pool{level}")
+    x = conv_block(x, filters * 2 ** depth, "bottleneck")
+    if dropout:
+        x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
+    return keras.Model(image, head(decoder(x, skips, filters, upsample)), name="unet")
+
+
+def decoder(x, skips, filters, upsample):
+    """Up one level per skip, deepest first: up-sample, concatenate the skip (None: none at that
+    level), two convolutions."""
+    for level in reversed(range(len(skips))):
         f = filters * 2 ** level
         x = up(x, f, upsample, f"dec{level}")
         if skips[level] is not None:
             x = layers.Concatenate(name=f"dec{level}_concat")([x, skips[level]])
         x = conv_block(x, f, f"dec{level}")
-    name = "unet" if encoder in (None, "none") else f"unet_{encoder}"
-    return keras.Model(image, head(x, 0.0), name=name)
+    return x
+
+
+def build_encoder_unet(size, filters, encoder, encoder_weights=None, dropout=0.0, upsample="transpose"):
+    """The U-Net with a keras.applications backbone as its encoder: 5 strides, so size must be a
+    multiple of 32 (and fixed). encoder_weights="imagenet" downloads the ImageNet weights on first use
+    (to ~/.keras/models), None starts from random weights."""
+    check_size(size, 5)
+    if size is None:
+        raise ValueError("a pretrained encoder needs a fixed size")
+    image = keras.Input((size, size, 3), name="image")
+    *skips, x = encoder_features(image, encoder, encoder_weights)
+    if dropout:
+        x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
+    x = decoder(x, [None] + skips, filters, upsample)  # full resolution has no backbone feature
+    return keras.Model(image, head(x), name=f"unet_{encoder}")
 
 
 # --- losses ------------------------------------------------------------------------------------------
@@ -317,7 +324,7 @@ class IoUScore(PerImageScore):
 
 
 # --- compile -----------------------------------------------------------------------------------------
-def compile_model(model, loss="bce_dice", lr=1e-3, jit_compile="auto", steps_per_execution=1, ema=0.0):
+def compile_model(model, loss="bce_dice", lr=1e-3, jit_compile="auto", ema=0.0):
     """Adam + the chosen loss + per-image Dice / IoU. jit_compile "auto" is Keras's own choice (XLA on
     JAX, and on TensorFlow only with an accelerator); train.py decides for itself (train.jit_rule).
     ema > 0: the optimizer also keeps a moving average of the weights with this momentum (on the device,
@@ -326,6 +333,5 @@ def compile_model(model, loss="bce_dice", lr=1e-3, jit_compile="auto", steps_per
         raise ValueError(f"loss {loss!r} is not one of {', '.join(LOSSES)}")
     optimizer = keras.optimizers.Adam(lr, use_ema=ema > 0, ema_momentum=ema)  # read only when use_ema
     model.compile(optimizer=optimizer, loss=LOSSES[loss],
-                  metrics=[DiceScore(), IoUScore()], jit_compile=jit_compile,
-                  steps_per_execution=steps_per_execution)
+                  metrics=[DiceScore(), IoUScore()], jit_compile=jit_compile)
     return model

@@ -41,7 +41,9 @@ def main():
     p.add_argument("--save-masks", action="store_true", help="also time writing the PNG masks")
     p.add_argument("--photos", action="store_true", help="time predict_photos (no ground truth)")
     args = p.parse_args()
-
+    if not os.path.isdir(args.data):
+        sys.exit(f"error: {args.data}: not found (the default is the development data in ../shared/data; "
+                 "give --data DIR)")
     pairs, problems, layout = data.find_pairs(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "model.keras")

@@ -49,6 +49,9 @@ def main():
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     dirs = [os.path.abspath(d) for d in args.dirs]
+    for d in dirs:
+        if not os.path.isdir(d):
+            sys.exit(f"error: {d}: not found (the default is the development data in ../shared/data; give DIR ...)")
     if args.child is not None:
         child(dirs, args.child)
         return 0

@@ -46,7 +46,7 @@ def build(variant, size, depth, filters, batch, jit=None):
     upsample, pool, metrics = VARIANTS[variant]
     keras.backend.clear_session()
     cfg = train.config_of({"size": size, "depth": depth, "filters": filters, "batch": batch})
-    _, info = train.setup_backend(keras, unet, cfg)
+    _, info = train.setup_backend(cfg)
     info["jit"] = info["jit"] if jit is None else jit
     if info["jit"] is None:  # where train.py would probe a long run: Keras's default here (--jit both times both)
         info["jit"] = False
@@ -164,7 +164,7 @@ def main():
     args = ap.parse_args()
     keras = data.import_keras()
     import train
-    print(f"{train.cpu_line()}; {keras.backend.backend()} {train.accelerator(keras)}, Keras {keras.__version__}; "
+    print(f"{train.cpu_line()}; {keras.backend.backend()} {train.accelerator()}, Keras {keras.__version__}; "
           f"{args.size} px, base {args.filters}, depth {args.depth}, batch {args.batch}, {args.steps} steps x "
           f"{args.epochs} epochs", flush=True)
     shape = (args.size, args.depth, args.filters, args.batch, args.steps, args.epochs)

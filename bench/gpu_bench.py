@@ -167,7 +167,7 @@ def feed_rates(images, masks, batch, seconds=3.0):
         return round(done * batch / (time.perf_counter() - t), 1)
 
     result = {"host_1_thread": host(1), f"host_{os.cpu_count()}_threads": host(os.cpu_count())}
-    warp = train.device_warp(keras, batches)
+    warp = train.device_warp(batches)
     on_device = [[keras.ops.convert_to_tensor(a) for a in batches.draw(i)] for i in range(min(n, 8))]
     done, t = 0, time.perf_counter()
     while time.perf_counter() - t < seconds:
@@ -235,7 +235,7 @@ def run(args):
     import bench_step
     import train
     report = {"command": " ".join(sys.argv), "tiny": args.tiny, "backend": keras.backend.backend(),
-              "accelerator": train.accelerator(keras), "cpu": train.cpu_line(), "settings": p, "seconds": {}}
+              "accelerator": train.accelerator(), "cpu": train.cpu_line(), "settings": p, "seconds": {}}
     if keras.backend.backend() == "jax":
         import jax
         report["devices"] = [f"{d.platform}:{d.device_kind}" for d in jax.devices()]

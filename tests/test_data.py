@@ -495,15 +495,15 @@ def test_device_warp_switched_off_parts_are_the_identity(batch, photometric):
 
 
 def test_device_warp_is_deterministic_for_a_seed_epoch_and_batch():
+    data.import_keras()
     from keras import ops
 
-    keras = data.import_keras()
     import train
 
     images, masks = data.make_synthetic(12, seed=0, size_wh=(48, 48))
     stream = data.Batches(images, masks.astype(np.uint8), 4, seed=5, epoch=3, drop_remainder=True)
     again = data.Batches(images, masks.astype(np.uint8), 4, seed=5, epoch=3, drop_remainder=True)
-    warp = train.compiled(keras, data.warp_device)
+    warp = train.compiled(data.warp_device)
     for i in range(len(stream)):
         a, b = stream.draw(i), again.draw(i)
         assert all(np.array_equal(u, v) for u, v in zip(a, b))
@@ -563,7 +563,7 @@ def test_batches_feed_model_fit():
                               keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")])
     model.compile("adam", "binary_crossentropy")
     batches = data.Batches(images, masks.astype(np.uint8), batch_size=4)
-    history = model.fit(train.feed(keras, batches, workers=2), epochs=2, verbose=0)
+    history = model.fit(train.feed(batches, workers=2), epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2 and batches.epoch >= 1
 
 

@@ -212,21 +212,19 @@ def test_two_sources_train_resume_refuse_and_evaluate_per_source(sources, tmp_pa
     assert report["data"] == sources and report["eval_images"] == together["images"]
 
 
-def test_one_data_folder_is_stored_as_before_and_an_old_run_resumes(sources, tmp_path):
-    cfg = train.config_of(["--data", sources[0]])
-    assert cfg["data"] == sources[0]  # a string, as run.json had before several folders
-    assert train.config_of({"data": [sources[0]]})["data"] == sources[0]
-    assert train.config_of({"data": sources})["data"] == sources
+def test_data_is_stored_as_a_list_and_an_old_run_with_one_string_resumes(sources, tmp_path):
+    assert train.config_of(["--data", sources[0]]).data == [sources[0]]
+    assert train.config_of({"data": sources}).data == sources
     out = str(tmp_path / "run")
     args = ["--data", sources[0], "--out", out, *TINY]
     train.train([*args, "--epochs", "1"])
     assert list(read_log(out)[0]) == train.LOG_FIELDS  # no per-source columns for one source
-    # a state written with data as a one-element list (or, before, a string) resumes either way
     paths = {"last": os.path.join(out, "last.keras")}
     state = train.read_state(paths["last"])
-    assert isinstance(state["config"]["data"], str)
-    identity = {**state["config"], "data": [state["config"]["data"]]}
-    assert train.resume_or_start({"fresh": False, "lr": 1e-3}, identity, paths)["epoch"] == 1
+    assert state["config"]["data"] == [sources[0]]
+    # A run from before several folders were possible stored its one folder as a string: it resumes.
+    old = {**state["config"], "data": sources[0]}
+    assert train.resume_or_start(train.config_of(args), old, paths)["epoch"] == 1
     assert train.train([*args, "--epochs", "2"])["epochs_done"] == 2
 
 

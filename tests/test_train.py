@@ -49,7 +49,7 @@ def test_two_epochs_write_model_log_and_run_json_then_resume(synthetic_data, tmp
     assert set(train.LOG_FIELDS) <= set(log[0]) and all(float(r["images_per_sec"]) > 0 for r in log)
     assert float(log[1]["lr"]) < float(log[0]["lr"])  # cosine schedule
     run = json.load(open(os.path.join(out, "run.json")))
-    assert run["size"] == 32 and run["data"] == synthetic_data and run["val_fraction"] == 0.1
+    assert run["size"] == 32 and run["data"] == [synthetic_data] and run["val_fraction"] == 0.1
     assert run["data_summary"]["train"] > 0 and run["result"]["best_epoch"] == s["best_epoch"]
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
     import keras
@@ -173,6 +173,41 @@ def flat_val_dice(monkeypatch):
     monkeypatch.setattr(unet.DiceScore, "result", lambda self: self.total * 0.0 + 0.5)
 
 
+def test_epoch_decision_is_a_pure_function_of_state_row_and_config():
+    import copy
+
+    def row(epoch, loss, val_dice=None):
+        return {"epoch": epoch, "loss": loss, "val_loss": loss, "val_dice": val_dice, "val_iou": None}
+
+    cfg = train.config_of({"schedule": "plateau", "patience": 5, "lr": 0.01})
+    state = {"epoch": 0, "best": None, "wait": 0, "plateau_wait": 0, "lr": 0.01, "history": [], "stopped": None}
+    seen, lrs = [], []
+    for epoch, dice in enumerate([0.5, 0.6, 0.6, 0.55, 0.59, 0.58, 0.57], start=1):
+        before = copy.deepcopy(state)
+        new = train.epoch_decision(state, row(epoch, 1 - dice, dice), cfg)
+        assert state == before  # pure: the caller's state is untouched
+        state = {**state, **new}
+        seen.append((state["best"]["epoch"], state["wait"], state["stopped"] is not None))
+        lrs.append(state["lr"])
+    # best at epoch 2 (0.6; the tie at 3 is no gain); 3 epochs without a gain halve the lr; 5 stop the run.
+    assert seen == [(1, 0, False), (2, 0, False), (2, 1, False), (2, 2, False), (2, 3, False), (2, 4, False),
+                    (2, 5, True)]
+    assert lrs == [0.01] * 4 + [0.005] * 3 and [r["epoch"] for r in state["history"]] == list(range(1, 8))
+    assert state["stopped"] == "early stopping: no val Dice gain for 5 epochs"
+    # Without validation the score is minus the loss; the lr never drops below MIN_LR_FACTOR of --lr.
+    low = {**state, "lr": 0.01 * train.MIN_LR_FACTOR, "plateau_wait": 2, "stopped": None, "wait": 0}
+    new = train.epoch_decision(low, row(8, 0.45), cfg)  # score -0.45: no gain over the best's 0.6
+    assert new["best"] == state["best"] and new["lr"] == 0.01 * train.MIN_LR_FACTOR and new["plateau_wait"] == 0
+    fresh = {**low, "best": None}
+    assert train.epoch_decision(fresh, row(8, 0.45), cfg)["best"]["score"] == -0.45
+    # A non-finite loss: diverged, and nothing else moves (no epoch, no history row).
+    new = train.epoch_decision(state, row(8, float("nan"), 0.9), cfg)
+    assert new["diverged"].startswith("loss nan") and set(new) == {"diverged", "stopped"}
+    # Without a schedule or patience nothing stops or halves.
+    plain = train.config_of({"patience": 0})
+    assert train.epoch_decision({**state, "stopped": None, "wait": 50}, row(8, 0.9, 0.1), plain)["stopped"] is None
+
+
 def test_nan_loss_stops_keeps_last_good_checkpoint_and_exits_1(synthetic_data, tmp_path, monkeypatch, capsys):
     import unet
 
@@ -291,7 +326,7 @@ def test_tensorboard_without_its_packages_stops_at_the_start_in_one_line(synthet
 def test_xla_on_a_cpu_is_timed_on_long_runs_reported_and_overridden(synthetic_data, tmp_path, monkeypatch, capsys):
     import keras
 
-    if keras.backend.backend() != "tensorflow" or train.accelerator(keras) != "cpu":
+    if keras.backend.backend() != "tensorflow" or train.accelerator() != "cpu":
         pytest.skip("the probe is for TensorFlow on a CPU")
     base = ["--data", synthetic_data, *TINY, "--no-augment", "--verbose", "0", "--epochs", "2"]
     # A short run does not pay for the probe: Keras's CPU default, said in the start line and run.json.
@@ -369,7 +404,7 @@ rc = train.main({[*TINY, "--data", synthetic_data, "--epochs", "2", "--out", out
 assert rc == 0, rc
 images, masks = data.make_synthetic(8, seed=0, size_wh=(32, 32))
 batches = data.Batches(images, masks.astype(np.uint8), 4, drop_remainder=True)
-warp = train.device_warp(keras, batches)
+warp = train.device_warp(batches)
 
 def steps_see(feed_warp):
     made, seen = [], []
@@ -385,7 +420,7 @@ def steps_see(feed_warp):
         seen.append(batch[0])
         return step(state, iter([batch]))
     model.train_function = spy
-    model.fit(train.feed(keras, batches, 2, recording), epochs=1, verbose=0)
+    model.fit(train.feed(batches, 2, recording), epochs=1, verbose=0)
     return made, seen
 
 def untouched(made, seen):  # every batch the step got is a device array the warp made
@@ -444,7 +479,7 @@ def test_ema_validates_and_saves_the_average_and_keeps_it_for_resuming(synthetic
     # last.keras: the trained weights, with the average inside its optimizer state (what a resume reads);
     # best.keras: the average itself
     trained = [v.numpy() for v in last.trainable_weights]
-    with train.ema_weights(keras, last):
+    with train.ema_weights(last):
         averaged = [v.numpy() for v in last.trainable_weights]
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(averaged, best.trainable_weights))
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(trained, last.trainable_weights))  # swapped back
