@@ -1,7 +1,7 @@
 """Everything between a folder on disk and batches a U-Net can train on.
 
     python data.py DIR [--json] [--strict] [--size PX]      # check a data folder, build its cache
-    python data.py --synthetic OUT --count N [--seed S]      # write synthetic dermoscopy images
+    python data.py --synthetic OUT --count N [--seed S] [--width W]   # write synthetic dermoscopy images
 
 Read top to bottom: finding pairs in the ISIC layouts, decoding, the on-disk cache, synthetic
 data, augmentation, batches for model.fit, the command line.
@@ -524,7 +524,7 @@ def load_arrays(pairs, size, cache=None, workers=None, strict=False, progress=Tr
             bar.update()
             if problem:
                 if strict:
-                    raise Error(problem['file'], f"{problem['problem']}")
+                    raise Error(problem["file"], problem["problem"])
                 problems.append(problem)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -549,7 +549,7 @@ def load_split(data=None, split="train", size=256, val_fraction=0.1, test_fracti
     for folder in folders:
         pairs, found, layout = find_pairs(folder, val_fraction, test_fraction)
         if strict and found:
-            raise Error(found[0]['file'], f"{found[0]['problem']}")
+            raise Error(found[0]["file"], found[0]["problem"])
         picked = [p for p in pairs if split in ("all", p.split)]
         if not picked:
             counts = {s: sum(p.split == s for p in pairs) for s in ("train", "val", "test")}
@@ -940,9 +940,7 @@ def main(argv=None):
     parser.add_argument("dir", nargs="?", help="data folder to check (and cache)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--strict", action="store_true", help="any problem is an error")
-    parser.add_argument("--size", type=int, default=None,
-                        help="training size to check and cache (default 256); with --synthetic "
-                             "the image width (height = 3/4 of it, default 384)")
+    parser.add_argument("--size", type=int, default=256, help="training size to check and cache")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--test-fraction", type=float, default=0.1)
     parser.add_argument("--cache", default=None, help="cache folder (default: $SKIN_UNET_CACHE "
@@ -950,23 +948,23 @@ def main(argv=None):
     parser.add_argument("--synthetic", metavar="OUT", help="write a synthetic set to OUT")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=int, default=384, help="with --synthetic: image width (height 3/4 of it)")
     args = parser.parse_args(argv)
     if args.synthetic:
-        width = args.size or 384
+        width = args.width
         if width < 16 or args.count < 1:
-            raise Error(args.synthetic, "--size must be >= 16 and --count >= 1")
+            raise Error(args.synthetic, "--width must be >= 16 and --count >= 1")
         write_synthetic(args.synthetic, args.count, args.seed, (width, round(width * 3 / 4)))
         print(f"wrote {args.count} synthetic pairs ({width}x{round(width * 3 / 4)}) "
               f"to {args.synthetic}")
         return 0
     if not args.dir:
         parser.error("give a data folder, or --synthetic OUT")
-    args.size = args.size or 256
     if args.size < 1:
         raise Error(f"--size {args.size}", "must be positive")
     pairs, problems, layout = find_pairs(args.dir, args.val_fraction, args.test_fraction)
     if args.strict and problems:
-        raise Error(problems[0]['file'], f"{problems[0]['problem']}")
+        raise Error(problems[0]["file"], problems[0]["problem"])
     arrays = load_arrays(pairs, args.size, cache=args.cache, strict=args.strict,
                          progress=not args.json and sys.stderr.isatty())
     arrays.problems = problems + arrays.problems

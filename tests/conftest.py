@@ -1,12 +1,32 @@
-"""Shared pytest fixtures. Other test files rely on these names; keep them stable."""
+"""Shared pytest settings, fixtures and helpers: the other test files import FAST, MANY, TINY and
+run_cli from here (`from conftest import ...`) and use the fixtures by name; keep them stable."""
 import os
 import sys
 
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import data  # noqa: E402  (needs the path above)
+
+# Hypothesis: FAST for properties whose examples cost real work (images, files), MANY for cheap
+# arithmetic checked against a reference (the metrics against the official scorer).
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MANY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# train.py flags for a run of seconds: 32 px, base 4, depth 2.
+TINY = ["--size", "32", "--filters", "4", "--depth", "2", "--batch", "4", "--workers", "2"]
+
+
+def run_cli(module, argv, capsys):
+    """(exit code, stdout, stderr) of module.main(argv) run in-process; never a traceback."""
+    code = module.main(argv)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
 
 
 @pytest.fixture(autouse=True)
@@ -22,3 +42,32 @@ def synthetic_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     data.write_synthetic(str(root), count=24, seed=0, size_wh=(128, 96))
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """One untrained 32-px U-Net (base 4, depth 2; shapes, not skill, are what these tests need) in
+    every format the predictors read, converted once for the whole suite: {"keras", "saved_model",
+    "tflite" (float32), "int8" (uint8 in and out)} paths, with 3 images and Keras's probabilities."""
+    import unet
+    tf = pytest.importorskip("tensorflow")
+    folder = tmp_path_factory.mktemp("tiny_model")
+    model = unet.build_unet(size=32, filters=4, depth=2)
+    paths = {"keras": str(folder / "tiny.keras"), "saved_model": str(folder / "saved_model"),
+             "tflite": str(folder / "tiny.tflite"), "int8": str(folder / "tiny_int8.tflite")}
+    model.save(paths["keras"])
+    model.export(paths["saved_model"], verbose=False)
+    with open(paths["tflite"], "wb") as f:
+        f.write(tf.lite.TFLiteConverter.from_saved_model(paths["saved_model"]).convert())
+    rng = np.random.default_rng(0)
+    converter = tf.lite.TFLiteConverter.from_saved_model(paths["saved_model"])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: (
+        [rng.uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)] for _ in range(8))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.uint8
+    with open(paths["int8"], "wb") as f:
+        f.write(converter.convert())
+    images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    return {"paths": paths, "images": images,
+            "expected": model.predict_on_batch(images.astype(np.float32))[..., 0]}

@@ -6,13 +6,13 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import FAST
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 import data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = settings(max_examples=25, deadline=None)
 
 
 # -----------------------------------------------------------------------------
@@ -237,14 +237,24 @@ def test_resize_mask_round_trip_keeps_area(h, w, size, cy, cx, r):
 
 @FAST
 @given(ids=st.lists(st.text("abcdefghij_0123456789", min_size=1, max_size=12), unique=True,
-                    min_size=1, max_size=40), seed=st.integers(0, 1000))
-def test_split_deterministic_and_leak_free_under_permutation(tmp_path_factory, ids, seed):
-    shuffled = list(np.random.default_rng(seed).permutation(ids))
-    a = {i: data.split_of(i) for i in ids}
-    b = {i: data.split_of(i) for i in shuffled}
-    assert a == b and set(a.values()) <= {"train", "val", "test"}
+                    min_size=2, max_size=40), seed=st.integers(0, 1000), data_=st.data())
+def test_split_deterministic_and_leak_free_under_permutation(tmp_path_factory, ids, seed, data_):
+    # Two folders, the same images written in other orders and one of them with only some of them:
+    # each image lands in the same split in both (no split depends on which other files exist).
+    keep = data_.draw(st.lists(st.sampled_from(ids), min_size=1, unique=True))
+    shuffled = list(np.random.default_rng(seed).permutation(keep))
+    splits = []
+    for order in (ids, shuffled):
+        root = tmp_path_factory.mktemp("split")
+        make_isic(str(root), *data.LAYOUTS["generic"][0][1:], order)
+        pairs, problems, _ = data.find_pairs(str(root))
+        assert not problems and sorted(p.id for p in pairs) == sorted(order)
+        splits.append({p.id: p.split for p in pairs})
+    full, part = splits
+    assert all(part[i] == full[i] for i in keep) and set(full.values()) <= {"train", "val", "test"}
+    assert full == {i: data.split_of(i) for i in ids}
     # more validation never moves an image into or out of test
-    assert all((data.split_of(i, 0.3, 0.1) == "test") == (a[i] == "test") for i in ids)
+    assert all((data.split_of(i, 0.3, 0.1) == "test") == (full[i] == "test") for i in ids)
 
 
 def test_split_fractions_and_folder_order(tmp_path):
@@ -311,6 +321,7 @@ def test_read_only_cache_still_loads(synthetic_data, tmp_path):
     assert len(arrays.pairs) == 3 and arrays.masks.max() == 1
 
 
+@pytest.mark.slow
 def test_load_split_default_is_synthetic():
     # data=None: the built-in synthetic set (200 pairs, seed 0, 384x288), written once into the cache
     # folder, here the per-session temp folder that conftest puts in $SKIN_UNET_CACHE.
@@ -596,15 +607,16 @@ def test_cli_problems_and_strict(bad_folder, capsys):
 
 
 def test_cli_synthetic_and_human_output(tmp_path, capsys):
-    assert data.main(["--synthetic", str(tmp_path / "s"), "--count", "2", "--size", "64"]) == 0
+    assert data.main(["--synthetic", str(tmp_path / "s"), "--count", "2", "--width", "64"]) == 0
     assert data.main([str(tmp_path / "s"), "--size", "16"]) == 0
     out = capsys.readouterr().out
     assert "isic2018 layout, 2 usable pairs" in out and "64x48" in out
 
 
-def test_cli_errors_are_one_line_without_traceback(tmp_path):
-    for args in ([str(tmp_path / "missing")], [str(tmp_path)]):
-        out = subprocess.run([sys.executable, "data.py", *args], cwd=REPO, capture_output=True,
-                             text=True, timeout=60)
-        assert out.returncode == 2 and out.stdout == ""
-        assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_cli_errors_are_one_line_without_traceback(tmp_path, folder):
+    path = tmp_path / "missing" if folder == "missing" else tmp_path
+    out = subprocess.run([sys.executable, "data.py", str(path)], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(f"error: {path}: ") and out.stderr.count("\n") == 1, out.stderr

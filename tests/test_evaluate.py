@@ -5,26 +5,22 @@ import csv
 import json
 import os
 import random
-import sys
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from conftest import MANY, run_cli
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from isic_challenge_scoring import metrics as official
+from isic_challenge_scoring.confusion import create_binary_confusion_matrix
+from isic_challenge_scoring.segmentation import SegmentationScore
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import predict  # noqa: E402
-
-from isic_challenge_scoring import metrics as official  # noqa: E402
-from isic_challenge_scoring.confusion import create_binary_confusion_matrix  # noqa: E402
-from isic_challenge_scoring.segmentation import SegmentationScore  # noqa: E402
+import data
+import evaluate
+import predict
 
 METRICS = evaluate.METRICS
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # ---------------------------------------------------------------------------- mask strategies
@@ -80,7 +76,7 @@ def official_scores(truth, pred):
 
 # ---------------------------------------------------------------------------- metric properties
 
-@FAST
+@MANY
 @given(mask_pairs())
 def test_metrics_equal_brute_force_and_official_scorer(masks):
     truth, pred = masks
@@ -94,7 +90,7 @@ def test_metrics_equal_brute_force_and_official_scorer(masks):
         assert 0.0 <= ours[k] <= 1.0
 
 
-@FAST
+@MANY
 @given(mask_pairs())
 def test_dice_jaccard_relation_symmetry_and_complement(masks):
     truth, pred = masks
@@ -110,7 +106,7 @@ def test_dice_jaccard_relation_symmetry_and_complement(masks):
     assert flipped["accuracy"] == s["accuracy"]
 
 
-@FAST
+@MANY
 @given(st.lists(mask_pairs(max_side=6), min_size=1, max_size=5).filter(
     lambda ms: len({m[0].shape for m in ms}) == 1))
 def test_batched_equals_per_image(pairs):
@@ -123,7 +119,7 @@ def test_batched_equals_per_image(pairs):
             assert batched[k][i] == single[k]
 
 
-@FAST
+@MANY
 @given(mask_pairs())
 def test_invariant_to_array_encoding(masks):
     truth, pred = masks
@@ -150,7 +146,7 @@ def test_invariant_to_file_encoding(tmp_path_factory, masks):
         assert evaluate.image_scores(loaded, pred) == expected, name
 
 
-@FAST
+@MANY
 @given(st.lists(mask_pairs(max_side=8), min_size=1, max_size=8), st.randoms())
 def test_macro_average_is_order_invariant_and_is_the_mean(pairs, rnd):
     rows = []
@@ -291,31 +287,9 @@ def test_grid_picker_keeps_best_worst_and_sample():
 # ---------------------------------------------------------------------------- models end to end
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """One tiny untrained U-Net as .keras, SavedModel, float32 .tflite and uint8 .tflite."""
-    unet = pytest.importorskip("unet")
-    tf = pytest.importorskip("tensorflow")
-    folder = tmp_path_factory.mktemp("models")
-    model = unet.build_unet(size=32, filters=4)
-    paths = {"keras": str(folder / "tiny.keras"), "saved_model": str(folder / "saved_model"),
-             "tflite": str(folder / "tiny.tflite"), "int8": str(folder / "tiny_int8.tflite")}
-    model.save(paths["keras"])
-    model.export(paths["saved_model"], verbose=False)
-    converter = tf.lite.TFLiteConverter.from_saved_model(paths["saved_model"])
-    with open(paths["tflite"], "wb") as f:
-        f.write(converter.convert())
-    rng = np.random.default_rng(0)
-    converter = tf.lite.TFLiteConverter.from_saved_model(paths["saved_model"])
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: (
-        [rng.uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)] for _ in range(8))
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = converter.inference_output_type = tf.uint8
-    with open(paths["int8"], "wb") as f:
-        f.write(converter.convert())
-    images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    expected = model.predict_on_batch(images.astype(np.float32))[..., 0]
-    return paths, images, expected
+def models(tiny_model):
+    """conftest's tiny model in all four formats: (paths, images, Keras probabilities)."""
+    return tiny_model["paths"], tiny_model["images"], tiny_model["expected"]
 
 
 def test_every_model_format_predicts_the_same(models):
@@ -331,10 +305,7 @@ def test_every_model_format_predicts_the_same(models):
 
 
 def _run(argv, capsys):
-    code = evaluate.main([*argv, "--no-progress"])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
+    return run_cli(evaluate, [*argv, "--no-progress"], capsys)
 
 
 def test_cli_end_to_end_matches_official_scorer(models, synthetic_data, tmp_path, capsys):
@@ -371,6 +342,7 @@ def test_cli_end_to_end_matches_official_scorer(models, synthetic_data, tmp_path
         assert summary[k] == pytest.approx(official_summary[k], abs=1e-6), k
 
 
+@pytest.mark.slow
 def test_cli_split_follows_run_json_and_formats_share_one_path(models, synthetic_data, tmp_path,
                                                                  capsys):
     paths, _, _ = models
@@ -399,36 +371,48 @@ def test_cli_split_follows_run_json_and_formats_share_one_path(models, synthetic
     assert scores["tflite"]["dice"] == pytest.approx(scores["keras"]["dice"], abs=0.02)
 
 
-def test_cli_bad_inputs_are_one_line_errors(models, synthetic_data, tmp_path, capsys):
-    paths, _, _ = models
-    garbage = tmp_path / "garbage.keras"
-    garbage.write_bytes(b"not a zip file")
-    empty_dir = tmp_path / "not_a_model"
-    empty_dir.mkdir()
-    cases = [
-        (["--weights", str(tmp_path / "missing.keras")], "not found"),
-        (["--weights", str(garbage)], "cannot load"),
-        (["--weights", str(empty_dir)], "not a SavedModel"),
-        (["--weights", str(tmp_path / "run.json")], "not found"),
-        (["--weights", paths["keras"], "--size", "64"], "does not match"),
-        (["--weights", paths["keras"], "--data", str(tmp_path / "nowhere")], "no such folder"),
-        (["--weights", paths["keras"], "--threshold", "2"], "threshold"),
-        (["--weights", paths["keras"], "--split", "test", "--save-masks", str(garbage)], "garbage"),
-    ]
-    for argv, expected in cases:
-        code, _, err = _run([*argv, "--data", synthetic_data, "--out", str(tmp_path / "e")]
-                            if "--data" not in argv else [*argv, "--out", str(tmp_path / "e")],
-                            capsys)
-        lines = [line for line in err.splitlines() if line.startswith("error:")]
-        # Bad input exits 2; an output folder that cannot be written is a failure of the run: 1.
-        assert code == (1 if "--save-masks" in argv else 2) and len(lines) == 1 and expected in lines[0], (argv, err)
-        assert "\n" not in lines[0]
-    # A size-agnostic model needs a size that fits the U-Net (divisible by 16).
+@pytest.fixture(scope="module")
+def garbage(tmp_path_factory):
+    """A .keras that is no zip, and a folder that is no SavedModel."""
+    folder = tmp_path_factory.mktemp("garbage")
+    (folder / "garbage.keras").write_bytes(b"not a zip file")
+    (folder / "not_a_model").mkdir()
+    return folder
+
+
+# Each case its own test (ids), so the first failure does not hide the rest. {keras}: the tiny model.
+BAD_INPUTS = {
+    "missing model": (["--weights", "{tmp}/missing.keras"], "not found", 2),
+    "not a zip": (["--weights", "{garbage}/garbage.keras"], "cannot load", 2),
+    "folder without a SavedModel": (["--weights", "{garbage}/not_a_model"], "not a SavedModel", 2),
+    "a run.json, not a model": (["--weights", "{tmp}/run.json"], "not found", 2),
+    "size that does not match": (["--weights", "{keras}", "--size", "64"], "does not match", 2),
+    "missing data": (["--weights", "{keras}", "--data", "{tmp}/nowhere"], "no such folder", 2),
+    "threshold out of range": (["--weights", "{keras}", "--threshold", "2"], "threshold", 2),
+    # an output folder that cannot be written is a failure of the run, not bad input: 1
+    "masks folder is a file": (["--weights", "{keras}", "--split", "test", "--save-masks",
+                                "{garbage}/garbage.keras"], "garbage", 1),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_cli_bad_inputs_are_one_line_errors(case, models, garbage, synthetic_data, tmp_path, capsys):
+    argv, expected, exit_code = BAD_INPUTS[case]
+    argv = [a.format(tmp=tmp_path, garbage=garbage, keras=models[0]["keras"]) for a in argv]
+    if "--data" not in argv:
+        argv += ["--data", synthetic_data]
+    code, _, err = _run([*argv, "--out", str(tmp_path / "e")], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == exit_code and len(lines) == 1 and expected in lines[0], err
+    assert "\n" not in lines[0]
+
+
+def test_size_agnostic_model_needs_a_size_the_unet_takes(synthetic_data, tmp_path, capsys):
     unet = pytest.importorskip("unet")
     anysize = tmp_path / "anysize.keras"
     unet.build_unet(size=None, filters=4).save(anysize)
     code, _, err = _run(["--weights", str(anysize), "--data", synthetic_data, "--size", "40"], capsys)
-    assert code == 2 and err.strip().splitlines()[-1].startswith("error:")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error:")  # 40 is not a multiple of 16
     code, _, err = _run(["--weights", str(anysize), "--data", synthetic_data, "--size", "32",
                          "--split", "test", "--out", str(tmp_path / "ok")], capsys)
     assert code == 0
@@ -519,6 +503,7 @@ def test_postprocess_fill_and_largest(mask):
     assert np.array_equal(predict.postprocess(prob, 0.5, "none"), prob)
 
 
+@pytest.mark.slow
 def test_cli_post_processing_reaches_the_saved_masks(models, synthetic_data, tmp_path, capsys):
     """--post goes through the one prediction path: the masks evaluate.py writes are the raw ones
     with small specks removed (largest) and never smaller after filling (fill)."""

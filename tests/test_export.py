@@ -8,11 +8,14 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from hypothesis import given, settings, strategies as st
 
 import data
 import export
 import unet
+
+pytestmark = pytest.mark.slow  # a module of minutes: the full suite runs it, the inner loop does not
 
 SIZE = 32
 
@@ -185,9 +188,9 @@ def test_failure_keeps_previous_export(trained, synthetic_data, tmp_path, monkey
 
 
 def one_line_error(capsys, argv):
-    assert export.main(argv) != 0
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    code, _, err = run_cli(export, argv, capsys)
+    err = err.strip()
+    assert code != 0 and err.startswith("error: ") and "\n" not in err
     return err
 
 

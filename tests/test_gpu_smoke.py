@@ -8,6 +8,8 @@ import tarfile
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a module of minutes: the full suite runs it, the inner loop does not
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytest.importorskip("jax")  # the GPU machine runs Keras on JAX; so does the smoke

@@ -12,27 +12,20 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from conftest import MANY, ROOT, run_cli
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import predict  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+import data
+import evaluate
+import predict
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A tiny untrained U-Net as .keras and its Predictor: timing-free, shapes are what count."""
-    unet = pytest.importorskip("unet")
-    path = str(tmp_path_factory.mktemp("model") / "tiny.keras")
-    unet.build_unet(32, filters=4, depth=2).save(path)
+def model(tiny_model):
+    """conftest's tiny untrained U-Net as .keras and its Predictor: shapes, not skill, count here."""
+    path = tiny_model["paths"]["keras"]
     return path, predict.load_predictor(path)
 
 
@@ -51,10 +44,7 @@ def photos(tmp_path_factory):
 
 
 def _run(argv, capsys, command=predict):
-    code = command.main([*argv, "--no-progress"])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
+    return run_cli(command, [*argv, "--no-progress"], capsys)
 
 
 def _rows(folder):
@@ -105,7 +95,7 @@ def masks_and_probs(draw):
     return image, prob, prob > threshold, threshold
 
 
-@FAST
+@MANY
 @given(masks_and_probs())
 def test_lesion_stats_invariants(case):
     _, prob, mask, threshold = case
@@ -122,7 +112,7 @@ def test_lesion_stats_invariants(case):
         assert stats["mean_prob"] == 0.0
 
 
-@FAST
+@MANY
 @given(masks_and_probs(), st.booleans())
 def test_overlay_changes_only_the_lesion_and_outlines_it(case, with_prob):
     image, prob, mask, _ = case
@@ -217,6 +207,7 @@ def test_rerun_skips_finished_photos_and_overwrite_redoes_them(model, photos, tm
     assert (folder / "predictions.csv").read_text() == first
 
 
+@pytest.mark.slow
 def test_kill_9_mid_archive_then_rerun_finishes_it_once(model, tmp_path):
     weights, _ = model
     folder = tmp_path / "many"
@@ -322,20 +313,13 @@ def test_bad_files_are_skipped_with_one_line(model, photos, tmp_path, capsys):
     assert code == 1 and err.strip().splitlines()[-1].startswith("error:")
 
 
-def test_saved_model_and_tflite_share_the_path(model, photos, tmp_path, capsys):
-    tf = pytest.importorskip("tensorflow")
-    keras = data.import_keras()
-    weights, _ = model
+def test_saved_model_and_tflite_share_the_path(tiny_model, photos, tmp_path, capsys):
     folder, native = photos
-    saved = str(tmp_path / "saved_model")
-    keras.models.load_model(weights, compile=False).export(saved, verbose=False)
-    tflite = str(tmp_path / "tiny.tflite")
-    with open(tflite, "wb") as f:
-        f.write(tf.lite.TFLiteConverter.from_saved_model(saved).convert())
     areas = {}
-    for name, path in (("keras", weights), ("saved_model", saved), ("tflite", tflite)):
+    for name in ("keras", "saved_model", "tflite"):
         out = tmp_path / name
-        code, stdout, err = _run(["--weights", path, "--data", folder, "--out", str(out)], capsys)
+        code, stdout, err = _run(["--weights", tiny_model["paths"][name], "--data", folder, "--out", str(out)],
+                                 capsys)
         assert code == 0 and "predicted 3 (0 skipped)" in stdout, (name, err)
         areas[name] = {i: int(r["area_px"]) for i, r in _rows(out).items()}
         assert all(_mask(out, i).shape == hw for i, hw in native.items())

@@ -11,13 +11,13 @@ import tempfile
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import conftest
 import data
 import train
 
 HAM = data.LAYOUTS["ham10000"]
 PART_1, PART_2, MASKS = HAM[0][1], HAM[1][1], HAM[0][2]
-TINY = ["--size", "32", "--filters", "4", "--depth", "2", "--batch", "4", "--workers", "2",
-        "--jit", "off", "--no-augment", "--verbose", "0", "--val-fraction", "0.3"]
+TINY = [*conftest.TINY, "--jit", "off", "--no-augment", "--verbose", "0", "--val-fraction", "0.3"]
 
 
 def touch(path):
@@ -151,6 +151,7 @@ def read_log(out):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_two_sources_train_resume_refuse_and_evaluate_per_source(sources, tmp_path, capsys):
     import evaluate
 
@@ -212,6 +213,7 @@ def test_two_sources_train_resume_refuse_and_evaluate_per_source(sources, tmp_pa
     assert report["data"] == sources and report["eval_images"] == together["images"]
 
 
+@pytest.mark.slow
 def test_data_is_stored_as_a_list_and_an_old_run_with_one_string_resumes(sources, tmp_path):
     assert train.config_of(["--data", sources[0]]).data == [sources[0]]
     assert train.config_of({"data": sources}).data == sources
@@ -250,6 +252,7 @@ def test_balance_draws_every_source_as_often_as_the_largest(sizes, seed, epoch):
     assert np.array_equal(batches.order, again.order)  # a pure function of (seed, epoch): resume-safe
 
 
+@pytest.mark.slow
 def test_balance_and_init_in_train(sources, tmp_path):
     import keras
     import numpy as np

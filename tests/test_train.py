@@ -16,9 +16,9 @@ import pytest
 
 import data
 import train
+from conftest import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--size", "32", "--filters", "4", "--depth", "2", "--batch", "4", "--workers", "2"]
 
 
 def rows(out):
@@ -40,6 +40,7 @@ def cli(args, timeout=300, **kw):
                           text=True, timeout=timeout, cwd=ROOT, **kw)
 
 
+@pytest.mark.slow
 def test_two_epochs_write_model_log_and_run_json_then_resume(synthetic_data, tmp_path):
     out = str(tmp_path / "run")
     s = train.train(["--data", synthetic_data, "--epochs", "2", "--out", out, *TINY])
@@ -57,10 +58,16 @@ def test_two_epochs_write_model_log_and_run_json_then_resume(synthetic_data, tmp
     assert best.output_shape == (None, 32, 32, 1)
     assert curves_epochs(out) == {"run": 2}
 
-    # same command with more epochs: continues at epoch 3, optimizer state included
-    iterations = train.read_state(os.path.join(out, "last.keras"))["epoch"]
+    # same command with more epochs: continues at epoch 3, optimizer state included (Adam's step
+    # count goes on from where it was, instead of starting again at 0)
+    import unet  # noqa: F401  (registers the loss and metrics for load_model)
+    steps = run["data_summary"]["train"] // 4  # full batches of 4 per epoch
+    last = keras.models.load_model(os.path.join(out, "last.keras"))
+    assert train.read_state(os.path.join(out, "last.keras"))["epoch"] == 2
+    assert int(last.optimizer.iterations.numpy()) == 2 * steps
     s = train.train(["--data", synthetic_data, "--epochs", "3", "--out", out, *TINY])
-    assert s["epochs_done"] == 3 and iterations == 2
+    assert s["epochs_done"] == 3
+    assert int(keras.models.load_model(os.path.join(out, "last.keras")).optimizer.iterations.numpy()) == 3 * steps
     assert [r["epoch"] for r in rows(out)] == ["1", "2", "3"]
     assert curves_epochs(out) == {"run": 3}  # redrawn after the resume, with the whole history
     # a finished run rerun is a no-op
@@ -73,15 +80,18 @@ def test_two_epochs_write_model_log_and_run_json_then_resume(synthetic_data, tmp
     assert s["epochs_done"] == 1 and [r["epoch"] for r in rows(out)] == ["1"]
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_resumes_without_duplicate_rows(synthetic_data, tmp_path):
     out = str(tmp_path / "run")
     args = ["--data", synthetic_data, "--epochs", "5", "--out", out, *TINY]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
+    # Kill as soon as epoch 1 is committed (state.json is written right after last.keras): the kill
+    # lands in that epoch's remaining writes or early in epoch 2.
     while not os.path.exists(os.path.join(out, "state.json")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)  # somewhere inside epoch 2 or its checkpoint writes
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = train.read_state(os.path.join(out, "last.keras"))["epoch"]
@@ -94,6 +104,7 @@ def test_kill_9_mid_run_then_rerun_resumes_without_duplicate_rows(synthetic_data
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_over_two_logical_cpus(synthetic_data, tmp_path):
     out = str(tmp_path / "run")
     code = ("import sys, tensorflow as tf\n"
@@ -111,6 +122,7 @@ def test_mirrored_strategy_over_two_logical_cpus(synthetic_data, tmp_path):
     assert len(rows(out)) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 def test_jax_backend_imports_no_tensorflow():
     code = ("import sys, unet, data, train; data.Batches; import keras\n"
@@ -208,6 +220,7 @@ def test_epoch_decision_is_a_pure_function_of_state_row_and_config():
     assert train.epoch_decision({**state, "stopped": None, "wait": 50}, row(8, 0.9, 0.1), plain)["stopped"] is None
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_keeps_last_good_checkpoint_and_exits_1(synthetic_data, tmp_path, monkeypatch, capsys):
     import unet
 
@@ -239,6 +252,7 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_exits_1(synthetic_data, t
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_early_stopping_when_val_dice_stops_improving(synthetic_data, tmp_path, flat_val_dice):
     out = str(tmp_path / "run")
     s = train.train(["--data", synthetic_data, "--out", out, *QUICK, "--epochs", "6", "--patience", "2",
@@ -253,6 +267,7 @@ def test_early_stopping_when_val_dice_stops_improving(synthetic_data, tmp_path, 
                         "--steps-per-epoch", "1"])["epochs_done"] == 3
 
 
+@pytest.mark.slow
 def test_plateau_schedule_halves_lr_after_3_epochs_without_gain(synthetic_data, tmp_path, flat_val_dice):
     out = str(tmp_path / "run")
     s = train.train(["--data", synthetic_data, "--out", out, *QUICK, "--epochs", "8", "--lr", "0.01",
@@ -262,6 +277,7 @@ def test_plateau_schedule_halves_lr_after_3_epochs_without_gain(synthetic_data, 
     assert [float(r["lr"]) for r in rows(out)] == [0.01] * 4 + [0.005] * 3 + [0.0025]
 
 
+@pytest.mark.slow
 def test_steps_per_epoch_caps_training_batches(synthetic_data, tmp_path):
     import keras
     import unet  # noqa: F401  (registers the loss and metrics for load_model)
@@ -276,6 +292,7 @@ def test_steps_per_epoch_caps_training_batches(synthetic_data, tmp_path):
     assert int(model.optimizer.iterations.numpy()) == 2 * 2
 
 
+@pytest.mark.slow
 def test_tensorboard_logs_every_epochs_scalars_and_plot_redraws_runs(synthetic_data, tmp_path, capsys):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -323,6 +340,7 @@ def test_tensorboard_without_its_packages_stops_at_the_start_in_one_line(synthet
     assert not os.path.exists(os.path.join(out, "last.keras"))  # stopped before anything ran
 
 
+@pytest.mark.slow
 def test_xla_on_a_cpu_is_timed_on_long_runs_reported_and_overridden(synthetic_data, tmp_path, monkeypatch, capsys):
     import keras
 
@@ -351,6 +369,7 @@ def test_xla_on_a_cpu_is_timed_on_long_runs_reported_and_overridden(synthetic_da
         assert run["jit"] is want and run["jit_reason"] == f"--jit {flag}" and "jit_probe" not in run
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 def test_jax_data_parallel_over_two_host_devices_matches_one_device(synthetic_data, tmp_path):
     # Both runs in one JAX process with 2 host CPU devices; the same seed gives the same initial
@@ -386,6 +405,7 @@ def test_jax_data_parallel_over_two_host_devices_matches_one_device(synthetic_da
     assert float(two[-1]["loss"]) < float(two[0]["loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 def test_jax_fit_with_device_augmentation_keeps_batches_on_the_device(synthetic_data, tmp_path):
     # 1. train.py with the accelerator's path (forced here, on the CPU) and matmul up-sampling. (Not
@@ -446,6 +466,7 @@ print("ok")
     assert r.returncode == 2 and "upsample 'matmul' -> 'transpose'" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_checkpoint_whose_weights_do_not_load_is_one_line_exit_2(synthetic_data, tmp_path, capsys):
     import zipfile
 
@@ -466,6 +487,7 @@ def test_a_checkpoint_whose_weights_do_not_load_is_one_line_exit_2(synthetic_dat
     assert err.startswith(f"error: {last}: cannot load its weights") and "\n" not in err and "--fresh" in err
 
 
+@pytest.mark.slow
 def test_ema_validates_and_saves_the_average_and_keeps_it_for_resuming(synthetic_data, tmp_path):
     import keras
     import numpy as np
