@@ -756,14 +756,14 @@ def _colour(rng, luma):
     return np.concatenate([matrix, offset], axis=2).reshape(n, 12)
 
 
-def augment_params(images, rng, geometric=True, photometric=True, luma=None):
-    """The random draws of one batch: (colour (B, 12) float32 convert() matrices, affine (B, 6)
-    float64 AFFINE coefficients); a part switched off is the identity. Drawn in the same order
-    since the first release, so a seed gives the same augmentation as it always has. luma: the
-    images' mean_luma, if known."""
-    n, h, w = images.shape[:3]
+def augment_params(shape, luma, rng, geometric=True, photometric=True):
+    """The random draws of a batch of `shape` (B, H, W) whose images have mean_luma `luma`: (colour
+    (B, 12) float32 convert() matrices, affine (B, 6) float64 AFFINE coefficients); a part switched
+    off is the identity. Drawn in the same order since the first release, so a seed gives the same
+    augmentation as it always has."""
+    n, h, w = shape
     if photometric:
-        colour = _colour(rng, mean_luma(images) if luma is None else luma).astype(np.float32)
+        colour = _colour(rng, luma).astype(np.float32)
     else:
         colour = np.tile(NO_COLOUR, (n, 1))
     affine = np.array([_affine(rng, h, w) for _ in range(n)]) if geometric else np.tile(NO_AFFINE, (n, 1))
@@ -775,7 +775,8 @@ def augment_batch(images, masks, rng, geometric=True, photometric=True):
     on each image and its mask, so masks stay binary (bilinear on 0/255, then > 127) and aligned.
     images uint8 (B, H, W, 3), masks bool or 0/1 (B, H, W); returns new arrays, same dtypes."""
     images = np.asarray(images, np.uint8)
-    return warp_pillow(images, masks, *augment_params(images, rng, geometric, photometric))
+    params = augment_params(images.shape[:3], mean_luma(images) if photometric else None, rng, geometric, photometric)
+    return warp_pillow(images, masks, *params)
 
 
 def warp_pillow(images, masks, colour, affine):
@@ -855,12 +856,15 @@ class Batches:
     balance: row spans [(start, stop), ...] of several sources to draw equally often: each epoch
     takes every source's rows as many times as the largest source has rows (a smaller source is
     repeated, in a fresh order each pass), instead of each row once.
+    part=(i, n): process i of a run over n processes gets the i-th of n equal slices of every batch:
+    the order and the draws are still those of the whole batch, so the n processes together see
+    exactly the stream one process would, batch for batch.
     Plain Python: train.py hands it to keras.utils.PyDataset's worker threads (train.feed), so that
     data.py, and everything that only reads data, never imports Keras or TensorFlow."""
 
     def __init__(self, images, masks, batch_size, augment=True, shuffle=True, seed=0, epoch=0,
-                 drop_remainder=False, steps=0, balance=None):
-        self.images, self.masks = images, masks
+                 drop_remainder=False, steps=0, balance=None, part=(0, 1)):
+        self.images, self.masks, self.part = images, masks, part
         self.batch_size, self.augment, self.shuffle, self.seed = batch_size, augment, shuffle, seed
         self.balance = [(a, b) for a, b in balance or [] if b > a]
         # Contrast's centre, once per image: it was a third of the draws' time per batch.
@@ -903,10 +907,14 @@ class Batches:
         affine), the draws seeded by (seed, epoch, index) (identity without augment). This is all the
         host does when the accelerator augments (train.feed): a gather and a few hundred numbers."""
         idx = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
-        x, y = self.images[idx], np.asarray(self.masks[idx], np.uint8)[..., None]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        luma = self.luma[idx] if self.augment else None
-        return (x, y, *augment_params(x, rng, geometric=self.augment, photometric=self.augment, luma=luma))
+        # The whole batch's draws (their count and order fix the stream), then this process's slice.
+        colour, affine = augment_params((len(idx), *self.images.shape[1:3]), self.luma[idx] if self.augment else None,
+                                        rng, geometric=self.augment, photometric=self.augment)
+        i, n = self.part
+        mine = slice(len(idx) * i // n, len(idx) * (i + 1) // n)
+        x, y = self.images[idx[mine]], np.asarray(self.masks[idx[mine]], np.uint8)[..., None]
+        return x, y, colour[mine], affine[mine]
 
 
 # -----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,6 +76,7 @@ class Config:
     precision: str = defines_run("auto")
     jit: str = "auto"
     distribute: str = "auto"
+    cluster_timeout: int = 300
     patience: int = 10
     schedule: str = defines_run("cosine")
     val_fraction: float = defines_run(0.1)
@@ -129,7 +131,10 @@ def parser():
       help="XLA; auto: on for JAX and on an accelerator; TensorFlow on a CPU times both at the start of a long "
            "run and keeps the faster (a short run: off)")
     a("--distribute", choices=["auto", "none", "mirrored", "data_parallel"],
-      help="mirrored: tf.distribute (TF backend); data_parallel: keras.distribution (JAX backend)")
+      help="mirrored: tf.distribute (TF backend); data_parallel: keras.distribution (JAX backend), also over "
+           "several processes (hosts) when KERAS_DISTRIBUTION_* or SLURM variables say so (docs/training.md)")
+    a("--cluster-timeout", type=int, metavar="S",
+      help="several processes: seconds to wait for all to join, and for a silent one before the rest stop")
     a("--patience", type=int, help="early stopping after N epochs without val Dice gain; 0: off")
     a("--schedule", choices=["cosine", "plateau"])
     a("--val-fraction", type=float)
@@ -346,7 +351,7 @@ def save_best(model, cfg, paths, state):
     if cfg.ema:
         with ema_weights(model):
             save_model(model, paths["best"], state)
-    else:
+    elif os.path.exists(paths["last"]):  # (a cluster's process 1.. repairing before its first save has none)
         copy_atomic(paths["last"], paths["best"])
 
 
@@ -420,8 +425,10 @@ class PerSource(NamedTuple):
     spans: dict  # {source name: (start, stop)}
 
 
-def make_epoch_callback(cfg, state, steps, paths, per_source=None):
-    """The callback that ends every epoch (EpochEnd); per_source: a PerSource, or None with one source."""
+def make_epoch_callback(cfg, state, steps, paths, per_source=None, chief=True):
+    """The callback that ends every epoch (EpochEnd); per_source: a PerSource, or None with one source.
+    chief False (processes 1.. of a run over several): the same steps, into their scratch `paths`
+    (saving a model is a collective step every process must take), and no printing."""
     import keras
     source_names = list(per_source.spans) if per_source else []
 
@@ -490,8 +497,9 @@ def make_epoch_callback(cfg, state, steps, paths, per_source=None):
             scores = "  ".join(f"{k} {row[k]:.4f}" for k in ("loss", "val_loss", "val_dice", "val_iou",
                                                               *(f"val_dice_{n}" for n in source_names))
                                if row[k] is not None)
-            print(f"epoch {epoch + 1}/{cfg.epochs}: {scores}  lr {row['lr']:.2e}  {ips:.1f} img/s"
-                  f"{'  *best' if improved else ''}", flush=True)
+            if chief:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: {scores}  lr {row['lr']:.2e}  {ips:.1f} img/s"
+                      f"{'  *best' if improved else ''}", flush=True)
 
     return EpochEnd()
 
@@ -584,9 +592,102 @@ def probe_jit(cfg, x, y):
     return jit, why, {"xla": round(rates[True], 2), "no_xla": round(rates[False], 2)}
 
 
-def setup_backend(cfg):
+# --- several processes (hosts): JAX's distributed runtime ------------------------------------------
+WORKER_ENV = "SKIN_UNET_CLUSTER_WORKER"  # set in the child process that joins the cluster (supervise)
+
+
+class Cluster(NamedTuple):
+    coordinator: str  # host:port of process 0; None where JAX finds it itself (SLURM)
+    processes: int
+    index: int
+
+
+def cluster_of(env=os.environ):
+    """This process's place in a run over several processes, or None for one. The variables are
+    keras.distribution.initialize's (KERAS_DISTRIBUTION_JOB_ADDRESSES: process 0's host:port first,
+    KERAS_DISTRIBUTION_NUM_PROCESSES, KERAS_DISTRIBUTION_PROCESS_ID), else SLURM's (SLURM_NTASKS,
+    SLURM_PROCID; JAX then reads the coordinator from SLURM's node list itself)."""
+    keras_vars = "KERAS_DISTRIBUTION_NUM_PROCESSES" in env
+    names = ("KERAS_DISTRIBUTION_NUM_PROCESSES", "KERAS_DISTRIBUTION_PROCESS_ID") if keras_vars else \
+        ("SLURM_NTASKS", "SLURM_PROCID")
+    try:
+        processes, index = (int(env.get(name, "1" if i == 0 else "0")) for i, name in enumerate(names))
+    except ValueError:
+        raise data.Error(names[0], f"{env.get(names[0])!r} / {env.get(names[1])!r}: not whole numbers") from None
+    if processes < 2:
+        return None
+    if not 0 <= index < processes:
+        raise data.Error(names[1], f"{index} is not a process of 0..{processes - 1}")
+    addresses = env.get("KERAS_DISTRIBUTION_JOB_ADDRESSES", "")
+    coordinator = addresses.split(",")[0].strip() or None
+    if coordinator is None and keras_vars:
+        raise data.Error("KERAS_DISTRIBUTION_JOB_ADDRESSES", "not set: give process 0's host:port")
+    return Cluster(coordinator, processes, index)
+
+
+def check_cluster(cfg, cluster):
+    """What a run over several processes needs, checked before any process waits for the others."""
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if backend != "jax":
+        raise data.Error("KERAS_BACKEND", f"{backend}: a run over several processes needs jax (JAX's distributed "
+                         "runtime; tf.distribute here covers one TensorFlow host)")
+    if cfg.batch % cluster.processes:
+        raise data.Error(f"--batch {cfg.batch}", f"must be a multiple of the {cluster.processes} processes "
+                         "(each loads an equal part of every batch)")
+    if len(cfg.data or []) > 1:
+        raise data.Error("--data", "several sources are validated per source in one process; "
+                         "give one --data for a run over several processes")
+    if cfg.distribute not in ("auto", "data_parallel"):
+        raise data.Error(f"--distribute {cfg.distribute}", "a run over several processes is data_parallel")
+
+
+PEER_LOST = ("Gloo", "Connection closed by peer", "coordination service", "DEADLINE_EXCEEDED", "UNAVAILABLE")
+
+
+def peer_lost(cluster, timeout):
+    """The one line for a cluster whose peer died or went silent."""
+    return data.Error(f"process {cluster.index} of {cluster.processes}",
+                      f"another process died or went silent for {timeout} s, so this one stopped; rerun the "
+                      "same command on every host to resume after the last finished epoch", exit_code=1)
+
+
+def join_cluster(cluster, timeout):
+    """Connect this process to the others through JAX's distributed runtime: after it, every device
+    of every process is in keras.distribution.list_devices()."""
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; GPUs use NCCL
+    jax.distributed.initialize(cluster.coordinator, cluster.processes, cluster.index,
+                               initialization_timeout=timeout, heartbeat_timeout_seconds=timeout)
+
+
+def supervise(argv, cluster, timeout):
+    """Run this same command in a child process that joins the cluster, passing its output through.
+    JAX's runtime ends a process whose peer died or never came with a fatal C++ log and a stack
+    trace; here that becomes one line and exit 1. The child's own errors (exit 2) pass as they are."""
+    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stderr=subprocess.PIPE,
+                             env={**os.environ, WORKER_ENV: "1"}, text=True, errors="replace")
+    fatal, said = "", False
+    for line in child.stderr:
+        if not fatal and "detected fatal errors" not in line and not line.startswith("*** Check failure"):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            said = said or line.startswith("error: ")
+        else:
+            fatal += line
+    code = child.wait()
+    if said or (not fatal and code >= 0):  # the child said what went wrong (or nothing did)
+        return code if code > 0 or not said else 1
+    who = f"process {cluster.index} of {cluster.processes}"
+    if "RegisterTask" in fatal:  # the RPC that joins a process to the coordinator
+        raise data.Error(who, f"the processes did not all join within {timeout} s (coordinator "
+                         f"{cluster.coordinator or 'from SLURM'}): start the same command on every host, "
+                         "check the address and port", exit_code=1)
+    raise peer_lost(cluster, timeout)
+
+
+def setup_backend(cfg, cluster=None):
     """Resolve precision / jit / distribution for this machine; returns (strategy scope or None, info).
-    info["jit"] is None where train() must probe (jit_rule)."""
+    info["jit"] is None where train() must probe (jit_rule). cluster: every device of every process."""
     import keras
     accel = accelerator()
     backend = keras.backend.backend()
@@ -597,7 +698,7 @@ def setup_backend(cfg):
     mode = cfg.distribute
     if mode == "auto":
         mode = "none"
-        if backend == "jax" and len(devices) > 1:
+        if backend == "jax" and (len(devices) > 1 or cluster):
             mode = "data_parallel"
         elif backend == "tensorflow" and accel == "gpu":
             import tensorflow as tf  # TF backend only
@@ -615,7 +716,9 @@ def setup_backend(cfg):
         if backend != "jax":
             raise data.Error("--distribute data_parallel", f"needs KERAS_BACKEND=jax (this is {backend})")
         all_devices = keras.distribution.list_devices()
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=all_devices))
+        distribution = keras.distribution.DataParallel(devices=all_devices)
+        distribution.auto_shard_dataset = False  # each process's Batches already hold only its part
+        keras.distribution.set_distribution(distribution)
         replicas = len(all_devices)
     if cfg.batch % replicas:
         if mode == "data_parallel":
@@ -627,6 +730,7 @@ def setup_backend(cfg):
     jit, why = jit_rule(cfg, accel, mode)
     return strategy, {"backend": backend, "accelerator": accel, "cpu": cpu_info(), "precision": precision,
                       "jit": jit, "jit_reason": why, "distribute": mode, "replicas": replicas,
+                      "processes": cluster.processes if cluster else 1, "process": cluster.index if cluster else 0,
                       "augment_on": augment_on if cfg.augment else None}
 
 
@@ -698,9 +802,10 @@ def device_warp(batches):
 
 
 # --- train(): resume or start, data, model, fit, summary ------------------------------------------
-def resume_or_start(cfg, identity, paths):
-    """The resume state inside last.keras when it belongs to this configuration, else a fresh one."""
-    if cfg.fresh:
+def resume_or_start(cfg, identity, paths, chief=True):
+    """The resume state inside last.keras when it belongs to this configuration, else a fresh one.
+    --fresh deletes the old run's files (process 0 only; the others just ignore them)."""
+    if cfg.fresh and chief:
         for k in ("last", "state", "log", "best"):
             if os.path.exists(paths[k]):
                 os.remove(paths[k])
@@ -723,22 +828,25 @@ def resume_or_start(cfg, identity, paths):
     return state
 
 
-def load_data(cfg, replicas, epoch):
+def load_data(cfg, info, epoch):
     """(training batches, validation batches, summary for run.json, per-source validation arrays).
     Several --data folders: each is split by its own rules (layout, lesion metadata); training uses
     the union of their train splits, validation the union of their val splits; with 2+ sources the
-    epoch callback validates (validate(): all, and each source's rows alone) instead of fit. Fails with
-    one line on a missing or empty folder, before any model is built."""
+    epoch callback validates (validate(): all, and each source's rows alone) instead of fit. Over
+    several processes, each one's Batches give it its part of every batch. Fails with one line on a
+    missing or empty folder, before any model is built."""
     t0 = time.time()
+    part = (info["process"], info["processes"])
     kw = {"size": cfg.size, "cache": cfg.cache, "progress": sys.stderr.isatty(),
           "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction}
     train_set = data.load_split(cfg.data, "train", **kw)
     val_set = data.load_split(cfg.data, "val", **kw)
     train_batches = data.Batches(train_set.images, train_set.masks, cfg.batch, augment=cfg.augment,
                                  seed=cfg.seed, epoch=epoch, drop_remainder=True, steps=cfg.steps_per_epoch,
-                                 balance=[(s["start"], s["stop"]) for s in train_set.sources] if cfg.balance else None)
-    val_images, val_masks = split_evenly(val_set, replicas)
-    val_batches = data.Batches(val_images, val_masks, cfg.batch, augment=False, shuffle=False)
+                                 balance=[(s["start"], s["stop"]) for s in train_set.sources] if cfg.balance else None,
+                                 part=part)
+    val_images, val_masks = split_evenly(val_set, info["replicas"])
+    val_batches = data.Batches(val_images, val_masks, cfg.batch, augment=False, shuffle=False, part=part)
     summary = {"path": cfg.data or data.synthetic_dir(cache=cfg.cache), "synthetic": cfg.data is None,
                "train": len(train_set.pairs), "val": len(val_set.pairs),
                "problems": train_set.problems + [p for p in val_set.problems if p not in train_set.problems],
@@ -794,15 +902,16 @@ def build_model(cfg, info, state, paths):
     return model
 
 
-def repair_after_kill(model, cfg, state, paths):
+def repair_after_kill(model, cfg, state, paths, writes):
     """A kill between the commit (last.keras) and the end of on_epoch_end can leave state.json, log.csv
-    or best.keras one epoch behind: rewrite them from last.keras (its state, or the model loaded from it)."""
-    atomic_write_text(paths["state"], json.dumps(state, indent=1))
-    write_log(paths["log"], state["history"])
+    or best.keras one epoch behind: rewrite them from last.keras (its state, or the model loaded from it).
+    Reads `paths`, writes `writes` (the same, but for processes 1.. of a cluster: see train)."""
+    atomic_write_text(writes["state"], json.dumps(state, indent=1))
+    write_log(writes["log"], state["history"])
     best = read_state(paths["best"]) if os.path.exists(paths["best"]) else None
     if state["best"] and state["best"]["epoch"] == state["epoch"] \
             and (best is None or best["epoch"] != state["best"]["epoch"]):
-        save_best(model, cfg, paths, state)
+        save_best(model, cfg, writes, state)
 
 
 def summarize(state, paths, t_fit):
@@ -815,38 +924,55 @@ def summarize(state, paths, t_fit):
             "diverged": state["diverged"], "files": [paths[k] for k in ("best", "last", "log", "curves", "run")]}
 
 
+def run_paths(out):
+    return {k: os.path.join(out, f) for k, f in
+            [("best", "best.keras"), ("last", "last.keras"), ("log", "log.csv"), ("run", "run.json"),
+             ("state", "state.json"), ("curves", "curves.png")]}
+
+
 def train(cfg):
-    """Train with a dict / Namespace / argv list of flags; returns the summary dict (also in run.json)."""
+    """Train with a dict / Namespace / argv list of flags; returns the summary dict (also in run.json).
+    In a run over several processes (cluster_of), only process 0 writes files and prints epochs."""
     cfg = config_of(cfg)
     out = cfg.out
-    check_writable(out)
-    paths = {k: os.path.join(out, f) for k, f in
-             [("best", "best.keras"), ("last", "last.keras"), ("log", "log.csv"), ("run", "run.json"),
-              ("state", "state.json"), ("curves", "curves.png")]}
+    cluster = cluster_of()
+    chief = cluster is None or cluster.index == 0
+    if cluster:
+        check_cluster(cfg, cluster)
+    if chief:
+        check_writable(out)
+    paths = run_paths(out)
+    # Processes 1.. of a cluster take every step process 0 takes (saving a model is a collective step),
+    # but write into a scratch folder of their own; they read the run (resume) from the shared --out.
+    writes = paths if chief else run_paths(tempfile.mkdtemp(prefix=f"skin-unet-process{cluster.index}-"))
 
     keras = data.import_keras()  # after the flag checks, so bad input fails fast
+    if cluster:
+        join_cluster(cluster, cfg.cluster_timeout)  # before JAX computes anything, the seed included
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.seed)
-    strategy, info = setup_backend(cfg)
+    strategy, info = setup_backend(cfg, cluster)
     scope = strategy.scope if strategy else contextlib.nullcontext  # a fresh context each time
     try:
         cfg.precision = info["precision"]
-        state = resume_or_start(cfg, cfg.identity(), paths)
-        train_batches, val_batches, data_summary, per_source = load_data(cfg, info["replicas"], state["epoch"])
+        state = resume_or_start(cfg, cfg.identity(), paths, chief)
+        train_batches, val_batches, data_summary, per_source = load_data(cfg, info, state["epoch"])
         settle_jit(cfg, info, state, train_batches)
         with scope():
             model = build_model(cfg, info, state, paths)
             if state["epoch"]:
-                repair_after_kill(model, cfg, state, paths)
-                print(f"resuming {out} after epoch {state['epoch']}", flush=True)
+                repair_after_kill(model, cfg, state, paths, writes)
+                if chief:
+                    print(f"resuming {out} after epoch {state['epoch']}", flush=True)
         run = {**asdict(cfg), "data_summary": data_summary, **info, "params": model.count_params(),
                "model": model.name, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": None}
-        atomic_write_text(paths["run"], json.dumps(run, indent=1))
+        atomic_write_text(writes["run"], json.dumps(run, indent=1))
 
         t_fit = time.time()
-        if not (state["epoch"] >= cfg.epochs or state["stopped"]):
-            print(f"training {model.name} ({model.count_params() / 1e6:.2f} M params) on {data_summary['train']} "
+        if not (state["epoch"] >= cfg.epochs or state["stopped"]) and chief:
+            devices = f" on {info['processes']} processes, {info['replicas']} devices" if cluster else ""
+            print(f"training {model.name} ({model.count_params() / 1e6:.2f} M params){devices} on {data_summary['train']} "
                   f"images, validating on {data_summary['val']}, {cfg.size} px, batch {cfg.batch}; "
                   f"{info['backend']} {info['accelerator']} {info['precision']} jit={info['jit']} ({info['jit_reason']}) "
                   f"distribute={info['distribute']}"
@@ -854,7 +980,8 @@ def train(cfg):
                   f"{'; sources balanced' if cfg.balance else ''}"
                   f"{'; weights averaged, EMA ' + str(cfg.ema) if cfg.ema else ''}"
                   f"{'; starting from ' + cfg.init if cfg.init else ''}", flush=True)
-            verbose = cfg.verbose if cfg.verbose is not None else (1 if sys.stdout.isatty() else 0)
+        if not (state["epoch"] >= cfg.epochs or state["stopped"]):
+            verbose = cfg.verbose if cfg.verbose is not None and chief else (1 if sys.stdout.isatty() and chief else 0)
             workers = cfg.workers or os.cpu_count() or 1
             warp = device_warp(train_batches) if info["augment_on"] == "device" else None
             with scope():
@@ -862,17 +989,20 @@ def train(cfg):
                           validation_data=None if per_source else feed(val_batches, workers),
                           epochs=cfg.epochs, initial_epoch=state["epoch"], verbose=verbose,
                           callbacks=[*([keras.callbacks.SwapEMAWeights()] if cfg.ema and not per_source else []),
-                                     make_epoch_callback(cfg, state, len(train_batches), paths, per_source),
-                                     *tensorboard(cfg)])
+                                     make_epoch_callback(cfg, state, len(train_batches), writes, per_source, chief),
+                                     *(tensorboard(cfg) if chief else [])])
     finally:
         if info["distribute"] == "data_parallel":
             keras.distribution.set_distribution(None)
         keras.mixed_precision.set_global_policy("float32")
+        if not chief:
+            shutil.rmtree(os.path.dirname(writes["run"]), ignore_errors=True)
 
     run["result"] = summarize(state, paths, t_fit)
     run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    atomic_write_text(paths["run"], json.dumps(run, indent=1))
-    return run["result"]
+    if chief:
+        atomic_write_text(paths["run"], json.dumps(run, indent=1))
+    return {**run["result"], "chief": chief}
 
 
 def print_summary(s):
@@ -893,8 +1023,17 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.plot:
         return plot_command(args)
-    summary = train(argv)
-    print_summary(summary)
+    cluster = cluster_of()
+    if cluster and WORKER_ENV not in os.environ:
+        return supervise(argv, cluster, args.cluster_timeout)
+    try:
+        summary = train(argv)
+    except Exception as e:  # a collective that fails because a peer is gone: one line, not a traceback
+        if cluster and any(mark in str(e) for mark in PEER_LOST):
+            raise peer_lost(cluster, args.cluster_timeout) from None
+        raise
+    if summary["chief"]:
+        print_summary(summary)
     return 1 if summary["diverged"] else 0  # diverged: a failure during the run
 
 

@@ -481,7 +481,7 @@ def iou(a, b):
 @given(batch=photo_batches())
 def test_device_warp_matches_pillow_on_the_same_draws(batch):
     images, masks, seed = batch
-    colour, affine = data.augment_params(images, np.random.default_rng(seed))
+    colour, affine = data.augment_params(images.shape[:3], data.mean_luma(images), np.random.default_rng(seed))
     xp, yp = data.warp_pillow(images, masks, colour, affine)
     xd, yd = device_warp(images, masks, colour, affine)
     assert xd.dtype == np.uint8 and xd.shape == images.shape and yd.dtype == np.uint8 and yd.shape == masks.shape
@@ -495,8 +495,8 @@ def test_device_warp_matches_pillow_on_the_same_draws(batch):
 @given(batch=photo_batches(), photometric=st.booleans())
 def test_device_warp_switched_off_parts_are_the_identity(batch, photometric):
     images, masks, seed = batch
-    colour, affine = data.augment_params(images, np.random.default_rng(seed), geometric=False,
-                                         photometric=photometric)
+    colour, affine = data.augment_params(images.shape[:3], data.mean_luma(images), np.random.default_rng(seed),
+                                         geometric=False, photometric=photometric)
     x, y = device_warp(images, masks, colour, affine)
     assert np.array_equal(y, masks)  # no geometry: the mask is untouched, to the pixel
     if not photometric:
@@ -552,6 +552,24 @@ def test_batches_shapes_shuffle_and_epochs():
     assert len(data.Batches(images[:3], masks[:3], batch_size=4, drop_remainder=True)) == 1  # < 1 batch
     aug = data.Batches(images, masks, batch_size=4, augment=True, seed=1)
     assert np.array_equal(aug[1][1], aug[1][1])  # the same batch twice: same augmentation
+
+
+@FAST
+@given(processes=st.sampled_from([1, 2, 4]), per=st.integers(1, 3), seed=st.integers(0, 99),
+       epoch=st.integers(0, 3), augment=st.booleans())
+def test_each_process_gets_its_part_of_the_one_process_stream(processes, per, seed, epoch, augment):
+    images, masks = data.make_synthetic(13, seed=0, size_wh=(16, 16))
+    batch = processes * per
+    whole = data.Batches(images, masks.astype(np.uint8), batch, augment=augment, seed=seed, epoch=epoch)
+    parts = [data.Batches(images, masks.astype(np.uint8), batch, augment=augment, seed=seed, epoch=epoch,
+                          part=(i, processes)) for i in range(processes)]
+    for index in range(len(whole)):
+        want = whole.draw(index)
+        got = [p.draw(index) for p in parts]
+        for k in range(4):  # images, masks, colour draws, affine draws: the pieces make the whole
+            assert np.array_equal(np.concatenate([g[k] for g in got]), want[k])
+        x = np.concatenate([p[index][0] for p in parts])  # and so do the augmented batches
+        assert np.array_equal(x, whole[index][0])
 
 
 def test_batches_resume_at_an_epoch_continues_the_stream():

@@ -467,6 +467,80 @@ print("ok")
 
 
 @pytest.mark.slow
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_run(args, port, processes=2, timeout=15, start=None):
+    """Start train.py as processes 0..n-1 (or those in `start`) of a local cluster (JAX's runtime, gloo on
+    the CPU), each in its own session so a whole process can be killed; returns the Popen objects."""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_backend_optimization_level=0",
+           "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}", "KERAS_DISTRIBUTION_NUM_PROCESSES": str(processes)}
+    return [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--cluster-timeout", str(timeout)],
+                             env={**env, "KERAS_DISTRIBUTION_PROCESS_ID": str(i)}, cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            for i in (range(processes) if start is None else start)]
+
+
+def errors(text):
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_two_processes_train_as_one_write_once_stop_together_and_resume(synthetic_data, tmp_path):
+    # 1. Two processes (each its part of every batch, augmentation on) log what one process logs at the
+    #    same global batch and seed; process 0 alone writes the run, and says how many take part.
+    args = ["--data", synthetic_data, *TINY, "--val-fraction", "0.5", "--verbose", "0"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r = cli([*args, "--epochs", "2", "--out", one], env={**os.environ, "KERAS_BACKEND": "jax",
+                                                           "XLA_FLAGS": "--xla_backend_optimization_level=0"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    procs = cluster_run([*args, "--epochs", "2", "--out", two], free_port())
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    # process 1 prints nothing of its own (gloo's C++ library says it is connected)
+    assert "on 2 processes, 2 devices" in outs[0][0]
+    assert [line for line in outs[1][0].splitlines() if not line.startswith("[Gloo]")] == []
+    for a, b in zip(rows(one), rows(two)):  # the logs agreed to 5-6 digits when this was written
+        for key in ("loss", "val_loss", "val_dice", "val_iou"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-3, abs=1e-4), key
+    assert len(rows(two)) == 2 and sorted(os.listdir(two)) == sorted(os.listdir(one))
+    assert run_json(two)["processes"] == 2 and run_json(two)["replicas"] == 2
+    # 2. A process that dies mid-run: the other stops within the timeout, in one line; a rerun of the
+    #    same command resumes both from the last finished epoch.
+    port = free_port()
+    procs = cluster_run([*args, "--epochs", "30", "--out", two], port, timeout=10)
+    deadline = time.time() + 180
+    while len(rows(two)) < 3 and time.time() < deadline and procs[0].poll() is None:  # one epoch past the 2
+        time.sleep(0.1)
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    t = time.time()
+    out, err = procs[0].communicate(timeout=120)
+    assert time.time() - t < 60 and procs[0].returncode == 1
+    assert len(errors(err)) == 1 and "another process died" in errors(err)[0] and "Traceback" not in err
+    done = int(rows(two)[-1]["epoch"])
+    assert 3 <= done < 30
+    procs = cluster_run([*args, "--epochs", str(done + 1), "--out", two], free_port())
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    assert f"resuming {two} after epoch {done}" in outs[0][0]
+    assert [int(r["epoch"]) for r in rows(two)] == list(range(1, done + 2))
+    # 3. Bad layouts are one line before anyone waits: a batch the processes cannot split, a coordinator
+    #    nobody starts.
+    procs = cluster_run([*args, "--epochs", "1", "--out", str(tmp_path / "x"), "--batch", "3"], free_port())
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2]
+    assert all(errors(err) == ["error: --batch 3: must be a multiple of the 2 processes (each loads an equal "
+                               "part of every batch)"] for _, err in outs)
+    lone, = cluster_run([*args, "--epochs", "1", "--out", str(tmp_path / "y")], free_port(), timeout=5, start=[1])
+    _, err = lone.communicate(timeout=120)
+    assert lone.returncode == 1 and len(errors(err)) == 1 and "did not all join within 5 s" in err
+
+
 def test_a_checkpoint_whose_weights_do_not_load_is_one_line_exit_2(synthetic_data, tmp_path, capsys):
     import zipfile
 
