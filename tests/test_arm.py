@@ -13,10 +13,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
-import data
 import export
-import unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -28,15 +27,9 @@ CPUS = ("cortex-a53", "cortex-a55", "cortex-a76", "cortex-a710")
 
 
 @pytest.fixture(scope="module")
-def exported(synthetic_data, tmp_path_factory):
+def exported(train_unet, synthetic_data, tmp_path_factory):
     """{"float32": path, "int8": path} of a model trained enough for confident, non-trivial masks."""
-    keras = data.import_keras()
-    keras.utils.set_random_seed(0)
-    train = data.load_split(synthetic_data, "train", SIZE, progress=False)
-    model = unet.build_unet(size=SIZE, filters=4, depth=3)
-    unet.compile_model(model, lr=3e-3, jit_compile=False)
-    model.fit(train.images.astype(np.float32), train.masks[..., None].astype(np.float32),
-              batch_size=4, epochs=15, verbose=0)
+    model = train_unet(SIZE, filters=4, depth=3)
     folder = tmp_path_factory.mktemp("arm")
     model.save(folder / "best.keras")
     export.export(str(folder / "best.keras"), synthetic_data, str(folder / "export"), quantize=("int8",),
@@ -53,12 +46,12 @@ def emulator():
     return arm_check.arm_dir()
 
 
+@pytest.mark.slow  # ~45 s: training, export, four emulated CPUs
 def test_same_masks_on_emulated_arm_cpus(emulator, exported, tmp_path, capsys):
     out = tmp_path / "arm.json"
     # The user's command, in-process: both files, the four CPUs, 1 and 2 threads, the default images.
-    rc = arm_check.main([exported["float32"], exported["int8"], "--cpus", ",".join(CPUS),
-                         "--threads", "1,2", "--json", str(out)])
-    printed = capsys.readouterr().out
+    rc, printed, _ = run_cli(arm_check, [exported["float32"], exported["int8"], "--cpus", ",".join(CPUS),
+                                         "--threads", "1,2", "--json", str(out)], capsys)
     assert rc == 0, printed
     assert "agree: 2 file(s) on 4 emulated CPU(s)" in printed
     result = json.loads(out.read_text())
@@ -94,6 +87,7 @@ def test_same_masks_on_emulated_arm_cpus(emulator, exported, tmp_path, capsys):
     assert "asimddp" not in features["cortex-a53"] and "sve2" in features["cortex-a710"]
 
 
+@pytest.mark.slow  # the trained, exported model
 def test_a_changed_pixel_is_reported(exported):
     """The comparison itself, no emulator: one output byte moved across the threshold is one mask pixel."""
     import arm_guest
@@ -121,9 +115,9 @@ def test_a_changed_pixel_is_reported(exported):
 def test_bad_flags_are_one_line_errors(args, message, tmp_path, capsys):
     model = tmp_path / "m.tflite"
     model.write_bytes(b"not a model")
-    assert arm_check.main([str(model), *args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err
+    code, _, err = run_cli(arm_check, [str(model), *args], capsys)
+    err = err.strip()
+    assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
 
 
 def test_missing_setup_and_bad_files_are_one_line_errors(tmp_path):
