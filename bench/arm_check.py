@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 
 import arm_guest  # noqa: E402  (beside this file; the code that runs on both sides)
 import data  # noqa: E402
+import train  # noqa: E402  (cpu_line: the CPU every benchmark names)
 
 # QEMU CPU models, each standing for a family of XNNPACK kernels a phone may get.
 CPUS = {
@@ -162,7 +163,7 @@ def check(paths, images, cpus=DEFAULT_CPUS, threads=(1, 2), root=None, progress=
                              **compare(path, reference, outputs[f"{k}/{t}"])})
     lesion = {os.path.basename(p): float(np.mean(probabilities(p, native[f"{k}/1"]) > THRESHOLD))
               for k, p in enumerate(paths)}
-    return rows, {"machine": platform.machine(), "cpu": host_cpu(), "lesion_fraction": lesion,
+    return rows, {"machine": platform.machine(), "cpu": train.cpu_line(), "lesion_fraction": lesion,
                   "images": int(len(images)), "size": int(images.shape[1]), "cpus": cpu_facts}
 
 
@@ -176,14 +177,6 @@ def failures(rows, float_atol=FLOAT_ATOL, int8_pixels=0):
         if not r["integer"] and r["max_abs_diff"] > float_atol:
             bad.append(f"{where}: probabilities differ by {r['max_abs_diff']:.2g} (allowed {float_atol:g})")
     return bad
-
-
-def host_cpu():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return ""
 
 
 def check_images(size, data_dir=None, count=4):
@@ -239,7 +232,7 @@ def input_size(paths):
 
 
 def print_table(rows, facts, file=sys.stdout):
-    print(f"reference: {facts['machine']} ({facts['cpu'] or 'this CPU'}), 1 thread; {facts['images']} images "
+    print(f"reference: {facts['machine']}, {facts['cpu']}, 1 thread; {facts['images']} images "
           f"at {facts['size']} px; lesion pixels in its masks: " +
           ", ".join(f"{n} {100 * v:.1f}%" for n, v in facts["lesion_fraction"].items()), file=file)
     print(f"{'file':<24}{'cpu':<24}{'thr':>4}{'same bits':>11}{'max |dp|':>11}{'mask px differing':>20}"
