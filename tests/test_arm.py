@@ -103,8 +103,8 @@ def test_a_changed_pixel_is_reported(exported):
     assert row["max_abs_diff"] == pytest.approx(abs(int(changed.flat[0]) - int(reference.flat[0])) / 256)
     rows = [{"file": "model_int8.tflite", "cpu": "cortex-a76", "threads": 1, "integer": True, **row}]
     assert arm_check.failures(rows, int8_pixels=1) == []
-    assert arm_check.failures(rows) == ["model_int8.tflite on cortex-a76 at 1 thread(s): "
-                                        "1 mask pixels differ (allowed 0)"]
+    assert arm_check.failures(rows) == [("model_int8.tflite on cortex-a76 at 1 thread(s)",
+                                         "1 mask pixels differ (allowed 0)")]
     assert arm_check.compare(exported["int8"], reference, reference.copy())["identical"]
 
 
