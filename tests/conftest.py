@@ -71,3 +71,21 @@ def tiny_model(tmp_path_factory):
     images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     return {"paths": paths, "images": images,
             "expected": model.predict_on_batch(images.astype(np.float32))[..., 0]}
+
+
+@pytest.fixture(scope="session")
+def train_unet(synthetic_data):
+    """train_unet(size, filters, depth) -> a small U-Net fitted 15 epochs on the synthetic fixture's
+    training split: enough for confident, non-trivial masks (not coin flips), in seconds."""
+    def train(size, filters, depth):
+        import unet
+
+        keras = data.import_keras()
+        keras.utils.set_random_seed(0)
+        split = data.load_split(synthetic_data, "train", size, progress=False)
+        model = unet.build_unet(size=size, filters=filters, depth=depth)
+        unet.compile_model(model, lr=3e-3, jit_compile=False)
+        model.fit(split.images.astype(np.float32), split.masks[..., None].astype(np.float32),
+                  batch_size=4, epochs=15, verbose=0)
+        return model
+    return train

@@ -21,16 +21,9 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def trained(synthetic_data, tmp_path_factory):
+def trained(train_unet, tmp_path_factory):
     """(path of best.keras, model): trained briefly so its masks are confident, not coin flips."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    train = data.load_split(synthetic_data, "train", SIZE, progress=False)
-    model = unet.build_unet(size=SIZE, filters=4, depth=2)
-    unet.compile_model(model, lr=3e-3, jit_compile=False)
-    model.fit(train.images.astype(np.float32), train.masks[..., None].astype(np.float32),
-              batch_size=4, epochs=15, verbose=0)
+    model = train_unet(SIZE, filters=4, depth=2)
     path = str(tmp_path_factory.mktemp("model") / "best.keras")
     model.save(path)
     return path, model
