@@ -15,13 +15,16 @@ What a visitor costs, whatever the photo: a photo over --max-megapixels is refus
 and an upload over --max-upload-mb by Gradio, before either is decoded. Between calls the server
 holds the photo at display size (at most 1024 px a side, 3 MB) and the model's probability map
 (256 KB at 256 px), until an hour after the visitor's last call or until MAX_PHOTOS newer photos
-push it out, and on disk the files of its last two renders. Everything, uploads included, lives
+push it out, and on disk the files of its last two renders. While a call runs, a large photo costs
+about 8.5 bytes a pixel, and large photos decode one at a time. Everything, uploads included, lives
 in one folder (Gradio's cache, GRADIO_TEMP_DIR) that goes when the server stops, on Ctrl-C or
-SIGTERM.
+SIGTERM. docs/benchmarks.md ("Web app under load") has the measured figures.
 
 Read top to bottom: the pure functions a test calls without a browser (analyse, rerender), the
 page (build_ui), the command line (main).
 """
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -46,6 +49,7 @@ MAX_PHOTOS = 100     # photos held at once, whoever sent them (see Photos)
 KEEP_RENDERS = 2     # per visitor on disk: what the page shows and the one before, which a slow
                      # browser may still be fetching when the slider moves again
 BAND_ROWS = 256      # rows of the native-size mask worked out at a time (see native_mask)
+BIG_PHOTO = 4 * 10**6  # pixels: larger photos decode one at a time (see read_photo)
 DISCLAIMER = ("**Research tool, not a diagnosis.** This model has not been validated for clinical "
               "use; anyone worried about a skin lesion should see a doctor.")
 FORMATS = {"keras": "Keras (.keras)", "saved_model": "TensorFlow SavedModel",
@@ -93,10 +97,15 @@ def model_line(predictor):
 # One photo: analyse() runs the model once; rerender() redraws from its cached probabilities
 
 
+_DECODING_BIG = threading.Lock()
+
+
 def read_photo(path, max_pixels):
     """(uint8 image at display size, native (h, w)). The pixel limit is checked on the header, so
     a photo over it is never decoded; a JPEG decodes at the smallest scale (draft mode) that still
-    covers the display size, the way predict.py reads photos."""
+    covers the display size, the way predict.py reads photos. Decoding a PNG costs
+    about 8.5 bytes a pixel for a moment (Pillow's image, numpy's copy, the resize's: 420 MB at 50
+    megapixels), so photos over BIG_PHOTO decode one at a time, not CONCURRENCY at once."""
     with data.open_image(path) as img:  # empty, not an image, broken header, Pillow's bomb limit
         pixels = img.width * img.height
         if pixels > max_pixels:
@@ -105,7 +114,8 @@ def read_photo(path, max_pixels):
                              f"megapixels")
     native = data.native_hw(path)
     shown_hw = predict.preview_hw(native)
-    return data.resize_image(data.load_image(path, min_size=shown_hw), shown_hw), native
+    with _DECODING_BIG if pixels > BIG_PHOTO else contextlib.nullcontext():
+        return data.resize_image(data.load_image(path, min_size=shown_hw), shown_hw), native
 
 
 def native_mask(small_prob, size_hw, threshold):
@@ -366,6 +376,19 @@ def parse_args(argv):
     return args
 
 
+def return_freed_memory():
+    """Make glibc hand every allocation of 1 MiB or more back to the system when it is freed. By
+    default the threshold for that rises to the largest block freed so far (up to 32 MiB), and
+    after a few large photos Pillow's 16 MiB blocks stay in the heap of whichever thread decoded
+    them: 20 photos of 50 megapixels kept 750 MB that nothing used. Elsewhere this does nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
 @data.command
 def main(argv=None):
     args = parse_args(argv)  # before any heavy import: a bad flag answers at once
@@ -380,6 +403,7 @@ def main(argv=None):
     # folder goes with it; their default would end the process on the spot.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.default_int_handler)
+    return_freed_memory()
     try:
         predictor = LockedPredictor(predict.load_predictor(args.weights, args.size))
         page = build_ui(predictor, folder, round(args.max_megapixels * 10**6))

@@ -238,6 +238,29 @@ def test_photo_over_the_pixel_limit_is_refused_before_decoding(tmp_path, photos)
     assert "limit of 0.001 megapixels" in small
 
 
+def test_large_photos_decode_one_at_a_time(tmp_path, photos, monkeypatch):
+    """Defect 1: decoding a large PNG costs ~8.5 bytes a pixel for a moment, so concurrent
+    visitors' large photos decode in turn: the peak is one photo's, not CONCURRENCY photos'."""
+    path = tmp_path / "five.png"
+    Image.new("L", (2500, 2000), 140).save(path)  # 5 Mpx, over BIG_PHOTO
+    inside, overlaps, load_image = [0], [], data.load_image
+
+    def counting_load_image(*args, **kwargs):
+        inside[0] += 1
+        overlaps.append(inside[0])
+        time.sleep(0.05)
+        try:
+            return load_image(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(data, "load_image", counting_load_image)
+    with ThreadPoolExecutor(4) as pool:
+        texts = [r[2] for r in pool.map(
+            lambda _: app.analyse(FakePredictor(), str(path), 0.5, photos), range(4))]
+    assert all("Lesion area" in t for t in texts) and len(overlaps) == 4 and max(overlaps) == 1
+
+
 @pytest.mark.parametrize("hw", [(288, 384), (1000, 700), (97, 131), (20, 20)])
 def test_native_mask_in_bands_matches_predict(hw):
     rng = np.random.default_rng(hw[0])
