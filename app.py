@@ -4,10 +4,10 @@
                   [--max-megapixels 50] [--max-upload-mb 50]
 
 Any model predict.py reads works (.keras, a SavedModel folder, a .tflite), through the same
-Predictor and the same preprocessing as `predict.py`. The page shows the photo with
-the lesion tinted and outlined, the mask, the lesion's area, and a threshold slider that re-draws all
-of it from the cached probability map without running the model again; the mask downloads as a PNG
-at the photo's native size. It serves on 127.0.0.1 only unless --host says otherwise, sends no
+Predictor and the same preprocessing as `predict.py`. The page shows the photo with the lesion
+tinted and outlined, the mask, the lesion's area, and a threshold slider that re-draws all of it
+from the cached probability map without running the model again; the mask downloads as a PNG at
+the photo's native size. It serves on 127.0.0.1 only unless --host says otherwise, sends no
 analytics and loads nothing from outside the machine. Gradio also serves an HTTP API for the same
 function (the "Use via API" link at the foot of the page).
 
@@ -43,7 +43,7 @@ import predict  # the one Predictor and preprocessing path (imports no Keras by 
 DEFAULT_THRESHOLD = 0.5
 MAX_MEGAPIXELS = 50  # --max-megapixels: every ISIC photo (at most 30) and a 48 Mpx phone photo
 MAX_UPLOAD_MB = 50   # --max-upload-mb
-CONCURRENCY = 4      # calls at once per event (the model itself runs one at a time: LockedPredictor)
+CONCURRENCY = 4      # calls at once per event (the model runs one at a time: LockedPredictor)
 SESSION_SECONDS = 3600  # a visitor's photo is forgotten this long after their last call
 MAX_PHOTOS = 100     # photos held at once, whoever sent them (see Photos)
 KEEP_RENDERS = 2     # per visitor on disk: what the page shows and the one before, which a slow
@@ -178,7 +178,7 @@ class Photos:
             self.forget(old)
 
     def forget(self, state):
-        """Free a photo and remove its files; Gradio also calls it when a visitor's state expires."""
+        """Free a photo, remove its files; Gradio also calls it when a visitor's state expires."""
         if state:
             with self._lock:
                 self._held.pop(id(state), None)
@@ -196,8 +196,8 @@ def render(state, threshold):
     concurrency). Renders of this photo older than KEEP_RENDERS are removed."""
     held = dict(state)  # Photos.forget may empty the state while this runs
     if not held:
-        return None, None, "⚠️ This photo was forgotten (the server was busy): upload it again.", \
-            None, None
+        return (None, None, "⚠️ This photo was forgotten (the server was busy): upload it again.",
+                None, None)
     image, small_prob = held["image"], held["small_prob"]
     prob = data.resize_prob(small_prob, image.shape[:2])
     shown_mask = prob > threshold

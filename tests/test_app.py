@@ -19,15 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import app
+import data
+import predict
 
-import app  # noqa: E402
-import data  # noqa: E402
-import predict  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = "/usr/bin/chromium"
 USER, PASSWORD = "skin", "unet-test"
 
@@ -371,21 +369,12 @@ def _stop(proc, signum=signal.SIGTERM):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny.keras"
-    code = ("import sys, data, unet; data.import_keras(); "
-            "unet.build_unet(32, filters=4, depth=2).save(sys.argv[1])")
-    subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, check=True, timeout=300)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     """`python app.py --auth` with a 1 MB upload limit: (url, process, log, temp folder)."""
     tmp = tmp_path_factory.mktemp("server-tmp")
     log = tmp_path_factory.mktemp("server") / "app.log"
-    url, proc = _start([os.path.join(ROOT, "app.py"), "--weights", tiny_model, "--auth",
-                        f"{USER}:{PASSWORD}", "--max-upload-mb", "1"], tmp, log)
+    url, proc = _start([os.path.join(ROOT, "app.py"), "--weights", tiny_model["paths"]["keras"],
+                        "--auth", f"{USER}:{PASSWORD}", "--max-upload-mb", "1"], tmp, log)
     try:
         yield url, proc, log, tmp
     finally:
@@ -413,6 +402,7 @@ def _call(client, api_name, path):
     return client.get(f"/gradio_api/call/{api_name}/{event}").text
 
 
+@pytest.mark.slow
 def test_identical_concurrent_requests_all_complete_byte_identical(server, tmp_path):
     """Defect 3: 20 visitors sending the same photo at once all get every file, whole and the
     same (Gradio's content-named cache used to rewrite one file under all of them)."""
@@ -441,6 +431,7 @@ def test_identical_concurrent_requests_all_complete_byte_identical(server, tmp_p
     assert not os.path.exists(os.path.join(ROOT, "app.pyi"))
 
 
+@pytest.mark.slow
 def test_api_refuses_paths_and_sizes_it_should(server, photo):
     """Defects 2, 5 and 6 over HTTP: an upload over --max-upload-mb is refused and not kept; a
     path the server never received is refused whether or not the file exists (no 'file not found'
@@ -467,6 +458,7 @@ def test_api_refuses_paths_and_sizes_it_should(server, photo):
     assert client.get("/monitoring/summary").status_code == 403
 
 
+@pytest.mark.slow
 def test_browser_end_to_end(server, photo, bad_files, tmp_path):
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI"):
