@@ -1,24 +1,38 @@
 """A web page for one dermoscopy photo at a time: upload it, see the lesion the model finds.
 
-    python app.py [--weights best.keras] [--host 127.0.0.1] [--port 7860]
+    python app.py [--weights best.keras] [--host 127.0.0.1] [--port 7860] [--auth USER:PASS]
+                  [--max-megapixels 50] [--max-upload-mb 50]
 
 Any model predict.py reads works (.keras, a SavedModel folder, a .tflite), through the same
-Predictor and the same preprocessing (predict.segment). The page shows the photo with the lesion
+Predictor and the same preprocessing as `predict.py`. The page shows the photo with the lesion
 tinted and outlined, the mask, the lesion's area, and a threshold slider that re-draws all of it
 from the cached probability map without running the model again; the mask downloads as a PNG at
 the photo's native size. It serves on 127.0.0.1 only unless --host says otherwise, sends no
 analytics and loads nothing from outside the machine. Gradio also serves an HTTP API for the same
 function (the "Use via API" link at the foot of the page).
 
+What a visitor costs, whatever the photo: a photo over --max-megapixels is refused from its header
+and an upload over --max-upload-mb by Gradio, before either is decoded. Between calls the server
+holds the photo at display size (at most 1024 px a side, 3 MB) and the model's probability map
+(256 KB at 256 px), until an hour after the visitor's last call or until MAX_PHOTOS newer photos
+push it out, and on disk the files of its last two renders. While a call runs, a large photo costs
+about 8.5 bytes a pixel, and large photos decode one at a time. Everything, uploads included, lives
+in one folder (Gradio's cache, GRADIO_TEMP_DIR) that goes when the server stops, on Ctrl-C or
+SIGTERM. docs/benchmarks.md ("Web app under load") has the measured figures.
+
 Read top to bottom: the pure functions a test calls without a browser (analyse, rerender), the
 page (build_ui), the command line (main).
 """
+import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import uuid
+from collections import OrderedDict
 
 import numpy as np
 from PIL import Image
@@ -26,8 +40,16 @@ from PIL import Image
 import data
 import predict  # the one Predictor and preprocessing path (imports no Keras by itself)
 
-DISPLAY_MAX = 1024  # px, long side of the images sent to the browser (the mask file is native)
 DEFAULT_THRESHOLD = 0.5
+MAX_MEGAPIXELS = 50  # --max-megapixels: every ISIC photo (at most 30) and a 48 Mpx phone photo
+MAX_UPLOAD_MB = 50   # --max-upload-mb
+CONCURRENCY = 4      # calls at once per event (the model runs one at a time: LockedPredictor)
+SESSION_SECONDS = 3600  # a visitor's photo is forgotten this long after their last call
+MAX_PHOTOS = 100     # photos held at once, whoever sent them (see Photos)
+KEEP_RENDERS = 2     # per visitor on disk: what the page shows and the one before, which a slow
+                     # browser may still be fetching when the slider moves again
+BAND_ROWS = 256      # rows of the native-size mask worked out at a time (see native_mask)
+BIG_PHOTO = 4 * 10**6  # pixels: larger photos decode one at a time (see read_photo)
 DISCLAIMER = ("**Research tool, not a diagnosis.** This model has not been validated for clinical "
               "use; anyone worried about a skin lesion should see a doctor.")
 FORMATS = {"keras": "Keras (.keras)", "saved_model": "TensorFlow SavedModel",
@@ -75,9 +97,48 @@ def model_line(predictor):
 # One photo: analyse() runs the model once; rerender() redraws from its cached probabilities
 
 
-def _display_size(h, w, limit=DISPLAY_MAX):
-    scale = min(1.0, limit / max(h, w))
-    return max(1, round(h * scale)), max(1, round(w * scale))
+_DECODING_BIG = threading.Lock()
+
+
+def read_photo(path, max_pixels):
+    """(uint8 image at display size, native (h, w)). The pixel limit is checked on the header, so
+    a photo over it is never decoded; a JPEG decodes at the smallest scale (draft mode) that still
+    covers the display size, the way predict.py reads photos. Decoding a PNG costs
+    about 8.5 bytes a pixel for a moment (Pillow's image, numpy's copy, the resize's: 420 MB at 50
+    megapixels), so photos over BIG_PHOTO decode one at a time, not CONCURRENCY at once."""
+    with data.open_image(path) as img:  # empty, not an image, broken header, Pillow's bomb limit
+        pixels = img.width * img.height
+        if pixels > max_pixels:
+            raise data.Error(path, f"{img.width} x {img.height} px ({pixels / 1e6:.1f} "
+                             f"megapixels) is over this server's limit of {max_pixels / 1e6:g} "
+                             f"megapixels")
+    native = data.native_hw(path)
+    shown_hw = predict.preview_hw(native)
+    with _DECODING_BIG if pixels > BIG_PHOTO else contextlib.nullcontext():
+        return data.resize_image(data.load_image(path, min_size=shown_hw), shown_hw), native
+
+
+def native_mask(small_prob, size_hw, threshold):
+    """(uint8 0/255 mask at size_hw, lesion stats as predict.lesion_stats gives them) from the
+    model's map. Upsampled a band of rows at a time: the whole float32 map of a 50 Mpx photo is
+    200 MB per call, a band a few MB. Pillow's box keeps each band on the whole map's sampling grid;
+    only rounding differs, so the mask matches predict.native_prob's except where the probability
+    is within 1e-5 of the threshold."""
+    h, w = size_hw
+    source = Image.fromarray(np.asarray(small_prob, np.float32))
+    rows_per_px = source.height / h
+    mask = np.empty((h, w), np.uint8)
+    area, inside = 0, 0.0
+    for top in range(0, h, BAND_ROWS):
+        bottom = min(h, top + BAND_ROWS)
+        box = (0, top * rows_per_px, source.width, bottom * rows_per_px)
+        band = np.asarray(source.resize((w, bottom - top), Image.BILINEAR, box=box))
+        hit = band > threshold
+        np.multiply(hit, 255, out=mask[top:bottom], casting="unsafe")
+        area += int(np.count_nonzero(hit))
+        inside += float(np.sum(band, where=hit, dtype=np.float64))
+    return mask, {"area_px": area, "area_percent": 100.0 * area / (h * w),
+                  "mean_prob": inside / area if area else 0.0, "width": w, "height": h}
 
 
 def _stats_text(stats, threshold):
@@ -87,58 +148,110 @@ def _stats_text(stats, threshold):
             f"{stats['mean_prob']:.2f} at threshold {threshold:.2f}")
 
 
-def _write_mask(mask, folder, name):
-    """The mask as an 8-bit 0/255 PNG at native size (the ISIC format) in its own new subfolder
-    of `folder`, so two visitors' downloads never overwrite each other."""
-    path = os.path.join(folder, uuid.uuid4().hex, f"{name}_segmentation.png")
-    image = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
-    data.atomic_write(path, lambda f: image.save(f, "PNG", compress_level=1), durable=False)
+def _write_png(path, pixels):
+    data.atomic_write(path, lambda f: Image.fromarray(pixels).save(f, "PNG", compress_level=1),
+                      durable=False)
     return path
 
 
-def render(state, threshold, folder):
-    """(overlay uint8 (h, w, 3), mask uint8 (h, w), stats markdown, mask PNG path) from a state
-    analyse() made; the two images are at display size, the PNG and the numbers at native size."""
-    mask = state["prob"] > threshold
-    small_mask = state["small_prob"] > threshold
-    # The overlay is drawn on the display-size copy: the slider stays fast on a 24 MP photo.
-    shown = predict.overlay(state["small_image"], small_mask, state["small_prob"])
-    stats = predict.lesion_stats(mask, state["prob"])
-    path = _write_mask(mask, folder, state["name"])
-    return shown, small_mask.astype(np.uint8) * 255, _stats_text(stats, threshold), path
+class Photos:
+    """The photos the server holds between calls, each in a state dict that analyse() makes: at
+    most `limit` of them, the least recently used forgotten first. A state's size is bounded
+    whatever the photo, and this bounds their number: Gradio keeps a visitor's state an hour after
+    their last call, and makes a new visitor of every plain API call. A forgotten state is emptied
+    (its arrays freed, its files removed); the visitor is asked to upload the photo again."""
+
+    def __init__(self, folder, limit=MAX_PHOTOS):
+        self.folder, self.limit = folder, limit
+        self._held = OrderedDict()
+        self._lock = threading.Lock()
+
+    def hold(self, state):
+        if not state:  # None, or forgotten already
+            return
+        with self._lock:
+            self._held[id(state)] = state
+            self._held.move_to_end(id(state))
+            evicted = [self._held.popitem(last=False)[1]
+                       for _ in range(len(self._held) - self.limit)]
+        for old in evicted:
+            self.forget(old)
+
+    def forget(self, state):
+        """Free a photo, remove its files; Gradio also calls it when a visitor's state expires."""
+        if state:
+            with self._lock:
+                self._held.pop(id(state), None)
+            shutil.rmtree(state["folder"], ignore_errors=True)
+            state.clear()
 
 
-def analyse(predictor, path, threshold=DEFAULT_THRESHOLD, folder=None):
-    """One upload -> (overlay, mask image, status markdown, mask PNG path, state).
+def render(state, threshold):
+    """(overlay PNG, mask PNG, stats markdown, native mask PNG, state) for a state analyse() made.
 
-    `path` is the uploaded file (or None). A file that is not a usable image (data.load_image's
-    checks: empty, not an image, truncated, decompression bomb) gives the message in the status
-    and None elsewhere, never an exception. `state` holds what rerender() needs: the native
-    probability map and display-size copies, so the model runs once per upload."""
-    folder = folder or tempfile.gettempdir()
+    The overlay and the mask image are at display size, the download and the numbers at native
+    size. The three files are written once each, atomically, into a new folder of their own, and
+    handed to Gradio as files: two visitors never share or rewrite a file (Gradio's own cache names
+    images by content and rewrites them in place, which broke downloads of identical results under
+    concurrency). Renders of this photo older than KEEP_RENDERS are removed."""
+    held = dict(state)  # Photos.forget may empty the state while this runs
+    if not held:
+        return (None, None, "⚠️ This photo was forgotten (the server was busy): upload it again.",
+                None, None)
+    image, small_prob = held["image"], held["small_prob"]
+    prob = data.resize_prob(small_prob, image.shape[:2])
+    shown_mask = prob > threshold
+    mask, stats = native_mask(small_prob, held["hw"], threshold)
+    folder = os.path.join(held["folder"], uuid.uuid4().hex)
+    outputs = (_write_png(os.path.join(folder, "overlay.png"),
+                          predict.overlay(image, shown_mask, prob)),
+               _write_png(os.path.join(folder, "mask.png"), shown_mask.astype(np.uint8) * 255),
+               _stats_text(stats, threshold),
+               _write_png(os.path.join(folder, f"{held['name']}_segmentation.png"), mask))
+    renders = held["renders"]
+    renders.append(folder)
+    if not state:  # forgotten while this ran: these files go too
+        shutil.rmtree(held["folder"], ignore_errors=True)
+    for old in renders[:-KEEP_RENDERS]:
+        shutil.rmtree(old, ignore_errors=True)
+    del renders[:-KEEP_RENDERS]
+    return (*outputs, state)
+
+
+def analyse(predictor, path, threshold, photos, state=None, max_pixels=MAX_MEGAPIXELS * 10**6):
+    """One upload -> (overlay PNG, mask PNG, status markdown, mask PNG to download, state).
+
+    `path` is the uploaded file (or None); `state` the visitor's previous one, which `photos`
+    forgets now, since the page no longer shows it. A file that is not a usable image
+    (data.load_image's checks: empty, not an image, truncated, decompression bomb) or has more
+    than max_pixels gives the message in the status and None elsewhere, never an exception. The
+    new state, which `photos` holds, keeps what rerender() needs, so the model runs once per
+    upload: the photo at display size and the model's probability map, nothing at native size."""
+    photos.forget(state)
     if path is None or (isinstance(path, str) and not path.strip()):
         return None, None, "⚠️ No photo: upload a JPEG or PNG dermoscopy image.", None, None
     path = os.fspath(getattr(path, "name", path))  # a str path, or a tempfile-like object
     shown_name = os.path.basename(path)
     try:
-        image = data.load_image(path)
+        image, native = read_photo(path, max_pixels)
     except data.Error as e:
-        # data.py names the (temporary, server-side) file path; the visitor knows it by its name.
-        message = data.one_line(e).replace(path, shown_name)
-        return None, None, f"⚠️ {message}", None, None
-    prob, _ = predict.segment(predictor, image, threshold)
-    small_hw = _display_size(*image.shape[:2])
-    state = {"prob": prob, "name": os.path.splitext(shown_name)[0] or "photo",
-             "small_image": data.resize_image(image, small_hw),
-             "small_prob": data.resize_prob(prob, small_hw)}
-    return (*render(state, threshold, folder), state)
+        # The error names the (temporary, server-side) path; the visitor knows the file by its name.
+        return None, None, f"⚠️ {shown_name}: {data.one_line(e.problem)}", None, None
+    small_prob = predict.predict_probs(predictor,
+                                       predict.model_input(image, predictor.size)[None])[0]
+    state = {"folder": os.path.join(photos.folder, uuid.uuid4().hex),
+             "name": os.path.splitext(shown_name)[0] or "photo", "hw": native, "image": image,
+             "small_prob": small_prob, "renders": []}
+    photos.hold(state)
+    return render(state, threshold)
 
 
-def rerender(state, threshold, folder=None):
+def rerender(state, threshold, photos):
     """The slider: the same outputs as analyse() for a new threshold, without the model."""
     if state is None:
-        return None, None, "Upload a photo first.", None
-    return render(state, threshold, folder or tempfile.gettempdir())
+        return None, None, "Upload a photo first.", None, None
+    photos.hold(state)  # used again: the last to be forgotten
+    return render(state, threshold)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,22 +277,32 @@ def theme():
                              font_mono=["ui-monospace", "Consolas", "monospace"])
 
 
-def build_ui(predictor, folder):
-    """The Blocks page around one (locked) predictor; `folder` holds examples and mask files."""
+def build_ui(predictor, folder, max_pixels=MAX_MEGAPIXELS * 10**6):
+    """The Blocks page around one (locked) predictor. `folder` is Gradio's cache (main sets
+    GRADIO_TEMP_DIR to it before gradio loads): uploads, the examples and every render live there,
+    so Gradio serves the files analyse() writes as they are, without copying them."""
     import gradio as gr
 
-    examples = write_examples(os.path.join(folder, "examples"))
-    masks = os.path.join(folder, "masks")
+    examples_dir = os.path.join(folder, "examples")
+    examples = write_examples(examples_dir)
+    photos = Photos(os.path.join(folder, "photos"))
 
-    def on_upload(path, threshold):
-        return analyse(predictor, path, threshold, masks)
+    def on_upload(upload, threshold, state):
+        # The upload as Gradio received it (preprocess=False below): gr.File's own preprocess
+        # leaves an empty temp file in its cache on every call. A path this server did not
+        # receive (an upload or an example) is refused the same way whether or not the file
+        # exists, so a caller of the API learns nothing about what else is on the disk.
+        path = upload and upload["path"]
+        if path and path not in page.upload_file_set and os.path.dirname(path) != examples_dir:
+            raise gr.Error("Refused: not a file uploaded to this server.", print_exception=False)
+        return analyse(predictor, path, threshold, photos, state, max_pixels)
 
     def on_slide(state, threshold):
-        return rerender(state, threshold, masks)
+        return rerender(state, threshold, photos)
 
-    # delete_cache: visitors' photos and masks leave Gradio's cache within two hours.
+    # delete_cache: a backstop for uploads, which stay in Gradio's cache until an hour old.
     with gr.Blocks(title="Skin lesion segmentation", analytics_enabled=False,
-                   delete_cache=(3600, 3600)) as page:
+                   delete_cache=(600, SESSION_SECONDS)) as page:
         gr.Markdown("## Skin lesion segmentation\nUpload a dermoscopy photo (JPEG or PNG). "
                     + DISCLAIMER)
         with gr.Row():
@@ -187,8 +310,7 @@ def build_ui(predictor, folder):
                 # A plain file upload, not gr.Image: Gradio would decode (and re-encode) the photo
                 # itself; this way data.load_image sees the visitor's bytes and applies its checks
                 # (empty, not an image, truncated, decompression bomb) and the EXIF orientation.
-                upload = gr.File(label="Dermoscopy photo", file_count="single", type="filepath",
-                                 elem_id="upload")
+                upload = gr.File(label="Dermoscopy photo", file_count="single", elem_id="upload")
                 threshold = gr.Slider(0.05, 0.95, value=DEFAULT_THRESHOLD, step=0.01,
                                       label="Threshold (lesion where probability > threshold)",
                                       elem_id="threshold")
@@ -198,16 +320,15 @@ def build_ui(predictor, folder):
                 gr.Markdown(model_line(predictor), elem_id="model")
                 gr.Examples(examples, inputs=upload, label="Examples (synthetic)")
             with gr.Column(scale=2):
-                shown = gr.Image(label="Photo with the lesion outlined", type="numpy",
-                                 interactive=False, format="png", elem_id="overlay")
-                mask = gr.Image(label="Mask", type="numpy", image_mode="L", interactive=False,
-                                format="png", elem_id="mask")
-        state = gr.State(None, time_to_live=3600)  # per visitor; freed an hour after the last use
+                shown = gr.Image(label="Photo with the lesion outlined", type="filepath",
+                                 interactive=False, elem_id="overlay")
+                mask = gr.Image(label="Mask", type="filepath", interactive=False, elem_id="mask")
+        state = gr.State(None, time_to_live=SESSION_SECONDS, delete_callback=photos.forget)
 
-        upload.change(on_upload, [upload, threshold], [shown, mask, status, download, state],
-                      concurrency_limit=4, api_name="analyse")
-        threshold.release(on_slide, [state, threshold], [shown, mask, status, download],
-                          concurrency_limit=4, api_name="rerender")
+        outputs = [shown, mask, status, download, state]
+        upload.change(on_upload, [upload, threshold, state], outputs, api_name="analyse",
+                      preprocess=False)
+        threshold.release(on_slide, [state, threshold], outputs, api_name="rerender")
     return page
 
 
@@ -223,8 +344,17 @@ def parse_args(argv):
                         help="input size, only for a model that accepts any (default: run.json's)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default 127.0.0.1: this machine only; "
-                             "0.0.0.0 for everyone who can reach it)")
+                             "0.0.0.0 for everyone who can reach it: see the README first)")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--auth", metavar="USER:PASS", default=None,
+                        help="ask for this user name and password (Gradio's login page); "
+                             "other users of this machine can read it in the process list")
+    parser.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS,
+                        help=f"refuse larger photos before decoding them (default "
+                             f"{MAX_MEGAPIXELS})")
+    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                        help=f"refuse larger uploads, in MB of 2**20 bytes, as the page's message "
+                             f"counts them (default {MAX_UPLOAD_MB})")
     args = parser.parse_args(argv)
     if args.weights is None:
         if not os.path.exists("best.keras"):
@@ -235,7 +365,28 @@ def parse_args(argv):
         raise data.Error(args.weights, "model file not found")
     if not 1 <= args.port <= 65535:
         raise data.Error("--port", f"{args.port} is not a port number (1-65535)")
+    for flag in ("max_megapixels", "max_upload_mb"):
+        if not getattr(args, flag) > 0:
+            raise data.Error(f"--{flag.replace('_', '-')}", "must be more than 0")
+    if args.auth is not None:
+        user, _, password = args.auth.partition(":")
+        if not user or not password:
+            raise data.Error("--auth", "expected USER:PASS, both non-empty")
+        args.auth = (user, password)
     return args
+
+
+def return_freed_memory():
+    """Make glibc hand every allocation of 1 MiB or more back to the system when it is freed. By
+    default the threshold for that rises to the largest block freed so far (up to 32 MiB), and
+    after a few large photos Pillow's 16 MiB blocks stay in the heap of whichever thread decoded
+    them: 20 photos of 50 megapixels kept 750 MB that nothing used. Elsewhere this does nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
 @data.command
@@ -244,16 +395,28 @@ def main(argv=None):
     # Before gradio is imported: it reads these when it loads.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    predictor = LockedPredictor(predict.load_predictor(args.weights, args.size))
-
     folder = tempfile.mkdtemp(prefix="skin-unet-app-")
+    # Gradio's cache (its uploads included) inside the app's folder, which goes when the server
+    # stops; Gradio's default, /tmp/gradio, outlives it.
+    os.environ["GRADIO_TEMP_DIR"] = folder
+    # SIGTERM (kill, systemd, docker stop) and SIGHUP stop the server the way Ctrl-C does, so the
+    # folder goes with it; their default would end the process on the spot.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)
+    return_freed_memory()
     try:
-        page = build_ui(predictor, folder)
+        predictor = LockedPredictor(predict.load_predictor(args.weights, args.size))
+        page = build_ui(predictor, folder, round(args.max_megapixels * 10**6))
         print(f"{model_line(predictor).replace('`', '')}; serving http://{args.host}:{args.port}",
               flush=True)
-        page.queue(default_concurrency_limit=4).launch(
+        # No monitoring page (anyone who can reach it would see the call counts) and no run
+        # history (it keeps visitors' photos in the browser and can send them to a Hugging Face
+        # bucket).
+        page.queue(default_concurrency_limit=CONCURRENCY).launch(
             server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
-            theme=theme(), show_error=False, quiet=True, allowed_paths=[folder])
+            theme=theme(), show_error=False, quiet=True, auth=args.auth,
+            max_file_size=round(args.max_upload_mb * 2**20), enable_monitoring=False,
+            run_history=False)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0
