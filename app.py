@@ -37,6 +37,7 @@ from collections import OrderedDict
 import numpy as np
 from PIL import Image
 
+import common
 import data
 import predict  # the one Predictor and preprocessing path (imports no Keras by itself)
 
@@ -109,7 +110,7 @@ def read_photo(path, max_pixels):
     with data.open_image(path) as img:  # empty, not an image, broken header, Pillow's bomb limit
         pixels = img.width * img.height
         if pixels > max_pixels:
-            raise data.Error(path, f"{img.width} x {img.height} px ({pixels / 1e6:.1f} "
+            raise common.Error(path, f"{img.width} x {img.height} px ({pixels / 1e6:.1f} "
                              f"megapixels) is over this server's limit of {max_pixels / 1e6:g} "
                              f"megapixels")
     native = data.native_hw(path)
@@ -149,7 +150,7 @@ def _stats_text(stats, threshold):
 
 
 def _write_png(path, pixels):
-    data.atomic_write(path, lambda f: Image.fromarray(pixels).save(f, "PNG", compress_level=1),
+    common.atomic_write(path, lambda f: Image.fromarray(pixels).save(f, "PNG", compress_level=1),
                       durable=False)
     return path
 
@@ -234,9 +235,9 @@ def analyse(predictor, path, threshold, photos, state=None, max_pixels=MAX_MEGAP
     shown_name = os.path.basename(path)
     try:
         image, native = read_photo(path, max_pixels)
-    except data.Error as e:
+    except common.Error as e:
         # The error names the (temporary, server-side) path; the visitor knows the file by its name.
-        return None, None, f"⚠️ {shown_name}: {data.one_line(e.problem)}", None, None
+        return None, None, f"⚠️ {shown_name}: {common.one_line(e.problem)}", None, None
     small_prob = predict.predict_probs(predictor,
                                        predict.model_input(image, predictor.size)[None])[0]
     state = {"folder": os.path.join(photos.folder, uuid.uuid4().hex),
@@ -264,7 +265,7 @@ def write_examples(folder, count=3, seed=7):
     paths = []
     for i, image in enumerate(images):
         path = os.path.join(folder, f"synthetic_{i + 1}.jpg")
-        data.atomic_write(path, lambda f: Image.fromarray(image).save(f, "JPEG", quality=92),
+        common.atomic_write(path, lambda f: Image.fromarray(image).save(f, "JPEG", quality=92),
                           durable=False)
         paths.append(path)
     return paths
@@ -337,7 +338,7 @@ def build_ui(predictor, folder, max_pixels=MAX_MEGAPIXELS * 10**6):
 
 
 def parse_args(argv):
-    parser = data.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=None,
                         help="model: .keras, .tflite or SavedModel folder (default: best.keras here)")
     parser.add_argument("--size", type=int, default=None,
@@ -358,20 +359,20 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.weights is None:
         if not os.path.exists("best.keras"):
-            raise data.Error("best.keras", "not found; train one with `python train.py` "
+            raise common.Error("best.keras", "not found; train one with `python train.py` "
                              "(or pass --weights)")
         args.weights = "best.keras"
     elif not os.path.exists(args.weights):
-        raise data.Error(args.weights, "model file not found")
+        raise common.Error(args.weights, "model file not found")
     if not 1 <= args.port <= 65535:
-        raise data.Error("--port", f"{args.port} is not a port number (1-65535)")
+        raise common.Error("--port", f"{args.port} is not a port number (1-65535)")
     for flag in ("max_megapixels", "max_upload_mb"):
         if not getattr(args, flag) > 0:
-            raise data.Error(f"--{flag.replace('_', '-')}", "must be more than 0")
+            raise common.Error(f"--{flag.replace('_', '-')}", "must be more than 0")
     if args.auth is not None:
         user, _, password = args.auth.partition(":")
         if not user or not password:
-            raise data.Error("--auth", "expected USER:PASS, both non-empty")
+            raise common.Error("--auth", "expected USER:PASS, both non-empty")
         args.auth = (user, password)
     return args
 
@@ -389,7 +390,7 @@ def return_freed_memory():
     libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
-@data.command
+@common.command
 def main(argv=None):
     args = parse_args(argv)  # before any heavy import: a bad flag answers at once
     # Before gradio is imported: it reads these when it loads.

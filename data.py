@@ -6,10 +6,7 @@
 Read top to bottom: finding pairs in the ISIC layouts, decoding, the on-disk cache, synthetic
 data, augmentation, batches for model.fit, the command line.
 """
-import argparse
-import contextlib
 import csv
-import functools
 import hashlib
 import io
 import json
@@ -18,13 +15,14 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
+
+import common
 
 # No Keras here (and so, with the default backend, no TensorFlow): `python data.py DIR` answers in
 # a second, not after a 10 s import, and so does evaluate.py with a .tflite model.
@@ -36,79 +34,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-# TensorFlow's C++ log (CUDA probes, XLA notices) buries the one line a user needs. Every module
-# imports data first, so this quiets it everywhere; TF_CPP_MIN_LOG_LEVEL=0 brings it back.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
-def import_keras():
-    """`import keras` (and with the default backend, TensorFlow) with the C++ start-up probes that
-    TF_CPP_MIN_LOG_LEVEL cannot reach (they print before logging is set up) sent to /dev/null."""
-    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0" or "keras" in sys.modules:
-        import keras
-        return keras
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import keras
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-            tf.config.list_physical_devices("GPU")  # the CUDA probe, done here while it is quiet
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-    return keras
-
-
 # -----------------------------------------------------------------------------
-# One way to fail, for every module and command line
-
-class Error(Exception):
-    """A problem the user can act on, in one line: `file` (a path, or the flag at fault) and
-    `problem`, read together as "<file>: <problem>". A command line prints it as `error: ...` and
-    exits with exit_code: 2 for bad input or flags (the default), 1 for a failure during the run
-    (an export that fails its checks, say). Reports that list skipped files take the two fields
-    apart, so a file is never named twice."""
-
-    def __init__(self, file, problem, exit_code=2):
-        super().__init__(f"{file}: {problem}")
-        self.file, self.problem, self.exit_code = str(file), problem, exit_code
-
-
-def one_line(e):
-    """An exception as one short line (library messages can run to pages)."""
-    return (" ".join(str(e).split()) or type(e).__name__)[:300]
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises Error (one line, exit 2) instead of printing its usage block."""
-
-    def error(self, message):
-        flag, _, problem = message.partition(": ")  # argparse: "argument --loss: invalid choice: ..."
-        raise Error(flag, problem) if problem else Error(self.prog, message)
-
-
-def command(main, interrupted="interrupted"):
-    """Wrap a CLI's main(argv) -> exit code so that it ends one way: Error -> `error: ...` and its
-    exit code; OSError (disk full, no permission) -> one line, 1; Ctrl-C -> 130. No traceback."""
-    @functools.wraps(main)
-    def run(argv=None):
-        try:
-            return main(argv)
-        except Error as e:
-            print(f"error: {one_line(e)}", file=sys.stderr)
-            return e.exit_code
-        except OSError as e:
-            print(f"error: {e.filename or ''}: {e.strerror or one_line(e)}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(f"error: {interrupted}", file=sys.stderr)
-            return 130
-    return run
-
-
 @dataclass(frozen=True)
 class Pair:
     id: str  # e.g. "ISIC_0000000"
@@ -182,12 +108,12 @@ def lesion_groups(root):
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if not {"lesion_id", "image_id"} <= set(reader.fieldnames or ()):
-                raise Error(path, "needs lesion_id and image_id columns "
+                raise common.Error(path, "needs lesion_id and image_id columns "
                             f"(has {', '.join(reader.fieldnames or []) or 'none'})")
             return {row["image_id"].strip(): row["lesion_id"].strip() for row in reader
                     if row["image_id"] and row["lesion_id"] and row["lesion_id"].strip()}
     except (UnicodeDecodeError, csv.Error) as e:
-        raise Error(path, f"unreadable metadata ({one_line(e)})") from None
+        raise common.Error(path, f"unreadable metadata ({common.one_line(e)})") from None
 
 
 def layout_of(root):
@@ -207,11 +133,11 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
     missing folder or one with no recognised layout / no images."""
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise Error(root, "no such folder")
+        raise common.Error(root, "no such folder")
     layout = layout_of(root)
     if layout is None:
-        raise Error(root, "no known layout (expected ISIC 2016/2017/2018 or HAM10000 "
-                    f"folders, or images/ + masks/)")
+        raise common.Error(root, "no known layout (expected ISIC 2016/2017/2018 or HAM10000 "
+                    "folders, or images/ + masks/)")
     folders = LAYOUTS[layout]
     present = {split for split, img_dir, _ in folders if os.path.isdir(os.path.join(root, img_dir))}
     # A split without its official folder is carved out of the training folder by hash.
@@ -257,7 +183,7 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
             for path in masks.values():
                 problems.append({"file": path, "problem": "orphan mask (no image with this id)"})
     if not pairs and not problems:
-        raise Error(root, f"no images found ({layout} layout)")
+        raise common.Error(root, f"no images found ({layout} layout)")
     pairs.sort(key=lambda p: p.id)
     return pairs, problems, layout
 
@@ -270,22 +196,22 @@ def open_image(path, raw=None):
     file's bytes, when it lives inside another file (an HDF5 archive); path then only names it."""
     try:
         if (os.path.getsize(path) if raw is None else len(raw)) == 0:
-            raise Error(path, "empty file (0 bytes)")
+            raise common.Error(path, "empty file (0 bytes)")
         img = Image.open(path if raw is None else io.BytesIO(raw))
-    except Error:
+    except common.Error:
         raise
     except FileNotFoundError:
-        raise Error(path, "file not found") from None
+        raise common.Error(path, "file not found") from None
     except Image.DecompressionBombError as e:
-        raise Error(path, f"decompression bomb refused ({e})") from None
+        raise common.Error(path, f"decompression bomb refused ({e})") from None
     except UnidentifiedImageError:
-        raise Error(path, "not an image (Pillow cannot identify it)") from None
+        raise common.Error(path, "not an image (Pillow cannot identify it)") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise Error(path, f"truncated or corrupt image ({e})") from None
+        raise common.Error(path, f"truncated or corrupt image ({e})") from None
     pixels = img.width * img.height
     if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
         img.close()
-        raise Error(path, f"decompression bomb refused ({img.width}x{img.height} = {pixels} "
+        raise common.Error(path, f"decompression bomb refused ({img.width}x{img.height} = {pixels} "
                     f"pixels > Pillow's limit {Image.MAX_IMAGE_PIXELS})")
     return img
 
@@ -296,7 +222,7 @@ def _decode(img, path, mode=None):
         img = ImageOps.exif_transpose(img)
         return img.convert(mode) if mode and img.mode != mode else img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise Error(path, f"truncated or corrupt image ({e})") from None
+        raise common.Error(path, f"truncated or corrupt image ({e})") from None
 
 
 def _orientation(img):
@@ -411,38 +337,6 @@ def _cache_key(pair, size):
     return hashlib.sha1("|".join(parts).encode()).hexdigest()
 
 
-UMASK = os.umask(0)  # read once (setting it is the only way to read it), for files made private by mkstemp
-os.umask(UMASK)
-
-
-@contextlib.contextmanager
-def atomic_path(path, suffix=None, durable=True):
-    """Yield a temp path beside `path` to write to; on success (fsync and) os.replace it onto `path`,
-    on any failure remove it. Readers never see half a file, and a failed write keeps the old one.
-    Every file this project writes (cache, checkpoints, logs, masks, reports) goes through here."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-",
-                               suffix=os.path.splitext(path)[1] if suffix is None else suffix)
-    os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp's 0600 would make outputs private
-    os.close(fd)
-    try:
-        yield tmp
-        if durable:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write(path, write, durable=True):
-    """write(binary file) into a temp file, then rename it onto `path` (see atomic_path)."""
-    with atomic_path(path, durable=durable) as tmp, open(tmp, "wb") as f:
-        write(f)
-
-
 def _load_pair(pair, size, folder):
     """(image SxSx3 uint8, mask SxS uint8 0/1) for one pair, from the cache when possible.
     Raises Error naming the bad file. A cache entry is one plain .npy of (S, S, 4): RGB plus
@@ -450,7 +344,7 @@ def _load_pair(pair, size, folder):
     try:
         key = _cache_key(pair, size)
     except OSError as e:
-        raise Error(e.filename, f"cannot read ({e.strerror})") from None
+        raise common.Error(e.filename, f"cannot read ({e.strerror})") from None
     path = os.path.join(folder, key[:2], key + ".npy") if folder else None
     if path and os.path.exists(path):
         try:
@@ -462,39 +356,17 @@ def _load_pair(pair, size, folder):
     image, native = _read_image(pair.image, min_size=(size, size))
     mask = load_mask(pair.mask)
     if mask.shape != native:
-        raise Error(pair.mask, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+        raise common.Error(pair.mask, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image "
                     f"is {native[1]}x{native[0]}")
     image = resize_image(image, (size, size))
     mask = resize_mask(mask, (size, size)).astype(np.uint8)
     if path:
         try:
             # No fsync: a cache entry damaged by a crash is detected and rebuilt.
-            atomic_write(path, lambda f: np.save(f, np.dstack([image, mask])), durable=False)
+            common.atomic_write(path, lambda f: np.save(f, np.dstack([image, mask])), durable=False)
         except OSError:
             pass  # a read-only or full cache only costs speed
     return image, mask
-
-
-class Progress:
-    """A one-line stderr progress bar, redrawn at most 10 times a second (evaluate.py uses it too)."""
-
-    def __init__(self, total, label, enabled=True):
-        self.total, self.label, self.enabled = total, label, enabled and total > 0
-        self.start = self.last = time.time()
-        self.done = 0
-
-    def update(self, n=1):
-        self.done += n
-        now, tty = time.time(), sys.stderr.isatty()
-        # on a terminal redraw in place; in a log file write a line every 10 s at most
-        if self.enabled and (now - self.last > (0.1 if tty else 10) or self.done == self.total):
-            self.last = now
-            filled = int(30 * self.done / self.total)
-            rate = self.done / max(now - self.start, 1e-9)
-            sys.stderr.write(f"{chr(13) if tty else ''}{self.label} [{'#' * filled}"
-                             f"{'.' * (30 - filled)}] {self.done}/{self.total} {rate:.0f}/s"
-                             f"{chr(10) if self.done == self.total or not tty else ''}")
-            sys.stderr.flush()
 
 
 def load_arrays(pairs, size, cache=None, workers=None, strict=False, progress=True):
@@ -508,14 +380,14 @@ def load_arrays(pairs, size, cache=None, workers=None, strict=False, progress=Tr
     images = np.zeros((len(pairs), size, size, 3), np.uint8)
     masks = np.zeros((len(pairs), size, size), np.uint8)
     ok, problems = np.zeros(len(pairs), bool), []
-    bar = Progress(len(pairs), f"loading {size}px", progress)
+    bar = common.Progress(len(pairs), f"loading {size}px", progress)
 
     def work(i):
         try:
             images[i], masks[i] = _load_pair(pairs[i], size, folder)
             ok[i] = True
             return None
-        except Error as e:
+        except common.Error as e:
             return {"file": e.file, "problem": e.problem}
 
     pool = ThreadPoolExecutor(workers or os.cpu_count() or 1)
@@ -524,7 +396,7 @@ def load_arrays(pairs, size, cache=None, workers=None, strict=False, progress=Tr
             bar.update()
             if problem:
                 if strict:
-                    raise Error(problem["file"], problem["problem"])
+                    raise common.Error(problem["file"], problem["problem"])
                 problems.append(problem)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -541,7 +413,7 @@ def load_split(data=None, split="train", size=256, val_fraction=0.1, test_fracti
     no second copy of the union); data=None uses the built-in synthetic set, through exactly the
     same code path as real data."""
     if split not in ("train", "val", "test", "all"):
-        raise Error(split, "unknown split (use train, val, test or all)")
+        raise common.Error(split, "unknown split (use train, val, test or all)")
     if data is None:
         data = synthetic_dir(cache=cache or None)
     folders = folders_of(data)
@@ -549,11 +421,11 @@ def load_split(data=None, split="train", size=256, val_fraction=0.1, test_fracti
     for folder in folders:
         pairs, found, layout = find_pairs(folder, val_fraction, test_fraction)
         if strict and found:
-            raise Error(found[0]["file"], found[0]["problem"])
+            raise common.Error(found[0]["file"], found[0]["problem"])
         picked = [p for p in pairs if split in ("all", p.split)]
         if not picked:
             counts = {s: sum(p.split == s for p in pairs) for s in ("train", "val", "test")}
-            raise Error(folder, f"no pairs in split '{split}' ({counts})")
+            raise common.Error(folder, f"no pairs in split '{split}' ({counts})")
         spans.append((os.path.abspath(folder), layout, picked))
         chosen += picked
         problems += found
@@ -666,9 +538,9 @@ def write_synthetic(out, count, seed=0, size_wh=(384, 288)):
     for i in range(count):
         image, mask = _synthetic_one(np.random.default_rng([seed, i]), *size_wh)
         name = f"ISIC_{i:07d}"
-        atomic_write(os.path.join(img_dir, name + ".jpg"),
+        common.atomic_write(os.path.join(img_dir, name + ".jpg"),
                       lambda f: Image.fromarray(image).save(f, "JPEG", quality=92))
-        atomic_write(os.path.join(mask_dir, name + "_segmentation.png"),
+        common.atomic_write(os.path.join(mask_dir, name + "_segmentation.png"),
                       lambda f: Image.fromarray(mask.astype(np.uint8) * 255).save(f, "PNG"))
 
 
@@ -942,9 +814,9 @@ def _report(root, arrays, layout, args):
             "problems": arrays.problems}
 
 
-@command
+@common.command
 def main(argv=None):
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dir", nargs="?", help="data folder to check (and cache)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--strict", action="store_true", help="any problem is an error")
@@ -961,7 +833,7 @@ def main(argv=None):
     if args.synthetic:
         width = args.width
         if width < 16 or args.count < 1:
-            raise Error(args.synthetic, "--width must be >= 16 and --count >= 1")
+            raise common.Error(args.synthetic, "--width must be >= 16 and --count >= 1")
         write_synthetic(args.synthetic, args.count, args.seed, (width, round(width * 3 / 4)))
         print(f"wrote {args.count} synthetic pairs ({width}x{round(width * 3 / 4)}) "
               f"to {args.synthetic}")
@@ -969,10 +841,10 @@ def main(argv=None):
     if not args.dir:
         parser.error("give a data folder, or --synthetic OUT")
     if args.size < 1:
-        raise Error(f"--size {args.size}", "must be positive")
+        raise common.Error(f"--size {args.size}", "must be positive")
     pairs, problems, layout = find_pairs(args.dir, args.val_fraction, args.test_fraction)
     if args.strict and problems:
-        raise Error(problems[0]["file"], problems[0]["problem"])
+        raise common.Error(problems[0]["file"], problems[0]["problem"])
     arrays = load_arrays(pairs, args.size, cache=args.cache, strict=args.strict,
                          progress=not args.json and sys.stderr.isatty())
     arrays.problems = problems + arrays.problems
@@ -991,7 +863,7 @@ def main(argv=None):
         for p in report["problems"]:
             print(f"  {p['file']}: {p['problem']}")
     if not arrays.pairs:
-        raise Error(args.dir, "no usable pairs")
+        raise common.Error(args.dir, "no usable pairs")
     return 0
 
 

@@ -26,6 +26,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+import common
 import data
 import predict  # the one prediction path: loaders, TTA, post-processing, the pipeline (no Keras by itself)
 
@@ -103,7 +104,7 @@ def summarize(rows, worst=5):
     The headline numbers are per-image means, the challenge's macro average. Pooled Dice/IoU sum
     the counts of all images first, so large images weigh more; medians show the typical image."""
     if not rows:
-        raise data.Error("evaluate", "no image could be scored")
+        raise common.Error("evaluate", "no image could be scored")
     summary = {k: float(np.mean([r[k] for r in rows])) for k in METRICS}
     summary["median"] = {k: float(np.median([r[k] for r in rows])) for k in METRICS}
     tp, fp, fn, tn = (sum(int(r[k]) for r in rows) for k in ("tp", "fp", "fn", "tn"))
@@ -216,11 +217,11 @@ class GridPicker:
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing: every file through data.atomic_path, so a crash never leaves half a file
+# Writing: every file through common.atomic_path, so a crash never leaves half a file
 
 
 def _atomic_bytes(path, payload):
-    data.atomic_write(path, lambda f: f.write(payload))
+    common.atomic_write(path, lambda f: f.write(payload))
 
 
 def write_csv(path, rows):
@@ -250,7 +251,7 @@ def _decode(pair, size):
     try:
         # Draft mode: a 4288x2848 JPEG decodes at 1/8 scale straight to >= size x size.
         image = data.load_image(pair.image, min_size=(size, size))
-    except data.Error as e:
+    except common.Error as e:
         return {"file": e.file, "problem": e.problem}, time.perf_counter() - t
     return (pair, image.shape[:2], data.resize_image(image, (size, size))), time.perf_counter() - t
 
@@ -263,7 +264,7 @@ def _score(pair, image_hw, prob, threshold, save_masks):
     t = time.perf_counter()
     try:
         truth = data.load_mask(pair.mask)  # native resolution: the challenge scores there
-    except data.Error as e:
+    except common.Error as e:
         return {"file": e.file, "problem": e.problem}, None, (time.perf_counter() - t, 0.0)
     if not _draft_ok(image_hw, truth.shape):
         return ({"file": pair.mask, "problem": f"mask is {truth.shape[1]}x{truth.shape[0]}, its "
@@ -294,7 +295,7 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
     for folder in (out, save_masks):
         if folder:
             os.makedirs(folder, exist_ok=True)
-    bar = data.Progress(len(pairs), "evaluate", progress)
+    bar = common.Progress(len(pairs), "evaluate", progress)
     started = time.perf_counter()
     # In image order, so rows, problems and the grid sample are the same on every run.
     for (pair, hw, image), (result, thumbs, (score_s, write_s)) in predict.pipeline(
@@ -343,7 +344,7 @@ def _training_data(run):
     folders = data.folders_of(run.get("data"))
     for folder in folders:
         if not os.path.isdir(folder):
-            raise data.Error(run['_path'], f"the model was trained on {folder}, which "
+            raise common.Error(run['_path'], f"the model was trained on {folder}, which "
                              "is gone; pass --data DIR")
     return folders or [data.synthetic_dir(cache=run.get("cache") or None)]  # as train.py without --data
 
@@ -356,7 +357,7 @@ def find_inputs(root, val_fraction=0.1, test_fraction=0.1):
     said), and a folder or file with no masks at all is one error line pointing at predict.py."""
     if not os.path.isdir(root) or data.layout_of(root) is None:
         what = "no such folder" if not os.path.exists(root) else "no masks to score against"
-        raise data.Error(root, f"{what} (an ISIC 2016/2017/2018, HAM10000 or images/ + masks/ folder); "
+        raise common.Error(root, f"{what} (an ISIC 2016/2017/2018, HAM10000 or images/ + masks/ folder); "
                          "for photos without masks: python predict.py --weights W --data PHOTOS --out DIR")
     pairs, problems, layout = data.find_pairs(root, val_fraction, test_fraction)
     return pairs, [{**p, "problem": NO_MASK_NOTE} if p["problem"].startswith(data.NO_MASK) else p
@@ -389,7 +390,7 @@ def score_folder(predictor, root, args, run, fractions, out, progress, **info):
     pairs, problems, layout = find_inputs(root, *fractions)
     chosen = [q for q in pairs if args.split == "all" or q.split == args.split]
     if not chosen:
-        raise data.Error(root, f"no images in the {args.split} split ({len(pairs)} pairs found, layout {layout})")
+        raise common.Error(root, f"no images in the {args.split} split ({len(pairs)} pairs found, layout {layout})")
     print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {root} ({layout}, split "
           f"{args.split}: {len(chosen)} images)", file=sys.stderr)
     print_problems(problems)
@@ -418,29 +419,20 @@ def together(summaries, roots, args, run, fractions, predictor):
     return summary
 
 
-@data.command
+@common.command
 def main(argv=None):
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", required=True, help=".keras file, SavedModel folder or .tflite")
+    p = predict.model_parser(__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="data folder with masks (default: the training data named "
                    "in run.json beside the weights, else the built-in synthetic set)")
     p.add_argument("--split", default="val", choices=("val", "test", "all"))
     p.add_argument("--out", default="eval", help="folder for metrics.csv, summary.json, grids")
     p.add_argument("--save-masks", default=None, metavar="DIR",
                    help="also write the scored images' <id>_segmentation.png masks (ISIC submission format)")
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--tta", action="store_true", help="average identity, h-flip and v-flip")
-    p.add_argument("--post", choices=predict.POST, default="none",
-                   help="fill holes and/or keep the largest lesion (docs/results.md measures them)")
-    p.add_argument("--size", type=int, default=None, help="input size for a size-agnostic model")
     p.add_argument("--val-fraction", type=float, default=None)
     p.add_argument("--test-fraction", type=float, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if not 0.0 <= args.threshold <= 1.0:
-        raise data.Error(f"--threshold {args.threshold}", "must be within [0, 1]")
+    args = predict.parse(p, argv)
     if not os.path.exists(args.weights):
-        raise data.Error(args.weights, "model file not found")
+        raise common.Error(args.weights, "model file not found")
     run = predict.read_run_json(args.weights)
     # Same split fractions as training, so the val split never contains training images.
     fractions = (args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1),

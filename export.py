@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 
+import common
 import data
 import evaluate  # the scorer (Dice against the truth)
 import predict  # the one loader and prediction path for every format (imports no Keras by itself)
@@ -52,7 +53,7 @@ THRESHOLD = 0.5
 
 def failed(file, problem):
     """An export that fails one of its checks: a failure during the run, so exit 1 (bad input is 2)."""
-    return data.Error(file, problem, exit_code=1)
+    return common.Error(file, problem, exit_code=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,9 +63,9 @@ def failed(file, problem):
 def check_weights_path(path):
     """Before TensorFlow is imported: a typo fails in a moment, with one line."""
     if not os.path.isfile(path):
-        raise data.Error(path, "model file not found")
+        raise common.Error(path, "model file not found")
     if not path.endswith(".keras"):
-        raise data.Error(path, "expected a .keras model file (train.py's best.keras)")
+        raise common.Error(path, "expected a .keras model file (train.py's best.keras)")
 
 
 def load_model(path):
@@ -72,13 +73,13 @@ def load_model(path):
     check_weights_path(path)
     model = predict.load_keras(path)
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise data.Error(path, f"not a segmentation model ({len(model.inputs)} inputs, "
+        raise common.Error(path, f"not a segmentation model ({len(model.inputs)} inputs, "
                          f"{len(model.outputs)} outputs; expected 1 image in, 1 mask out)")
     shape_in, shape_out = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
     if len(shape_in) != 4 or shape_in[-1] != 3:
-        raise data.Error(path, f"not a segmentation model (input shape {shape_in}, expected (N, S, S, 3))")
+        raise common.Error(path, f"not a segmentation model (input shape {shape_in}, expected (N, S, S, 3))")
     if len(shape_out) != 4 or shape_out[-1] != 1 or shape_out[1:3] != shape_in[1:3]:
-        raise data.Error(path, f"not a segmentation model (output shape {shape_out} for input "
+        raise common.Error(path, f"not a segmentation model (output shape {shape_out} for input "
                          f"{shape_in}, expected one (N, S, S, 1) probability map)")
     return model
 
@@ -243,7 +244,7 @@ def run_qat(model, train, size, epochs, work, batch=8, lr=1e-5):
     work/model_int8_qat.tflite. Returns the child's summary dict."""
     cfg = model.get_config()
     if any(layer.get("class_name") in ("Functional", "Model", "Sequential") for layer in cfg["layers"]):
-        raise data.Error("--qat", "supports the plain U-Net only (a pretrained encoder is a nested model)")
+        raise common.Error("--qat", "supports the plain U-Net only (a pretrained encoder is a nested model)")
     qdir = os.path.join(work, "qat")
     os.makedirs(qdir)
     with open(os.path.join(qdir, "graph.json"), "w") as f:
@@ -257,7 +258,7 @@ def run_qat(model, train, size, epochs, work, batch=8, lr=1e-5):
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         errors = [line for line in lines if "Error" in line] or lines or ["no output"]
-        raise failed("--qat", f"the child process failed: {data.one_line(errors[-1])}")
+        raise failed("--qat", f"the child process failed: {common.one_line(errors[-1])}")
     with open(os.path.join(qdir, "qat.json")) as f:
         summary = json.load(f)
     os.replace(os.path.join(qdir, "model_int8_qat.tflite"), os.path.join(work, "model_int8_qat.tflite"))
@@ -377,7 +378,7 @@ def qat_worker(qdir):
 def check_quantize(quantize):
     bad = [k for k in quantize if k not in QUANT_KINDS]
     if bad:
-        raise data.Error(f"--quantize {','.join(bad)}", f"unknown (choose from {', '.join(QUANT_KINDS)})")
+        raise common.Error(f"--quantize {','.join(bad)}", f"unknown (choose from {', '.join(QUANT_KINDS)})")
 
 
 def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, threads=(1, 2),
@@ -451,7 +452,7 @@ def choose_images(run, data_dir, size, calibration):
     pairs = [p for root in roots for p in data.find_pairs(root, **fractions)[0]]
     train = data.load_arrays([p for p in pairs if p.split == "train"], size, progress=False)
     if not train.pairs:
-        raise data.Error(", ".join(roots), "no usable training images for calibration")
+        raise common.Error(", ".join(roots), "no usable training images for calibration")
     pick = np.linspace(0, len(train.images) - 1, min(calibration, len(train.images))).round().astype(int)
     eval_split = next(s for s in ("val", "test", "train") if any(p.split == s for p in pairs))
     val = data.load_arrays([p for p in pairs if p.split == eval_split], size, progress=False)
@@ -495,7 +496,7 @@ def tflite_step(model, size, work, quantize, calibration, log):
         try:
             blob = convert(fixed, kind, calibration if kind == "int8" else None)
         except Exception as e:
-            raise failed(f"model_{kind}.tflite", f"conversion failed ({data.one_line(e)})") from None
+            raise failed(f"model_{kind}.tflite", f"conversion failed ({common.one_line(e)})") from None
         with open(path, "wb") as f:
             f.write(blob)
         files[kind] = path
@@ -520,7 +521,7 @@ def publish(work, out):
     if os.path.exists(out):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
         os.replace(out, os.path.join(old, "previous"))
-    os.chmod(work, 0o777 & ~data.UMASK)  # mkdtemp made it private; publish it like a normal folder
+    os.chmod(work, 0o777 & ~common.UMASK)  # mkdtemp made it private; publish it like a normal folder
     os.replace(work, out)
     if old:
         shutil.rmtree(old, ignore_errors=True)
@@ -548,9 +549,9 @@ def main(argv=None):
     return cli(argv)
 
 
-@data.command
+@common.command
 def cli(argv):
-    parser = data.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", required=True, help="train.py's best.keras")
     parser.add_argument("--data", help="data folder for calibration and Dice (default: run.json's, else synthetic)")
     parser.add_argument("--out", default="export", help="output folder (replaced only when all checks pass)")
@@ -564,7 +565,7 @@ def cli(argv):
     try:
         threads = tuple(int(t) for t in args.threads.split(","))
     except ValueError:
-        raise data.Error(f"--threads {args.threads}", "expected a comma list of integers") from None
+        raise common.Error(f"--threads {args.threads}", "expected a comma list of integers") from None
     quantize = tuple(k.strip() for k in args.quantize.split(",") if k.strip())
     check_quantize(quantize)
     check_weights_path(args.weights)  # all before TensorFlow is imported

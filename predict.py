@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+import common
 import data
 
 # ----------------------------------------------------------------------------------------------
@@ -57,28 +58,28 @@ def square_size(shape, path, size, default_size=None):
     An explicit `size` must match a fixed input; `size` or else `default_size` (run.json's
     training size) fills a dynamic one."""
     if len(shape) != 4 or shape[-1] not in (3, None):
-        raise data.Error(path, f"model input shape {tuple(shape)} is not (N, H, W, 3)")
+        raise common.Error(path, f"model input shape {tuple(shape)} is not (N, H, W, 3)")
     h, w = shape[1], shape[2]
     if h is None or w is None or h < 0 or w < 0:
         size = size if size is not None else default_size
         if size is None:
-            raise data.Error(path, "model accepts any input size; pass --size PX "
+            raise common.Error(path, "model accepts any input size; pass --size PX "
                              "(or keep run.json beside it)")
         return int(size)
     if h != w:
-        raise data.Error(path, f"model input is {h}x{w}, expected a square input")
+        raise common.Error(path, f"model input is {h}x{w}, expected a square input")
     if size is not None and int(size) != h:
-        raise data.Error(path, f"model input is {h}x{w}, --size {size} does not match")
+        raise common.Error(path, f"model input is {h}x{w}, --size {size} does not match")
     return int(h)
 
 
 def load_keras(path):
     """A .keras file as a Keras model (no compile: a bare session needs nothing of this repo)."""
-    keras = data.import_keras()
+    keras = common.import_keras()
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as e:  # corrupt zip, not a model, unknown layer...
-        raise data.Error(path, f"cannot load Keras model ({data.one_line(e)})") from None
+        raise common.Error(path, f"cannot load Keras model ({common.one_line(e)})") from None
 
 
 def _keras_predictor(path, size, default_size):
@@ -96,17 +97,17 @@ def _keras_predictor(path, size, default_size):
 
 
 def _saved_model_predictor(path, size, default_size):
-    data.import_keras()  # quietly, before TensorFlow's own import
+    common.import_keras()  # quietly, before TensorFlow's own import
     import tensorflow as tf  # only this branch needs TensorFlow
 
     try:
         loaded = tf.saved_model.load(path)
         fn = loaded.signatures["serving_default"]
     except Exception as e:
-        raise data.Error(path, f"cannot load SavedModel ({data.one_line(e)})") from None
+        raise common.Error(path, f"cannot load SavedModel ({common.one_line(e)})") from None
     specs = fn.structured_input_signature[1]
     if len(specs) != 1:
-        raise data.Error(path, f"serving signature has {len(specs)} inputs, expected 1")
+        raise common.Error(path, f"serving signature has {len(specs)} inputs, expected 1")
     (name, spec), = specs.items()
     size = square_size(spec.shape.as_list(), path, size, default_size)
 
@@ -127,7 +128,7 @@ def _tflite_predictor(path, size):
         interp = Interpreter(model_path=path, num_threads=os.cpu_count())
         interp.allocate_tensors()
     except Exception as e:
-        raise data.Error(path, f"cannot load TFLite model ({data.one_line(e)})") from None
+        raise common.Error(path, f"cannot load TFLite model ({common.one_line(e)})") from None
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
     size = square_size(list(inp["shape"]), path, size)
     in_scale, in_zero = inp["quantization"]
@@ -165,9 +166,9 @@ def _check_output(run, size, path):
     try:
         y = np.asarray(run(np.zeros((1, size, size, 3), np.uint8)))
     except Exception as e:
-        raise data.Error(path, f"model failed on a {size}x{size} input ({data.one_line(e)})") from None
+        raise common.Error(path, f"model failed on a {size}x{size} input ({common.one_line(e)})") from None
     if y.size != size * size:
-        raise data.Error(path, f"model output shape {y.shape} is not one {size}x{size} map")
+        raise common.Error(path, f"model output shape {y.shape} is not one {size}x{size} map")
 
 
 def read_run_json(weights):
@@ -180,7 +181,7 @@ def read_run_json(weights):
                 with open(path) as f:
                     run = json.load(f)
             except (OSError, ValueError) as e:
-                raise data.Error(path, f"unreadable run.json ({data.one_line(e)})") from None
+                raise common.Error(path, f"unreadable run.json ({common.one_line(e)})") from None
             return {**run, "_path": path}
     return {}
 
@@ -191,17 +192,17 @@ def load_predictor(path, size=None):
     takes the training size from the run.json beside it."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise data.Error(path, "model file not found")
+        raise common.Error(path, "model file not found")
     default_size = read_run_json(path).get("size")
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "saved_model.pb")):
-            raise data.Error(path, "folder is not a SavedModel (no saved_model.pb)")
+            raise common.Error(path, "folder is not a SavedModel (no saved_model.pb)")
         return _saved_model_predictor(path, size, default_size)
     if path.endswith(".tflite"):
         return _tflite_predictor(path, size)
     if path.endswith(".keras"):
         return _keras_predictor(path, size, default_size)
-    raise data.Error(path, "unknown model format (expected .keras, .tflite or a SavedModel folder)")
+    raise common.Error(path, "unknown model format (expected .keras, .tflite or a SavedModel folder)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,7 +346,7 @@ def save_mask_png(folder, image_id, pred):
     # ISIC submission format: 8-bit greyscale, 0/255, native size, <id>_segmentation.png.
     image = Image.fromarray(pred.astype(np.uint8) * 255, mode="L")
     payload = png_bytes(image, compress_level=1)
-    data.atomic_write(os.path.join(folder, f"{image_id}_segmentation.png"), lambda f: f.write(payload))
+    common.atomic_write(os.path.join(folder, f"{image_id}_segmentation.png"), lambda f: f.write(payload))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,21 +411,21 @@ def find_photos(source):
             with h5py.File(source, "r") as f:
                 keys = sorted(k for k, v in f.items() if isinstance(v, h5py.Dataset))
         except OSError as e:
-            raise data.Error(source, f"not a readable HDF5 file ({data.one_line(e)})") from None
+            raise common.Error(source, f"not a readable HDF5 file ({common.one_line(e)})") from None
         if not keys:
-            raise data.Error(source, "no datasets (expected one dataset of image bytes per id)")
+            raise common.Error(source, "no datasets (expected one dataset of image bytes per id)")
         return [(key, f"{source}:{key}") for key in keys]
     if os.path.isfile(source):
         return [(os.path.splitext(os.path.basename(source))[0], source)]
     if not os.path.isdir(source):
-        raise data.Error(source, "no such file or folder")
+        raise common.Error(source, "no such file or folder")
     layout = data.layout_of(source)
     if layout:
         files = [p for _, folder, _ in data.LAYOUTS[layout] for p in data.image_files(os.path.join(source, folder))]
     else:
         files = photo_files(source)
     if not files:
-        raise data.Error(source, "no images found")
+        raise common.Error(source, "no images found")
     return [(os.path.splitext(os.path.basename(p))[0], p) for p in sorted(files)]
 
 
@@ -461,10 +462,10 @@ def _decode_photo(reader, image_id, file, size):
         native = data.native_hw(file, raw)  # a bad file fails here, as one line naming it
         hw = preview_hw(native)
         preview = data.resize_image(data.load_image(file, min_size=hw, raw=raw), hw)
-    except data.Error as e:
+    except common.Error as e:
         return {"file": e.file, "problem": e.problem}, time.perf_counter() - t
     except (OSError, KeyError) as e:
-        return {"file": file, "problem": f"cannot read ({data.one_line(e)})"}, time.perf_counter() - t
+        return {"file": file, "problem": f"cannot read ({common.one_line(e)})"}, time.perf_counter() - t
     return (image_id, file, native, preview, model_input(preview, size)), time.perf_counter() - t
 
 
@@ -480,7 +481,7 @@ def _write_prediction(folder, image_id, file, native, preview, small_prob, thres
         else:
             preview_prob, preview_mask = native_prob(small_prob, preview.shape[:2], threshold)
         tinted = Image.fromarray(overlay(preview, preview_mask, preview_prob))
-        data.atomic_write(os.path.join(folder, f"{image_id}_overlay.jpg"),
+        common.atomic_write(os.path.join(folder, f"{image_id}_overlay.jpg"),
                           lambda f: tinted.save(f, "JPEG", quality=90))
     return row, time.perf_counter() - t
 
@@ -496,12 +497,12 @@ def _finished(out, csv_path, overwrite):
     """The ids an earlier run finished (mask written and row in predictions.csv), after dropping the
     rows it cannot vouch for: a last line cut short by a kill, and rows whose mask is gone."""
     if overwrite or not os.path.exists(csv_path):
-        data.atomic_write(csv_path, lambda f: f.write(",".join(COLUMNS).encode() + b"\n"))
+        common.atomic_write(csv_path, lambda f: f.write(",".join(COLUMNS).encode() + b"\n"))
         return set()
     with open(csv_path, newline="") as f:
         lines = f.readlines()
     if not lines or lines[0].rstrip("\n").split(",") != list(COLUMNS):
-        raise data.Error(csv_path, "not a predictions.csv of this command; choose another --out, or --overwrite")
+        raise common.Error(csv_path, "not a predictions.csv of this command; choose another --out, or --overwrite")
     kept, done = [lines[0]], set()
     for line in lines[1:]:
         image_id = next(csv.reader([line]), [""])[0]
@@ -509,7 +510,7 @@ def _finished(out, csv_path, overwrite):
             kept.append(line)
             done.add(image_id)
     if len(kept) < len(lines):
-        data.atomic_write(csv_path, lambda f: f.write("".join(kept).encode()))
+        common.atomic_write(csv_path, lambda f: f.write("".join(kept).encode()))
     return done
 
 
@@ -533,7 +534,7 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
         if image_id not in finished:
             todo.append((image_id, file))
     skipped = len(seen) - len(todo)
-    bar = data.Progress(len(todo), "predict", progress)
+    bar = common.Progress(len(todo), "predict", progress)
     reader, done, started = Reader(), 0, time.perf_counter()
     try:
         with open(csv_path, "a", newline="") as rows:
@@ -558,23 +559,36 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
 # Command line
 
 
-@data.command
-def main(argv=None):
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_parser(description):
+    """The command line of running a model, which evaluate.py shares: --weights, the prediction
+    path's settings (--threshold, --tta, --post, --size) and --no-progress. parse() checks them."""
+    p = common.ArgumentParser(description=description)
     p.add_argument("--weights", required=True, help=".keras file, SavedModel folder or .tflite")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--tta", action="store_true", help="average identity, h-flip and v-flip")
+    p.add_argument("--post", choices=POST, default="none",
+                   help="fill holes and/or keep the largest lesion (docs/results.md measures them)")
+    p.add_argument("--size", type=int, default=None, help="input size for a size-agnostic model")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse(parser, argv):
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.threshold <= 1.0:
+        raise common.Error(f"--threshold {args.threshold}", "must be within [0, 1]")
+    return args
+
+
+@common.command
+def main(argv=None):
+    p = model_parser(__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="a folder of photos, one photo, a data folder (every "
                    "image, masks ignored) or an ISIC 2024 HDF5 archive")
     p.add_argument("--out", required=True, help="folder for the masks, overlays and predictions.csv")
     p.add_argument("--overwrite", action="store_true", help="redo photos an earlier run finished")
     p.add_argument("--no-overlay", dest="overlays", action="store_false", help="masks and rows only")
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--tta", action="store_true", help="average identity, h-flip and v-flip")
-    p.add_argument("--post", choices=POST, default="none", help="fill holes and/or keep the largest lesion")
-    p.add_argument("--size", type=int, default=None, help="input size for a size-agnostic model")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if not 0.0 <= args.threshold <= 1.0:
-        raise data.Error(f"--threshold {args.threshold}", "must be within [0, 1]")
+    args = parse(p, argv)
     photos = find_photos(args.data)
     predictor = load_predictor(args.weights, args.size)
     print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {args.data} "
@@ -586,7 +600,7 @@ def main(argv=None):
     if result["skipped_existing"]:
         print(f"{result['skipped_existing']} photos already done in {args.out} (--overwrite redoes them)")
     if not result["done"] and not result["skipped_existing"]:
-        raise data.Error(args.data, "no photo could be segmented", exit_code=1)
+        raise common.Error(args.data, "no photo could be segmented", exit_code=1)
     s = result["seconds"]
     print(f"predicted {result['done']} ({len(result['problems'])} skipped) in {s['total']:.2f}s (predict "
           f"{s['predict']:.2f}, decode {s['decode']:.2f}, resize-back+write {s['write']:.2f})")

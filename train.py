@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+import common
 import data
 
 STATE_ENTRY = "skin_unet_state.json"  # extra entry inside last.keras; Keras ignores unknown entries
@@ -96,7 +97,7 @@ class Config:
 
 
 def parser():
-    p = data.ArgumentParser(description="Train the skin-lesion U-Net.")
+    p = common.ArgumentParser(description="Train the skin-lesion U-Net.")
     a = p.add_argument
     a("--data", action="append",
       help="data folder (ISIC 2016/2017/2018, HAM10000 or images/ + masks/); repeat to train on several, "
@@ -158,7 +159,7 @@ def parser():
 
 def config_of(cfg):
     """A Config from a Config, dict, Namespace or argv list (defaults for what it leaves out),
-    validated. Raises data.Error (exit 2)."""
+    validated. Raises common.Error (exit 2)."""
     if isinstance(cfg, (list, tuple)):
         cfg = vars(parser().parse_args(list(cfg)))
     elif isinstance(cfg, argparse.Namespace):
@@ -168,34 +169,34 @@ def config_of(cfg):
     cfg = Config(**cfg)
     for key in ("epochs", "batch", "filters", "depth"):
         if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
-            raise data.Error(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}", "must be a positive integer")
+            raise common.Error(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}", "must be a positive integer")
     for key in ("patience", "steps_per_epoch", "workers"):
         if getattr(cfg, key) < 0:
-            raise data.Error(f"--{key.replace('_', '-')} {getattr(cfg, key)}", "must be >= 0")
+            raise common.Error(f"--{key.replace('_', '-')} {getattr(cfg, key)}", "must be >= 0")
     if not cfg.lr > 0:
-        raise data.Error(f"--lr {cfg.lr}", "must be > 0")
+        raise common.Error(f"--lr {cfg.lr}", "must be > 0")
     if not 0 <= cfg.ema < 1:
-        raise data.Error(f"--ema {cfg.ema}", "must be in [0, 1) (0: off)")
+        raise common.Error(f"--ema {cfg.ema}", "must be in [0, 1) (0: off)")
     if not (0 <= cfg.val_fraction < 1 and 0 <= cfg.test_fraction < 1
             and cfg.val_fraction + cfg.test_fraction < 1):
-        raise data.Error(f"--val-fraction {cfg.val_fraction} / --test-fraction {cfg.test_fraction}",
+        raise common.Error(f"--val-fraction {cfg.val_fraction} / --test-fraction {cfg.test_fraction}",
                          "each in [0, 1) and together < 1")
     depth = cfg.depth if cfg.encoder == "none" else 5
     if not (isinstance(cfg.size, int) and cfg.size > 0 and cfg.size % 2 ** depth == 0):
         extra = "" if cfg.encoder == "none" else f" (encoder {cfg.encoder} has 5 strides)"
-        raise data.Error(f"--size {cfg.size}", f"must be a multiple of 2**depth = {2 ** depth}{extra}")
+        raise common.Error(f"--size {cfg.size}", f"must be a multiple of 2**depth = {2 ** depth}{extra}")
     cfg.data = data_value(cfg.data)
     if cfg.balance and len(cfg.data or []) < 2:
-        raise data.Error("--balance", "needs two or more --data folders")
+        raise common.Error("--balance", "needs two or more --data folders")
     if cfg.init is not None:
         if not os.path.isfile(cfg.init):
-            raise data.Error(f"--init {cfg.init}", "file not found")
+            raise common.Error(f"--init {cfg.init}", "file not found")
         cfg.init = os.path.abspath(cfg.init)
     cfg.out = os.path.abspath(cfg.out or ".")
     if cfg.tensorboard:
         missing = [m for m in ("tensorboard", "tensorflow") if importlib.util.find_spec(m) is None]
         if missing:  # checked before anything runs: never a failure mid-run
-            raise data.Error("--tensorboard", f"needs {' and '.join(missing)} (pip install {' '.join(missing)}); "
+            raise common.Error("--tensorboard", f"needs {' and '.join(missing)} (pip install {' '.join(missing)}); "
                              "TensorFlow writes the event files on every Keras backend")
         cfg.tensorboard = os.path.abspath(cfg.tensorboard)
     return cfg
@@ -207,10 +208,10 @@ def data_value(value):
     folders = []
     for folder in data.folders_of(value):
         if not os.path.isdir(folder):
-            raise data.Error(folder, "data folder not found")
+            raise common.Error(folder, "data folder not found")
         folder = os.path.abspath(folder)
         if folder in folders:  # the same images twice would weigh one set double, silently
-            raise data.Error(f"--data {folder}", "given twice")
+            raise common.Error(f"--data {folder}", "given twice")
         folders.append(folder)
     return folders or None
 
@@ -224,12 +225,12 @@ def check_writable(out):
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise data.Error(out, f"output folder is not writable ({e.strerror or e})") from None
+        raise common.Error(out, f"output folder is not writable ({e.strerror or e})") from None
 
 
-# --- files, always written to a temp file beside the target and renamed into place (data.atomic_path) ---
+# --- files, always written to a temp file beside the target and renamed into place (common.atomic_path) ---
 def atomic_write_text(path, text):
-    data.atomic_write(path, lambda f: f.write(text.encode()))
+    common.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_log(path, rows):
@@ -249,9 +250,9 @@ def read_log(path):
             return [{k: (None if v in ("", None) else int(v) if k == "epoch" else float(v)) for k, v in row.items()}
                     for row in csv.DictReader(f)]
     except FileNotFoundError:
-        raise data.Error(path, "not found (a run folder holds log.csv after its first epoch)") from None
+        raise common.Error(path, "not found (a run folder holds log.csv after its first epoch)") from None
     except (ValueError, csv.Error) as e:
-        raise data.Error(path, f"not a train.py log ({data.one_line(e)})") from None
+        raise common.Error(path, f"not a train.py log ({common.one_line(e)})") from None
 
 
 def draw_curves(path, runs):
@@ -298,7 +299,7 @@ def draw_curves(path, runs):
         if ax.lines:
             ax.legend(fontsize=7)
     lr_ax.set_yscale("log")
-    with data.atomic_path(path, ".png") as tmp:
+    with common.atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", metadata={"Description": json.dumps({"epochs": drawn})})
     return drawn
 
@@ -317,7 +318,7 @@ def plot_command(cfg):
 
 def save_model(model, path, state=None):
     """model.save to a temp .keras, add the resume state as an extra zip entry, fsync, rename."""
-    with data.atomic_path(path, ".keras") as tmp:
+    with common.atomic_path(path, ".keras") as tmp:
         model.save(tmp)
         if state is not None:
             with zipfile.ZipFile(tmp, "a") as z:
@@ -325,7 +326,7 @@ def save_model(model, path, state=None):
 
 
 def copy_atomic(src, dst):
-    with data.atomic_path(dst) as tmp:
+    with common.atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
 
 
@@ -491,7 +492,7 @@ def make_epoch_callback(cfg, state, steps, paths, per_source=None, chief=True):
                     draw_curves(paths["curves"], [("", state["history"])])
                 except (OSError, ImportError) as e:  # a picture is not worth a run: say so once, go on
                     self.no_curves = True
-                    print(f"note: {paths['curves']}: not drawn ({data.one_line(e)})", file=sys.stderr)
+                    print(f"note: {paths['curves']}: not drawn ({common.one_line(e)})", file=sys.stderr)
             # TensorBoard (after this callback) logs what fit put in logs; add what only this one knows.
             logs.update({k: v for k, v in row.items() if k.startswith("val_") and v is not None})
             scores = "  ".join(f"{k} {row[k]:.4f}" for k in ("loss", "val_loss", "val_dice", "val_iou",
@@ -613,15 +614,15 @@ def cluster_of(env=os.environ):
     try:
         processes, index = (int(env.get(name, "1" if i == 0 else "0")) for i, name in enumerate(names))
     except ValueError:
-        raise data.Error(names[0], f"{env.get(names[0])!r} / {env.get(names[1])!r}: not whole numbers") from None
+        raise common.Error(names[0], f"{env.get(names[0])!r} / {env.get(names[1])!r}: not whole numbers") from None
     if processes < 2:
         return None
     if not 0 <= index < processes:
-        raise data.Error(names[1], f"{index} is not a process of 0..{processes - 1}")
+        raise common.Error(names[1], f"{index} is not a process of 0..{processes - 1}")
     addresses = env.get("KERAS_DISTRIBUTION_JOB_ADDRESSES", "")
     coordinator = addresses.split(",")[0].strip() or None
     if coordinator is None and keras_vars:
-        raise data.Error("KERAS_DISTRIBUTION_JOB_ADDRESSES", "not set: give process 0's host:port")
+        raise common.Error("KERAS_DISTRIBUTION_JOB_ADDRESSES", "not set: give process 0's host:port")
     return Cluster(coordinator, processes, index)
 
 
@@ -629,16 +630,16 @@ def check_cluster(cfg, cluster):
     """What a run over several processes needs, checked before any process waits for the others."""
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     if backend != "jax":
-        raise data.Error("KERAS_BACKEND", f"{backend}: a run over several processes needs jax (JAX's distributed "
+        raise common.Error("KERAS_BACKEND", f"{backend}: a run over several processes needs jax (JAX's distributed "
                          "runtime; tf.distribute here covers one TensorFlow host)")
     if cfg.batch % cluster.processes:
-        raise data.Error(f"--batch {cfg.batch}", f"must be a multiple of the {cluster.processes} processes "
+        raise common.Error(f"--batch {cfg.batch}", f"must be a multiple of the {cluster.processes} processes "
                          "(each loads an equal part of every batch)")
     if len(cfg.data or []) > 1:
-        raise data.Error("--data", "several sources are validated per source in one process; "
+        raise common.Error("--data", "several sources are validated per source in one process; "
                          "give one --data for a run over several processes")
     if cfg.distribute not in ("auto", "data_parallel"):
-        raise data.Error(f"--distribute {cfg.distribute}", "a run over several processes is data_parallel")
+        raise common.Error(f"--distribute {cfg.distribute}", "a run over several processes is data_parallel")
 
 
 PEER_LOST = ("Gloo", "Connection closed by peer", "coordination service", "DEADLINE_EXCEEDED", "UNAVAILABLE")
@@ -646,7 +647,7 @@ PEER_LOST = ("Gloo", "Connection closed by peer", "coordination service", "DEADL
 
 def peer_lost(cluster, timeout):
     """The one line for a cluster whose peer died or went silent."""
-    return data.Error(f"process {cluster.index} of {cluster.processes}",
+    return common.Error(f"process {cluster.index} of {cluster.processes}",
                       f"another process died or went silent for {timeout} s, so this one stopped; rerun the "
                       "same command on every host to resume after the last finished epoch", exit_code=1)
 
@@ -679,7 +680,7 @@ def supervise(argv, cluster, timeout):
         return code if code > 0 or not said else 1
     who = f"process {cluster.index} of {cluster.processes}"
     if "RegisterTask" in fatal:  # the RPC that joins a process to the coordinator
-        raise data.Error(who, f"the processes did not all join within {timeout} s (coordinator "
+        raise common.Error(who, f"the processes did not all join within {timeout} s (coordinator "
                          f"{cluster.coordinator or 'from SLURM'}): start the same command on every host, "
                          "check the address and port", exit_code=1)
     raise peer_lost(cluster, timeout)
@@ -706,7 +707,7 @@ def setup_backend(cfg, cluster=None):
     strategy, replicas = None, 1
     if mode == "mirrored":
         if backend != "tensorflow":
-            raise data.Error("--distribute mirrored", f"needs KERAS_BACKEND=tensorflow (this is {backend})")
+            raise common.Error("--distribute mirrored", f"needs KERAS_BACKEND=tensorflow (this is {backend})")
         import tensorflow as tf  # TF backend only
         gpus = tf.config.list_logical_devices("GPU")
         names = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
@@ -714,7 +715,7 @@ def setup_backend(cfg, cluster=None):
         replicas = strategy.num_replicas_in_sync
     elif mode == "data_parallel":
         if backend != "jax":
-            raise data.Error("--distribute data_parallel", f"needs KERAS_BACKEND=jax (this is {backend})")
+            raise common.Error("--distribute data_parallel", f"needs KERAS_BACKEND=jax (this is {backend})")
         all_devices = keras.distribution.list_devices()
         distribution = keras.distribution.DataParallel(devices=all_devices)
         distribution.auto_shard_dataset = False  # each process's Batches already hold only its part
@@ -723,7 +724,7 @@ def setup_backend(cfg, cluster=None):
     if cfg.batch % replicas:
         if mode == "data_parallel":
             keras.distribution.set_distribution(None)
-        raise data.Error(f"--batch {cfg.batch}", f"must be a multiple of the {replicas} replicas")
+        raise common.Error(f"--batch {cfg.batch}", f"must be a multiple of the {replicas} replicas")
     # Augmentation's pixel work: Pillow threads feed a CPU-bound step easily (over 20x what it takes on
     # the 2-core CPU) but cap a GPU at ~400 images/s (GIL-bound); there, keras.ops on the device.
     augment_on = cfg.augment_on if cfg.augment_on != "auto" else "host" if accel == "cpu" else "device"
@@ -739,7 +740,7 @@ def split_evenly(val_set, replicas):
     on uneven shards): keep a multiple of `replicas` images (at most replicas - 1 dropped, said once)."""
     keep = len(val_set.images) // replicas * replicas
     if keep == 0:
-        raise data.Error("--val-fraction", f"{len(val_set.images)} validation images cannot be split over "
+        raise common.Error("--val-fraction", f"{len(val_set.images)} validation images cannot be split over "
                          f"{replicas} replicas; raise it")
     if keep < len(val_set.images):
         print(f"note: validating on {keep} of {len(val_set.images)} images (a multiple of {replicas} replicas)",
@@ -819,7 +820,7 @@ def resume_or_start(cfg, identity, paths, chief=True):
                                            else earlier[k] != identity[k])]
         if changed:
             diff = [f"{k} {earlier[k]!r} -> {identity[k]!r}" for k in changed]
-            raise data.Error(paths['last'], f"holds a run with another configuration ({'; '.join(diff)}); "
+            raise common.Error(paths['last'], f"holds a run with another configuration ({'; '.join(diff)}); "
                              "rerun with --fresh to discard it, or use another --out")
     if state is None:
         state = {"version": 1, "config": identity, "epoch": 0, "best": None, "wait": 0,
@@ -891,13 +892,13 @@ def build_model(cfg, info, state, paths):
         try:
             model.set_weights(keras.models.load_model(cfg.init, compile=False).get_weights())
         except Exception as e:
-            raise data.Error(f"--init {cfg.init}", f"cannot start from its weights ({data.one_line(e)})") from None
+            raise common.Error(f"--init {cfg.init}", f"cannot start from its weights ({common.one_line(e)})") from None
     if state["epoch"]:
         model.optimizer.build(model.trainable_variables)
         try:
             model.load_weights(paths["last"])
         except Exception as e:  # its state entry reads, its weights do not: damaged or edited by hand
-            raise data.Error(paths['last'], f"cannot load its weights to resume ({data.one_line(e)}); "
+            raise common.Error(paths['last'], f"cannot load its weights to resume ({common.one_line(e)}); "
                              "rerun with --fresh to start over") from None
     return model
 
@@ -946,7 +947,7 @@ def train(cfg):
     # but write into a scratch folder of their own; they read the run (resume) from the shared --out.
     writes = paths if chief else run_paths(tempfile.mkdtemp(prefix=f"skin-unet-process{cluster.index}-"))
 
-    keras = data.import_keras()  # after the flag checks, so bad input fails fast
+    keras = common.import_keras()  # after the flag checks, so bad input fails fast
     if cluster:
         join_cluster(cluster, cfg.cluster_timeout)  # before JAX computes anything, the seed included
 
@@ -1016,7 +1017,7 @@ def print_summary(s):
     print("files: " + ", ".join(f for f in s["files"] if os.path.exists(f)), flush=True)
 
 
-@functools.partial(data.command, interrupted="interrupted: rerun the same command to resume after the last "
+@functools.partial(common.command, interrupted="interrupted: rerun the same command to resume after the last "
                                              "finished epoch")
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv

@@ -15,7 +15,6 @@ features (NEON, dot product, i8mm, SVE2), computes the same masks from the same 
 does not show: speed on a phone (emulation is ~100x slower and says nothing about latency), the
 GPU / NNAPI / Core ML delegates, other LiteRT versions, or a phone's camera and resize path.
 """
-import argparse
 import json
 import os
 import platform
@@ -30,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import arm_guest  # noqa: E402  (beside this file; the code that runs on both sides)
+import common  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402  (cpu_line: the CPU every benchmark names)
 
@@ -66,7 +66,7 @@ def emulator(root=None):
     """(qemu binary, sysroot, site folder) of a finished bench/arm_setup.sh, else a one-line Error."""
     root = root or arm_dir()
     if not os.path.isfile(os.path.join(root, "stamp")):
-        raise data.Error(root, "no ARM emulator set up (run: bash bench/arm_setup.sh)")
+        raise common.Error(root, "no ARM emulator set up (run: bash bench/arm_setup.sh)")
     return os.path.join(root, "qemu-aarch64"), os.path.join(root, "sysroot"), os.path.join(root, "site")
 
 
@@ -89,10 +89,10 @@ def run_emulated(cpu, paths, images, threads, root=None, timeout=600):
                                    os.path.join(sysroot, "usr/bin/python3.11"), GUEST, job, out],
                                   env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise data.Error(cpu, f"emulated run took over {timeout} s", exit_code=1) from None
+            raise common.Error(cpu, f"emulated run took over {timeout} s", exit_code=1) from None
         if proc.returncode != 0:
             lines = [line for line in proc.stderr.splitlines() if line.strip()] or [f"exit code {proc.returncode}"]
-            raise data.Error(cpu, f"emulated run failed ({data.one_line(lines[-1])})", exit_code=1)
+            raise common.Error(cpu, f"emulated run failed ({common.one_line(lines[-1])})", exit_code=1)
         with np.load(out) as result:
             info = json.loads(str(result["info"]))
             outputs = {k: result[k] for k in result.files if k != "info"}
@@ -149,7 +149,7 @@ def check(paths, images, cpus=DEFAULT_CPUS, threads=(1, 2), root=None, progress=
         progress(f"arm_check: {cpu} ...")
         outputs, info = run_emulated(cpu, paths, images, threads, root)
         if info["machine"] != "aarch64":
-            raise data.Error(cpu, f"the emulated run reports machine {info['machine']!r}, not aarch64", exit_code=1)
+            raise common.Error(cpu, f"the emulated run reports machine {info['machine']!r}, not aarch64", exit_code=1)
         runs.append((cpu, outputs, info, threads))
         cpu_facts[cpu] = {k: info[k] for k in ("features", "part", "instructions")}
     rows = []
@@ -186,7 +186,7 @@ def check_images(size, data_dir=None, count=4):
     if data_dir:
         pairs, _, _ = data.find_pairs(data_dir)
         if not pairs:
-            raise data.Error(data_dir, "no images found")
+            raise common.Error(data_dir, "no images found")
         split = next(s for s in ("val", "test", "train") if any(p.split == s for p in pairs))
         pairs = [p for p in pairs if p.split == split]
         pick = np.unique(np.linspace(0, len(pairs) - 1, min(count, len(pairs))).round().astype(int))
@@ -202,12 +202,12 @@ def model_files(args):
         if os.path.isdir(arg):
             found = sorted(os.path.join(arg, n) for n in os.listdir(arg) if n.endswith(".tflite"))
             if not found:
-                raise data.Error(arg, "no .tflite files in this folder")
+                raise common.Error(arg, "no .tflite files in this folder")
             paths += found
         elif not os.path.isfile(arg):
-            raise data.Error(arg, "file not found")
+            raise common.Error(arg, "file not found")
         elif not arg.endswith(".tflite"):
-            raise data.Error(arg, "expected a .tflite file (export.py's output)")
+            raise common.Error(arg, "expected a .tflite file (export.py's output)")
         else:
             paths.append(arg)
     return paths
@@ -222,12 +222,12 @@ def input_size(paths):
         try:
             shape = tuple(Interpreter(model_path=path).get_input_details()[0]["shape"])
         except Exception as e:
-            raise data.Error(path, f"cannot load TFLite model ({data.one_line(e)})") from None
+            raise common.Error(path, f"cannot load TFLite model ({common.one_line(e)})") from None
         if len(shape) != 4 or shape[0] != 1 or shape[1] != shape[2] or shape[3] != 3:
-            raise data.Error(path, f"input shape {shape} is not export.py's (1, S, S, 3)")
+            raise common.Error(path, f"input shape {shape} is not export.py's (1, S, S, 3)")
         sizes[path] = shape[1]
     if len(set(sizes.values())) > 1:
-        raise data.Error(", ".join(paths), f"input sizes differ ({sorted(set(sizes.values()))}); check them one at a time")
+        raise common.Error(", ".join(paths), f"input sizes differ ({sorted(set(sizes.values()))}); check them one at a time")
     return next(iter(sizes.values()))
 
 
@@ -251,9 +251,9 @@ def main(argv=None):
     return cli(argv)
 
 
-@data.command
+@common.command
 def cli(argv):
-    parser = data.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="+", help=".tflite files or export folders")
     parser.add_argument("--data", help="data folder: check on its validation images (default: synthetic + noise)")
     parser.add_argument("--images", type=int, default=4, help="images to run (emulation is ~100x slower)")
@@ -266,15 +266,15 @@ def cli(argv):
     cpus = tuple(c.strip() for c in args.cpus.split(",") if c.strip())
     unknown = [c for c in cpus if c not in CPUS]
     if unknown or not cpus:
-        raise data.Error(f"--cpus {args.cpus}", f"unknown CPU model (choose from {', '.join(CPUS)})")
+        raise common.Error(f"--cpus {args.cpus}", f"unknown CPU model (choose from {', '.join(CPUS)})")
     try:
         threads = tuple(int(t) for t in args.threads.split(","))
     except ValueError:
-        raise data.Error(f"--threads {args.threads}", "expected a comma list of integers") from None
+        raise common.Error(f"--threads {args.threads}", "expected a comma list of integers") from None
     if min(threads) < 1:
-        raise data.Error(f"--threads {args.threads}", "thread counts start at 1")
+        raise common.Error(f"--threads {args.threads}", "thread counts start at 1")
     if args.images < 1:
-        raise data.Error(f"--images {args.images}", "at least 1")
+        raise common.Error(f"--images {args.images}", "at least 1")
     emulator()  # before any work: a missing setup is one line
     paths = model_files(args.models)
     images = check_images(input_size(paths), args.data, args.images)
@@ -282,12 +282,12 @@ def cli(argv):
                         progress=lambda message: print(message, file=sys.stderr, flush=True))
     print_table(rows, facts)
     if args.json:
-        with data.atomic_path(args.json) as tmp, open(tmp, "w") as f:
+        with common.atomic_path(args.json) as tmp, open(tmp, "w") as f:
             json.dump({"reference": facts, "rows": rows}, f, indent=2)
     bad = failures(rows, args.float_atol, args.int8_pixels)
     if bad:
         where, problem = bad[0]
-        raise data.Error(where, problem + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""), exit_code=1)
+        raise common.Error(where, problem + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""), exit_code=1)
     print(f"agree: {len(paths)} file(s) on {len(cpus)} emulated CPU(s) at {len(threads)} thread count(s)")
     return 0
 

@@ -42,6 +42,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import app  # noqa: E402
+import common  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402  (for the CPU line; imports no Keras by itself)
 
@@ -205,7 +206,7 @@ def load(args, weights, photo, work):
                     times[kind].append(time.perf_counter() - start)
             except Exception as e:  # a failed call is a result here, not the end of the run
                 with lock:
-                    errors.append(f"{kind}: {type(e).__name__}: {data.one_line(e)[:150]}")
+                    errors.append(f"{kind}: {type(e).__name__}: {common.one_line(e)[:150]}")
 
         def visitor(i):
             me = client(url, os.path.join(work, "downloads", str(i)))
@@ -276,7 +277,7 @@ def main(argv=None):
     try:
         weights = args.weights
         if weights is None:
-            data.import_keras()
+            common.import_keras()
             import unet
             weights = os.path.join(work, "unet256.keras")
             unet.build_unet(256).save(weights)

@@ -21,6 +21,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import common  # noqa: E402
 import data  # noqa: E402
 
 
@@ -102,7 +103,7 @@ def main():
         try:
             arrays = bench(os.path.normpath(root), args)
             first = first or (root, arrays)
-        except data.Error as e:
+        except common.Error as e:
             print(f"error: {e}", file=sys.stderr)
     if first is None:
         sys.exit("error: no data set could be read (give ISIC2018_DIR)")

@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-import data  # noqa: E402
+import common  # noqa: E402
 
 # name: (upsample, pool, metrics)
 VARIANTS = {"stock": ("transpose", "max", True), "matmul": ("matmul", "max", True),
@@ -95,7 +95,7 @@ def step_rate(variant, size=128, depth=4, filters=12, batch=16, steps=20, epochs
             try:
                 result["top_ops"] = top_ops(model, x, y, profile)
             except Exception as e:  # a profiler that fails must not cost the timing
-                result["top_ops"] = {"skipped": data.one_line(e)}
+                result["top_ops"] = {"skipped": common.one_line(e)}
     finally:
         keras.mixed_precision.set_global_policy("float32")
     return result
@@ -113,7 +113,7 @@ def torch_rate(size, depth, filters, batch, steps, epochs):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "KERAS_BACKEND": "torch"})
     if r.returncode:
-        return {"skipped": f"failed: {data.one_line(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode)}"}
+        return {"skipped": f"failed: {common.one_line(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode)}"}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -162,7 +162,7 @@ def main():
     ap.add_argument("--profile", type=int, default=0, help="JAX: also the top ops of this many steps")
     ap.add_argument("--json", default=None, help="also write every figure here")
     args = ap.parse_args()
-    keras = data.import_keras()
+    keras = common.import_keras()
     import train
     print(f"{train.cpu_line()}; {keras.backend.backend()} {train.accelerator()}, Keras {keras.__version__}; "
           f"{args.size} px, base {args.filters}, depth {args.depth}, batch {args.batch}, {args.steps} steps x "
@@ -192,7 +192,7 @@ def main():
         for op in ops:
             print(f"  {op['ms']:9.3f} ms/step  {op['share']:6.1%}  {op['op']}")
     if args.json:
-        data.atomic_write(args.json, lambda f: f.write(json.dumps({"cpu": train.cpu_info(), **results}, indent=1).encode()))
+        common.atomic_write(args.json, lambda f: f.write(json.dumps({"cpu": train.cpu_info(), **results}, indent=1).encode()))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import common  # noqa: E402
 import data  # noqa: E402
 
 # Plain, visible settings. GPU: the real check, planned for 8 minutes on one H200 (stages past their
@@ -72,7 +73,7 @@ def prepare_data(src, dst, size):
             out = os.path.join(dst, os.path.relpath(path, src))
             if fmt == "JPEG":
                 out = os.path.splitext(out)[0] + ".jpg"
-            data.atomic_write(out, lambda f: Image.fromarray(array).save(f, fmt, quality=85),
+            common.atomic_write(out, lambda f: Image.fromarray(array).save(f, fmt, quality=85),
                               durable=False)
 
     with ThreadPoolExecutor(os.cpu_count()) as pool:
@@ -90,9 +91,9 @@ def smoke_data(folder):
     images, masks = data.make_synthetic(3, seed=2, size_wh=(200, 150))
     _, img_dir, mask_dir = data.LAYOUTS["isic2017"][1]
     for i, (image, mask) in enumerate(zip(images, masks)):
-        data.atomic_write(os.path.join(fullres, img_dir, f"ISIC_{i:07d}.jpg"),
+        common.atomic_write(os.path.join(fullres, img_dir, f"ISIC_{i:07d}.jpg"),
                           lambda f: Image.fromarray(image).save(f, "JPEG", quality=92))
-        data.atomic_write(os.path.join(fullres, mask_dir, f"ISIC_{i:07d}_segmentation.png"),
+        common.atomic_write(os.path.join(fullres, mask_dir, f"ISIC_{i:07d}_segmentation.png"),
                           lambda f: Image.fromarray(mask.astype(np.uint8) * 255).save(f, "PNG"))
 
 
@@ -118,7 +119,7 @@ def peer(out, batches, size, steps, script):
             log(f"peer batch {batch}: {result[str(batch)]['images_per_s']} images/s ({r['note']})")
     else:
         log(f"peer skipped: {result['skipped']}")
-    data.atomic_write(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
+    common.atomic_write(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def run(args):
     def stage(name):
         report["seconds"][name] = round(time.time() - stage.t, 1)
         stage.t = time.time()
-        data.atomic_write(os.path.join(args.out, "gpu.json"),
+        common.atomic_write(os.path.join(args.out, "gpu.json"),
                           lambda f: f.write(json.dumps(report, indent=1).encode()), durable=False)
     stage.t = time.time()
 
@@ -272,7 +273,7 @@ def run(args):
                  bench_step.step_rate(variant, *shape, p["step_steps"], 3,
                                       profile=p["profile_steps"] if variant == "stock" else 0))
         except Exception as e:  # one form that fails must not cost the others
-            r = {"skipped": f"failed: {data.one_line(e)}"}
+            r = {"skipped": f"failed: {common.one_line(e)}"}
         report["top_ops"] = r.pop("top_ops", report.get("top_ops"))
         report["step"][variant] = r
         log(f"step alone, {variant}: {r.get('images_per_s', r.get('skipped'))} images/s, compile {r.get('compile_s')} s")
@@ -304,7 +305,7 @@ def run(args):
 def pack(report, work, out):
     """At most 8 files come back from the GPU machine, each up to 16 MiB: gpu.json, one tarball, and
     the converged best.keras (weights only) in parts: `cat best.keras.part* > best.keras` joins them."""
-    with data.atomic_path(os.path.join(out, "runs.tar.gz")) as tmp, tarfile.open(tmp, "w:gz") as tar:
+    with common.atomic_path(os.path.join(out, "runs.tar.gz")) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for folder, _, files in os.walk(work):
             if "cache" in os.path.relpath(folder, work).split(os.sep):
                 continue
@@ -319,8 +320,8 @@ def pack(report, work, out):
         keras.models.load_model(best, compile=False).save(whole)
         with open(whole, "rb") as f:
             for i, chunk in enumerate(iter(lambda: f.read(PART_BYTES), b"")):
-                data.atomic_write(os.path.join(out, f"best.keras.part{i}"), lambda g: g.write(chunk))
-    data.atomic_write(os.path.join(out, "gpu.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
+                common.atomic_write(os.path.join(out, f"best.keras.part{i}"), lambda g: g.write(chunk))
+    common.atomic_write(os.path.join(out, "gpu.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
 
 
 def table(report):

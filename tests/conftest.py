@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, settings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import common  # noqa: E402
 import data  # noqa: E402  (needs the path above)
 
 # Hypothesis: FAST for properties whose examples cost real work (images, files), MANY for cheap
@@ -77,13 +78,13 @@ def tiny_model(tmp_path_factory):
 def train_unet(synthetic_data):
     """train_unet(size, filters, depth) -> a small U-Net fitted 15 epochs on the synthetic fixture's
     training split: enough for confident, non-trivial masks (not coin flips), in seconds."""
-    def train(size, filters, depth):
+    def train(size, filters, depth, **forms):  # forms: build_unet's upsample= / pool=
         import unet
 
-        keras = data.import_keras()
+        keras = common.import_keras()
         keras.utils.set_random_seed(0)
         split = data.load_split(synthetic_data, "train", size, progress=False)
-        model = unet.build_unet(size=size, filters=filters, depth=depth)
+        model = unet.build_unet(size=size, filters=filters, depth=depth, **forms)
         unet.compile_model(model, lr=3e-3, jit_compile=False)
         model.fit(split.images.astype(np.float32), split.masks[..., None].astype(np.float32),
                   batch_size=4, epochs=15, verbose=0)

@@ -10,6 +10,7 @@ from conftest import FAST
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
+import common
 import data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,18 +107,18 @@ def test_generic_layout_same_stem_any_extension(tmp_path):
 
 
 def test_missing_and_empty_folders_raise(tmp_path):
-    with pytest.raises(data.Error, match="no such folder"):
+    with pytest.raises(common.Error, match="no such folder"):
         data.find_pairs(tmp_path / "nope")
-    with pytest.raises(data.Error, match="no known layout"):
+    with pytest.raises(common.Error, match="no known layout"):
         data.find_pairs(tmp_path)
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
-    with pytest.raises(data.Error, match="no images"):
+    with pytest.raises(common.Error, match="no images"):
         data.find_pairs(tmp_path)
 
 
 # -----------------------------------------------------------------------------
-# bad input: one problem line per file, skipped by default, data.Error under strict
+# bad input: one problem line per file, skipped by default, common.Error under strict
 
 @pytest.fixture
 def bad_folder(tmp_path):
@@ -155,7 +156,7 @@ def test_every_bad_input_is_one_named_problem(bad_folder):
     assert len(found) == 5
     for p in problems + found:
         assert "\n" not in p["problem"]
-    with pytest.raises(data.Error, match="badmask.png: truncated or corrupt"):
+    with pytest.raises(common.Error, match="badmask.png: truncated or corrupt"):
         data.load_arrays(pairs, 16, strict=True, progress=False)  # the first problem, by id
 
 
@@ -172,11 +173,11 @@ def test_decompression_bomb_is_a_problem(tmp_path, monkeypatch):
 
 
 def test_load_split_strict_and_empty_split(bad_folder):
-    with pytest.raises(data.Error):
+    with pytest.raises(common.Error):
         data.load_split(str(bad_folder), split="all", size=8, strict=True, progress=False)
     arrays = data.load_split(str(bad_folder), split="all", size=8, progress=False)
     assert len(arrays.pairs) == 2 and len(arrays.problems) == 8
-    with pytest.raises(data.Error, match="no pairs in split"):
+    with pytest.raises(common.Error, match="no pairs in split"):
         data.load_split(str(bad_folder), split="val", size=8, val_fraction=0, progress=False)
 
 
@@ -351,7 +352,7 @@ def test_atomic_path_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
     target.write_bytes(old)
     seen = []
     with pytest.raises(RuntimeError, match="disk on fire"):
-        with data.atomic_path(str(target)) as tmp:
+        with common.atomic_path(str(target)) as tmp:
             seen.append(tmp)
             with open(tmp, "wb") as f:
                 f.write(b'{"new": tr')  # half a file, then the writer fails
@@ -362,7 +363,7 @@ def test_atomic_path_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
     assert target.read_bytes() == old
     assert os.listdir(tmp_path) == ["report.json"]
     # the same path then succeeds normally
-    with data.atomic_path(str(target)) as tmp:
+    with common.atomic_path(str(target)) as tmp:
         with open(tmp, "wb") as f:
             f.write(b"new")
     assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["report.json"]
@@ -506,7 +507,7 @@ def test_device_warp_switched_off_parts_are_the_identity(batch, photometric):
 
 
 def test_device_warp_is_deterministic_for_a_seed_epoch_and_batch():
-    data.import_keras()
+    common.import_keras()
     from keras import ops
 
     import train
@@ -584,7 +585,7 @@ def test_batches_resume_at_an_epoch_continues_the_stream():
 
 
 def test_batches_feed_model_fit():
-    keras = data.import_keras()
+    keras = common.import_keras()
     import train
 
     images, masks = data.make_synthetic(6, seed=0, size_wh=(16, 16))

@@ -174,10 +174,24 @@ def test_failure_keeps_previous_export(trained, synthetic_data, tmp_path, monkey
         raise export.failed(os.path.basename(path), "simulated check failure")
 
     monkeypatch.setattr(export, "check_tflite", broken)  # fails after every file has been written
-    with pytest.raises(export.data.Error, match="simulated"):
+    with pytest.raises(export.common.Error, match="simulated"):
         export.export(trained[0], synthetic_data, str(out), quantize=("int8",), threads=(1,),
                       calibration=4, bench_runs=1, progress=False)
     assert os.listdir(tmp_path) == ["export"] and os.listdir(out) == ["previous.txt"]
+
+
+def test_the_step_forms_export_and_keep_int8_parity(train_unet, synthetic_data, tmp_path):
+    # --upsample matmul / --pool reshape are other graphs (Dense + Reshape/Permute, reshape + max):
+    # export's own checks must still pass on them (float32 within 1e-4 of Keras, int8 within its bound).
+    model = train_unet(SIZE, filters=4, depth=2, upsample="matmul", pool="reshape")
+    model.save(tmp_path / "variant.keras")
+    report = export.export(str(tmp_path / "variant.keras"), synthetic_data, str(tmp_path / "export"),
+                           quantize=("int8",), threads=(1,), calibration=20, bench_runs=1, progress=False)
+    ops = set(report["tflite"]["float32"]["ops"])
+    assert {"FULLY_CONNECTED", "TRANSPOSE", "REDUCE_MAX"} <= ops and "TRANSPOSE_CONV" not in ops
+    int8 = report["tflite"]["int8"]
+    assert int8["mean_abs_diff_vs_keras"] <= export.INT8_MEAN_ATOL and int8["dice_vs_keras"] >= 0.95
+    assert int8["input"]["dtype"] == "uint8" and int8["float32_tensors"] == 0
 
 
 def one_line_error(capsys, argv):

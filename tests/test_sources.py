@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import conftest
+import common
 import data
 import train
 
@@ -109,7 +110,7 @@ def test_no_lesion_in_two_splits_and_unlisted_images_fall_back_to_their_id(lesio
 def test_metadata_without_the_columns_is_one_error(tmp_path, text, needle):
     make_ham_names(tmp_path, [0, 1])
     (tmp_path / data.LESION_METADATA).write_text(text)
-    with pytest.raises(data.Error, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(common.Error, match=needle.replace("(", r"\(").replace(")", r"\)")):
         data.find_pairs(tmp_path)
 
 
@@ -185,11 +186,11 @@ def test_two_sources_train_resume_refuse_and_evaluate_per_source(sources, tmp_pa
     log = read_log(out)
     assert [r["epoch"] for r in log] == ["1", "2"] and log[1]["val_dice_ham"] != ""
     # another source list is another run: refused, one line naming the change
-    with pytest.raises(data.Error, match="another configuration.*data .*--fresh"):
+    with pytest.raises(common.Error, match="another configuration.*data .*--fresh"):
         train.train(["--data", sources[0], "--out", out, *TINY, "--epochs", "2"])
-    with pytest.raises(data.Error, match="another configuration"):
+    with pytest.raises(common.Error, match="another configuration"):
         train.train(["--data", sources[1], "--data", sources[0], "--out", out, *TINY, "--epochs", "2"])
-    with pytest.raises(data.Error, match="given twice"):
+    with pytest.raises(common.Error, match="given twice"):
         train.train(["--data", sources[0], "--data", sources[0], "--out", out, *TINY])
 
     # evaluate.py without --data: each source's val split, then all together
@@ -257,9 +258,9 @@ def test_balance_and_init_in_train(sources, tmp_path):
     import keras
     import numpy as np
 
-    with pytest.raises(data.Error, match="--balance: needs two or more --data folders"):
+    with pytest.raises(common.Error, match="--balance: needs two or more --data folders"):
         train.config_of(["--data", sources[0], "--balance"])
-    with pytest.raises(data.Error, match="--init .*nothing.keras: file not found"):
+    with pytest.raises(common.Error, match="--init .*nothing.keras: file not found"):
         train.config_of(["--init", str(tmp_path / "nothing.keras")])
 
     # --balance: an epoch is both training splits, each drawn as often as the larger one
@@ -278,8 +279,8 @@ def test_balance_and_init_in_train(sources, tmp_path):
     for a, b in zip(start.trainable_weights, end.trainable_weights):
         assert np.allclose(a.numpy(), b.numpy(), atol=1e-6)
     assert json.load(open(os.path.join(tuned, "run.json")))["init"] == os.path.join(out, "best.keras")
-    with pytest.raises(data.Error, match="another configuration.*init"):
+    with pytest.raises(common.Error, match="another configuration.*init"):
         train.train(["--data", sources[0], "--out", tuned, *TINY, "--epochs", "2"])
-    with pytest.raises(data.Error, match="--init .*best.keras: cannot start from its weights"):
+    with pytest.raises(common.Error, match="--init .*best.keras: cannot start from its weights"):
         train.train(["--data", sources[0], "--init", os.path.join(out, "best.keras"), "--filters", "6",
                      "--out", str(tmp_path / "other"), *TINY[:2], *TINY[4:], "--epochs", "1"])

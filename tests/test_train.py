@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+import common
 import data
 import train
 from conftest import TINY
@@ -73,7 +74,7 @@ def test_two_epochs_write_model_log_and_run_json_then_resume(synthetic_data, tmp
     # a finished run rerun is a no-op
     assert train.train(["--data", synthetic_data, "--epochs", "3", "--out", out, *TINY])["epochs_done"] == 3
     # another configuration in the same folder is refused (one line), unless --fresh
-    with pytest.raises(data.Error, match="another configuration.*filters 4 -> 6.*--fresh"):
+    with pytest.raises(common.Error, match="another configuration.*filters 4 -> 6.*--fresh"):
         train.train(["--data", synthetic_data, "--epochs", "3", "--out", out, *TINY, "--filters", "6"])
     s = train.train(["--data", synthetic_data, "--epochs", "1", "--out", out, *TINY, "--fresh",
                      "--schedule", "plateau", "--loss", "bce"])
@@ -566,7 +567,7 @@ def test_ema_validates_and_saves_the_average_and_keeps_it_for_resuming(synthetic
     import keras
     import numpy as np
 
-    with pytest.raises(data.Error, match=r"--ema 1.0: must be in \[0, 1\)"):
+    with pytest.raises(common.Error, match=r"--ema 1.0: must be in \[0, 1\)"):
         train.config_of(["--ema", "1"])
     out = str(tmp_path / "run")
     args = ["--data", synthetic_data, "--out", out, "--ema", "0.5", "--val-fraction", "0.3", *TINY]
@@ -588,5 +589,5 @@ def test_ema_validates_and_saves_the_average_and_keeps_it_for_resuming(synthetic
     assert scores[0] == pytest.approx(logged, rel=1e-4) and scores[1] != pytest.approx(logged, rel=1e-4)
     # resumes with the average; a run without --ema is another configuration
     assert train.train([*args, "--epochs", "2"])["epochs_done"] == 2
-    with pytest.raises(data.Error, match="another configuration.*ema 0.5 -> 0.0"):
+    with pytest.raises(common.Error, match="another configuration.*ema 0.5 -> 0.0"):
         train.train([*args[:4], *args[6:], "--epochs", "3"])

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import unet
+import common
 
 def pixels(n, size, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
@@ -302,7 +303,6 @@ def test_train_flag_choices_are_unets():
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 600), st.integers(1, 5), st.sampled_from(["none", "mobilenetv3"]))
 def test_train_size_rule_is_unets(size, depth, encoder):
-    import data
     import train
 
     try:
@@ -313,6 +313,6 @@ def test_train_size_rule_is_unets(size, depth, encoder):
     try:
         train.config_of({"size": size, "depth": depth, "encoder": encoder})
         train_ok = True
-    except data.Error:
+    except common.Error:
         train_ok = False
     assert train_ok == unet_ok
