@@ -247,8 +247,16 @@ def read_log(path):
     """log.csv as rows of numbers (None where a cell is empty), as state["history"] holds them."""
     try:
         with open(path, newline="") as f:
-            return [{k: (None if v in ("", None) else int(v) if k == "epoch" else float(v)) for k, v in row.items()}
-                    for row in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            if "epoch" not in (reader.fieldnames or ()):
+                raise ValueError("no epoch column")
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader files a row's extra cells under the key None
+                    raise ValueError(f"line {reader.line_num}: more cells than the header")
+                rows.append({k: None if v in ("", None) else int(v) if k == "epoch" else float(v)
+                             for k, v in row.items()})
+            return rows
     except FileNotFoundError:
         raise common.Error(path, "not found (a run folder holds log.csv after its first epoch)") from None
     except (ValueError, csv.Error) as e:
@@ -311,7 +319,10 @@ def plot_command(cfg):
     runs = [(os.path.basename(f) or f, read_log(os.path.join(f, "log.csv"))) for f in folders]
     out = cfg.out or (folders[0] if len(folders) == 1 else ".")
     path = os.path.join(out, "curves.png")
-    drawn = draw_curves(path, runs)
+    try:
+        drawn = draw_curves(path, runs)
+    except ImportError:
+        raise common.Error("--plot", "needs matplotlib (pip install matplotlib)") from None
     print(f"wrote {path} ({', '.join(f'{k}: {n} epochs' for k, n in drawn.items())})")
     return 0
 
@@ -483,11 +494,12 @@ def make_epoch_callback(cfg, state, steps, paths, per_source=None, chief=True):
             # Commit point: last.keras holds weights, optimizer and state together. A kill before this
             # line replays the epoch; after it, the files below are repaired from last.keras on resume.
             save_model(self.model, paths["last"], state)
-            atomic_write_text(paths["state"], json.dumps(state, indent=1))
             if improved:
                 save_best(self.model, cfg, paths, state)
-            write_log(paths["log"], state["history"])
-            if not self.no_curves:
+            if chief:  # saving a model is collective (above); the rest is process 0's alone
+                atomic_write_text(paths["state"], json.dumps(state, indent=1))
+                write_log(paths["log"], state["history"])
+            if chief and not self.no_curves:
                 try:
                     draw_curves(paths["curves"], [("", state["history"])])
                 except (OSError, ImportError) as e:  # a picture is not worth a run: say so once, go on
@@ -626,9 +638,9 @@ def cluster_of(env=os.environ):
     return Cluster(coordinator, processes, index)
 
 
-def check_cluster(cfg, cluster):
-    """What a run over several processes needs, checked before any process waits for the others."""
-    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+def check_cluster(cfg, cluster, backend):
+    """What a run over several processes needs, checked before any process waits for the others.
+    backend: Keras's own answer (KERAS_BACKEND, else ~/.keras/keras.json)."""
     if backend != "jax":
         raise common.Error("KERAS_BACKEND", f"{backend}: a run over several processes needs jax (JAX's distributed "
                          "runtime; tf.distribute here covers one TensorFlow host)")
@@ -938,23 +950,22 @@ def train(cfg):
     out = cfg.out
     cluster = cluster_of()
     chief = cluster is None or cluster.index == 0
-    if cluster:
-        check_cluster(cfg, cluster)
     if chief:
         check_writable(out)
     paths = run_paths(out)
-    # Processes 1.. of a cluster take every step process 0 takes (saving a model is a collective step),
-    # but write into a scratch folder of their own; they read the run (resume) from the shared --out.
-    writes = paths if chief else run_paths(tempfile.mkdtemp(prefix=f"skin-unet-process{cluster.index}-"))
 
     keras = common.import_keras()  # after the flag checks, so bad input fails fast
     if cluster:
+        check_cluster(cfg, cluster, keras.backend.backend())
         join_cluster(cluster, cfg.cluster_timeout)  # before JAX computes anything, the seed included
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.seed)
     strategy, info = setup_backend(cfg, cluster)
     scope = strategy.scope if strategy else contextlib.nullcontext  # a fresh context each time
+    # Processes 1.. of a cluster take every step process 0 takes (saving a model is a collective step),
+    # but save into a scratch folder of their own; they read the run (resume) from the shared --out.
+    writes = paths if chief else run_paths(tempfile.mkdtemp(prefix=f"skin-unet-process{cluster.index}-"))
     try:
         cfg.precision = info["precision"]
         state = resume_or_start(cfg, cfg.identity(), paths, chief)
@@ -971,18 +982,18 @@ def train(cfg):
         atomic_write_text(writes["run"], json.dumps(run, indent=1))
 
         t_fit = time.time()
-        if not (state["epoch"] >= cfg.epochs or state["stopped"]) and chief:
-            devices = f" on {info['processes']} processes, {info['replicas']} devices" if cluster else ""
-            print(f"training {model.name} ({model.count_params() / 1e6:.2f} M params){devices} on {data_summary['train']} "
-                  f"images, validating on {data_summary['val']}, {cfg.size} px, batch {cfg.batch}; "
-                  f"{info['backend']} {info['accelerator']} {info['precision']} jit={info['jit']} ({info['jit_reason']}) "
-                  f"distribute={info['distribute']}"
-                  f"{'; augmenting on the ' + info['augment_on'] if info['augment_on'] else ''}"
-                  f"{'; sources balanced' if cfg.balance else ''}"
-                  f"{'; weights averaged, EMA ' + str(cfg.ema) if cfg.ema else ''}"
-                  f"{'; starting from ' + cfg.init if cfg.init else ''}", flush=True)
         if not (state["epoch"] >= cfg.epochs or state["stopped"]):
-            verbose = cfg.verbose if cfg.verbose is not None and chief else (1 if sys.stdout.isatty() and chief else 0)
+            if chief:
+                devices = f" on {info['processes']} processes, {info['replicas']} devices" if cluster else ""
+                print(f"training {model.name} ({model.count_params() / 1e6:.2f} M params){devices} on "
+                      f"{data_summary['train']} images, validating on {data_summary['val']}, {cfg.size} px, batch "
+                      f"{cfg.batch}; {info['backend']} {info['accelerator']} {info['precision']} jit={info['jit']} "
+                      f"({info['jit_reason']}) distribute={info['distribute']}"
+                      f"{'; augmenting on the ' + info['augment_on'] if info['augment_on'] else ''}"
+                      f"{'; sources balanced' if cfg.balance else ''}"
+                      f"{'; weights averaged, EMA ' + str(cfg.ema) if cfg.ema else ''}"
+                      f"{'; starting from ' + cfg.init if cfg.init else ''}", flush=True)
+            verbose = 0 if not chief else cfg.verbose if cfg.verbose is not None else int(sys.stdout.isatty())
             workers = cfg.workers or os.cpu_count() or 1
             warp = device_warp(train_batches) if info["augment_on"] == "device" else None
             with scope():
@@ -1028,7 +1039,7 @@ def main(argv=None):
     if cluster and WORKER_ENV not in os.environ:
         return supervise(argv, cluster, args.cluster_timeout)
     try:
-        summary = train(argv)
+        summary = train(args)
     except Exception as e:  # a collective that fails because a peer is gone: one line, not a traceback
         if cluster and any(mark in str(e) for mark in PEER_LOST):
             raise peer_lost(cluster, args.cluster_timeout) from None
