@@ -17,9 +17,7 @@ import pytest
 import common
 import data
 import train
-from conftest import TINY
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, TINY, free_port
 
 
 def rows(out):
@@ -330,6 +328,20 @@ def test_tensorboard_logs_every_epochs_scalars_and_plot_redraws_runs(synthetic_d
     assert err.count("\n") == 0 and "nothing/log.csv: not found" in err
 
 
+@pytest.mark.parametrize("content, problem", [
+    (b"x,y\n1,2\n", "no epoch column"),
+    (b"epoch,loss\n1,0.5,9\n", "line 2: more cells than the header"),
+    (b"epoch,loss\n1,low\n", "could not convert string to float"),
+    (b"\xff\xfe\x00e", "can't decode byte 0xff"),
+], ids=["no-epoch-column", "extra-cell", "not-a-number", "not-utf8"])
+def test_plot_of_a_bad_log_is_one_line(tmp_path, capsys, content, problem):
+    (tmp_path / "log.csv").write_bytes(content)
+    assert train.main(["--plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "log.csv: not a train.py log (" in err and problem in err
+    assert not (tmp_path / "curves.png").exists()
+
+
 def test_tensorboard_without_its_packages_stops_at_the_start_in_one_line(synthetic_data, tmp_path, monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
@@ -467,23 +479,29 @@ print("ok")
     assert r.returncode == 2 and "upsample 'matmul' -> 'transpose'" in r.stderr
 
 
-@pytest.mark.slow
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def cluster_run():
+    """cluster_run(args, port, processes=2, timeout=15, start=None): start train.py as processes 0..n-1
+    (or those in `start`) of a local cluster (JAX's runtime, gloo on the CPU), each in its own session
+    so a whole process can be killed; returns the Popen objects. Whatever still runs when the test
+    ends (a failed assertion, a timeout) is killed with its children."""
+    started = []
 
-
-def cluster_run(args, port, processes=2, timeout=15, start=None):
-    """Start train.py as processes 0..n-1 (or those in `start`) of a local cluster (JAX's runtime, gloo on
-    the CPU), each in its own session so a whole process can be killed; returns the Popen objects."""
-    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_backend_optimization_level=0",
-           "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}", "KERAS_DISTRIBUTION_NUM_PROCESSES": str(processes)}
-    return [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--cluster-timeout", str(timeout)],
-                             env={**env, "KERAS_DISTRIBUTION_PROCESS_ID": str(i)}, cwd=ROOT, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-            for i in (range(processes) if start is None else start)]
+    def run(args, port, processes=2, timeout=15, start=None):
+        env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_backend_optimization_level=0",
+               "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
+               "KERAS_DISTRIBUTION_NUM_PROCESSES": str(processes)}
+        procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--cluster-timeout",
+                                   str(timeout)], env={**env, "KERAS_DISTRIBUTION_PROCESS_ID": str(i)}, cwd=ROOT,
+                                  text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                 for i in (range(processes) if start is None else start)]
+        started.extend(procs)
+        return procs
+    yield run
+    for p in started:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
 
 def errors(text):
@@ -492,7 +510,7 @@ def errors(text):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
-def test_two_processes_train_as_one_write_once_stop_together_and_resume(synthetic_data, tmp_path):
+def test_two_processes_train_as_one_write_once_stop_together_and_resume(synthetic_data, tmp_path, cluster_run):
     # 1. Two processes (each its part of every batch, augmentation on) log what one process logs at the
     #    same global batch and seed; process 0 alone writes the run, and says how many take part.
     args = ["--data", synthetic_data, *TINY, "--val-fraction", "0.5", "--verbose", "0"]
@@ -519,6 +537,7 @@ def test_two_processes_train_as_one_write_once_stop_together_and_resume(syntheti
     while len(rows(two)) < 3 and time.time() < deadline and procs[0].poll() is None:  # one epoch past the 2
         time.sleep(0.1)
     os.killpg(procs[1].pid, signal.SIGKILL)
+    procs[1].wait()
     t = time.time()
     out, err = procs[0].communicate(timeout=120)
     assert time.time() - t < 60 and procs[0].returncode == 1
