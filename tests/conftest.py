@@ -1,5 +1,5 @@
 """Shared pytest settings, fixtures and helpers: the other test files import FAST, MANY, TINY and
-run_cli from here (`from conftest import ...`) and use the fixtures by name; keep them stable."""
+run_cli / free_port from here (`from conftest import ...`) and use the fixtures by name; keep them stable."""
 import os
 import sys
 
@@ -20,6 +20,14 @@ MANY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 # train.py flags for a run of seconds: 32 px, base 4, depth 2.
 TINY = ["--size", "32", "--filters", "4", "--depth", "2", "--batch", "4", "--workers", "2"]
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server or a cluster a test starts)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(module, argv, capsys):

@@ -6,7 +6,6 @@ against `python app.py --auth`."""
 
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
 from PIL import Image
 
 import app
@@ -329,16 +328,10 @@ def test_bad_flags_fail_fast(argv, message, capsys):
 # ---------------------------------------------------------------------------- the real server
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(argv, tmp, log):
     """`python <argv> --port P` with its temp folder at `tmp` (the app's folder, and Gradio's cache
     on the old code, land there); (url, process) once it answers."""
-    port = _free_port()
+    port = free_port()
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, *argv, "--port", str(port)], cwd=ROOT,
                                 stdout=out, stderr=subprocess.STDOUT,

@@ -377,6 +377,7 @@ def garbage(tmp_path_factory):
     folder = tmp_path_factory.mktemp("garbage")
     (folder / "garbage.keras").write_bytes(b"not a zip file")
     (folder / "not_a_model").mkdir()
+    (folder / "run.json").write_text('{"size": 32}')  # what sits beside a model, handed over instead of it
     return folder
 
 
@@ -385,7 +386,7 @@ BAD_INPUTS = {
     "missing model": (["--weights", "{tmp}/missing.keras"], "not found", 2),
     "not a zip": (["--weights", "{garbage}/garbage.keras"], "cannot load", 2),
     "folder without a SavedModel": (["--weights", "{garbage}/not_a_model"], "not a SavedModel", 2),
-    "a run.json, not a model": (["--weights", "{tmp}/run.json"], "not found", 2),
+    "a run.json, not a model": (["--weights", "{garbage}/run.json"], "unknown model format", 2),
     "size that does not match": (["--weights", "{keras}", "--size", "64"], "does not match", 2),
     "missing data": (["--weights", "{keras}", "--data", "{tmp}/nowhere"], "no such folder", 2),
     "threshold out of range": (["--weights", "{keras}", "--threshold", "2"], "threshold", 2),

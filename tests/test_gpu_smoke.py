@@ -7,10 +7,9 @@ import sys
 import tarfile
 
 import pytest
+from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # a module of minutes: the full suite runs it, the inner loop does not
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytest.importorskip("jax")  # the GPU machine runs Keras on JAX; so does the smoke
 
