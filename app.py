@@ -107,16 +107,13 @@ def read_photo(path, max_pixels):
     covers the display size, the way predict.py reads photos. Decoding a PNG costs
     about 8.5 bytes a pixel for a moment (Pillow's image, numpy's copy, the resize's: 420 MB at 50
     megapixels), so photos over BIG_PHOTO decode one at a time, not CONCURRENCY at once."""
-    with data.open_image(path) as img:  # empty, not an image, broken header, Pillow's bomb limit
-        pixels = img.width * img.height
-        if pixels > max_pixels:
-            raise common.Error(path, f"{img.width} x {img.height} px ({pixels / 1e6:.1f} "
-                             f"megapixels) is over this server's limit of {max_pixels / 1e6:g} "
-                             f"megapixels")
-    native = data.native_hw(path)
-    shown_hw = predict.preview_hw(native)
+    native = data.native_hw(path)  # empty, not an image, broken header, Pillow's bomb limit
+    pixels = native[0] * native[1]
+    if pixels > max_pixels:
+        raise common.Error(path, f"{native[1]} x {native[0]} px ({pixels / 1e6:.1f} megapixels) is "
+                                 f"over this server's limit of {max_pixels / 1e6:g} megapixels")
     with _DECODING_BIG if pixels > BIG_PHOTO else contextlib.nullcontext():
-        return data.resize_image(data.load_image(path, min_size=shown_hw), shown_hw), native
+        return predict.decode_preview(path, native), native
 
 
 def native_mask(small_prob, size_hw, threshold):
@@ -200,8 +197,7 @@ def render(state, threshold):
         return (None, None, "⚠️ This photo was forgotten (the server was busy): upload it again.",
                 None, None)
     image, small_prob = held["image"], held["small_prob"]
-    prob = data.resize_prob(small_prob, image.shape[:2])
-    shown_mask = prob > threshold
+    prob, shown_mask = predict.native_prob(small_prob, image.shape[:2], threshold)
     mask, stats = native_mask(small_prob, held["hw"], threshold)
     folder = os.path.join(held["folder"], uuid.uuid4().hex)
     outputs = (_write_png(os.path.join(folder, "overlay.png"),

@@ -296,6 +296,13 @@ def preview_hw(hw, side=PREVIEW_SIDE):
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
+def decode_preview(file, native, raw=None):
+    """The photo as uint8 (h, w, 3) at preview_hw(native): a JPEG decodes in draft mode at the
+    smallest scale that still covers it, so full-resolution pixels are never decoded."""
+    hw = preview_hw(native)
+    return data.resize_image(data.load_image(file, min_size=hw, raw=raw), hw)
+
+
 def _erode(mask):
     # 4-neighbour erosion; pixels beyond the border count as background, so the frame is an edge.
     inner = np.zeros_like(mask)
@@ -444,7 +451,11 @@ class Reader:
             import h5py
             self.archives[archive] = h5py.File(archive, "r")
         value = self.archives[archive][key][()]
-        return value.tobytes() if isinstance(value, np.ndarray) or isinstance(value, np.void) else bytes(value)
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, (np.ndarray, np.generic)):  # uint8 arrays, opaque (np.void) scalars
+            return value.tobytes()
+        raise common.Error(file, "the dataset holds no image bytes")  # h5py.Empty, say
 
     def close(self):
         for f in self.archives.values():
@@ -460,8 +471,7 @@ def _decode_photo(reader, image_id, file, size):
     try:
         raw = reader.raw(file)
         native = data.native_hw(file, raw)  # a bad file fails here, as one line naming it
-        hw = preview_hw(native)
-        preview = data.resize_image(data.load_image(file, min_size=hw, raw=raw), hw)
+        preview = decode_preview(file, native, raw)
     except common.Error as e:
         return {"file": e.file, "problem": e.problem}, time.perf_counter() - t
     except (OSError, KeyError) as e:
@@ -499,8 +509,11 @@ def _finished(out, csv_path, overwrite):
     if overwrite or not os.path.exists(csv_path):
         common.atomic_write(csv_path, lambda f: f.write(",".join(COLUMNS).encode() + b"\n"))
         return set()
-    with open(csv_path, newline="") as f:
-        lines = f.readlines()
+    try:
+        with open(csv_path, newline="") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError:  # (saved as UTF-16 by a spreadsheet, say): not ours, as below
+        lines = []
     if not lines or lines[0].rstrip("\n").split(",") != list(COLUMNS):
         raise common.Error(csv_path, "not a predictions.csv of this command; choose another --out, or --overwrite")
     kept, done = [lines[0]], set()

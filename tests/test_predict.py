@@ -205,6 +205,12 @@ def test_rerun_skips_finished_photos_and_overwrite_redoes_them(model, photos, tm
     code, stdout, _ = _run([*argv, "--overwrite"], capsys)
     assert code == 0 and "predicted 3 (0 skipped)" in stdout and "already done" not in stdout
     assert (folder / "predictions.csv").read_text() == first
+    # A predictions.csv that is not ours (here the same table saved as UTF-16) is refused, untouched.
+    (folder / "predictions.csv").write_text(first, encoding="utf-16")
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == (f"error: {folder / 'predictions.csv'}: not a predictions.csv of this "
+                                         "command; choose another --out, or --overwrite")
+    assert (folder / "predictions.csv").read_text(encoding="utf-16") == first
 
 
 @pytest.mark.slow
@@ -220,19 +226,22 @@ def test_kill_9_mid_archive_then_rerun_finishes_it_once(model, tmp_path):
            "--out", str(out), "--no-progress", "--no-overlay"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     csv_path, rows_at_kill, deadline = out / "predictions.csv", 0, time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # wait for real progress, then kill
-        if csv_path.exists():
-            rows_at_kill = len(csv_path.read_text().splitlines()) - 1
-            if rows_at_kill >= 16:
-                proc.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.01)
-    proc.communicate(timeout=60)
+    try:
+        while time.time() < deadline and proc.poll() is None:  # wait for real progress, then kill
+            if csv_path.exists():
+                rows_at_kill = len(csv_path.read_text().splitlines()) - 1
+                if rows_at_kill >= 16:
+                    break
+            time.sleep(0.01)
+    finally:  # killed here whether or not the wait above saw progress: nothing outlives the test
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
     assert 16 <= rows_at_kill < 240, rows_at_kill  # killed mid-way, not before or after
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "photos already done" in r.stdout
-    ids = [row["image_id"] for row in csv.DictReader(open(csv_path))]
+    with open(csv_path, newline="") as f:
+        ids = [row["image_id"] for row in csv.DictReader(f)]
     assert sorted(ids) == [f"p{i:04d}" for i in range(240)]  # each exactly once, none lost
     assert len([n for n in os.listdir(out) if n.endswith("_segmentation.png")]) == 240
 
@@ -249,12 +258,14 @@ def test_isic_2024_hdf5_archive(model, tmp_path, capsys):
             buffer = io.BytesIO()
             Image.fromarray(image).save(buffer, "JPEG", quality=95)
             f.create_dataset(f"ISIC_{i:07d}", data=np.void(buffer.getvalue()))
+        f.create_dataset("ISIC_9999998", data=h5py.Empty("S1"))  # a dataset with no data at all
         f.create_dataset("ISIC_9999999", data=np.void(b"\xff\xd8 not a jpeg"))
     out = tmp_path / "out"
     code, stdout, err = _run(["--weights", weights, "--data", str(archive), "--out", str(out)], capsys)
-    assert code == 0 and "predicted 3 (1 skipped)" in stdout, err
+    assert code == 0 and "predicted 3 (2 skipped)" in stdout, err
     skipped = [line for line in err.splitlines() if line.startswith("skipped:")]
-    assert len(skipped) == 1 and skipped[0].startswith(f"skipped: {archive}:ISIC_9999999: ")
+    assert skipped[0] == f"skipped: {archive}:ISIC_9999998: the dataset holds no image bytes"
+    assert len(skipped) == 2 and skipped[1].startswith(f"skipped: {archive}:ISIC_9999999: ")
     rows = _rows(out)
     assert sorted(rows) == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
     for i, image in enumerate(images):
