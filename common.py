@@ -123,7 +123,7 @@ def atomic_write(path, write, durable=True):
 # Progress
 
 class Progress:
-    """A one-line stderr progress bar, redrawn at most 10 times a second (evaluate.py uses it too)."""
+    """A one-line stderr progress bar, redrawn at most 10 times a second."""
 
     def __init__(self, total, label, enabled=True):
         self.total, self.label, self.enabled = total, label, enabled and total > 0

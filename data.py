@@ -604,11 +604,11 @@ def _affine(rng, h, w):
     return (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
 
 
-def mean_luma(images, chunk=256):
+def mean_luma(images):
     """Mean luma (Y of YIQ) of each image, from every 4th pixel in each direction: contrast's
-    centre. Batches works it out once per image; in chunks, so no whole-set temporary."""
-    return np.concatenate([images[i:i + chunk, ::4, ::4].reshape(len(images[i:i + chunk]), -1, 3).mean(axis=1)
-                           @ RGB_TO_YIQ[0] for i in range(0, len(images), chunk)] or [np.zeros(0)])
+    centre. Batches works it out once per image. numpy reduces the strided view in buffered
+    pieces, so no whole-set temporary is made (sums of uint8 in float64 are exact)."""
+    return images[:, ::4, ::4].mean(axis=(1, 2)) @ RGB_TO_YIQ[0]
 
 
 def _colour(rng, luma):
@@ -831,12 +831,13 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=384, help="with --synthetic: image width (height 3/4 of it)")
     args = parser.parse_args(argv)
     if args.synthetic:
-        width = args.width
-        if width < 16 or args.count < 1:
-            raise common.Error(args.synthetic, "--width must be >= 16 and --count >= 1")
-        write_synthetic(args.synthetic, args.count, args.seed, (width, round(width * 3 / 4)))
-        print(f"wrote {args.count} synthetic pairs ({width}x{round(width * 3 / 4)}) "
-              f"to {args.synthetic}")
+        if args.width < 16:
+            raise common.Error(f"--width {args.width}", "must be >= 16")
+        if args.count < 1:
+            raise common.Error(f"--count {args.count}", "must be >= 1")
+        size_wh = (args.width, round(args.width * 3 / 4))
+        write_synthetic(args.synthetic, args.count, args.seed, size_wh)
+        print(f"wrote {args.count} synthetic pairs ({size_wh[0]}x{size_wh[1]}) to {args.synthetic}")
         return 0
     if not args.dir:
         parser.error("give a data folder, or --synthetic OUT")

@@ -47,13 +47,14 @@ def single_thread_rate(arrays, batch, seconds):
     return done / (time.perf_counter() - start)
 
 
-def host_feed_rate(arrays, batch=64, seconds=5.0):
-    """Images/s of Batches.draw on one thread: the host's whole share of the device-augmented feed."""
-    batches = data.Batches(arrays.images, arrays.masks, batch, drop_remainder=True, seed=0)
+def host_feed_rate(images, masks, batch=64, seconds=5.0, threads=1):
+    """Images/s of Batches.draw (gather, draws, uint8 hand-over) on `threads` threads: the host's
+    whole share of the device-augmented feed. gpu_bench.py's feed stage measures it this way too."""
+    batches = data.Batches(images, masks, batch, drop_remainder=True, seed=0)
     n, done, start = len(batches), 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        batches.draw(done % n)
-        done += 1
+    with ThreadPoolExecutor(threads) as pool:
+        while time.perf_counter() - start < seconds:
+            done += sum(1 for _ in pool.map(batches.draw, range(n)))
     return done * batch / (time.perf_counter() - start)
 
 
@@ -110,7 +111,7 @@ def main():
     if args.size != 256:
         first = (first[0], data.load_split(first[0], "all", 256, progress=False))
     print(f"GPU feed, host side (Batches.draw, 1 thread, 256 px, batch 64, {first[0]}):")
-    print(f"host feed: {host_feed_rate(first[1]):.0f} images/s")
+    print(f"host feed: {host_feed_rate(first[1].images, first[1].masks):.0f} images/s")
 
 
 if __name__ == "__main__":

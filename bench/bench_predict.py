@@ -19,6 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import common  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402  (for the CPU line; imports no Keras by itself)
 
@@ -38,12 +39,13 @@ def run(cmd):
     return seconds, usage.ru_maxrss / 1024, stdout  # ru_maxrss is in KiB on Linux
 
 
-def main():
+@common.command  # a bad model or data folder: one line, not a traceback
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", required=True)
     p.add_argument("data", nargs="+")
     p.add_argument("--no-overlay", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     for source in args.data:
         if not os.path.exists(source):
             sys.exit(f"error: {source}: not found")
@@ -63,7 +65,8 @@ def main():
         finally:
             shutil.rmtree(out, ignore_errors=True)
         print(f"| {source} | {photos} | {first:.1f} | {photos / first:.1f} | {peak_mb:.0f} | {again:.1f} |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -125,13 +125,14 @@ def peer(out, batches, size, steps, script):
 # -----------------------------------------------------------------------------------------------
 # The stages
 
-def train_py_rate(data_dir, p, epochs, out, flags=()):
+def train_py_rate(data_dir, p, epochs, out):
     """train.py as a user runs it (real JPEGs, augmentation where train.py puts it, callbacks): the
     median images/s of its log.csv from the 2nd epoch on (the 1st compiles), and every epoch's figure."""
     cmd = ["--data", data_dir, "--size", str(p["size"]), "--depth", str(p["depth"]), "--filters", str(p["filters"]),
            "--batch", str(p["batch"]), "--epochs", str(epochs), "--patience", "0", "--out", out, "--fresh",
-           "--verbose", "0", *flags]
-    rc = train_main(cmd)
+           "--verbose", "0"]
+    import train
+    rc = train.main(cmd)
     if rc:
         raise SystemExit(f"train.py {' '.join(cmd)} failed (exit {rc})")
     with open(os.path.join(out, "log.csv")) as f:
@@ -144,11 +145,6 @@ def train_py_rate(data_dir, p, epochs, out, flags=()):
             "precision": run.get("precision"), "jit": run.get("jit")}
 
 
-def train_main(argv):
-    import train
-    return train.main(argv)
-
-
 def feed_rates(images, masks, batch, seconds=3.0):
     """The feed in its two halves: the host side of the GPU feed (Batches.draw: gather, draws, uint8
     hand-over; one thread, then one per core) and the device augmentation alone (the compiled
@@ -156,18 +152,14 @@ def feed_rates(images, masks, batch, seconds=3.0):
     import keras
 
     import train
-
-    batches = data.Batches(images, masks, batch, drop_remainder=True, seed=0)
-    n = len(batches)
+    from bench_data import host_feed_rate
 
     def host(threads):
-        done, t = 0, time.perf_counter()
-        with ThreadPoolExecutor(threads) as pool:
-            while time.perf_counter() - t < seconds:
-                done += sum(1 for _ in pool.map(batches.draw, range(n)))
-        return round(done * batch / (time.perf_counter() - t), 1)
+        return round(host_feed_rate(images, masks, batch, seconds, threads), 1)
 
     result = {"host_1_thread": host(1), f"host_{os.cpu_count()}_threads": host(os.cpu_count())}
+    batches = data.Batches(images, masks, batch, drop_remainder=True, seed=0)
+    n = len(batches)
     warp = train.device_warp(batches)
     on_device = [[keras.ops.convert_to_tensor(a) for a in batches.draw(i)] for i in range(min(n, 8))]
     done, t = 0, time.perf_counter()

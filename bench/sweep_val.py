@@ -15,6 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import predict  # noqa: E402
@@ -22,12 +23,13 @@ import predict  # noqa: E402
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-def main():
+@common.command  # a bad model or data folder: one line, not a traceback
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", required=True)
     p.add_argument("--data", default=None, help="default: run.json's training data")
     p.add_argument("--split", default="val", choices=("val", "test"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     run = predict.read_run_json(args.weights)
     roots = [args.data] if args.data else data.folders_of(run.get("data"))  # a multi-source run: all of them
     if not roots:
@@ -58,7 +60,8 @@ def main():
     for (tta, post, threshold), s in sorted(scores.items(), key=lambda kv: -kv[1]["threshold_jaccard"]):
         print(f"{str(tta):<6}{post:<14}{threshold:>10.1f}{s['dice']:>9.4f}{s['threshold_jaccard']:>10.4f}"
               f"{s['dice'] - base['dice']:>+9.4f}{s['threshold_jaccard'] - base['threshold_jaccard']:>+12.4f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
