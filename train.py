@@ -819,7 +819,7 @@ def resume_or_start(cfg, identity, paths, chief=True):
     """The resume state inside last.keras when it belongs to this configuration, else a fresh one.
     --fresh deletes the old run's files (process 0 only; the others just ignore them)."""
     if cfg.fresh and chief:
-        for k in ("last", "state", "log", "best"):
+        for k in ("last", "state", "log", "best", "curves"):  # (run.json is rewritten before fit)
             if os.path.exists(paths[k]):
                 os.remove(paths[k])
     state = None if cfg.fresh else read_state(paths["last"])

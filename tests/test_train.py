@@ -79,6 +79,16 @@ def test_two_epochs_write_model_log_and_run_json_then_resume(synthetic_data, tmp
     assert s["epochs_done"] == 1 and [r["epoch"] for r in rows(out)] == ["1"]
 
 
+def test_fresh_leaves_nothing_of_the_old_run_to_be_listed_as_this_ones(tmp_path):
+    # A --fresh run whose first epoch diverges must not list the old run's picture as its own.
+    paths = train.run_paths(str(tmp_path))
+    for path in paths.values():
+        open(path, "w").close()
+    cfg = train.config_of(["--out", str(tmp_path), "--fresh"])
+    assert train.resume_or_start(cfg, cfg.identity(), paths)["epoch"] == 0
+    assert sorted(os.listdir(tmp_path)) == ["run.json"]
+
+
 @pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_resumes_without_duplicate_rows(synthetic_data, tmp_path):
     out = str(tmp_path / "run")
