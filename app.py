@@ -40,6 +40,7 @@ from PIL import Image
 import common
 import data
 import predict  # the one Predictor and preprocessing path (imports no Keras by itself)
+from extras import synthetic
 
 DEFAULT_THRESHOLD = 0.5
 MAX_MEGAPIXELS = 50  # --max-megapixels: every ISIC photo (at most 30) and a 48 Mpx phone photo
@@ -256,8 +257,8 @@ def rerender(state, threshold, photos):
 
 
 def write_examples(folder, count=3, seed=7):
-    """A few synthetic dermoscopy-like photos (data.make_synthetic) to try without any data."""
-    images, _ = data.make_synthetic(count, seed=seed)
+    """A few synthetic dermoscopy-like photos (synthetic.make_synthetic) to try without any data."""
+    images, _ = synthetic.make_synthetic(count, seed=seed)
     paths = []
     for i, image in enumerate(images):
         path = os.path.join(folder, f"synthetic_{i + 1}.jpg")

@@ -12,15 +12,13 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 import common
 
@@ -71,7 +69,6 @@ LAYOUTS = {
     "generic": [("train", "images", "masks")],
 }
 MASK_SUFFIXES = ("", "_segmentation", "_mask")  # ISIC: ID_segmentation.png (2016: _Segmentation)
-NO_MASK = "no mask"  # how a problem for an image without its mask starts (evaluate.py predicts those)
 # HAM10000 has several images of one lesion (10,015 images, 7,470 lesions): hashing image ids would
 # put photos of one lesion in both train and val, so with this file the hash is of the lesion_id.
 LESION_METADATA = "HAM10000_metadata.csv"
@@ -129,8 +126,9 @@ def folders_of(value):
 
 
 def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
-    """(pairs sorted by id, problems [{"file", "problem"}], layout name). Raises Error for a
-    missing folder or one with no recognised layout / no images."""
+    """(pairs sorted by id, problems [{"file", "problem"}], layout name); an image without its mask
+    is a problem with "kind": "no_mask". Raises Error for a missing folder or one with no
+    recognised layout / no images."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise common.Error(root, "no such folder")
@@ -173,7 +171,8 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
                 continue
             seen[image_id] = path
             if mask is None:
-                problems.append({"file": path, "problem": f"{NO_MASK} (expected "
+                # kind: evaluate.py says these are for predict.py, not skipped by mistake
+                problems.append({"file": path, "kind": "no_mask", "problem": f"no mask (expected "
                                  f"{image_id}_segmentation.png or {image_id}.png in {mask_dir})"})
                 continue
             group = groups.get(image_id, image_id)
@@ -415,7 +414,8 @@ def load_split(data=None, split="train", size=256, val_fraction=0.1, test_fracti
     if split not in ("train", "val", "test", "all"):
         raise common.Error(split, "unknown split (use train, val, test or all)")
     if data is None:
-        data = synthetic_dir(cache=cache or None)
+        from extras import synthetic  # the built-in set, made on first use
+        data = synthetic.synthetic_dir(cache=cache or None)
     folders = folders_of(data)
     chosen, problems, spans = [], [], []
     for folder in folders:
@@ -452,116 +452,6 @@ def source_names(folders):
             name = f"{base}_{n}"
         names.append(name)
     return names
-
-
-# -----------------------------------------------------------------------------
-# Synthetic dermoscopy images
-
-def _smooth_noise(rng, h, w, cells):
-    """Smooth random field in [-1, 1]: a coarse random grid upsampled bicubically."""
-    grid = rng.random((max(2, cells * h // w), cells)).astype(np.float32)
-    field = np.asarray(Image.fromarray(grid).resize((w, h), Image.BICUBIC))
-    return 2 * (field - field.min()) / max(float(np.ptp(field)), 1e-6) - 1
-
-
-def _synthetic_one(rng, w, h):
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    # Skin: a random tone with blotchy low-frequency texture and fine grain.
-    skin = np.array([rng.uniform(195, 240), rng.uniform(145, 195), rng.uniform(120, 170)],
-                    np.float32)
-    texture = 14 * _smooth_noise(rng, h, w, 6) + 5 * _smooth_noise(rng, h, w, 40)
-    image = skin + texture[..., None] * np.array([1.0, 0.9, 0.8], np.float32)
-
-    # Lesion: a radius modulated by a few random Fourier harmonics gives an irregular boundary.
-    harmonics = np.arange(2, 7)
-    amps = rng.uniform(0, 0.22, len(harmonics)) / np.sqrt(harmonics)
-    phases = rng.uniform(0, 2 * np.pi, len(harmonics))
-    stretch = 1 + amps.sum()  # the largest the radius can get, relative to r0
-    r0 = rng.uniform(0.14, 0.34) * min(h, w) / stretch * 1.3
-    pad = max(1.0, 0.02 * min(h, w))  # background all round: the lesion lies inside the image
-    r0 = min(r0, (0.5 * min(h, w) - pad - 0.5) / stretch)
-    margin = r0 * stretch + pad
-    cx, cy = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
-    angle = np.arctan2(yy - cy, xx - cx)
-    dist = np.hypot(xx - cx, yy - cy)
-    radius = r0 * (1 + np.tensordot(amps, np.cos(harmonics[:, None, None] * angle + phases[:, None, None]), 1))
-    mask = dist < radius
-    # Colour: dark brown core fading to light brown at the rim, with blotches (internal variation).
-    brown = np.array([1.0, rng.uniform(0.5, 0.65), rng.uniform(0.35, 0.5)], np.float32)
-    dark, light = rng.uniform(45, 100) * brown, rng.uniform(130, 180) * brown
-    t = np.clip(dist / radius + 0.35 * _smooth_noise(rng, h, w, 10), 0, 1)[..., None]
-    lesion = dark + (light - dark) * t
-    alpha = np.clip((radius - dist) / rng.uniform(1.5, 5) + 0.5, 0, 1)[..., None]  # soft edge
-    image = image * (1 - alpha) + lesion * alpha
-
-    # Vignetting: dermatoscope optics darken the corners.
-    r2 = ((xx - w / 2) / (w / 2)) ** 2 + ((yy - h / 2) / (h / 2)) ** 2
-    image *= (1 - rng.uniform(0.1, 0.45) * r2 / 2)[..., None]
-    image += rng.normal(0, 3, image.shape).astype(np.float32)
-
-    pil = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(pil)
-    for _ in range(rng.integers(0, 9)):  # hairs: thin dark quadratic curves
-        p0, p1, p2 = (rng.uniform([-0.1 * w, -0.1 * h], [1.1 * w, 1.1 * h]) for _ in range(3))
-        s = np.linspace(0, 1, 24)[:, None]
-        curve = (1 - s) ** 2 * p0 + 2 * s * (1 - s) * p1 + s ** 2 * p2
-        shade = int(rng.uniform(10, 70))
-        draw.line([tuple(p) for p in curve], fill=(shade, int(shade / 1.3), int(shade / 1.6)),
-                  width=int(rng.integers(1, 3)), joint="curve")
-    if rng.random() < 0.3:  # ruler marks along one edge
-        y = int(rng.choice([rng.uniform(4, 12), rng.uniform(h - 12, h - 4)]))
-        for x in range(int(rng.uniform(5, 20)), w - 5, int(rng.integers(7, 12))):
-            draw.line([(x, y), (x, y + (6 if x % 5 == 0 else 3))], fill=(20, 20, 20), width=1)
-    for _ in range(rng.integers(0, 4) if rng.random() < 0.4 else 0):  # air bubbles
-        bx, by, br = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(4, 18)
-        draw.ellipse([bx - br, by - br, bx + br, by + br], outline=(245, 245, 240), width=1)
-    pil = pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.9)))
-    return np.asarray(pil), mask
-
-
-def make_synthetic(count, seed=0, size_wh=(384, 288)):
-    """(uint8 images (N, H, W, 3), bool masks (N, H, W)); image i depends only on (seed, i)."""
-    w, h = size_wh
-    images = np.zeros((count, h, w, 3), np.uint8)
-    masks = np.zeros((count, h, w), bool)
-    for i in range(count):
-        images[i], masks[i] = _synthetic_one(np.random.default_rng([seed, i]), w, h)
-    return images, masks
-
-
-def write_synthetic(out, count, seed=0, size_wh=(384, 288)):
-    """Write a synthetic set in the ISIC 2018 layout (JPEG images, PNG 0/255 masks)."""
-    img_dir = os.path.join(out, LAYOUTS["isic2018"][0][1])
-    mask_dir = os.path.join(out, LAYOUTS["isic2018"][0][2])
-    os.makedirs(img_dir, exist_ok=True)
-    os.makedirs(mask_dir, exist_ok=True)
-    for i in range(count):
-        image, mask = _synthetic_one(np.random.default_rng([seed, i]), *size_wh)
-        name = f"ISIC_{i:07d}"
-        common.atomic_write(os.path.join(img_dir, name + ".jpg"),
-                      lambda f: Image.fromarray(image).save(f, "JPEG", quality=92))
-        common.atomic_write(os.path.join(mask_dir, name + "_segmentation.png"),
-                      lambda f: Image.fromarray(mask.astype(np.uint8) * 255).save(f, "PNG"))
-
-
-def synthetic_dir(count=200, seed=0, cache=None):
-    """Path of the built-in synthetic set, written once under the cache dir: into a temp folder
-    first, then renamed, so an interrupted run never leaves half a data set behind."""
-    base = cache or cache_dir()
-    path = os.path.join(base, f"synthetic-v{CACHE_VERSION}-{count}-seed{seed}-384x288")
-    if os.path.isdir(path):
-        return path
-    os.makedirs(base, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=base, prefix=".tmp-synthetic-")
-    try:
-        write_synthetic(tmp, count, seed)
-        os.rename(tmp, path)
-    except OSError:
-        if not os.path.isdir(path):  # not just a concurrent writer that won the race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 # -----------------------------------------------------------------------------
@@ -836,7 +726,8 @@ def main(argv=None):
         if args.count < 1:
             raise common.Error(f"--count {args.count}", "must be >= 1")
         size_wh = (args.width, round(args.width * 3 / 4))
-        write_synthetic(args.synthetic, args.count, args.seed, size_wh)
+        from extras import synthetic
+        synthetic.write_synthetic(args.synthetic, args.count, args.seed, size_wh)
         print(f"wrote {args.count} synthetic pairs ({size_wh[0]}x{size_wh[1]}) to {args.synthetic}")
         return 0
     if not args.dir:

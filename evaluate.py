@@ -346,7 +346,8 @@ def _training_data(run):
         if not os.path.isdir(folder):
             raise common.Error(run['_path'], f"the model was trained on {folder}, which "
                              "is gone; pass --data DIR")
-    return folders or [data.synthetic_dir(cache=run.get("cache") or None)]  # as train.py without --data
+    from extras import synthetic  # the default set: no --data
+    return folders or [synthetic.synthetic_dir(cache=run.get("cache") or None)]  # as train.py without --data
 
 
 NO_MASK_NOTE = "no mask to score against (predict.py segments photos without one)"
@@ -360,7 +361,7 @@ def find_inputs(root, val_fraction=0.1, test_fraction=0.1):
         raise common.Error(root, f"{what} (an ISIC 2016/2017/2018, HAM10000 or images/ + masks/ folder); "
                          "for photos without masks: python predict.py --weights W --data PHOTOS --out DIR")
     pairs, problems, layout = data.find_pairs(root, val_fraction, test_fraction)
-    return pairs, [{**p, "problem": NO_MASK_NOTE} if p["problem"].startswith(data.NO_MASK) else p
+    return pairs, [{**p, "problem": NO_MASK_NOTE} if p.get("kind") == "no_mask" else p
                    for p in problems], layout
 
 

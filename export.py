@@ -448,7 +448,8 @@ def choose_images(run, data_dir, size, calibration):
     data_dir = data_dir or run.get("data") or None  # one folder, or the list of a multi-source run
     fractions = {"val_fraction": float(run.get("val_fraction", 0.1)),
                  "test_fraction": float(run.get("test_fraction", 0.1))}
-    roots = data.folders_of(data_dir) or [data.synthetic_dir()]
+    from extras import synthetic  # the default set: no --data
+    roots = data.folders_of(data_dir) or [synthetic.synthetic_dir()]
     pairs = [p for root in roots for p in data.find_pairs(root, **fractions)[0]]
     train = data.load_arrays([p for p in pairs if p.split == "train"], size, progress=False)
     if not train.pairs:

@@ -860,7 +860,8 @@ def load_data(cfg, info, epoch):
                                  part=part)
     val_images, val_masks = split_evenly(val_set, info["replicas"])
     val_batches = data.Batches(val_images, val_masks, cfg.batch, augment=False, shuffle=False, part=part)
-    summary = {"path": cfg.data or data.synthetic_dir(cache=cfg.cache), "synthetic": cfg.data is None,
+    from extras import synthetic  # the default set: no --data
+    summary = {"path": cfg.data or synthetic.synthetic_dir(cache=cfg.cache), "synthetic": cfg.data is None,
                "train": len(train_set.pairs), "val": len(val_set.pairs),
                "problems": train_set.problems + [p for p in val_set.problems if p not in train_set.problems],
                "load_seconds": round(time.time() - t0, 1)}
@@ -897,6 +898,7 @@ def settle_jit(cfg, info, state, batches):
 def build_model(cfg, info, state, paths):
     """The compiled U-Net; on resume, with the weights and optimizer state of last.keras."""
     import keras
+
     import unet
     model = new_model(unet, cfg)
     unet.compile_model(model, cfg.loss, cfg.lr, info["jit"], ema=cfg.ema)

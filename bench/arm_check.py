@@ -29,9 +29,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import arm_guest  # noqa: E402  (beside this file; the code that runs on both sides)
+
 import common  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402  (cpu_line: the CPU every benchmark names)
+from extras import synthetic  # noqa: E402
 
 # QEMU CPU models, each standing for a family of XNNPACK kernels a phone may get.
 CPUS = {
@@ -191,7 +193,7 @@ def check_images(size, data_dir=None, count=4):
         pairs = [p for p in pairs if p.split == split]
         pick = np.unique(np.linspace(0, len(pairs) - 1, min(count, len(pairs))).round().astype(int))
         return data.load_arrays([pairs[i] for i in pick], size, progress=False).images
-    images, _ = data.make_synthetic(max(count - 1, 1), seed=23, size_wh=(size, size))
+    images, _ = synthetic.make_synthetic(max(count - 1, 1), seed=23, size_wh=(size, size))
     noise = np.random.default_rng(23).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
     return np.concatenate([images, noise])
 

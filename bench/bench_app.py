@@ -45,6 +45,7 @@ import app  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402  (for the CPU line; imports no Keras by itself)
+from extras import synthetic  # noqa: E402
 
 
 def median_ms(fn, runs):
@@ -182,7 +183,7 @@ def load(args, weights, photo, work):
     proc, url, _ = start_server(weights, server_tmp)
     try:
         warm = os.path.join(work, "warm.jpg")
-        Image.fromarray(data.make_synthetic(1, seed=1)[0][0]).save(warm, quality=92)
+        Image.fromarray(synthetic.make_synthetic(1, seed=1)[0][0]).save(warm, quality=92)
         first = client(url, os.path.join(work, "downloads", "warm"))
         first.predict(handle_file(warm), 0.5, api_name="/analyse")  # the model's first call
         first.close()
@@ -286,11 +287,11 @@ def main(argv=None):
             side = (args.megapixels * 1e6 / 12) ** 0.5  # 4:3
             w, h = int(4 * side), int(3 * side)
             photo = os.path.join(work, f"photo{w}x{h}.png")
-            image = data.make_synthetic(1, seed=0, size_wh=(1024, 768))[0][0]
+            image = synthetic.make_synthetic(1, seed=0, size_wh=(1024, 768))[0][0]
             Image.fromarray(image).convert("L").resize((w, h), Image.BILINEAR).save(photo)
         elif photo is None:
             photo = os.path.join(work, "photo.jpg")
-            image = data.make_synthetic(1, seed=0, size_wh=(1024, 768))[0][0]
+            image = synthetic.make_synthetic(1, seed=0, size_wh=(1024, 768))[0][0]
             Image.fromarray(image).save(photo, "JPEG", quality=92)
         if args.load:
             load(args, weights, photo, work)

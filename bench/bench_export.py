@@ -17,10 +17,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data  # noqa: E402
 import export  # noqa: E402
 import train  # noqa: E402  (for the CPU line)
 import unet  # noqa: E402
+from extras import synthetic  # noqa: E402
 
 # name: (build_unet kwargs, size MB target, ms target)
 PRESETS = {
@@ -49,7 +49,7 @@ def main():
         kwargs, mb_target, ms_target = PRESETS[name]
         model = unet.build_unet(**kwargs)
         size = kwargs["size"]
-        images, _ = data.make_synthetic(8, seed=0, size_wh=(size, size))
+        images, _ = synthetic.make_synthetic(8, seed=0, size_wh=(size, size))
         work = tempfile.mkdtemp(prefix="bench_export-")
         try:
             t = time.perf_counter()

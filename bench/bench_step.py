@@ -182,7 +182,7 @@ def main():
                     s = r["settings"]
                     print(f"  {name:17s} {r['images_per_s']:8.1f} images/s  compile {r['compile_s']:5.1f} s  "
                           f"({s['backend']} {s['precision']} jit={s['jit']})", flush=True)
-    best = {k: max((r.get("images_per_s", 0) for r in v)) for k, v in results.items()}
+    best = {k: max(r.get("images_per_s", 0) for r in v) for k, v in results.items()}
     first = next(iter(best.values()), 0)
     if first:
         print(f"best of repeats, relative to {next(iter(best))}: " + ", ".join(f"{k} {v / first:.3f}" for k, v in best.items()))

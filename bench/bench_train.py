@@ -31,6 +31,7 @@ import train  # noqa: E402
 
 def bare_fit(images, masks, size, batch, filters, epochs, steps):
     import keras
+
     import unet
 
     keras.backend.clear_session()

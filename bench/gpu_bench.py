@@ -34,6 +34,7 @@ from PIL import Image  # noqa: E402
 
 import common  # noqa: E402
 import data  # noqa: E402
+from extras import synthetic  # noqa: E402
 
 # Plain, visible settings. GPU: the real check, planned for 8 minutes on one H200 (stages past their
 # share are cut short, and the last one, the converged model, gets what is left). TINY: the same
@@ -85,10 +86,10 @@ def smoke_data(folder):
     """Stand-ins for the real sets: 48 synthetic pairs in the ISIC 2018 layout, resized the way
     prepare-data does, and 3 larger pairs in the ISIC 2017 layout as the 'full-resolution' set."""
     raw = os.path.join(folder, "raw")
-    data.write_synthetic(raw, 48, seed=1, size_wh=(96, 72))
+    synthetic.write_synthetic(raw, 48, seed=1, size_wh=(96, 72))
     prepare_data(raw, os.path.join(folder, "isic2018"), 64)
     fullres = os.path.join(folder, "isic2017-fullres")
-    images, masks = data.make_synthetic(3, seed=2, size_wh=(200, 150))
+    images, masks = synthetic.make_synthetic(3, seed=2, size_wh=(200, 150))
     _, img_dir, mask_dir = data.LAYOUTS["isic2017"][1]
     for i, (image, mask) in enumerate(zip(images, masks)):
         common.atomic_write(os.path.join(fullres, img_dir, f"ISIC_{i:07d}.jpg"),
@@ -150,9 +151,9 @@ def feed_rates(images, masks, batch, seconds=3.0):
     hand-over; one thread, then one per core) and the device augmentation alone (the compiled
     keras.ops warp on batches already on the device)."""
     import keras
+    from bench_data import host_feed_rate
 
     import train
-    from bench_data import host_feed_rate
 
     def host(threads):
         return round(host_feed_rate(images, masks, batch, seconds, threads), 1)
@@ -177,6 +178,7 @@ def accuracy(data_dir, fullres, p, variant, epochs, cap_s, out):
     cap: train.py resumes after a kill and best.keras is complete at every moment), then score val,
     test and the full-resolution set with evaluate.py, exactly as a user runs them."""
     import bench_step
+
     import evaluate
     upsample, pool, _ = bench_step.VARIANTS[variant]
     run_dir = os.path.join(out, "converged")
@@ -223,9 +225,9 @@ def run(args):
     os.environ.setdefault("SKIN_UNET_CACHE", os.path.join(work, "cache"))
     t_all = float(os.environ.get("GPU_BENCH_T0", time.time()))  # gpu.sh's start: the peer counts too
     sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_step
     import keras
 
-    import bench_step
     import train
     report = {"command": " ".join(sys.argv), "tiny": args.tiny, "backend": keras.backend.backend(),
               "accelerator": train.accelerator(), "cpu": train.cpu_line(), "settings": p, "seconds": {}}

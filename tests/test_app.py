@@ -24,6 +24,7 @@ from PIL import Image
 import app
 import data
 import predict
+from extras import synthetic
 
 CHROMIUM = "/usr/bin/chromium"
 USER, PASSWORD = "skin", "unet-test"
@@ -66,7 +67,7 @@ def photos(tmp_path):
 def photo(tmp_path_factory):
     """A synthetic 384x288 photo as a JPEG."""
     path = tmp_path_factory.mktemp("photo") / "lesion.jpg"
-    images, _ = data.make_synthetic(1, seed=1)
+    images, _ = synthetic.make_synthetic(1, seed=1)
     Image.fromarray(images[0]).save(path, "JPEG", quality=92)
     return str(path)
 
@@ -403,7 +404,7 @@ def test_identical_concurrent_requests_all_complete_byte_identical(server, tmp_p
 
     url, proc, log, _ = server
     photo = tmp_path / "same.jpg"
-    image = data.make_synthetic(1, seed=3, size_wh=(1024, 768))[0][0]
+    image = synthetic.make_synthetic(1, seed=3, size_wh=(1024, 768))[0][0]
     Image.fromarray(image).save(photo, "JPEG", quality=92)
 
     def visit(i):

@@ -12,6 +12,7 @@ from PIL import Image
 
 import common
 import data
+from extras import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -327,7 +328,7 @@ def test_load_split_default_is_synthetic():
     # data=None: the built-in synthetic set (200 pairs, seed 0, 384x288), written once into the cache
     # folder, here the per-session temp folder that conftest puts in $SKIN_UNET_CACHE.
     arrays = data.load_split(None, "train", size=32, progress=False)
-    root = data.synthetic_dir()
+    root = synthetic.synthetic_dir()
     assert os.path.dirname(root) == os.environ["SKIN_UNET_CACHE"] and os.path.isdir(root)
     assert data.cache_dir() == os.environ["SKIN_UNET_CACHE"]  # so nothing went to ~/.cache
     assert arrays.images.dtype == np.uint8 and arrays.images.shape[1:] == (32, 32, 3)
@@ -341,7 +342,7 @@ def test_load_split_default_is_synthetic():
     assert len(everything.pairs) == 200 and everything.pairs[0].id == "ISIC_0000000"
     assert len(arrays.pairs) == sum(data.split_of(p.id) == "train" for p in everything.pairs)
     # and it is make_synthetic(seed=0) at 384x288: pair 0's mask is the generator's mask 0
-    _, masks = data.make_synthetic(1, seed=0)
+    _, masks = synthetic.make_synthetic(1, seed=0)
     assert np.array_equal(data.load_mask(everything.pairs[0].mask), masks[0])
     assert np.array_equal(everything.masks[0], data.resize_mask(masks[0], (32, 32)).astype(np.uint8))
 
@@ -373,9 +374,9 @@ def test_atomic_path_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
 # synthetic data
 
 def test_make_synthetic_deterministic_inside_non_empty():
-    images, masks = data.make_synthetic(6, seed=3, size_wh=(96, 72))
-    again, _ = data.make_synthetic(3, seed=3, size_wh=(96, 72))
-    other, _ = data.make_synthetic(3, seed=4, size_wh=(96, 72))
+    images, masks = synthetic.make_synthetic(6, seed=3, size_wh=(96, 72))
+    again, _ = synthetic.make_synthetic(3, seed=3, size_wh=(96, 72))
+    other, _ = synthetic.make_synthetic(3, seed=4, size_wh=(96, 72))
     assert images.shape == (6, 72, 96, 3) and images.dtype == np.uint8 and masks.dtype == bool
     assert np.array_equal(images[:3], again) and not np.array_equal(images[:3], other)
     for m in masks:
@@ -389,20 +390,20 @@ def test_make_synthetic_deterministic_inside_non_empty():
 @settings(max_examples=15, deadline=None)
 @given(w=st.integers(12, 96), h=st.integers(12, 96), seed=st.integers(0, 10**6))
 def test_synthetic_lesion_inside_and_non_empty_any_size(w, h, seed):
-    images, masks = data.make_synthetic(2, seed=seed, size_wh=(w, h))
+    images, masks = synthetic.make_synthetic(2, seed=seed, size_wh=(w, h))
     assert images.shape == (2, h, w, 3) and masks.shape == (2, h, w)
     for m in masks:
         assert m.any() and not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
 
 
 def test_synthetic_dir_written_once(tmp_path):
-    path = data.synthetic_dir(count=3, seed=1, cache=str(tmp_path))
-    assert path == data.synthetic_dir(count=3, seed=1, cache=str(tmp_path))
+    path = synthetic.synthetic_dir(count=3, seed=1, cache=str(tmp_path))
+    assert path == synthetic.synthetic_dir(count=3, seed=1, cache=str(tmp_path))
     pairs, problems, layout = data.find_pairs(path)
     assert layout == "isic2018" and len(pairs) == 3 and problems == []
     assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp")] == []
     mask = data.load_mask(pairs[0].mask)
-    images, masks = data.make_synthetic(1, seed=1)
+    images, masks = synthetic.make_synthetic(1, seed=1)
     assert np.array_equal(mask, masks[0])
 
 
@@ -448,7 +449,7 @@ def test_augment_photometric_only_touches_colour(seed):
 
 
 def test_augment_is_reproducible_and_varies():
-    images, masks = data.make_synthetic(4, seed=0, size_wh=(64, 64))
+    images, masks = synthetic.make_synthetic(4, seed=0, size_wh=(64, 64))
     a = data.augment_batch(images, masks, np.random.default_rng(7))
     b = data.augment_batch(images, masks, np.random.default_rng(7))
     c = data.augment_batch(images, masks, np.random.default_rng(8))
@@ -461,7 +462,7 @@ def photo_batches(draw):
     """A batch of photo-like images (smooth colour fields with a lesion and its mask) and a seed."""
     n, h, w = draw(st.integers(1, 3)), draw(st.integers(24, 72)), draw(st.integers(24, 72))
     seed = draw(st.integers(0, 2**32 - 1))
-    images, masks = data.make_synthetic(n, seed=seed % 1000, size_wh=(w, h))
+    images, masks = synthetic.make_synthetic(n, seed=seed % 1000, size_wh=(w, h))
     return images, masks.astype(np.uint8), seed
 
 
@@ -512,7 +513,7 @@ def test_device_warp_is_deterministic_for_a_seed_epoch_and_batch():
 
     import train
 
-    images, masks = data.make_synthetic(12, seed=0, size_wh=(48, 48))
+    images, masks = synthetic.make_synthetic(12, seed=0, size_wh=(48, 48))
     stream = data.Batches(images, masks.astype(np.uint8), 4, seed=5, epoch=3, drop_remainder=True)
     again = data.Batches(images, masks.astype(np.uint8), 4, seed=5, epoch=3, drop_remainder=True)
     warp = train.compiled(data.warp_device)
@@ -559,7 +560,7 @@ def test_batches_shapes_shuffle_and_epochs():
 @given(processes=st.sampled_from([1, 2, 4]), per=st.integers(1, 3), seed=st.integers(0, 99),
        epoch=st.integers(0, 3), augment=st.booleans())
 def test_each_process_gets_its_part_of_the_one_process_stream(processes, per, seed, epoch, augment):
-    images, masks = data.make_synthetic(13, seed=0, size_wh=(16, 16))
+    images, masks = synthetic.make_synthetic(13, seed=0, size_wh=(16, 16))
     batch = processes * per
     whole = data.Batches(images, masks.astype(np.uint8), batch, augment=augment, seed=seed, epoch=epoch)
     parts = [data.Batches(images, masks.astype(np.uint8), batch, augment=augment, seed=seed, epoch=epoch,
@@ -574,7 +575,7 @@ def test_each_process_gets_its_part_of_the_one_process_stream(processes, per, se
 
 
 def test_batches_resume_at_an_epoch_continues_the_stream():
-    images, masks = data.make_synthetic(10, seed=0, size_wh=(16, 16))
+    images, masks = synthetic.make_synthetic(10, seed=0, size_wh=(16, 16))
     stream = data.Batches(images, masks, batch_size=4, seed=3)
     for _ in range(2):
         stream.on_epoch_end()
@@ -588,7 +589,7 @@ def test_batches_feed_model_fit():
     keras = common.import_keras()
     import train
 
-    images, masks = data.make_synthetic(6, seed=0, size_wh=(16, 16))
+    images, masks = synthetic.make_synthetic(6, seed=0, size_wh=(16, 16))
     model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255),
                               keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")])
     model.compile("adam", "binary_crossentropy")

@@ -9,8 +9,7 @@ import random
 import numpy as np
 import pytest
 from conftest import MANY, run_cli
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from isic_challenge_scoring import metrics as official
 from isic_challenge_scoring.confusion import create_binary_confusion_matrix
 from isic_challenge_scoring.segmentation import SegmentationScore

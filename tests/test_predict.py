@@ -13,13 +13,13 @@ import time
 import numpy as np
 import pytest
 from conftest import MANY, ROOT, run_cli
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 from PIL import Image
 
 import data
 import evaluate
 import predict
+from extras import synthetic
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def photos(tmp_path_factory):
     """Plain photos, no layout, no masks: a non-square PNG, a JPEG and a JPEG stored 120x80 with
     EXIF orientation 6 (displayed 80x120)."""
     folder = tmp_path_factory.mktemp("photos")
-    images, _ = data.make_synthetic(3, seed=1, size_wh=(160, 96))
+    images, _ = synthetic.make_synthetic(3, seed=1, size_wh=(160, 96))
     Image.fromarray(images[0]).save(folder / "wide.png")
     Image.fromarray(images[1]).save(folder / "plain.jpg", quality=95)
     exif = Image.Exif()
@@ -62,7 +62,7 @@ def _mask(folder, image_id):
 
 def test_segment_returns_native_prob_and_thresholded_mask(model):
     _, predictor = model
-    image = data.make_synthetic(1, size_wh=(70, 45))[0][0]
+    image = synthetic.make_synthetic(1, size_wh=(70, 45))[0][0]
     prob, mask = predict.segment(predictor, image, threshold=0.5)
     assert prob.shape == mask.shape == (45, 70)
     assert prob.dtype == np.float32 and mask.dtype == bool
@@ -218,7 +218,7 @@ def test_kill_9_mid_archive_then_rerun_finishes_it_once(model, tmp_path):
     weights, _ = model
     folder = tmp_path / "many"
     folder.mkdir()
-    images, _ = data.make_synthetic(4, seed=3, size_wh=(48, 36))
+    images, _ = synthetic.make_synthetic(4, seed=3, size_wh=(48, 36))
     for i in range(240):
         Image.fromarray(images[i % 4]).save(folder / f"p{i:04d}.jpg", quality=90)
     out = tmp_path / "out"
@@ -251,7 +251,7 @@ def test_isic_2024_hdf5_archive(model, tmp_path, capsys):
     import io
 
     weights, predictor = model
-    images, _ = data.make_synthetic(3, seed=4, size_wh=(133, 127))  # SLICE-3D crops are ~130 px
+    images, _ = synthetic.make_synthetic(3, seed=4, size_wh=(133, 127))  # SLICE-3D crops are ~130 px
     archive = tmp_path / "train-image.hdf5"
     with h5py.File(archive, "w") as f:  # as the challenge ships it: one scalar of JPEG bytes per isic_id
         for i, image in enumerate(images):

@@ -8,13 +8,14 @@ import os
 import shutil
 import tempfile
 
+import conftest
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import conftest
 import common
 import data
 import train
+from extras import synthetic
 
 HAM = data.LAYOUTS["ham10000"]
 PART_1, PART_2, MASKS = HAM[0][1], HAM[1][1], HAM[0][2]
@@ -116,7 +117,7 @@ def test_metadata_without_the_columns_is_one_error(tmp_path, text, needle):
 
 def synthetic_ham(root, count, seed):
     """A synthetic set moved into the HAM10000 layout, two images per lesion."""
-    data.write_synthetic(root, count, seed, size_wh=(48, 36))
+    synthetic.write_synthetic(root, count, seed, size_wh=(48, 36))
     images, masks = (os.path.join(root, f) for f in data.LAYOUTS["isic2018"][0][1:])
     for i, name in enumerate(sorted(os.listdir(images))):
         os.renames(os.path.join(images, name), os.path.join(root, PART_1 if i % 2 else PART_2, name))
@@ -130,7 +131,7 @@ def synthetic_ham(root, count, seed):
 def sources(tmp_path_factory):
     base = tmp_path_factory.mktemp("sources")
     isic = str(base / "isic")
-    data.write_synthetic(isic, 16, seed=1, size_wh=(48, 36))
+    synthetic.write_synthetic(isic, 16, seed=1, size_wh=(48, 36))
     return [isic, synthetic_ham(str(base / "ham"), 20, seed=2)]
 
 

@@ -13,11 +13,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT, TINY, free_port
 
 import common
 import data
 import train
-from conftest import ROOT, TINY, free_port
 
 
 def rows(out):
@@ -289,6 +289,7 @@ def test_plateau_schedule_halves_lr_after_3_epochs_without_gain(synthetic_data, 
 @pytest.mark.slow
 def test_steps_per_epoch_caps_training_batches(synthetic_data, tmp_path):
     import keras
+
     import unet  # noqa: F401  (registers the loss and metrics for load_model)
 
     out = str(tmp_path / "run")
@@ -445,7 +446,7 @@ import numpy as np, jax, keras, data, train, unet
 rc = train.main({[*TINY, "--data", synthetic_data, "--epochs", "2", "--out", out, "--augment-on", "device",
                   "--upsample", "matmul", "--verbose", "0"]!r})
 assert rc == 0, rc
-images, masks = data.make_synthetic(8, seed=0, size_wh=(32, 32))
+images, masks = synthetic.make_synthetic(8, seed=0, size_wh=(32, 32))
 batches = data.Batches(images, masks.astype(np.uint8), 4, drop_remainder=True)
 warp = train.device_warp(batches)
 
