@@ -433,6 +433,13 @@ def score_folder(predictor, root, args, run, fractions, out, progress, **info):
     return summary
 
 
+def masks_note(args, summaries):
+    """The end of the last line: how many masks --save-masks wrote, and where."""
+    if not args.save_masks:
+        return ""
+    return f"; {sum(s['images'] for s in summaries)} masks in {args.save_masks}"
+
+
 @common.command
 def main(argv=None):
     p = predict.model_parser(__doc__.split("\n\n")[0])
@@ -465,13 +472,6 @@ def main(argv=None):
     print(f"wrote {args.out}/: metrics.csv, summary.json, grid_best/worst/random.png"
           f"{masks_note(args, [summary])}", file=sys.stderr)
     return 0
-
-
-def masks_note(args, summaries):
-    """The end of the last line: how many masks --save-masks wrote, and where."""
-    if not args.save_masks:
-        return ""
-    return f"; {sum(s['images'] for s in summaries)} masks in {args.save_masks}"
 
 
 if __name__ == "__main__":
