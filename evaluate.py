@@ -8,13 +8,15 @@ that map back to the ground-truth mask's native resolution (bilinear), threshold
 against the native mask with the challenge's per-image metrics. The summary is the mean over images
 (the challenge's "macro average"), plus pooled (all pixels together) Dice/IoU, medians and the worst
 images. Any model file works through predict.py's one code path: .keras, a SavedModel folder, or a
-.tflite. --save-masks writes the scored images' masks in the ISIC submission format. Photos without
-a ground-truth mask are predict.py's: `python predict.py --weights best.keras --data photos/ --out masks/`.
+.tflite. --save-masks writes the scored images' masks in the ISIC submission format. Photos
+without a ground-truth mask are predict.py's:
+`python predict.py --weights best.keras --data photos/ --out masks/`.
 
 Read top to bottom: the metrics, the comparison grids, the scored run, the command line.
 """
 
 import csv
+import functools
 import heapq
 import io
 import json
@@ -22,13 +24,14 @@ import os
 import random
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 import common
 import data
-import predict  # the one prediction path: loaders, TTA, post-processing, the pipeline (no Keras by itself)
+import predict  # the one prediction path: loaders, TTA, post-processing, the pipeline (no Keras)
 
 METRICS = ("dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity", "accuracy")
 JACCARD_CUTOFF = 0.65  # the challenge's "thresholded Jaccard": below this an image scores 0
@@ -94,7 +97,8 @@ def scores_from_confusion(tp, fp, fn, tn):
 
 
 def image_scores(truth, pred):
-    """Per-image challenge metrics of boolean masks (H, W) -> dict of floats, (N, H, W) -> arrays."""
+    """Per-image challenge metrics of boolean masks: (H, W) -> dict of floats, (N, H, W) ->
+    dict of arrays."""
     return scores_from_confusion(*confusion(truth, pred))
 
 
@@ -128,7 +132,8 @@ def _fit(array, mode, box=TILE):
     h, w = image.height, image.width
     scale = box / max(h, w)
     image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-    tile = Image.new(mode, (box, box), (96, 96, 96))  # grey letterbox: the black mask background stays visible
+    # A grey letterbox: the black background of a mask stays visible against it.
+    tile = Image.new(mode, (box, box), (96, 96, 96))
     tile.paste(image.convert(mode), ((box - image.width) // 2, (box - image.height) // 2))
     return tile
 
@@ -138,8 +143,8 @@ def thumbnails(truth, pred):
     h, w = truth.shape
     scale = TILE / max(h, w)
     hw = (max(1, round(h * scale)), max(1, round(w * scale)))
-    # Stride down a 12-megapixel mask first (a view, no copy): the area-preserving resize of the
-    # small mask then costs a millisecond instead of a 12-megapixel pass.
+    # Stride down a 12-megapixel mask first (a view, no copy): the area-preserving resize then
+    # works on the small mask instead of making a pass over all of it.
     step = max(1, min(h // hw[0], w // hw[1]) // 2)
     return data.resize_mask(truth[::step, ::step], hw), data.resize_mask(pred[::step, ::step], hw)
 
@@ -172,8 +177,9 @@ def draw_grid(title, entries):
               "(green TP, magenta FP, blue FN)", fill=(0, 0, 0), font=font)
     for i, (row, tiles) in enumerate(entries):
         y = header + i * (caption + TILE)
-        draw.text((6, y + 4), f"{row['image_id']}   Dice {row['dice']:.3f}   Jaccard "
-                  f"{row['jaccard']:.3f}   {row['width']}x{row['height']}", fill=(0, 0, 0), font=font)
+        caption_text = (f"{row['image_id']}   Dice {row['dice']:.3f}   Jaccard "
+                        f"{row['jaccard']:.3f}   {row['width']}x{row['height']}")
+        draw.text((6, y + 4), caption_text, fill=(0, 0, 0), font=font)
         for j, tile in enumerate(tiles):
             grid.paste(tile, (j * TILE, y + caption))
     return grid
@@ -187,26 +193,28 @@ class GridPicker:
         self.rows, self.rng, self.seen = rows, random.Random(seed), 0
         self.best, self.worst, self.sample = [], [], []  # heaps of (key, order, row, tiles)
 
-    def wants(self, dice):
-        full = lambda heap: len(heap) >= self.rows
-        self._slot = self.rng.randrange(self.seen + 1) if self.seen >= self.rows else self.seen
+    def offer(self, row, make_tiles):
+        """One scored row, in image order. make_tiles() is called only when the row is kept;
+        returns whether it was."""
+        # Reservoir sampling: the n-th row takes a random one of the sample's slots with chance
+        # rows / n, so every row is equally likely to end up in the random grid.
+        slot = self.rng.randrange(self.seen + 1) if self.seen >= self.rows else self.seen
         self.seen += 1
-        return (not full(self.best) or dice > self.best[0][0]
-                or not full(self.worst) or -dice > self.worst[0][0] or self._slot < self.rows)
-
-    def add(self, row, tiles):
-        order = self.seen
-        for heap, key in ((self.best, row["dice"]), (self.worst, -row["dice"])):
-            item = (key, -order, row, tiles)
+        ranked = ((self.best, row["dice"]), (self.worst, -row["dice"]))
+        if slot >= self.rows and all(len(h) >= self.rows and k <= h[0][0] for h, k in ranked):
+            return False
+        tiles = make_tiles()
+        for heap, key in ranked:
+            item = (key, -self.seen, row, tiles)  # the later of two equal rows ranks lower
             if len(heap) < self.rows:
                 heapq.heappush(heap, item)
             elif key > heap[0][0]:
                 heapq.heapreplace(heap, item)
-        if self._slot < self.rows:
-            if self._slot < len(self.sample):
-                self.sample[self._slot] = (row, tiles)
-            else:
-                self.sample.append((row, tiles))
+        if slot < len(self.sample):
+            self.sample[slot] = (row, tiles)
+        elif slot < self.rows:
+            self.sample.append((row, tiles))
+        return True
 
     def grids(self):
         best = [(r, t) for _, _, r, t in sorted(self.best, key=lambda e: (-e[0], -e[1]))]
@@ -220,7 +228,8 @@ class GridPicker:
 # Writing: every file through common.atomic_path, so a crash never leaves half a file
 
 
-def _atomic_bytes(path, payload):
+def write_bytes(path, payload):
+    """`payload` into `path`, whole or not at all."""
     common.atomic_write(path, lambda f: f.write(payload))
 
 
@@ -231,7 +240,7 @@ def write_csv(path, rows):
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-    _atomic_bytes(path, buffer.getvalue().encode())
+    write_bytes(path, buffer.getvalue().encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,30 +254,47 @@ def _draft_ok(image_hw, mask_hw):
     return any(-(-mh // s) == h and -(-mw // s) == w for s in (1, 2, 4, 8))
 
 
+class Decoded(NamedTuple):
+    """One image read for the model. The pipeline feeds the last field to the model."""
+    pair: "data.Pair"
+    hw: tuple        # the decoded image's (height, width): JPEG draft mode may shrink it
+    image: object    # uint8 (size, size, 3), squashed to the model's input size
+
+
+class Scored(NamedTuple):
+    """One image scored: its row (or, with thumbs None, its problem), the truth and prediction
+    shrunk for the grids, and the seconds spent scoring and writing its mask."""
+    row: dict
+    thumbs: tuple | None
+    score_s: float
+    write_s: float
+
+
 def _decode(pair, size):
-    """(pair, decoded (h, w), image squashed to size x size) or a problem dict."""
+    """(Decoded or a problem dict, seconds)."""
     t = time.perf_counter()
     try:
         # Draft mode: a 4288x2848 JPEG decodes at 1/8 scale straight to >= size x size.
         image = data.load_image(pair.image, min_size=(size, size))
     except common.Error as e:
         return {"file": e.file, "problem": e.problem}, time.perf_counter() - t
-    return (pair, image.shape[:2], data.resize_image(image, (size, size))), time.perf_counter() - t
+    decoded = Decoded(pair, image.shape[:2], data.resize_image(image, (size, size)))
+    return decoded, time.perf_counter() - t
 
 
-def _score(pair, image_hw, prob, threshold, save_masks):
-    """Resize one probability map to its mask's native size, threshold and score it there.
-
-    Returns (row, thumbnails, seconds) or (problem, None, seconds). Pure per image, so a pool of
-    threads can run it (Pillow and NumPy release the GIL)."""
+def _score(decoded, prob, threshold, save_masks):
+    """Resize one probability map to its mask's native size, threshold and score it there: a
+    Scored. Pure per image, so a pool of threads can run it (Pillow and NumPy release the GIL)."""
+    pair = decoded.pair
     t = time.perf_counter()
     try:
         truth = data.load_mask(pair.mask)  # native resolution: the challenge scores there
     except common.Error as e:
-        return {"file": e.file, "problem": e.problem}, None, (time.perf_counter() - t, 0.0)
-    if not _draft_ok(image_hw, truth.shape):
-        return ({"file": pair.mask, "problem": f"mask is {truth.shape[1]}x{truth.shape[0]}, its "
-                 f"image {pair.image} is not; pair skipped"}, None, (time.perf_counter() - t, 0.0))
+        return Scored({"file": e.file, "problem": e.problem}, None, time.perf_counter() - t, 0.0)
+    if not _draft_ok(decoded.hw, truth.shape):
+        problem = (f"mask is {truth.shape[1]}x{truth.shape[0]}, its image {pair.image} is not; "
+                   "pair skipped")
+        return Scored({"file": pair.mask, "problem": problem}, None, time.perf_counter() - t, 0.0)
     pred = data.resize_prob(prob, truth.shape) > threshold
     counts = confusion(truth, pred)
     row = {"image_id": pair.id, **scores_from_confusion(*counts),
@@ -278,7 +304,7 @@ def _score(pair, image_hw, prob, threshold, save_masks):
     thumbs = thumbnails(truth, pred)
     if save_masks:
         predict.save_mask_png(save_masks, pair.id, pred)
-    return row, thumbs, (scored - t, time.perf_counter() - scored)
+    return Scored(row, thumbs, scored - t, time.perf_counter() - scored)
 
 
 def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=None,
@@ -297,20 +323,21 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
             os.makedirs(folder, exist_ok=True)
     bar = common.Progress(len(pairs), "evaluate", progress)
     started = time.perf_counter()
+    decode = lambda pair: _decode(pair, size)
+    model = lambda images: predict.predict_probs(predictor, images, tta, post, threshold)
+    finish = lambda decoded, prob: _score(decoded, prob, threshold, save_masks)
     # In image order, so rows, problems and the grid sample are the same on every run.
-    for (pair, hw, image), (result, thumbs, (score_s, write_s)) in predict.pipeline(
-            pairs, lambda pair: _decode(pair, size),
-            lambda decoded, prob: _score(decoded[0], decoded[1], prob, threshold, save_masks),
-            lambda x: predict.predict_probs(predictor, x, tta, post, threshold), predictor.batch,
-            timing, problems, bar, workers):
-        timing["score"] += score_s
-        timing["write"] += write_s
-        if thumbs is None:
-            problems.append(result)
+    for decoded, scored in predict.pipeline(pairs, decode, finish, model, predictor.batch,
+                                            timing, problems, bar, workers):
+        timing["score"] += scored.score_s
+        timing["write"] += scored.write_s
+        if scored.thumbs is None:
+            problems.append(scored.row)
         else:
-            rows.append(result)
-            if out and picker.wants(result["dice"]):
-                picker.add(result, make_tiles(image, *thumbs))
+            rows.append(scored.row)
+            if out:
+                tiles = functools.partial(make_tiles, decoded.image, *scored.thumbs)
+                picker.offer(scored.row, tiles)  # makes the tiles only if it keeps the row
         bar.update()
 
     summary = summarize(rows)
@@ -322,13 +349,13 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
         write_csv(os.path.join(out, "metrics.csv"), rows)
         for name, (title, entries) in picker.grids().items():
             if entries:
-                _atomic_bytes(os.path.join(out, name),
+                write_bytes(os.path.join(out, name),
                               predict.png_bytes(draw_grid(title, entries), compress_level=1))
     timing["write"] += time.perf_counter() - t
     timing["total"] = time.perf_counter() - started
     summary["seconds"] = {k: round(v, 3) for k, v in timing.items()}
     if out:
-        _atomic_bytes(os.path.join(out, "summary.json"),
+        write_bytes(os.path.join(out, "summary.json"),
                       (json.dumps(summary, indent=2) + "\n").encode())
     summary["rows"] = rows
     return summary
@@ -344,10 +371,10 @@ def _training_data(run):
     folders = data.folders_of(run.get("data"))
     for folder in folders:
         if not os.path.isdir(folder):
-            raise common.Error(run['_path'], f"the model was trained on {folder}, which "
-                             "is gone; pass --data DIR")
-    from extras import synthetic  # the default set: no --data
-    return folders or [synthetic.synthetic_dir(cache=run.get("cache") or None)]  # as train.py without --data
+            raise common.Error(run["_path"], f"the model was trained on {folder}, which "
+                               "is gone; pass --data DIR")
+    from extras import synthetic  # the default set, as train.py without --data
+    return folders or [synthetic.synthetic_dir(cache=run.get("cache") or None)]
 
 
 NO_MASK_NOTE = "no mask to score against (predict.py segments photos without one)"
@@ -358,8 +385,9 @@ def find_inputs(root, val_fraction=0.1, test_fraction=0.1):
     said), and a folder or file with no masks at all is one error line pointing at predict.py."""
     if not os.path.isdir(root) or data.layout_of(root) is None:
         what = "no such folder" if not os.path.exists(root) else "no masks to score against"
-        raise common.Error(root, f"{what} (an ISIC 2016/2017/2018, HAM10000 or images/ + masks/ folder); "
-                         "for photos without masks: python predict.py --weights W --data PHOTOS --out DIR")
+        raise common.Error(root, f"{what} (an ISIC 2016/2017/2018, HAM10000 or images/ + masks/ "
+                           "folder); for photos without masks: python predict.py --weights W "
+                           "--data PHOTOS --out DIR")
     pairs, problems, layout = data.find_pairs(root, val_fraction, test_fraction)
     return pairs, [{**p, "problem": NO_MASK_NOTE} if p.get("kind") == "no_mask" else p
                    for p in problems], layout
@@ -391,44 +419,37 @@ def score_folder(predictor, root, args, run, fractions, out, progress, **info):
     pairs, problems, layout = find_inputs(root, *fractions)
     chosen = [q for q in pairs if args.split == "all" or q.split == args.split]
     if not chosen:
-        raise common.Error(root, f"no images in the {args.split} split ({len(pairs)} pairs found, layout {layout})")
-    print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {root} ({layout}, split "
-          f"{args.split}: {len(chosen)} images)", file=sys.stderr)
+        raise common.Error(root, f"no images in the {args.split} split ({len(pairs)} pairs found, "
+                           f"layout {layout})")
+    print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {root} ({layout}, "
+          f"split {args.split}: {len(chosen)} images)", file=sys.stderr)
     print_problems(problems)
     info = {**info, "data": os.path.abspath(root), "layout": layout, "split": args.split,
-            "val_fraction": fractions[0], "test_fraction": fractions[1], "run_json": run.get("_path")}
+            "val_fraction": fractions[0], "test_fraction": fractions[1],
+            "run_json": run.get("_path")}
     summary = evaluate(predictor, chosen, args.threshold, args.tta, out, args.save_masks,
                        progress=progress, problems=problems, info=info, post=args.post)
     print_problems(summary["problems"][len(problems):])
     return summary
 
 
-def together(summaries, roots, args, run, fractions, predictor):
-    """A model trained on several --data folders: every source's images scored together (one
-    prediction per image: aggregated from the per-source rows), each source's headline inside."""
-    summary = summarize([row for s in summaries.values() for row in s["rows"]])
-    summary.update({"data": [os.path.abspath(r) for r in roots], "split": args.split,
-                    "val_fraction": fractions[0], "test_fraction": fractions[1], "run_json": run.get("_path"),
-                    "model": predictor.path, "model_format": predictor.kind, "size": predictor.size,
-                    "threshold": args.threshold, "tta": args.tta, "post": args.post,
-                    "problems": [p for s in summaries.values() for p in s["problems"]],
-                    "seconds": {k: round(sum(s["seconds"][k] for s in summaries.values()), 3)
-                                for k in ("decode", "predict", "score", "write", "total")},
-                    "sources": {name: {k: s[k] for k in ("data", "layout", "images", *METRICS, "median",
-                                                         "pooled", "worst")} for name, s in summaries.items()}})
-    _atomic_bytes(os.path.join(args.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
-    return summary
+def masks_note(args, summaries):
+    """The end of the last line: how many masks --save-masks wrote, and where."""
+    if not args.save_masks:
+        return ""
+    return f"; {sum(s['images'] for s in summaries)} masks in {args.save_masks}"
 
 
 @common.command
 def main(argv=None):
     p = predict.model_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=None, help="data folder with masks (default: the training data named "
-                   "in run.json beside the weights, else the built-in synthetic set)")
+    p.add_argument("--data", default=None, help="data folder with masks (default: the training "
+                   "data named in run.json beside the weights, else the built-in synthetic set)")
     p.add_argument("--split", default="val", choices=("val", "test", "all"))
     p.add_argument("--out", default="eval", help="folder for metrics.csv, summary.json, grids")
     p.add_argument("--save-masks", default=None, metavar="DIR",
-                   help="also write the scored images' <id>_segmentation.png masks (ISIC submission format)")
+                   help="also write the scored images' <id>_segmentation.png masks "
+                   "(ISIC submission format)")
     p.add_argument("--val-fraction", type=float, default=None)
     p.add_argument("--test-fraction", type=float, default=None)
     args = predict.parse(p, argv)
@@ -436,29 +457,20 @@ def main(argv=None):
         raise common.Error(args.weights, "model file not found")
     run = predict.read_run_json(args.weights)
     # Same split fractions as training, so the val split never contains training images.
-    fractions = (args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1),
-                 args.test_fraction if args.test_fraction is not None else run.get("test_fraction", 0.1))
+    val = args.val_fraction
+    test = args.test_fraction
+    fractions = (val if val is not None else run.get("val_fraction", 0.1),
+                 test if test is not None else run.get("test_fraction", 0.1))
     roots = [args.data] if args.data else _training_data(run)
     predictor = predict.load_predictor(args.weights, args.size)
     progress = not args.no_progress and sys.stderr.isatty()
-    names = data.source_names(roots)
-    summaries = {}
-    for name, root in zip(names, roots):
-        out = args.out if len(roots) == 1 else os.path.join(args.out, name)
-        summaries[name] = score_folder(predictor, root, args, run, fractions, out, progress,
-                                       **({"source": name} if len(roots) > 1 else {}))
-        if len(roots) > 1:
-            print(f"\n{name}: {root}")
-        print_table(summaries[name])
-    masks = f"; {sum(s['images'] for s in summaries.values())} masks in {args.save_masks}" if args.save_masks else ""
-    if len(roots) == 1:
-        print(f"wrote {args.out}/: metrics.csv, summary.json, grid_best/worst/random.png{masks}", file=sys.stderr)
-        return 0
-    print(f"\nall {len(roots)} sources together")
-    print_table(together(summaries, roots, args, run, fractions, predictor))
-    print(f"wrote {args.out}/: summary.json (all together, and per source), and per source "
-          f"({', '.join(names)}) <name>/metrics.csv, summary.json, grid_best/worst/random.png{masks}",
-          file=sys.stderr)
+    if len(roots) > 1:  # a model trained on several --data folders: each, then all together
+        from extras import eval_sources
+        return eval_sources.score_sources(predictor, roots, args, run, fractions, progress)
+    summary = score_folder(predictor, roots[0], args, run, fractions, args.out, progress)
+    print_table(summary)
+    print(f"wrote {args.out}/: metrics.csv, summary.json, grid_best/worst/random.png"
+          f"{masks_note(args, [summary])}", file=sys.stderr)
     return 0
 
 

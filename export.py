@@ -14,24 +14,21 @@ Writes into --out (default export/):
     model_int8_qat.tflite   with --qat EPOCHS: quantization-aware fine-tuning, then int8
     report.json             sizes, LiteRT latency, Dice vs the Keras masks and vs the ground truth
 
-Why these choices:
+Why these choices (the measurements behind them: docs/mobile.md):
 - Fixed batch 1 and a fixed input size in the TFLite files: a dynamic batch adds SHAPE /
-  STRIDED_SLICE / PACK ops around every transposed convolution and cost 35-55% latency here.
-- No dynamic-range quantization on its own: on this CPU it ran 5x slower than float32.
+  STRIDED_SLICE / PACK ops around every transposed convolution, and they cost latency.
+- No dynamic-range quantization on its own: on a CPU it runs slower than float32.
 - The model normalizes its own input (unet.py's Rescaling layer), so the int8 file takes raw uint8
   pixels with scale 1 / zero point 0: a phone copies camera bytes straight into the input tensor.
 - A mixed-precision model is rebuilt in float32 first (same config, same weights): bfloat16 graphs
   do not convert to TFLite and phones run float32 / int8 anyway.
-- QAT: tensorflow-model-optimization 0.8.1 only accepts tf_keras (Keras 2) models, and importing it
-  switches TF_USE_LEGACY_KERAS on. So QAT runs in a child process of this same file, on a tf_keras
-  copy of the graph rebuilt layer by layer from the Keras 3 config, with the weights moved by name.
+- --qat is extras/qat.py, in a child process: tfmot quantizes only tf_keras (Keras 2) models.
 - Everything is written into a temporary folder beside --out and renamed into place only after all
   checks pass: a failure never leaves a half-written export nor touches a previous one.
 """
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +49,7 @@ THRESHOLD = 0.5
 
 
 def failed(file, problem):
-    """An export that fails one of its checks: a failure during the run, so exit 1 (bad input is 2)."""
+    """An export that fails one of its checks: a failure during the run, exit 1 (bad input: 2)."""
     return common.Error(file, problem, exit_code=1)
 
 
@@ -69,23 +66,26 @@ def check_weights_path(path):
 
 
 def load_model(path):
-    """The .keras model, checked to be a segmentation model: one (N, S, S, 3) input, one mask output."""
+    """The .keras model, checked to be a segmentation model: one (N, S, S, 3) input, one mask
+    output."""
     check_weights_path(path)
     model = predict.load_keras(path)
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise common.Error(path, f"not a segmentation model ({len(model.inputs)} inputs, "
-                         f"{len(model.outputs)} outputs; expected 1 image in, 1 mask out)")
+                           f"{len(model.outputs)} outputs; expected 1 image in, 1 mask out)")
     shape_in, shape_out = tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
     if len(shape_in) != 4 or shape_in[-1] != 3:
-        raise common.Error(path, f"not a segmentation model (input shape {shape_in}, expected (N, S, S, 3))")
+        raise common.Error(path, f"not a segmentation model (input shape {shape_in}, "
+                           "expected (N, S, S, 3))")
     if len(shape_out) != 4 or shape_out[-1] != 1 or shape_out[1:3] != shape_in[1:3]:
         raise common.Error(path, f"not a segmentation model (output shape {shape_out} for input "
-                         f"{shape_in}, expected one (N, S, S, 1) probability map)")
+                           f"{shape_in}, expected one (N, S, S, 1) probability map)")
     return model
 
 
 def float32_copy(model):
-    """The same architecture with every mixed-precision dtype policy replaced by float32, same weights.
+    """The same architecture with every mixed-precision dtype policy replaced by float32, same
+    weights.
 
     Variables of a mixed-precision model are already float32, so set_weights copies them exactly."""
 
@@ -119,7 +119,8 @@ def _all_layers(model):
 
 
 def write_saved_model(model, size, path, batch=None):
-    """SavedModel whose serving_default takes {"image": float32 (batch, S, S, 3) 0..255} -> {"mask"}."""
+    """SavedModel whose serving_default takes {"image": float32 (batch, S, S, 3) 0..255} and
+    returns {"mask"}."""
     import keras
     import tensorflow as tf
 
@@ -141,7 +142,8 @@ def convert(fixed_saved_model, kind, calibration=None):
     ops that the calibrator cannot run; a SavedModel freezes them."""
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_saved_model(fixed_saved_model, signature_keys=["serving_default"])
+    converter = tf.lite.TFLiteConverter.from_saved_model(fixed_saved_model,
+                                                         signature_keys=["serving_default"])
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # never Flex / TF Select
     if kind == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -174,8 +176,8 @@ def tflite_info(path, threads=1):
 
     interp = Interpreter(model_path=path, num_threads=threads)
     interp.allocate_tensors()
-    # LiteRT has no public call that lists a model's ops (the converter's Analyzer only prints them);
-    # the interpreter's own _get_ops_details is the one that reads them from the file.
+    # LiteRT has no public call that lists a model's ops (the converter's Analyzer only prints
+    # them); the interpreter's own _get_ops_details is the one that reads them from the file.
     ops = sorted({op["op_name"] for op in interp._get_ops_details()})
     return interp, interp.get_input_details()[0], interp.get_output_details()[0], ops
 
@@ -187,7 +189,7 @@ def tensor_contract(detail):
 
 
 def check_tflite(path, kind, size, keras_probs, images):
-    """Run the file in LiteRT on `images`; check shape, dtypes, builtin ops and closeness to Keras."""
+    """Run the file in LiteRT on `images`; check shape, dtypes, builtin ops, closeness to Keras."""
     name = os.path.basename(path)
     interp, inp, out, ops = tflite_info(path)
     float_tensors = sum(t["dtype"] == np.float32 for t in interp.get_tensor_details())
@@ -201,7 +203,8 @@ def check_tflite(path, kind, size, keras_probs, images):
     if tuple(out["shape"]) != (1, size, size, 1) or out["dtype"] != want_in:
         raise failed(name, f"output is {out['dtype'].__name__} {tuple(out['shape'])}, "
                      f"expected {want_in.__name__} (1, {size}, {size}, 1)")
-    probs = predict.load_predictor(path).predict(images)  # the same decoding as predict.py and evaluate.py
+    # The same decoding as predict.py and evaluate.py.
+    probs = predict.load_predictor(path).predict(images)
     if not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
         raise failed(name, f"output is not a probability map (range {probs.min()}..{probs.max()})")
     diff = np.abs(probs - keras_probs)
@@ -216,12 +219,14 @@ def check_tflite(path, kind, size, keras_probs, images):
     return {"file": name, "size_mb": round(os.path.getsize(path) / 1e6, 3),
             "input": tensor_contract(inp), "output": tensor_contract(out), "ops": ops,
             "float32_tensors": int(float_tensors),
-            "max_abs_diff_vs_keras": float(diff.max()), "mean_abs_diff_vs_keras": float(diff.mean()),
+            "max_abs_diff_vs_keras": float(diff.max()),
+            "mean_abs_diff_vs_keras": float(diff.mean()),
             "dice_vs_keras": float(np.mean(agree))}
 
 
 def latency_ms(path, threads, runs=20, warmup=3):
-    """Median wall time of one invoke with LiteRT's default XNNPACK delegate."""
+    """Median wall time of one invoke with LiteRT's default XNNPACK delegate. Here rather than in
+    bench/: report.json carries it, and bench/bench_export.py times its files with it too."""
     interp, inp, _, _ = tflite_info(path, threads)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, inp["shape"]).astype(inp["dtype"])
@@ -236,154 +241,19 @@ def latency_ms(path, threads, runs=20, warmup=3):
 
 
 # ----------------------------------------------------------------------------------------------
-# Quantization-aware training (child process: tf_keras + tfmot)
-
-
-def run_qat(model, train, size, epochs, work, batch=8, lr=1e-5):
-    """Fine-tune a tf_keras copy of `model` with fake quantization in a child process and write
-    work/model_int8_qat.tflite. Returns the child's summary dict."""
-    cfg = model.get_config()
-    if any(layer.get("class_name") in ("Functional", "Model", "Sequential") for layer in cfg["layers"]):
-        raise common.Error("--qat", "supports the plain U-Net only (a pretrained encoder is a nested model)")
-    qdir = os.path.join(work, "qat")
-    os.makedirs(qdir)
-    with open(os.path.join(qdir, "graph.json"), "w") as f:
-        json.dump({"model": cfg, "size": size, "epochs": epochs, "batch": batch, "lr": lr}, f)
-    np.savez(os.path.join(qdir, "weights.npz"),
-             **{f"{layer.name}/{i}": w for layer in model.layers for i, w in enumerate(layer.get_weights())})
-    np.savez(os.path.join(qdir, "train.npz"), images=train.images, masks=train.masks)
-    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1"}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--qat-worker", qdir],
-                          env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        errors = [line for line in lines if "Error" in line] or lines or ["no output"]
-        raise failed("--qat", f"the child process failed: {common.one_line(errors[-1])}")
-    with open(os.path.join(qdir, "qat.json")) as f:
-        summary = json.load(f)
-    os.replace(os.path.join(qdir, "model_int8_qat.tflite"), os.path.join(work, "model_int8_qat.tflite"))
-    shutil.rmtree(qdir)
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Keras 3 -> tf_keras translation (QAT's child process only)
-
-
-def to_tf_keras(cfg, weights):
-    """A tf_keras (Keras 2) copy of a Keras 3 functional model: tfmot 0.8.1 quantizes only tf_keras
-    models. Same layer classes and arguments (those tf_keras knows), same names, same weights
-    (`weights`: "layer/i" -> array). Runs in the QAT child process, where TF_USE_LEGACY_KERAS is on."""
-    import inspect
-
-    import tf_keras
-
-    tensors = {}
-
-    def resolve(arg):
-        if isinstance(arg, list):
-            return [resolve(a) for a in arg]
-        if isinstance(arg, dict) and arg.get("class_name") == "__keras_tensor__":
-            name, _, index = arg["config"]["keras_history"]
-            return tensors[(name, index)]
-        return arg
-
-    for entry in cfg["layers"]:
-        name, conf = entry["name"], entry["config"]
-        if entry["class_name"] == "InputLayer":
-            tensors[(name, 0)] = tf_keras.Input(shape=conf["batch_shape"][1:], name=name)
-            continue
-        if entry["class_name"] == "Rescaling":
-            # tfmot cannot quantize Rescaling (it would stay a float MUL + ADD between DEQUANTIZE and
-            # QUANTIZE); the same affine map as a 1x1 depthwise convolution quantizes like any conv.
-            layer = tf_keras.layers.DepthwiseConv2D(1, name=name)
-            tensors[(name, 0)] = layer(resolve(entry["inbound_nodes"][0]["args"][0]))
-            channels = layer.get_weights()[0].shape[2]
-            scale = np.broadcast_to(np.asarray(conf["scale"], np.float32), (channels,))
-            offset = np.broadcast_to(np.asarray(conf["offset"], np.float32), (channels,))
-            layer.set_weights([scale.reshape(1, 1, channels, 1), offset.copy()])
-            continue
-        cls = getattr(tf_keras.layers, entry["class_name"], None)
-        if cls is None or len(entry["inbound_nodes"]) != 1:
-            raise SystemExit(f"QAT: layer {name} ({entry['class_name']}) has no tf_keras equivalent")
-        allowed = set(inspect.signature(cls.__init__).parameters) | {"name", "trainable"}
-        # Initializers / regularizers are Keras 3 objects; the weights are copied below anyway.
-        kwargs = {k: v for k, v in conf.items() if k in allowed and not isinstance(v, dict)}
-        if entry["class_name"] == "BatchNormalization":
-            # Frozen statistics: fine-tuning on a few hundred images in small batches would otherwise
-            # drag the moving mean/variance (momentum 0.9) towards noisy batch statistics.
-            kwargs["trainable"] = False
-        layer = cls(**kwargs, dtype="float32")
-        node = entry["inbound_nodes"][0]
-        outputs = layer(*[resolve(a) for a in node["args"]], **node["kwargs"])
-        for i, out in enumerate(outputs if isinstance(outputs, list) else [outputs]):
-            tensors[(name, i)] = out
-        count = sum(k.startswith(name + "/") for k in weights.files)
-        if count:
-            layer.set_weights([weights[f"{name}/{i}"] for i in range(count)])
-    (in_name, _, in_index), = [cfg["input_layers"]] if isinstance(cfg["input_layers"][0], str) else cfg["input_layers"]
-    (out_name, _, out_index), = [cfg["output_layers"]] if isinstance(cfg["output_layers"][0], str) else cfg["output_layers"]
-    return tf_keras.Model(tensors[(in_name, in_index)], tensors[(out_name, out_index)])
-
-
-def qat_worker(qdir):
-    """Child process body: the tf_keras copy, quantize_apply, fit, convert to int8."""
-    import tensorflow as tf
-    import tensorflow_model_optimization as tfmot
-    import tf_keras
-
-    with open(os.path.join(qdir, "graph.json")) as f:
-        spec = json.load(f)
-    size = spec["size"]
-    # 1. The tf_keras copy of the Keras 3 graph.
-    model = to_tf_keras(spec["model"], np.load(os.path.join(qdir, "weights.npz")))
-
-    # 2. Fake-quantize every layer with tfmot's default 8-bit scheme (batch norm folds into its conv).
-    qat = tfmot.quantization.keras.quantize_model(model)
-
-    # 3. Fine-tune with BCE + soft Dice (unet.py's bce_dice, restated in TF for tf_keras).
-    def bce_dice(y, p):
-        p = tf.clip_by_value(p, 1e-7, 1 - 1e-7)
-        bce = -tf.reduce_mean(y * tf.math.log(p) + (1 - y) * tf.math.log(1 - p), axis=[1, 2, 3])
-        dice = (2 * tf.reduce_sum(y * p, [1, 2, 3]) + 1) / (tf.reduce_sum(y + p, [1, 2, 3]) + 1)
-        return bce + 1 - dice
-
-    train = np.load(os.path.join(qdir, "train.npz"))
-    x, y = train["images"].astype(np.float32), train["masks"][..., None].astype(np.float32)
-    x[:, 0, 0], x[:, 0, 1] = 0, 255  # every batch spans 0..255: the uint8 input gets scale 1, zero point 0
-    qat.compile(tf_keras.optimizers.Adam(spec["lr"]), bce_dice)
-    stats = [(w, w.numpy()) for w in qat.weights if "moving_mean" in w.name or "moving_variance" in w.name]
-    history = qat.fit(x, y, batch_size=spec["batch"], epochs=spec["epochs"], shuffle=True, verbose=0)
-    drift = max((float(np.abs(w.numpy() - before).max()) for w, before in stats), default=None)
-
-    # 4. Convert with a fixed batch of 1 (no SHAPE/STRIDED_SLICE/PACK ops), uint8 in and out.
-    image = tf_keras.Input(batch_shape=(1, size, size, 3), name="image")
-    fixed = tf_keras.Model(image, qat(image, training=False))
-    converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]  # ranges come from the fake-quant nodes
-    converter.inference_input_type = tf.uint8
-    converter.inference_output_type = tf.uint8
-    with open(os.path.join(qdir, "model_int8_qat.tflite"), "wb") as f:
-        f.write(converter.convert())
-    with open(os.path.join(qdir, "qat.json"), "w") as f:
-        json.dump({"epochs": spec["epochs"], "images": len(x), "lr": spec["lr"],
-                   "loss": [round(float(v), 5) for v in history.history["loss"]],
-                   "bn_statistics": len(stats), "bn_statistics_drift": drift}, f)
-
-
-# ----------------------------------------------------------------------------------------------
 # The whole export
 
 
 def check_quantize(quantize):
     bad = [k for k in quantize if k not in QUANT_KINDS]
     if bad:
-        raise common.Error(f"--quantize {','.join(bad)}", f"unknown (choose from {', '.join(QUANT_KINDS)})")
+        raise common.Error(f"--quantize {','.join(bad)}",
+                           f"unknown (choose from {', '.join(QUANT_KINDS)})")
 
 
 def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, threads=(1, 2),
            calibration=100, qat_images=None, bench_runs=20, progress=True):
-    """Convert, verify, benchmark; publish `out` only when every check passed. Returns the report."""
+    """Convert, verify, time; publish `out` only when every check passed. Returns the report."""
     check_quantize(quantize)
     started = time.perf_counter()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
@@ -394,31 +264,35 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
     os.makedirs(os.path.dirname(out), exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
-        keras_probs = model.predict(images["val"].images.astype(np.float32), batch_size=8, verbose=0)[..., 0]
+        val = images["val"]
+        keras_probs = model.predict(val.images.astype(np.float32), batch_size=8, verbose=0)[..., 0]
         log("export: SavedModel")
-        sm_diff = saved_model_step(model, size, work, images["val"].images, keras_probs)
+        sm_diff = saved_model_step(model, size, work, val.images, keras_probs)
         files = tflite_step(model, size, work, quantize, images["calibration"], log)
         qat_summary = None
         if qat:
             log(f"export: QAT int8, {qat} epoch(s)")
-            qat_summary = run_qat(model, subset(images["train"], qat_images), size, qat, work)
+            from extras.qat import run_qat  # tf_keras and tfmot, in a child process
+            qat_summary = run_qat(model, images["train"], size, qat, work, images=qat_images)
             files["int8_qat"] = os.path.join(work, "model_int8_qat.tflite")
         rows = {}
         for kind, path in files.items():
             log(f"export: checking {os.path.basename(path)}")
             # int8_qat was fine-tuned (different weights): sanity checks only, no closeness bound.
-            row = check_tflite(path, kind, size, keras_probs, images["val"].images)
+            row = check_tflite(path, kind, size, keras_probs, val.images)
             row["latency_ms"] = {str(t): latency_ms(path, t, runs=bench_runs) for t in threads}
-            row["dice_vs_truth"] = dice_vs_truth(predict.load_predictor(path), images["val"].pairs)
+            row["dice_vs_truth"] = dice_vs_truth(predict.load_predictor(path), val.pairs)
             rows[kind] = row
-        keras_predictor = predict.Predictor(weights, "keras", size,
-                                            lambda x: model.predict_on_batch(x.astype(np.float32))[..., 0])
+        keras_predictor = predict.Predictor(
+            weights, "keras", size, lambda x: model.predict_on_batch(x.astype(np.float32))[..., 0])
         report = {
-            "weights": os.path.abspath(weights), "size": size, "data": images["data"] or "synthetic",
-            "eval_split": images["eval_split"], "eval_images": len(images["val"].images),
-            "calibration_images": len(images["calibration"]), "rebuilt_float32_from_mixed_precision": rebuilt,
+            "weights": os.path.abspath(weights), "size": size,
+            "data": images["data"] or "synthetic",
+            "eval_split": images["eval_split"], "eval_images": len(val.images),
+            "calibration_images": len(images["calibration"]),
+            "rebuilt_float32_from_mixed_precision": rebuilt,
             "threshold": THRESHOLD,
-            "keras": {"dice_vs_truth": dice_vs_truth(keras_predictor, images["val"].pairs),
+            "keras": {"dice_vs_truth": dice_vs_truth(keras_predictor, val.pairs),
                       "params": int(model.count_params())},
             "saved_model": {"path": "saved_model", "signature": "serving_default", "input": "image",
                             "output": "mask", "max_abs_diff_vs_keras": sm_diff},
@@ -435,7 +309,8 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
 
 
 def float32_model(weights, run):
-    """(the model in float32, its square input size, whether it had to be rebuilt from mixed precision)."""
+    """(the model in float32, its square input size, whether it was rebuilt from mixed
+    precision)."""
     original = load_model(weights)
     size = predict.square_size(tuple(original.inputs[0].shape), weights, None, run.get("size"))
     model, rebuilt = float32_copy(original)
@@ -454,20 +329,12 @@ def choose_images(run, data_dir, size, calibration):
     train = data.load_arrays([p for p in pairs if p.split == "train"], size, progress=False)
     if not train.pairs:
         raise common.Error(", ".join(roots), "no usable training images for calibration")
-    pick = np.linspace(0, len(train.images) - 1, min(calibration, len(train.images))).round().astype(int)
+    count = min(calibration, len(train.images))
+    pick = np.linspace(0, len(train.images) - 1, count).round().astype(int)
     eval_split = next(s for s in ("val", "test", "train") if any(p.split == s for p in pairs))
     val = data.load_arrays([p for p in pairs if p.split == eval_split], size, progress=False)
-    return {"data": data_dir, "train": train, "calibration": train.images[np.unique(pick)], "val": val,
-            "eval_split": eval_split}
-
-
-def subset(arrays, n):
-    """At most n evenly spaced images of `arrays` (all of them for n None)."""
-    if not n or n >= len(arrays.images):
-        return arrays
-    keep = np.linspace(0, len(arrays.images) - 1, n).round().astype(int)
-    return data.Arrays(pairs=[arrays.pairs[i] for i in keep], images=arrays.images[keep],
-                       masks=arrays.masks[keep], problems=[])
+    return {"data": data_dir, "train": train, "calibration": train.images[np.unique(pick)],
+            "val": val, "eval_split": eval_split}
 
 
 def saved_model_step(model, size, work, images, keras_probs):
@@ -477,8 +344,8 @@ def saved_model_step(model, size, work, images, keras_probs):
     saved = os.path.join(work, "saved_model")
     write_saved_model(model, size, saved)
     reloaded = tf.saved_model.load(saved).signatures["serving_default"]
-    sm_probs = np.concatenate([reloaded(image=tf.constant(images[i:i + 8], tf.float32))["mask"].numpy()
-                               for i in range(0, len(images), 8)])[..., 0]
+    batches = [tf.constant(images[i:i + 8], tf.float32) for i in range(0, len(images), 8)]
+    sm_probs = np.concatenate([reloaded(image=b)["mask"].numpy() for b in batches])[..., 0]
     sm_diff = float(np.abs(sm_probs - keras_probs).max())
     if sm_diff > SAVED_MODEL_ATOL:
         raise failed("saved_model", f"reloaded output differs from Keras by {sm_diff:.2g}")
@@ -497,7 +364,8 @@ def tflite_step(model, size, work, quantize, calibration, log):
         try:
             blob = convert(fixed, kind, calibration if kind == "int8" else None)
         except Exception as e:
-            raise failed(f"model_{kind}.tflite", f"conversion failed ({common.one_line(e)})") from None
+            problem = f"conversion failed ({common.one_line(e)})"
+            raise failed(f"model_{kind}.tflite", problem) from None
         with open(path, "wb") as f:
             f.write(blob)
         files[kind] = path
@@ -506,7 +374,7 @@ def tflite_step(model, size, work, quantize, calibration, log):
 
 
 def dice_vs_truth(predictor, pairs):
-    """Mean Dice against the ground truth at native resolution: evaluate.py's scorer, unchanged."""
+    """Mean Dice against the ground truth at native resolution: evaluate.py's scorer."""
     return float(evaluate.evaluate(predictor, pairs, progress=False)["dice"])
 
 
@@ -522,7 +390,7 @@ def publish(work, out):
     if os.path.exists(out):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
         os.replace(out, os.path.join(old, "previous"))
-    os.chmod(work, 0o777 & ~common.UMASK)  # mkdtemp made it private; publish it like a normal folder
+    os.chmod(work, 0o777 & ~common.UMASK)  # mkdtemp made it private; publish it like any folder
     os.replace(work, out)
     if old:
         shutil.rmtree(old, ignore_errors=True)
@@ -538,35 +406,36 @@ def print_table(report, file=sys.stdout):
         print(f"{row['file']:<24}{row['size_mb']:>8.2f}" +
               "".join(f"{row['latency_ms'][t]:>10.1f}" for t in threads) +
               f"{row['dice_vs_keras']:>12.4f}{row['dice_vs_truth']:>12.4f}", file=file)
+    sm_diff = report["saved_model"]["max_abs_diff_vs_keras"]
     print(f"{report['eval_split']} images: {report['eval_images']}, calibration images: "
-          f"{report['calibration_images']}, SavedModel max |diff| {report['saved_model']['max_abs_diff_vs_keras']:.1e}",
-          file=file)
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--qat-worker"]:  # child process of run_qat
-        return qat_worker(argv[1])
-    return cli(argv)
+          f"{report['calibration_images']}, SavedModel max |diff| {sm_diff:.1e}", file=file)
 
 
 @common.command
-def cli(argv):
-    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", required=True, help="train.py's best.keras")
-    parser.add_argument("--data", help="data folder for calibration and Dice (default: run.json's, else synthetic)")
-    parser.add_argument("--out", default="export", help="output folder (replaced only when all checks pass)")
-    parser.add_argument("--quantize", default="int8", help="comma list of int8, float16 (float32 always)")
-    parser.add_argument("--qat", type=int, default=0, metavar="EPOCHS", help="quantization-aware fine-tuning epochs")
-    parser.add_argument("--qat-images", type=int, default=None, help="use at most N training images for QAT")
-    parser.add_argument("--calibration", type=int, default=100, help="training images for int8 calibration")
-    parser.add_argument("--threads", default="1,2", help="LiteRT thread counts to time")
-    parser.add_argument("--bench-runs", type=int, default=20, help="timed invokes per file and thread count")
-    args = parser.parse_args(argv)
+def main(argv=None):
+    p = common.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--weights", required=True, help="train.py's best.keras")
+    p.add_argument("--data", help="data folder for calibration and Dice "
+                   "(default: run.json's, else synthetic)")
+    p.add_argument("--out", default="export",
+                   help="output folder (replaced only when all checks pass)")
+    p.add_argument("--quantize", default="int8",
+                   help="comma list of int8, float16 (float32 always)")
+    p.add_argument("--qat", type=int, default=0, metavar="EPOCHS",
+                   help="quantization-aware fine-tuning epochs")
+    p.add_argument("--qat-images", type=int, default=None,
+                   help="use at most N training images for QAT")
+    p.add_argument("--calibration", type=int, default=100,
+                   help="training images for int8 calibration")
+    p.add_argument("--threads", default="1,2", help="LiteRT thread counts to time")
+    p.add_argument("--bench-runs", type=int, default=20,
+                   help="timed invokes per file and thread count")
+    args = p.parse_args(argv)
     try:
         threads = tuple(int(t) for t in args.threads.split(","))
     except ValueError:
-        raise common.Error(f"--threads {args.threads}", "expected a comma list of integers") from None
+        problem = "expected a comma list of integers"
+        raise common.Error(f"--threads {args.threads}", problem) from None
     quantize = tuple(k.strip() for k in args.quantize.split(",") if k.strip())
     check_quantize(quantize)
     check_weights_path(args.weights)  # all before TensorFlow is imported

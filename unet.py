@@ -1,154 +1,115 @@
-"""The U-Net, its losses and its metrics, in pure Keras 3 (runs on the tensorflow, jax and torch backends).
+"""The U-Net, its losses and its metrics, in pure Keras 3 (tensorflow, jax and torch backends).
 
     model = build_unet(size=256)            # raw RGB 0..255 in, float32 lesion probability out
     compile_model(model, loss="bce_dice")   # Adam + per-image Dice / IoU metrics
 
-The standard model is the U-Net of Ronneberger et al. (2015) with batch norm: (Conv3x3-BN-ReLU) x2 per
-level, 2x2 max-pooling down, 2x2 stride-2 transposed convolution up, skip connections by concatenation
-and a 1x1 sigmoid head. The default base of 12 filters (depth 4, 1.10 M parameters) is the widest that
-trains the README's 2-core CPU protocol within its time budget (docs/results.md). filters=32 is the
-paper-sized network (7.77 M parameters), the one the GPU benchmark compares with a PyTorch peer.
+The standard model is the U-Net of Ronneberger et al. (2015) with batch norm: (Conv3x3-BN-ReLU) x2
+per level, 2x2 max-pooling down, 2x2 stride-2 transposed convolution up, skip connections by
+concatenation and a 1x1 sigmoid head. The default base of 12 filters (depth 4, 1.10 M parameters) is
+the widest that trains the README's 2-core CPU protocol within its time budget (docs/results.md).
+filters=32 is the paper-sized network (7.77 M parameters), the one the GPU benchmark compares with a
+PyTorch peer. A pretrained keras.applications encoder (train.py --encoder) is extras/encoders.py.
 
-The model normalizes its own input (a Rescaling layer), so every saved or exported model takes camera
-bytes directly: there is no preprocessing contract for a phone app to get wrong. Only built-in layers are
-used, so `keras.models.load_model(path, compile=False)` works in a bare Python session; `import unet`
-first to load with compile=True (it registers the losses and metrics below).
+The model normalizes its own input (a Rescaling layer), so every saved or exported model takes
+camera bytes directly: there is no preprocessing contract for a phone app to get wrong. Only
+built-in layers are used, so `keras.models.load_model(path, compile=False)` works in a bare Python
+session; `import unet` first to load with compile=True (it registers the losses and metrics below).
 """
 import keras
-import numpy as np
 from keras import layers, ops
 
 PACKAGE = "skin_unet"  # namespace of the registered losses / metrics inside saved .keras files
+UPSAMPLES = ("transpose", "matmul")
+POOLS = ("max", "reshape")
 
 
 def check_size(size, depth):
-    """One-line ValueError unless `size` (None = any) can be halved `depth` times without remainder."""
+    """One-line ValueError unless `size` (None: any) halves `depth` times without remainder."""
     if size is None:
         return
     step = 2 ** depth
     if isinstance(size, bool) or not isinstance(size, int) or size < step or size % step:
-        raise ValueError(f"size {size!r} is not a positive multiple of 2**depth = {step} (depth {depth})")
+        raise ValueError(f"size {size!r} is not a positive multiple of 2**depth = {step} "
+                         f"(depth {depth})")
 
 
 def conv_block(x, filters, name):
-    """(Conv3x3-BN-ReLU) x2. No conv bias: batch norm's beta plays that role. BN momentum 0.9 (PyTorch's
-    default, as in the peer): with Keras' 0.99 the inference statistics of a short run (the synthetic
-    set has ~10 steps an epoch) still lean on their initial values and validation collapses."""
+    """(Conv3x3-BN-ReLU) x2. No conv bias: batch norm's beta plays that role. BN momentum 0.9
+    (PyTorch's default, as in the peer): with Keras' 0.99 the inference statistics of a short run
+    (the synthetic set has ~10 steps an epoch) still lean on their initial values and validation
+    collapses."""
     for i in (1, 2):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
-                          name=f"{name}_conv{i}")(x)
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False,
+                          kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
         x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
         x = layers.ReLU(name=f"{name}_relu{i}")(x)
     return x
 
 
 def up(x, filters, upsample, name):
-    # "transpose" is the default: Conv2DTranspose becomes one TFLite TRANSPOSE_CONV op, which XNNPACK
-    # (CPU), the LiteRT GPU delegate and int8 quantization all handle, and it is what the PyTorch peer
-    # uses. "bilinear" becomes RESIZE_BILINEAR (half_pixel_centers) + conv: also convertible, but some
-    # accelerator delegates (older NNAPI drivers, Edge TPU) support only the align_corners variants.
-    # "matmul" is the transposed convolution itself, written as what it is: a 2x2 stride-2 kernel
-    # never overlaps, so each input pixel becomes its own 2x2 output block, one matmul (channels ->
-    # 4 x filters) and a pixel shuffle. Same function, same parameter count; its weight gradient is
-    # a plain matmul, where XLA lowers Conv2DTranspose's to a whole-image dilated convolution, a
-    # known slow path on GPUs (jax-ml/jax#31662).
+    # "transpose" is the default: Conv2DTranspose becomes one TFLite TRANSPOSE_CONV op, which
+    # XNNPACK (CPU), the LiteRT GPU delegate and int8 quantization all handle, and it is what the
+    # PyTorch peer uses. "matmul" is the transposed convolution itself, written as what it is: a
+    # 2x2 stride-2 kernel never overlaps, so each input pixel becomes its own 2x2 output block, one
+    # matmul (channels -> 4 x filters) and a pixel shuffle. Same function, same parameter count; its
+    # weight gradient is a plain matmul, where XLA lowers Conv2DTranspose's to a whole-image dilated
+    # convolution, a known slow path on GPUs (jax-ml/jax#31662).
     if upsample == "transpose":
         return layers.Conv2DTranspose(filters, 2, strides=2, name=f"{name}_up")(x)
-    if upsample == "bilinear":
-        x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_resize")(x)
-        return layers.Conv2D(filters, 1, name=f"{name}_up")(x)
     if upsample == "matmul":
         h, w = fixed_hw(x, "upsample 'matmul'")
-        x = layers.Dense(4 * filters, name=f"{name}_up")(x)  # channel (dy * 2 + dx) * filters + f
-        x = layers.Reshape((h, w, 2, 2 * filters), name=f"{name}_rows")(x)  # (dy, dx * filters + f)
-        x = layers.Permute((1, 3, 2, 4), name=f"{name}_interleave")(x)  # (h, dy, w, dx * filters + f)
+        # channel (dy * 2 + dx) * filters + f, then rows (dy, dx * filters + f), then interleaved
+        # (h, dy, w, dx * filters + f), then the 2x2 blocks laid out as pixels
+        x = layers.Dense(4 * filters, name=f"{name}_up")(x)
+        x = layers.Reshape((h, w, 2, 2 * filters), name=f"{name}_rows")(x)
+        x = layers.Permute((1, 3, 2, 4), name=f"{name}_interleave")(x)
         return layers.Reshape((2 * h, 2 * w, filters), name=f"{name}_shuffle")(x)
     raise ValueError(f"upsample {upsample!r} is not one of {', '.join(UPSAMPLES)}")
 
 
 def down(x, pool, name):
     # "max" is MaxPooling2D. "reshape" takes the same maximum of each 2x2 block as a reshape + max:
-    # equal outputs, and a gradient that is elementwise, where MaxPooling2D's is a select-and-scatter
-    # (atomic scatter on a GPU). Both are built-in Keras operations, so .keras files still load in a
-    # bare session.
+    # equal outputs, and a gradient that is elementwise, where MaxPooling2D's is a
+    # select-and-scatter (atomic scatter on a GPU). Both are built-in Keras operations, so .keras
+    # files still load in a bare session.
     if pool == "max":
         return layers.MaxPooling2D(2, name=name)(x)
     if pool == "reshape":
         h, w = fixed_hw(x, "pool 'reshape'")
-        return ops.max(ops.reshape(x, (-1, h // 2, 2, w // 2, 2, x.shape[-1])), axis=(2, 4))
+        blocks = ops.reshape(x, (-1, h // 2, 2, w // 2, 2, x.shape[-1]))
+        return ops.max(blocks, axis=(2, 4))
     raise ValueError(f"pool {pool!r} is not one of {', '.join(POOLS)}")
-
-
-UPSAMPLES, POOLS = ("transpose", "bilinear", "matmul"), ("max", "reshape")
 
 
 def fixed_hw(x, what):
     h, w = x.shape[1], x.shape[2]
     if h is None or w is None:
-        raise ValueError(f"{what} needs a fixed size (size=None accepts any size only with the default layers)")
+        raise ValueError(f"{what} needs a fixed size "
+                         "(size=None accepts any size only with the default layers)")
     return h, w
 
 
 def head(x):
-    """1x1 conv to one logit, sigmoid in float32 so the output is float32 even under mixed precision."""
+    """1x1 conv to one logit, sigmoid in float32: the output is float32 even in mixed precision."""
     x = layers.Conv2D(1, 1, name="logits")(x)
     return layers.Activation("sigmoid", dtype="float32", name="mask")(x)
 
 
-# --- pretrained encoders (keras.applications) ------------------------------------------------------
-# Each backbone has 5 feature levels (strides 2..32). Skips are the deepest layer at each stride, found
-# by output resolution rather than by name because MobileNetV3's activation layers get auto-generated
-# names; for ResNet50 / EfficientNetB0 this picks the usual named layers (conv1_relu, conv2_block3_out,
-# ... / block2a_expand_activation, ...). MobileNetV3 and EfficientNet rescale 0..255 themselves
-# (include_preprocessing); ResNet50 expects caffe-style BGR minus the ImageNet mean, done here by a
-# frozen 1x1 convolution so the whole model still takes raw RGB 0..255 with built-in layers only.
-ENCODERS = {
-    "mobilenetv3": ("MobileNetV3Large", {"include_preprocessing": True}),
-    "mobilenetv3small": ("MobileNetV3Small", {"include_preprocessing": True}),
-    "efficientnetb0": ("EfficientNetB0", {}),
-    "resnet50": ("ResNet50", {}),
-}
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-
-
-def encoder_features(image, encoder, weights):
-    """[stride-2, 4, 8, 16, 32 features] of a keras.applications backbone applied to raw RGB 0..255."""
-    if encoder not in ENCODERS:
-        raise ValueError(f"encoder {encoder!r} is not one of none, {', '.join(ENCODERS)}")
-    fn_name, kwargs = ENCODERS[encoder]
-    backbone = getattr(keras.applications, fn_name)(
-        input_shape=tuple(image.shape[1:]), include_top=False, weights=weights, **kwargs)
-    size = image.shape[1]
-    picked = {}
-    for layer in backbone.layers:  # topological order: the last layer seen at a stride is the deepest
-        shape = layer.output.shape
-        if len(shape) == 4 and shape[1] and not layer.name.endswith("_pad") and shape[1] < size:
-            picked[size // shape[1]] = layer.output
-    missing = [s for s in (2, 4, 8, 16, 32) if s not in picked]
-    if missing:
-        raise ValueError(f"encoder {encoder}: no features at stride {missing} for size {size}")
-    extractor = keras.Model(backbone.input, [picked[s] for s in (2, 4, 8, 16, 32)], name=f"{encoder}_encoder")
-    x = image
-    if fn_name == "ResNet50":
-        caffe = layers.Conv2D(3, 1, name="caffe_bgr", trainable=False)
-        x = caffe(x)
-        caffe.set_weights([np.eye(3)[::-1].reshape(1, 1, 3, 3), -np.array(CAFFE_MEAN_BGR)])  # RGB->BGR, -mean
-    return extractor(x)
-
-
-def build_unet(size=256, filters=12, depth=4, dropout=0.0, upsample="transpose", encoder=None,
+def build_unet(size=256, filters=12, depth=4, upsample="transpose", encoder=None,
                encoder_weights=None, pool="max"):
-    """U-Net: input "image" (size, size, 3) raw RGB 0..255, output "mask" (size, size, 1) float32 in [0, 1].
+    """U-Net: input "image" (size, size, 3) raw RGB 0..255, output "mask" (size, size, 1) float32
+    in [0, 1].
 
     size=None accepts any multiple of 2**depth (with the default up-sampling and pooling). upsample
-    "matmul" and pool "reshape" are the default layers' functions in other forms, for speed (up, down).
-    encoder (None or one of ENCODERS) swaps the plain encoder for a keras.applications backbone
-    (build_encoder_unet). dropout > 0 drops out at the bottleneck.
+    "matmul" and pool "reshape" are the default layers' functions in other forms, for speed (up,
+    down). encoder (None, "none" or a name of extras/encoders.py's ENCODERS) swaps the plain encoder
+    for a keras.applications backbone.
     """
     if encoder not in (None, "none"):
-        return build_encoder_unet(size, filters, encoder, encoder_weights, dropout, upsample)
+        from extras import encoders  # only a run with --encoder needs keras.applications
+        return encoders.build_encoder_unet(size, filters, encoder, encoder_weights, upsample)
     check_size(size, depth)
-    image = keras.Input((size, size, 3), name="image")  # float32: uint8 batches are cast inside the step
+    image = keras.Input((size, size, 3), name="image")  # float32: the step casts uint8 batches
     x = layers.Rescaling(1 / 127.5, offset=-1.0, name="normalize")(image)  # 0..255 -> -1..1
     skips = []
     for level in range(depth):
@@ -156,8 +117,6 @@ def build_unet(size=256, filters=12, depth=4, dropout=0.0, upsample="transpose",
         skips.append(x)
         x = down(x, pool, f"pool{level}")
     x = conv_block(x, filters * 2 ** depth, "bottleneck")
-    if dropout:
-        x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
     return keras.Model(image, head(decoder(x, skips, filters, upsample)), name="unet")
 
 
@@ -173,24 +132,10 @@ def decoder(x, skips, filters, upsample):
     return x
 
 
-def build_encoder_unet(size, filters, encoder, encoder_weights=None, dropout=0.0, upsample="transpose"):
-    """The U-Net with a keras.applications backbone as its encoder: 5 strides, so size must be a
-    multiple of 32 (and fixed). encoder_weights="imagenet" downloads the ImageNet weights on first use
-    (to ~/.keras/models), None starts from random weights."""
-    check_size(size, 5)
-    if size is None:
-        raise ValueError("a pretrained encoder needs a fixed size")
-    image = keras.Input((size, size, 3), name="image")
-    *skips, x = encoder_features(image, encoder, encoder_weights)
-    if dropout:
-        x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
-    x = decoder(x, [None] + skips, filters, upsample)  # full resolution has no backbone feature
-    return keras.Model(image, head(x), name=f"unet_{encoder}")
-
-
-# --- losses ------------------------------------------------------------------------------------------
-# All computed in float32 (mixed precision hands us bfloat16/float16 otherwise), per image, returning one
-# value per image so Keras averages over the batch the same way evaluation averages over images.
+# --- losses ---------------------------------------------------------------------------------------
+# All computed in float32 (mixed precision hands us bfloat16/float16 otherwise), per image,
+# returning one value per image so Keras averages over the batch the way evaluation averages over
+# images.
 SMOOTH = 1.0   # soft-Dice smoothing: an empty mask predicted empty scores 1, gradients stay finite
 EPSILON = 1e-7
 
@@ -227,22 +172,25 @@ def dice(y_true, y_pred):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 def bce_dice(y_true, y_pred):
-    """BCE (pixel-wise, sharp boundaries) + Dice loss (overlap, insensitive to the lesion/skin ratio)."""
+    """BCE (pixel-wise, sharp boundaries) + Dice loss (overlap, blind to the lesion/skin ratio)."""
     return bce(y_true, y_pred) + dice(y_true, y_pred)
 
 
 def lovasz(y_true, y_pred):
-    """Per-image Lovász loss (Berman et al., CVPR 2018): the tight convex extension of 1 - Jaccard to
-    probabilities, applied to the pixel errors |truth - p|. On hard 0/1 predictions it equals
-    1 - iou_per_image exactly, so it optimises the challenge's own per-image score, not its Dice proxy."""
+    """Per-image Lovász loss (Berman et al., CVPR 2018): the tight convex extension of 1 - Jaccard
+    to probabilities, applied to the pixel errors |truth - p|. On hard 0/1 predictions it equals
+    1 - iou_per_image exactly, so it optimises the challenge's own per-image score, not its Dice
+    proxy."""
     t, p, _ = _per_image(y_true, y_pred)
     t = ops.reshape(ops.cast(t > 0.5, "float32"), (ops.shape(t)[0], -1))
     errors = ops.abs(t - ops.reshape(p, ops.shape(t)))
     order = ops.argsort(-errors, axis=-1)  # largest error first
-    errors, truth = ops.take_along_axis(errors, order, axis=-1), ops.take_along_axis(t, order, axis=-1)
+    errors = ops.take_along_axis(errors, order, axis=-1)
+    truth = ops.take_along_axis(t, order, axis=-1)
     # Jaccard loss of the k largest errors taken as mistakes, for every k; union >= 1 always.
     lesion = ops.sum(truth, axis=-1, keepdims=True)
-    jaccard = 1.0 - (lesion - ops.cumsum(truth, axis=-1)) / (lesion + ops.cumsum(1.0 - truth, axis=-1))
+    missed = lesion - ops.cumsum(truth, axis=-1)
+    jaccard = 1.0 - missed / (lesion + ops.cumsum(1.0 - truth, axis=-1))
     steps = ops.concatenate([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], axis=-1)
     return ops.sum(errors * steps, axis=-1)
 
@@ -256,9 +204,10 @@ def bce_lovasz(y_true, y_pred):
 LOSSES = {"bce_dice": bce_dice, "dice": dice, "bce": bce, "bce_lovasz": bce_lovasz}
 
 
-# --- metrics -----------------------------------------------------------------------------------------
+# --- metrics --------------------------------------------------------------------------------------
 def confusion_counts(y_true, y_pred, threshold=0.5):
-    """Per-image (tp, fp, fn) of truth > 0.5 against prediction > threshold (as evaluate.py), each shape (B,)."""
+    """Per-image (tp, fp, fn) of truth > 0.5 against prediction > threshold (as evaluate.py),
+    each of shape (B,)."""
     t, p, axes = _per_image(y_true, y_pred)
     t = ops.cast(t > 0.5, "float32")
     p = ops.cast(p > threshold, "float32")
@@ -282,7 +231,7 @@ def iou_per_image(y_true, y_pred, threshold=0.5):
 
 
 class PerImageScore(keras.metrics.Metric):
-    """Mean over images of a per-image score at a fixed threshold (not a pooled, whole-batch score)."""
+    """Mean over images of a per-image score at a fixed threshold (not a pooled batch score)."""
     score_fn = None
 
     def __init__(self, threshold=0.5, name=None, **kwargs):
@@ -323,15 +272,16 @@ class IoUScore(PerImageScore):
         super().__init__(threshold, name=name, **kwargs)
 
 
-# --- compile -----------------------------------------------------------------------------------------
+# --- compile --------------------------------------------------------------------------------------
 def compile_model(model, loss="bce_dice", lr=1e-3, jit_compile="auto", ema=0.0):
-    """Adam + the chosen loss + per-image Dice / IoU. jit_compile "auto" is Keras's own choice (XLA on
-    JAX, and on TensorFlow only with an accelerator); train.py decides for itself (train.jit_rule).
-    ema > 0: the optimizer also keeps a moving average of the weights with this momentum (on the device,
-    inside the train step); train.py validates and saves best.keras with it."""
+    """Adam + the chosen loss + per-image Dice / IoU. jit_compile "auto" is Keras's own choice (XLA
+    on JAX, and on TensorFlow only with an accelerator); train.py decides for itself (jit_rule).
+    ema > 0: the optimizer also keeps a moving average of the weights with this momentum (on the
+    device, inside the train step); train.py validates and saves best.keras with it."""
     if loss not in LOSSES:
         raise ValueError(f"loss {loss!r} is not one of {', '.join(LOSSES)}")
-    optimizer = keras.optimizers.Adam(lr, use_ema=ema > 0, ema_momentum=ema)  # read only when use_ema
+    # ema_momentum is read only when use_ema
+    optimizer = keras.optimizers.Adam(lr, use_ema=ema > 0, ema_momentum=ema)
     model.compile(optimizer=optimizer, loss=LOSSES[loss],
                   metrics=[DiceScore(), IoUScore()], jit_compile=jit_compile)
     return model

@@ -139,7 +139,7 @@ def test_int8_masks_agree_with_keras(exported, trained, synthetic_data):
 def test_qat_keeps_batch_norm_statistics_frozen(exported, trained):
     # Fine-tuning a few images in batches of 8 must not move the moving mean/variance (a real run lost
     # 0.04 Dice that way). Every batch norm of the model is checked: 2 statistics each.
-    norms = [l for l in trained[1].layers if l.__class__.__name__ == "BatchNormalization"]
+    norms = [x for x in trained[1].layers if x.__class__.__name__ == "BatchNormalization"]
     qat = exported[1]["qat"]
     assert len(norms) == 10 and qat["bn_statistics"] == 2 * len(norms)
     assert qat["bn_statistics_drift"] == 0.0

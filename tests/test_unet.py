@@ -1,4 +1,5 @@
-"""unet.py: model shapes and sizes, encoders, saving, and property tests of the losses and metrics."""
+"""unet.py: model shapes and sizes, saving, and property tests of the losses and metrics
+(the pretrained encoders, extras/encoders.py, are tests/test_encoders.py's)."""
 import os
 import subprocess
 import sys
@@ -27,14 +28,17 @@ def test_output_shape_dtype_and_range(size, depth, filters):
     np.testing.assert_allclose(out, model.predict(pixels(2, size).astype("float32"), verbose=0), atol=1e-6)
 
 
-def test_any_size_when_size_is_none_and_bilinear_upsampling():
-    model = unet.build_unet(None, filters=4, depth=2, dropout=0.2)
+def test_any_size_when_size_is_none():
+    model = unet.build_unet(None, filters=4, depth=2)
     for size in (16, 40):
         assert model.predict(pixels(1, size), verbose=0).shape == (1, size, size, 1)
-    # (UpSampling2D needs a static size on the TF backend, so bilinear is checked at a fixed one)
-    bilinear = unet.build_unet(32, filters=4, depth=2, upsample="bilinear")
-    assert bilinear.predict(pixels(1, 32), verbose=0).shape == (1, 32, 32, 1)
-    assert not any(isinstance(layer, keras.layers.Conv2DTranspose) for layer in bilinear.layers)
+
+
+def test_removed_bilinear_upsampling_is_a_one_line_value_error():
+    # "bilinear" and bottleneck dropout were build_unet arguments no run or flag used (issue 31):
+    # gone, and asking for bilinear says what the choices are.
+    with pytest.raises(ValueError, match="upsample 'bilinear' is not one of transpose, matmul$"):
+        unet.build_unet(32, filters=4, depth=2, upsample="bilinear")
 
 
 @pytest.mark.parametrize("size,depth", [(30, 2), (100, 4), (8, 4), (0, 1), (-16, 2), (32.0, 2)])
@@ -62,24 +66,6 @@ def test_mixed_precision_output_is_float32():
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert out.dtype == np.float32 and model.output.dtype == "float32"
-
-
-@pytest.mark.parametrize("encoder", ["mobilenetv3small", "efficientnetb0", "resnet50"])
-def test_encoder_variants_build_without_weights(encoder):
-    model = unet.build_unet(64, filters=4, encoder=encoder, encoder_weights=None)
-    assert model.output_shape == (None, 64, 64, 1)
-    features = model.get_layer(f"{encoder}_encoder").output
-    assert [f.shape[1] for f in features] == [32, 16, 8, 4, 2]
-    with pytest.raises(ValueError):
-        unet.build_unet(48, encoder=encoder)  # 5 strides: 32 must divide the size
-
-
-def test_resnet_encoder_gets_caffe_preprocessing_from_raw_rgb():
-    model = unet.build_unet(32, filters=4, encoder="resnet50")
-    rgb = np.array([[[[10.0, 20.0, 30.0]]]], "float32")
-    bgr = keras.ops.convert_to_numpy(model.get_layer("caffe_bgr")(rgb))
-    np.testing.assert_allclose(bgr[0, 0, 0], [30 - 103.939, 20 - 116.779, 10 - 123.68], atol=1e-4)
-    assert not model.get_layer("caffe_bgr").trainable_weights
 
 
 @pytest.mark.slow
@@ -111,7 +97,7 @@ def variant_weights(stock, variant):
     """The stock model's weights in the variant's layout: a Conv2DTranspose kernel (2, 2, f, c) is the
     matmul's (c, 4f) kernel with columns ordered (dy, dx, f); its bias serves all 4 block positions."""
     weights = []
-    for a, b in zip([l for l in stock.layers if l.weights], [l for l in variant.layers if l.weights]):
+    for a, b in zip([x for x in stock.layers if x.weights], [x for x in variant.layers if x.weights]):
         w = a.get_weights()
         if isinstance(a, keras.layers.Conv2DTranspose) and isinstance(b, keras.layers.Dense):
             kernel, bias = w
@@ -154,7 +140,7 @@ def test_step_variants_are_the_same_function_with_the_same_gradients(upsample, p
     loss_b, grads_b = loss_and_grads(variant, x, y)
     assert loss_b == pytest.approx(loss_a, abs=1e-5)
     matched = 0
-    for a_layer, b_layer in zip([l for l in stock.layers if l.weights], [l for l in variant.layers if l.weights]):
+    for a_layer, b_layer in zip([x for x in stock.layers if x.weights], [x for x in variant.layers if x.weights]):
         for va, vb in zip(a_layer.trainable_variables, b_layer.trainable_variables):
             ga, gb = grads_a[va.path], grads_b[vb.path]
             if ga.ndim == 4 and gb.ndim == 2:  # the up-sampling kernel, in the matmul's layout
@@ -295,10 +281,12 @@ def test_metric_averages_per_image_not_pooled():
 # encoders and the size rule itself; these two tests keep those names and that rule unet.py's own.
 def test_train_flag_choices_are_unets():
     import train
+    from extras import encoders
 
     choices = {a.dest: set(a.choices) for a in train.parser()._actions if a.choices}
     assert choices["loss"] == set(unet.LOSSES)
-    assert choices["encoder"] == {"none", *unet.ENCODERS}
+    assert choices["encoder"] == {"none", *encoders.ENCODERS}
+    assert choices["upsample"] == set(unet.UPSAMPLES) and choices["pool"] == set(unet.POOLS)
 
 
 @settings(max_examples=60, deadline=None)
