@@ -61,7 +61,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises Error (one line, exit 2) instead of printing its usage block."""
 
     def error(self, message):
-        flag, _, problem = message.partition(": ")  # argparse: "argument --loss: invalid choice: ..."
+        # argparse says "argument --loss: invalid choice: ..."
+        flag, _, problem = message.partition(": ")
         raise Error(flag, problem) if problem else Error(self.prog, message)
 
 
@@ -87,15 +88,17 @@ def command(main, interrupted="interrupted"):
 # -----------------------------------------------------------------------------
 # Files: written whole or not at all
 
-UMASK = os.umask(0)  # read once (setting it is the only way to read it), for files made private by mkstemp
+# Read once (setting it is the only way to read it), for files that mkstemp made private.
+UMASK = os.umask(0)
 os.umask(UMASK)
 
 
 @contextlib.contextmanager
 def atomic_path(path, suffix=None, durable=True):
-    """Yield a temp path beside `path` to write to; on success (fsync and) os.replace it onto `path`,
-    on any failure remove it. Readers never see half a file, and a failed write keeps the old one.
-    Every file this project writes (cache, checkpoints, logs, masks, reports) goes through here."""
+    """Yield a temp path beside `path` to write to; on success (fsync and) os.replace it onto
+    `path`, on any failure remove it. Readers never see half a file, and a failed write keeps the
+    old one. Every file this project writes (cache, checkpoints, logs, masks, reports) goes
+    through here."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-",

@@ -1,7 +1,7 @@
-"""The built-in synthetic dermoscopy set: what train.py, evaluate.py and export.py use when no --data
-is given, and what the tests and the web app's examples are made of. Each image is a pure function
-of (seed, index): skin tone and texture, a lesion with an irregular Fourier boundary, vignetting,
-hairs, ruler marks and bubbles. `python data.py --synthetic OUT` writes a set to a folder.
+"""The built-in synthetic dermoscopy set: what train.py, evaluate.py and export.py use when no
+--data is given, and what the tests and the web app's examples are made of. Each image is a pure
+function of (seed, index): skin tone and texture, a lesion with an irregular Fourier boundary,
+vignetting, hairs, ruler marks and bubbles. `python data.py --synthetic OUT` writes a set to a folder.
 """
 import os
 import shutil
@@ -41,7 +41,8 @@ def _synthetic_one(rng, w, h):
     cx, cy = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
     angle = np.arctan2(yy - cy, xx - cx)
     dist = np.hypot(xx - cx, yy - cy)
-    radius = r0 * (1 + np.tensordot(amps, np.cos(harmonics[:, None, None] * angle + phases[:, None, None]), 1))
+    waves = np.cos(harmonics[:, None, None] * angle + phases[:, None, None])
+    radius = r0 * (1 + np.tensordot(amps, waves, 1))
     mask = dist < radius
     # Colour: dark brown core fading to light brown at the rim, with blotches (internal variation).
     brown = np.array([1.0, rng.uniform(0.5, 0.65), rng.uniform(0.35, 0.5)], np.float32)
