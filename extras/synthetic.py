@@ -1,7 +1,8 @@
 """The built-in synthetic dermoscopy set: what train.py, evaluate.py and export.py use when no
 --data is given, and what the tests and the web app's examples are made of. Each image is a pure
 function of (seed, index): skin tone and texture, a lesion with an irregular Fourier boundary,
-vignetting, hairs, ruler marks and bubbles. `python data.py --synthetic OUT` writes a set to a folder.
+vignetting, hairs, ruler marks and bubbles. `python data.py --synthetic OUT` writes a set to a
+folder.
 """
 import os
 import shutil
