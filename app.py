@@ -144,7 +144,8 @@ class Photos:
         self._held = OrderedDict()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # no render is writing files
-        self._writing, self.closed = 0, False
+        self._writing = 0
+        self.closed = False
 
     def hold(self, state):
         if not state:  # None, or forgotten already
@@ -194,7 +195,8 @@ def render(state, threshold, photos):
     size. The three files are written once each, atomically, into a new folder of their own, and
     handed to Gradio as files: two visitors never share or rewrite a file (Gradio's own cache names
     images by content and rewrites them in place, which broke downloads of identical results under
-    concurrency). Renders of this photo older than KEEP_RENDERS are removed."""
+    concurrency). Renders of this photo older than KEEP_RENDERS are removed. Once `photos` is
+    closed (the server is stopping) nothing is written and the status says so."""
     held = dict(state)  # Photos.forget may empty the state while this runs
     if not held:
         return (None, None, "⚠️ This photo was forgotten (the server was busy): upload it again.",

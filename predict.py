@@ -307,11 +307,12 @@ def save_mask_png(folder, image_id, pred):
 
 
 def pipeline(items, decode, finish, predict, batch, timing, problems, bar, workers=None):
-    """While the model predicts batch i, one thread decodes batch i + 1 and a pool finishes (scores,
-    writes) batch i - 1. decode(item) -> (decoded tuple whose last element is the model input, or a
-    problem dict; seconds); predict(images) -> probabilities; finish(decoded, prob) runs in the pool.
-    Yields (decoded, finish's result) in item order; problems and decode/predict time are recorded.
-    At most three batches are in flight, so memory does not grow with the number of items."""
+    """While the model predicts batch i, one thread decodes batch i + 1 and a pool finishes
+    (scores, writes) batch i - 1. decode(item) -> (decoded tuple whose last element is the model
+    input, or a problem dict; seconds); predict(images) -> probabilities; finish(decoded, prob)
+    runs in the pool. Yields (decoded, finish's result) in item order; problems and decode/predict
+    time are recorded. At most three batches are in flight, so memory does not grow with the
+    number of items."""
     chunks = (items[i:i + batch] for i in range(0, len(items), batch))
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(1) as decoder, ThreadPoolExecutor(workers) as pool:
@@ -497,9 +498,11 @@ def main(argv=None):
     p = model_parser(__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="a folder of photos, one photo, a data folder "
                    "(every image, masks ignored) or an ISIC 2024 HDF5 archive")
-    p.add_argument("--out", required=True, help="folder for the masks, overlays and predictions.csv")
+    p.add_argument("--out", required=True,
+                   help="folder for the masks, overlays and predictions.csv")
     p.add_argument("--overwrite", action="store_true", help="redo photos an earlier run finished")
-    p.add_argument("--no-overlay", dest="overlays", action="store_false", help="masks and rows only")
+    p.add_argument("--no-overlay", dest="overlays", action="store_false",
+                   help="masks and rows only")
     args = parse(p, argv)
     photos = find_photos(args.data)
     predictor = load_predictor(args.weights, args.size)

@@ -274,6 +274,26 @@ def test_files_on_disk_per_photo_are_bounded(photo, photos):
     assert _files(photos.folder) == []
 
 
+def test_a_stopping_server_writes_no_more_files(photo, photos):
+    """Once the server stops (Photos.close), its folder goes: a call still running renders nothing
+    into it, and close waits for a render that is writing."""
+    *_, state = app.analyse(FakePredictor(), photo, 0.5, photos)
+    before = _files(photos.folder)
+    started = threading.Event()
+    with photos.writing() as allowed:  # a render in the middle of its files
+        closer = threading.Thread(target=lambda: (started.set(), photos.close(5)))
+        closer.start()
+        started.wait()
+        time.sleep(0.2)
+        assert allowed and closer.is_alive()  # close waits for it
+    closer.join(5)
+    assert not closer.is_alive()
+    shown, mask_img, text, mask_path, _ = app.rerender(state, 0.3, photos)
+    assert shown is mask_img is mask_path is None and "stopping" in text
+    assert app.analyse(FakePredictor(), photo, 0.5, photos)[2] == text
+    assert _files(photos.folder) == before
+
+
 def test_photos_beyond_the_limit_are_forgotten(photo, tmp_path):
     """Defect 1: memory in total is bounded too. Gradio keeps a state an hour and makes one per
     plain API call, so the server holds at most `limit` photos, the least recently used go first."""
