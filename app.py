@@ -11,26 +11,27 @@ the photo's native size. It serves on 127.0.0.1 only unless --host says otherwis
 analytics and loads nothing from outside the machine. Gradio also serves an HTTP API for the same
 function (the "Use via API" link at the foot of the page).
 
-What a visitor costs, whatever the photo: a photo over --max-megapixels is refused from its header
-and an upload over --max-upload-mb by Gradio, before either is decoded. Between calls the server
-holds the photo at display size (at most 1024 px a side, 3 MB) and the model's probability map
-(256 KB at 256 px), until an hour after the visitor's last call or until MAX_PHOTOS newer photos
-push it out, and on disk the files of its last two renders. While a call runs, a large photo costs
-about 8.5 bytes a pixel, and large photos decode one at a time. Everything, uploads included, lives
-in one folder (Gradio's cache, GRADIO_TEMP_DIR) that goes when the server stops, on Ctrl-C or
-SIGTERM. docs/benchmarks.md ("Web app under load") has the measured figures.
+What a visitor costs is bounded whatever the photo: a photo over --max-megapixels is refused from
+its header and an upload over --max-upload-mb by Gradio, before either is decoded. Between calls the
+server holds the photo at display size (at most 1024 px a side) and the model's probability map,
+until an hour after the visitor's last call or until MAX_PHOTOS newer photos push it out, and on
+disk the files of its last two renders; large photos decode one at a time. Everything, uploads
+included, lives in one folder (Gradio's cache, GRADIO_TEMP_DIR) that goes when the server stops, on
+Ctrl-C, SIGTERM or SIGHUP, within STOP_SECONDS whatever it is doing. docs/app.md has the figures.
 
 Read top to bottom: the pure functions a test calls without a browser (analyse, rerender), the
 page (build_ui), the command line (main).
 """
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections import OrderedDict
 
@@ -50,8 +51,9 @@ SESSION_SECONDS = 3600  # a visitor's photo is forgotten this long after their l
 MAX_PHOTOS = 100     # photos held at once, whoever sent them (see Photos)
 KEEP_RENDERS = 2     # per visitor on disk: what the page shows and the one before, which a slow
                      # browser may still be fetching when the slider moves again
-BAND_ROWS = 256      # rows of the native-size mask worked out at a time (see native_mask)
 BIG_PHOTO = 4 * 10**6  # pixels: larger photos decode one at a time (see read_photo)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SECONDS = 15    # a stop signal ends the process within this, whatever the server is doing
 DISCLAIMER = ("**Research tool, not a diagnosis.** This model has not been validated for clinical "
               "use; anyone worried about a skin lesion should see a doctor.")
 FORMATS = {"keras": "Keras (.keras)", "saved_model": "TensorFlow SavedModel",
@@ -105,9 +107,9 @@ _DECODING_BIG = threading.Lock()
 def read_photo(path, max_pixels):
     """(uint8 image at display size, native (h, w)). The pixel limit is checked on the header, so
     a photo over it is never decoded; a JPEG decodes at the smallest scale (draft mode) that still
-    covers the display size, the way predict.py reads photos. Decoding a PNG costs
-    about 8.5 bytes a pixel for a moment (Pillow's image, numpy's copy, the resize's: 420 MB at 50
-    megapixels), so photos over BIG_PHOTO decode one at a time, not CONCURRENCY at once."""
+    covers the display size, the way predict.py reads photos. A PNG decodes whole, and Pillow's
+    image, numpy's copy and the resize's are all held for a moment, so photos over BIG_PHOTO
+    decode one at a time, not CONCURRENCY at once."""
     native = data.native_hw(path)  # empty, not an image, broken header, Pillow's bomb limit
     pixels = native[0] * native[1]
     if pixels > max_pixels:
@@ -115,29 +117,6 @@ def read_photo(path, max_pixels):
                                  f"over this server's limit of {max_pixels / 1e6:g} megapixels")
     with _DECODING_BIG if pixels > BIG_PHOTO else contextlib.nullcontext():
         return predict.decode_preview(path, native), native
-
-
-def native_mask(small_prob, size_hw, threshold):
-    """(uint8 0/255 mask at size_hw, lesion stats as predict.lesion_stats gives them) from the
-    model's map. Upsampled a band of rows at a time: the whole float32 map of a 50 Mpx photo is
-    200 MB per call, a band a few MB. Pillow's box keeps each band on the whole map's sampling grid;
-    only rounding differs, so the mask matches predict.native_prob's except where the probability
-    is within 1e-5 of the threshold."""
-    h, w = size_hw
-    source = Image.fromarray(np.asarray(small_prob, np.float32))
-    rows_per_px = source.height / h
-    mask = np.empty((h, w), np.uint8)
-    area, inside = 0, 0.0
-    for top in range(0, h, BAND_ROWS):
-        bottom = min(h, top + BAND_ROWS)
-        box = (0, top * rows_per_px, source.width, bottom * rows_per_px)
-        band = np.asarray(source.resize((w, bottom - top), Image.BILINEAR, box=box))
-        hit = band > threshold
-        np.multiply(hit, 255, out=mask[top:bottom], casting="unsafe")
-        area += int(np.count_nonzero(hit))
-        inside += float(np.sum(band, where=hit, dtype=np.float64))
-    return mask, {"area_px": area, "area_percent": 100.0 * area / (h * w),
-                  "mean_prob": inside / area if area else 0.0, "width": w, "height": h}
 
 
 def _stats_text(stats, threshold):
@@ -164,6 +143,9 @@ class Photos:
         self.folder, self.limit = folder, limit
         self._held = OrderedDict()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # no render is writing files
+        self._writing = 0
+        self.closed = False
 
     def hold(self, state):
         if not state:  # None, or forgotten already
@@ -184,28 +166,57 @@ class Photos:
             shutil.rmtree(state["folder"], ignore_errors=True)
             state.clear()
 
+    @contextlib.contextmanager
+    def writing(self):
+        """Around the files of one render: yields False, and nothing may be written, once the
+        server is stopping (see close)."""
+        with self._lock:
+            allowed = not self.closed
+            self._writing += allowed
+        try:
+            yield allowed
+        finally:
+            with self._lock:
+                self._writing -= allowed
+                self._idle.notify_all()
 
-def render(state, threshold):
+    def close(self, seconds):
+        """The server is stopping and its folder goes next: refuse new renders, and wait up to
+        `seconds` for those being written, so that no file lands in the folder after it is gone."""
+        with self._lock:
+            self.closed = True
+            self._idle.wait_for(lambda: not self._writing, timeout=seconds)
+
+
+def render(state, threshold, photos):
     """(overlay PNG, mask PNG, stats markdown, native mask PNG, state) for a state analyse() made.
 
     The overlay and the mask image are at display size, the download and the numbers at native
     size. The three files are written once each, atomically, into a new folder of their own, and
     handed to Gradio as files: two visitors never share or rewrite a file (Gradio's own cache names
     images by content and rewrites them in place, which broke downloads of identical results under
-    concurrency). Renders of this photo older than KEEP_RENDERS are removed."""
+    concurrency). Renders of this photo older than KEEP_RENDERS are removed. Once `photos` is
+    closed (the server is stopping) nothing is written and the status says so."""
     held = dict(state)  # Photos.forget may empty the state while this runs
     if not held:
         return (None, None, "⚠️ This photo was forgotten (the server was busy): upload it again.",
                 None, None)
     image, small_prob = held["image"], held["small_prob"]
-    prob, shown_mask = predict.native_prob(small_prob, image.shape[:2], threshold)
-    mask, stats = native_mask(small_prob, held["hw"], threshold)
+    prob = data.resize_prob(small_prob, image.shape[:2])  # display size: small enough to be whole
+    shown_mask = prob > threshold
+    stats, mask = predict.native_prob(small_prob, held["hw"], threshold)
+    # The native mask's own bytes (0/1) made 0/255 in place: no second native-size array.
+    native = mask.view(np.uint8)
+    np.multiply(native, 255, out=native)
     folder = os.path.join(held["folder"], uuid.uuid4().hex)
-    outputs = (_write_png(os.path.join(folder, "overlay.png"),
-                          predict.overlay(image, shown_mask, prob)),
-               _write_png(os.path.join(folder, "mask.png"), shown_mask.astype(np.uint8) * 255),
-               _stats_text(stats, threshold),
-               _write_png(os.path.join(folder, f"{held['name']}_segmentation.png"), mask))
+    with photos.writing() as allowed:
+        if not allowed:
+            return None, None, "⚠️ The server is stopping.", None, None
+        outputs = (_write_png(os.path.join(folder, "overlay.png"),
+                              predict.overlay(image, shown_mask, prob)),
+                   _write_png(os.path.join(folder, "mask.png"), shown_mask.astype(np.uint8) * 255),
+                   _stats_text(stats, threshold),
+                   _write_png(os.path.join(folder, f"{held['name']}_segmentation.png"), native))
     renders = held["renders"]
     renders.append(folder)
     if not state:  # forgotten while this ran: these files go too
@@ -241,7 +252,7 @@ def analyse(predictor, path, threshold, photos, state=None, max_pixels=MAX_MEGAP
              "name": os.path.splitext(shown_name)[0] or "photo", "hw": native, "image": image,
              "small_prob": small_prob, "renders": []}
     photos.hold(state)
-    return render(state, threshold)
+    return render(state, threshold, photos)
 
 
 def rerender(state, threshold, photos):
@@ -249,7 +260,7 @@ def rerender(state, threshold, photos):
     if state is None:
         return None, None, "Upload a photo first.", None, None
     photos.hold(state)  # used again: the last to be forgotten
-    return render(state, threshold)
+    return render(state, threshold, photos)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,8 +273,8 @@ def write_examples(folder, count=3, seed=7):
     paths = []
     for i, image in enumerate(images):
         path = os.path.join(folder, f"synthetic_{i + 1}.jpg")
-        common.atomic_write(path, lambda f: Image.fromarray(image).save(f, "JPEG", quality=92),
-                          durable=False)
+        save = functools.partial(Image.fromarray(image).save, format="JPEG", quality=92)
+        common.atomic_write(path, save, durable=False)
         paths.append(path)
     return paths
 
@@ -275,15 +286,14 @@ def theme():
                              font_mono=["ui-monospace", "Consolas", "monospace"])
 
 
-def build_ui(predictor, folder, max_pixels=MAX_MEGAPIXELS * 10**6):
+def build_ui(predictor, folder, photos, max_pixels=MAX_MEGAPIXELS * 10**6):
     """The Blocks page around one (locked) predictor. `folder` is Gradio's cache (main sets
-    GRADIO_TEMP_DIR to it before gradio loads): uploads, the examples and every render live there,
-    so Gradio serves the files analyse() writes as they are, without copying them."""
+    GRADIO_TEMP_DIR to it before gradio loads): uploads, the examples and every render (`photos`
+    holds them) live there, so Gradio serves the files analyse() writes as they are."""
     import gradio as gr
 
     examples_dir = os.path.join(folder, "examples")
     examples = write_examples(examples_dir)
-    photos = Photos(os.path.join(folder, "photos"))
 
     def on_upload(upload, threshold, state):
         # The upload as Gradio received it (preprocess=False below): gr.File's own preprocess
@@ -337,7 +347,8 @@ def build_ui(predictor, folder, max_pixels=MAX_MEGAPIXELS * 10**6):
 def parse_args(argv):
     parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=None,
-                        help="model: .keras, .tflite or SavedModel folder (default: best.keras here)")
+                        help="model: .keras, .tflite or SavedModel folder "
+                             "(default: best.keras here)")
     parser.add_argument("--size", type=int, default=None,
                         help="input size, only for a model that accepts any (default: run.json's)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -378,13 +389,39 @@ def return_freed_memory():
     """Make glibc hand every allocation of 1 MiB or more back to the system when it is freed. By
     default the threshold for that rises to the largest block freed so far (up to 32 MiB), and
     after a few large photos Pillow's 16 MiB blocks stay in the heap of whichever thread decoded
-    them: 20 photos of 50 megapixels kept 750 MB that nothing used. Elsewhere this does nothing."""
+    them, unused (docs/app.md has the measure). Elsewhere this does nothing."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
     m_mmap_threshold = -3  # glibc's malloc.h
     libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
+def stop(page, photos, folder):
+    """Stop serving, within STOP_SECONDS whatever the server is doing at that moment. uvicorn would
+    wait for every open connection to close (an upload, a result still streaming): it waits 1 s,
+    then cancels them. Gradio joins its server thread for at most 5 s; a call still running in a
+    thread writes nothing more (Photos.close). Should the exit still hang (a thread it waits for),
+    a timer removes the folder and ends the process, with one error line and exit code 1."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C cannot cut the clean-up short
+    deadline = threading.Timer(STOP_SECONDS, _stopped_late, (folder,))
+    deadline.daemon = True
+    deadline.start()
+    server = getattr(page, "server", None)  # None if the signal came before Gradio started it
+    if server:
+        server.config.timeout_graceful_shutdown = 1
+    page.close(verbose=False)
+    photos.close(STOP_SECONDS / 5)
+
+
+def _stopped_late(folder):
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"error: app.py: not stopped {STOP_SECONDS} s after the signal; ended it",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 @common.command
@@ -397,24 +434,32 @@ def main(argv=None):
     # Gradio's cache (its uploads included) inside the app's folder, which goes when the server
     # stops; Gradio's default, /tmp/gradio, outlives it.
     os.environ["GRADIO_TEMP_DIR"] = folder
-    # SIGTERM (kill, systemd, docker stop) and SIGHUP stop the server the way Ctrl-C does, so the
-    # folder goes with it; their default would end the process on the spot.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    # Ctrl-C, SIGTERM (kill, systemd, docker stop) and SIGHUP all raise KeyboardInterrupt, so the
+    # folder goes with the server. SIGINT is set too: a server started in the background by a
+    # script inherits SIGINT ignored, and Ctrl-C (or kill -INT) would do nothing at all.
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.default_int_handler)
     return_freed_memory()
+    photos, page = Photos(os.path.join(folder, "photos")), None
     try:
         predictor = LockedPredictor(predict.load_predictor(args.weights, args.size))
-        page = build_ui(predictor, folder, round(args.max_megapixels * 10**6))
+        page = build_ui(predictor, folder, photos, round(args.max_megapixels * 10**6))
         print(f"{model_line(predictor).replace('`', '')}; serving http://{args.host}:{args.port}",
               flush=True)
         # No monitoring page (anyone who can reach it would see the call counts) and no run
         # history (it keeps visitors' photos in the browser and can send them to a Hugging Face
-        # bucket).
+        # bucket). prevent_thread_lock: this thread waits for the signal itself, below.
         page.queue(default_concurrency_limit=CONCURRENCY).launch(
             server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
             theme=theme(), show_error=False, quiet=True, auth=args.auth,
             max_file_size=round(args.max_upload_mb * 2**20), enable_monitoring=False,
-            run_history=False)
+            run_history=False, prevent_thread_lock=True)
+        while True:
+            time.sleep(0.1)  # signals reach Python in the main thread, between two sleeps at worst
+    except KeyboardInterrupt:
+        if page is None:  # before the page existed: an interrupted start, `error: interrupted`
+            raise
+        stop(page, photos, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0

@@ -1,21 +1,15 @@
 """Masks for new photos, from any of the three model formats (.keras, a SavedModel folder, .tflite).
 
     python predict.py --weights best.keras --data photos/ --out masks/
-    python predict.py --weights best.keras --data isic2024/train-image.hdf5 --out masks/
 
 For each photo: <id>_segmentation.png (0/255 at the photo's native size, the ISIC submission
 format), <id>_overlay.jpg (the lesion tinted and outlined, at most 1024 px) and one row of
-predictions.csv (lesion area in pixels and %, mean probability inside it). --data is a folder of
-photos, one photo, an ISIC / HAM10000 / images+masks folder (every image, masks ignored), or an
-ISIC 2024 (SLICE-3D) HDF5 archive (one dataset of JPEG bytes per isic_id).
-
-Made for archives of tens of thousands of photos: memory does not grow with their number,
-predictions.csv grows a row at a time (a kill loses nothing already written), and rerunning the
-same command skips every photo that already has its mask and its row (--overwrite redoes them).
+predictions.csv. --data is a folder of photos, one photo, a data folder (every image, masks
+ignored) or an ISIC 2024 HDF5 archive (extras/archive.py, which also resumes an earlier run).
 
 Read top to bottom: the Predictor and its loaders, predicting (TTA, post-processing), one photo
 (shared with app.py), the pipeline that keeps the model busy (shared with evaluate.py), photos in
-bulk, the command line.
+bulk, the command line. docs/evaluation.md ("Masks for new photos") has the rest.
 """
 import csv
 import io
@@ -46,17 +40,17 @@ class Predictor:
     def predict(self, images):
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1:] != (self.size, self.size, 3):
-            raise ValueError(f"expected (N, {self.size}, {self.size}, 3) images, got {images.shape}")
-        out = [self._run_batch(images[i:i + self.batch]) for i in range(0, len(images), self.batch)]
+            raise ValueError(f"expected (N, {self.size}, {self.size}, 3) images, "
+                             f"got {images.shape}")
+        out = [self._run_batch(images[i:i + self.batch])
+               for i in range(0, len(images), self.batch)]
         probs = np.concatenate(out) if out else np.zeros((0, self.size, self.size), np.float32)
         return probs.reshape(len(images), self.size, self.size).astype(np.float32, copy=False)
 
 
 def square_size(shape, path, size, default_size=None):
-    """The model's input size from its input shape (N, H, W, 3).
-
-    An explicit `size` must match a fixed input; `size` or else `default_size` (run.json's
-    training size) fills a dynamic one."""
+    """The model's input size from its input shape (N, H, W, 3). An explicit `size` must match a
+    fixed input; `size` or else `default_size` (run.json's training size) fills a dynamic one."""
     if len(shape) != 4 or shape[-1] not in (3, None):
         raise common.Error(path, f"model input shape {tuple(shape)} is not (N, H, W, 3)")
     h, w = shape[1], shape[2]
@@ -64,7 +58,7 @@ def square_size(shape, path, size, default_size=None):
         size = size if size is not None else default_size
         if size is None:
             raise common.Error(path, "model accepts any input size; pass --size PX "
-                             "(or keep run.json beside it)")
+                                     "(or keep run.json beside it)")
         return int(size)
     if h != w:
         raise common.Error(path, f"model input is {h}x{w}, expected a square input")
@@ -82,93 +76,27 @@ def load_keras(path):
         raise common.Error(path, f"cannot load Keras model ({common.one_line(e)})") from None
 
 
-def _keras_predictor(path, size, default_size):
-    model = load_keras(path)
-    size = square_size(model.input_shape, path, size, default_size)
+def _predictor(path, kind, shape, run, size, default_size=None, batch=None):
+    """A Predictor around run, once the input shape gives its size and one dry run shows that it
+    returns one size x size map: a wrong model fails here with one line, not mid-way."""
+    size = square_size(shape, path, size, default_size)
+    try:
+        y = np.asarray(run(np.zeros((1, size, size, 3), np.uint8)))
+    except Exception as e:
+        raise common.Error(path, f"model failed on a {size}x{size} input "
+                                 f"({common.one_line(e)})") from None
+    if y.size != size * size:
+        raise common.Error(path, f"model output shape {y.shape} is not one {size}x{size} map")
+    return Predictor(path, kind, size, run, batch=batch or 8)
 
+
+def _keras_run(model):
     def run(x):
         y = model.predict_on_batch(x.astype(np.float32))
         if isinstance(y, dict):
             y = y["mask"] if "mask" in y else next(iter(y.values()))
         return np.asarray(y, np.float32)
-
-    _check_output(run, size, path)
-    return Predictor(path, "keras", size, run)
-
-
-def _saved_model_predictor(path, size, default_size):
-    common.import_keras()  # quietly, before TensorFlow's own import
-    import tensorflow as tf  # only this branch needs TensorFlow
-
-    try:
-        loaded = tf.saved_model.load(path)
-        fn = loaded.signatures["serving_default"]
-    except Exception as e:
-        raise common.Error(path, f"cannot load SavedModel ({common.one_line(e)})") from None
-    specs = fn.structured_input_signature[1]
-    if len(specs) != 1:
-        raise common.Error(path, f"serving signature has {len(specs)} inputs, expected 1")
-    (name, spec), = specs.items()
-    size = square_size(spec.shape.as_list(), path, size, default_size)
-
-    def run(x):
-        outputs = fn(**{name: tf.constant(x, dtype=spec.dtype)})
-        y = outputs["mask"] if "mask" in outputs else next(iter(outputs.values()))
-        return y.numpy().astype(np.float32)
-
-    _check_output(run, size, path)
-    batch = spec.shape.as_list()[0]  # a signature with a fixed batch (e.g. 1) gets exactly that
-    return Predictor(path, "saved_model", size, run, batch=batch or 8)
-
-
-def _tflite_predictor(path, size):
-    from ai_edge_litert.interpreter import Interpreter
-
-    try:
-        interp = Interpreter(model_path=path, num_threads=os.cpu_count())
-        interp.allocate_tensors()
-    except Exception as e:
-        raise common.Error(path, f"cannot load TFLite model ({common.one_line(e)})") from None
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    size = square_size(list(inp["shape"]), path, size)
-    in_scale, in_zero = inp["quantization"]
-    out_scale, out_zero = out["quantization"]
-
-    def quantize(x):
-        # Integer inputs carry their own scale/zero point; a uint8 model with scale 1, zero point 0
-        # gets the raw camera bytes unchanged, exactly what a phone feeds it.
-        if np.issubdtype(inp["dtype"], np.integer):
-            if in_scale == 0:
-                return x.astype(inp["dtype"])
-            info = np.iinfo(inp["dtype"])
-            q = np.round(x.astype(np.float32) / in_scale + in_zero)
-            return np.clip(q, info.min, info.max).astype(inp["dtype"])
-        return x.astype(inp["dtype"])
-
-    def run(x):
-        # One image per invoke: the exported signature has a fixed batch of 1 (faster on phones).
-        probs = []
-        for image in x:
-            interp.set_tensor(inp["index"], quantize(image[None]))
-            interp.invoke()
-            y = interp.get_tensor(out["index"])
-            if np.issubdtype(y.dtype, np.integer) and out_scale != 0:
-                y = (y.astype(np.float32) - out_zero) * out_scale
-            probs.append(y.astype(np.float32).reshape(size, size))
-        return np.stack(probs)
-
-    _check_output(run, size, path)
-    return Predictor(path, "tflite", size, run)
-
-
-def _check_output(run, size, path):
-    # One dry run so a model with the wrong output shape fails here with one line, not mid-way.
-    try:
-        y = np.asarray(run(np.zeros((1, size, size, 3), np.uint8)))
-    except Exception as e:
-        raise common.Error(path, f"model failed on a {size}x{size} input ({common.one_line(e)})") from None
-    if y.size != size * size:
-        raise common.Error(path, f"model output shape {y.shape} is not one {size}x{size} map")
+    return run
 
 
 def read_run_json(weights):
@@ -197,12 +125,18 @@ def load_predictor(path, size=None):
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "saved_model.pb")):
             raise common.Error(path, "folder is not a SavedModel (no saved_model.pb)")
-        return _saved_model_predictor(path, size, default_size)
+        from extras import formats
+        shape, run, batch = formats.open_saved_model(path)
+        return _predictor(path, "saved_model", shape, run, size, default_size, batch)
     if path.endswith(".tflite"):
-        return _tflite_predictor(path, size)
+        from extras import formats
+        shape, run = formats.open_tflite(path)
+        return _predictor(path, "tflite", shape, run, size)
     if path.endswith(".keras"):
-        return _keras_predictor(path, size, default_size)
-    raise common.Error(path, "unknown model format (expected .keras, .tflite or a SavedModel folder)")
+        model = load_keras(path)
+        return _predictor(path, "keras", model.input_shape, _keras_run(model), size, default_size)
+    raise common.Error(path, "unknown model format (expected .keras, .tflite or a SavedModel "
+                             "folder)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +153,9 @@ def predict_probs(predictor, images, tta=False, post="none", threshold=0.5):
         probs = probs + predictor.predict(images[:, :, ::-1])[:, :, ::-1]
         probs = probs + predictor.predict(images[:, ::-1])[:, ::-1]
         probs = probs / 3.0
-    return np.stack([postprocess(p, threshold, post) for p in probs]) if post != "none" else probs
+    if post == "none":
+        return probs
+    return np.stack([postprocess(p, threshold, post) for p in probs])
 
 
 def label(mask):
@@ -251,7 +187,8 @@ def postprocess(prob, threshold=0.5, post="none"):
     prob = np.array(prob, np.float32)
     if "fill" in post:
         background = label(prob <= threshold)
-        border = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
+        edges = (background[0], background[-1], background[:, 0], background[:, -1])
+        border = np.unique(np.concatenate(edges))
         prob[(background > 0) & ~np.isin(background, border)] = 1.0
     if "largest" in post:
         lesion = label(prob > threshold)
@@ -263,30 +200,48 @@ def postprocess(prob, threshold=0.5, post="none"):
 
 
 # ----------------------------------------------------------------------------------------------
-# One photo: the functions the bulk path below and the web app share
+# One photo: the functions the bulk path below, evaluate.py and the web app share
 
 TINT, OUTLINE = (255, 200, 0), (255, 0, 0)  # amber wash and a red border: visible on any skin tone
-PREVIEW_SIDE = 1024  # px, long side of overlays and of what the web page shows: previews, not the photo
+PREVIEW_SIDE = 1024  # px, long side of overlays and of what the web page shows
+BAND_ROWS = 256  # rows of a native-size map worked out at a time (see native_prob)
 
 
 def model_input(image, size):
-    """The size x size squash the model sees (the same squash evaluate.py's scores are measured on)."""
+    """The size x size squash the model sees (the one evaluate.py's scores are measured on)."""
     return data.resize_image(image, (size, size))
 
 
 def native_prob(small_prob, size_hw, threshold=0.5):
-    """(float32 probability, bool mask) at size_hw from the model's size x size map."""
-    prob = data.resize_prob(small_prob, size_hw)
-    return prob, prob > threshold
+    """(lesion_stats, bool mask at size_hw) from the model's size x size probability map, resized
+    (bilinear) a band of rows at a time: the float32 map of a 50-megapixel photo (200 MB) is never
+    whole. Each band is cut from the whole map's sampling grid, so the mask is one resize's but
+    where rounding puts a probability within 1e-5 of the threshold on the other side."""
+    h, w = size_hw
+    source = Image.fromarray(np.asarray(small_prob, np.float32))
+    mask = np.empty((h, w), bool)
+    area, inside = 0, 0.0
+    for top in range(0, h, BAND_ROWS):
+        bottom = min(h, top + BAND_ROWS)
+        box = (0, top * source.height / h, source.width, bottom * source.height / h)
+        band = np.asarray(source.resize((w, bottom - top), Image.BILINEAR, box=box))
+        hit = np.greater(band, threshold, out=mask[top:bottom])
+        area += int(np.count_nonzero(hit))
+        inside += float(np.sum(band, where=hit, dtype=np.float64))
+    return _stats(area, inside, h, w), mask
 
 
-def segment(predictor, image, threshold=0.5, tta=False, post="none"):
-    """(float32 prob (H, W), bool mask (H, W)) for one uint8 (H, W, 3) photo at its native size."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-    small = predict_probs(predictor, model_input(image, predictor.size)[None], tta, post, threshold)[0]
-    return native_prob(small, image.shape[:2], threshold)
+def lesion_stats(mask, prob):
+    """{"area_px", "area_percent" (0-100), "mean_prob" (inside the mask; 0.0 if empty), "width",
+    "height"} of one native-size mask and its probability map."""
+    mask = np.asarray(mask, bool)
+    inside = float(np.sum(prob, where=mask, dtype=np.float64))  # no copy of prob[mask]
+    return _stats(int(np.count_nonzero(mask)), inside, *mask.shape)
+
+
+def _stats(area, inside, h, w):
+    return {"area_px": area, "area_percent": 100.0 * area / (h * w) if h * w else 0.0,
+            "mean_prob": inside / area if area else 0.0, "width": int(w), "height": int(h)}
 
 
 def preview_hw(hw, side=PREVIEW_SIDE):
@@ -319,8 +274,10 @@ def overlay(image, mask, prob=None):
     if image.ndim != 3 or image.shape[2] != 3 or mask.shape != image.shape[:2]:
         raise ValueError(f"image {image.shape} and mask {mask.shape} do not match")
     out = image.copy()
-    alpha = np.full(mask.shape, 0.4, np.float32) if prob is None else \
-        np.clip(np.asarray(prob, np.float32), 0.0, 1.0) * 0.5
+    if prob is None:
+        alpha = np.full(mask.shape, 0.4, np.float32)
+    else:
+        alpha = np.clip(np.asarray(prob, np.float32), 0.0, 1.0) * 0.5
     a = alpha[mask][:, None]
     out[mask] = np.round(image[mask] * (1 - a) + np.asarray(TINT, np.float32) * a).astype(np.uint8)
     # About 3 px on a 1000 px photo: thick enough to see, thin enough not to hide the border.
@@ -329,18 +286,6 @@ def overlay(image, mask, prob=None):
         inner = _erode(inner)
     out[mask & ~inner] = OUTLINE
     return out
-
-
-def lesion_stats(mask, prob):
-    """{"area_px", "area_percent" (0-100), "mean_prob" (inside the mask; 0.0 if empty), "width",
-    "height"} of one native-size mask and its probability map."""
-    mask = np.asarray(mask, bool)
-    area = int(np.count_nonzero(mask))
-    # sum(where=) instead of prob[mask]: no 12-megapixel temporary copy.
-    inside = float(np.sum(prob, where=mask, dtype=np.float64)) if area else 0.0
-    h, w = mask.shape
-    return {"area_px": area, "area_percent": 100.0 * area / mask.size if mask.size else 0.0,
-            "mean_prob": inside / area if area else 0.0, "width": int(w), "height": int(h)}
 
 
 def png_bytes(image, **kw):
@@ -353,7 +298,8 @@ def save_mask_png(folder, image_id, pred):
     # ISIC submission format: 8-bit greyscale, 0/255, native size, <id>_segmentation.png.
     image = Image.fromarray(pred.astype(np.uint8) * 255, mode="L")
     payload = png_bytes(image, compress_level=1)
-    common.atomic_write(os.path.join(folder, f"{image_id}_segmentation.png"), lambda f: f.write(payload))
+    common.atomic_write(os.path.join(folder, f"{image_id}_segmentation.png"),
+                        lambda f: f.write(payload))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,11 +307,12 @@ def save_mask_png(folder, image_id, pred):
 
 
 def pipeline(items, decode, finish, predict, batch, timing, problems, bar, workers=None):
-    """While the model predicts batch i, one thread decodes batch i + 1 and a pool finishes (scores,
-    writes) batch i - 1. decode(item) -> (decoded tuple whose last element is the model input, or a
-    problem dict; seconds); predict(images) -> probabilities; finish(decoded, prob) runs in the pool.
-    Yields (decoded, finish's result) in item order; problems and decode/predict time are recorded.
-    At most three batches are in flight, so memory does not grow with the number of items."""
+    """While the model predicts batch i, one thread decodes batch i + 1 and a pool finishes
+    (scores, writes) batch i - 1. decode(item) -> (decoded tuple whose last element is the model
+    input, or a problem dict; seconds); predict(images) -> probabilities; finish(decoded, prob)
+    runs in the pool. Yields (decoded, finish's result) in item order; problems and decode/predict
+    time are recorded. At most three batches are in flight, so memory does not grow with the
+    number of items."""
     chunks = (items[i:i + batch] for i in range(0, len(items), batch))
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(1) as decoder, ThreadPoolExecutor(workers) as pool:
@@ -399,132 +346,75 @@ def pipeline(items, decode, finish, predict, batch, timing, problems, bar, worke
 
 COLUMNS = ("image_id", "file", "width", "height", "area_px", "area_percent", "mean_prob")
 OUTPUT_SUFFIXES = ("_segmentation", "_overlay")  # our own outputs, never photos to segment
-HDF5_SUFFIXES = (".hdf5", ".h5")
-
-
-def photo_files(folder):
-    """The photos in a plain folder (not recursive), sorted, without masks this command wrote."""
-    return [p for p in data.image_files(folder)
-            if not os.path.splitext(os.path.basename(p))[0].lower().endswith(OUTPUT_SUFFIXES)]
+HDF5_SUFFIXES = (".hdf5", ".h5")  # an ISIC 2024 archive; its photos are "archive.hdf5:<key>"
 
 
 def find_photos(source):
-    """[(image_id, file)] to segment. source: one photo, a plain folder of photos, a data folder in a
-    known layout (every image of its image folders, masks ignored) or an HDF5 archive, whose photos
-    are "archive.hdf5:<key>"."""
+    """[(image_id, file)] to segment: one photo, a plain folder of photos (not recursive, without
+    our own outputs), a data folder in a known layout (every image, masks ignored) or an archive."""
     if os.path.isfile(source) and source.lower().endswith(HDF5_SUFFIXES):
-        import h5py  # TensorFlow installs it; only archives need it
-        try:
-            with h5py.File(source, "r") as f:
-                keys = sorted(k for k, v in f.items() if isinstance(v, h5py.Dataset))
-        except OSError as e:
-            raise common.Error(source, f"not a readable HDF5 file ({common.one_line(e)})") from None
-        if not keys:
-            raise common.Error(source, "no datasets (expected one dataset of image bytes per id)")
-        return [(key, f"{source}:{key}") for key in keys]
+        from extras import archive  # h5py, only for an archive
+        return archive.find_photos(source)
     if os.path.isfile(source):
         return [(os.path.splitext(os.path.basename(source))[0], source)]
     if not os.path.isdir(source):
         raise common.Error(source, "no such file or folder")
     layout = data.layout_of(source)
     if layout:
-        files = [p for _, folder, _ in data.LAYOUTS[layout] for p in data.image_files(os.path.join(source, folder))]
+        folders = [os.path.join(source, folder) for _, folder, _ in data.LAYOUTS[layout]]
+        files = [p for folder in folders for p in data.image_files(folder)]
     else:
-        files = photo_files(source)
+        files = [p for p in data.image_files(source)
+                 if not _image_id(p).lower().endswith(OUTPUT_SUFFIXES)]
     if not files:
         raise common.Error(source, "no images found")
-    return [(os.path.splitext(os.path.basename(p))[0], p) for p in sorted(files)]
+    return [(_image_id(p), p) for p in sorted(files)]
 
 
-class Reader:
-    """Reads one photo for the pipeline's decoder thread: from disk, or from the HDF5 archive that
-    `file` names (opened once, read from one thread)."""
+def _image_id(path):
+    return os.path.splitext(os.path.basename(path))[0]
 
-    def __init__(self):
-        self.archives = {}
 
-    def raw(self, file):
-        archive, _, key = file.rpartition(":")
-        if not archive.lower().endswith(HDF5_SUFFIXES):
-            return None
-        if archive not in self.archives:
-            import h5py
-            self.archives[archive] = h5py.File(archive, "r")
-        value = self.archives[archive][key][()]
-        if isinstance(value, bytes):
-            return value
-        if isinstance(value, (np.ndarray, np.generic)):  # uint8 arrays, opaque (np.void) scalars
-            return value.tobytes()
-        raise common.Error(file, "the dataset holds no image bytes")  # h5py.Empty, say
-
-    def close(self):
-        for f in self.archives.values():
-            f.close()
+def _in_archive(file):
+    return file.rpartition(":")[0].lower().endswith(HDF5_SUFFIXES)
 
 
 def _decode_photo(reader, image_id, file, size):
     """(image_id, file, native (h, w), preview image, model input) or a problem dict, and seconds.
-
-    One draft decode at the preview's size serves both the overlay and the model: the native
-    size comes from the header, so the full-resolution pixels are never decoded."""
+    One draft decode at the preview's size serves both the overlay and the model; the native size
+    comes from the header."""
     t = time.perf_counter()
     try:
-        raw = reader.raw(file)
+        raw = reader.raw(file) if reader and _in_archive(file) else None
         native = data.native_hw(file, raw)  # a bad file fails here, as one line naming it
         preview = decode_preview(file, native, raw)
     except common.Error as e:
         return {"file": e.file, "problem": e.problem}, time.perf_counter() - t
     except (OSError, KeyError) as e:
-        return {"file": file, "problem": f"cannot read ({common.one_line(e)})"}, time.perf_counter() - t
+        problem = f"cannot read ({common.one_line(e)})"
+        return {"file": file, "problem": problem}, time.perf_counter() - t
     return (image_id, file, native, preview, model_input(preview, size)), time.perf_counter() - t
 
 
 def _write_prediction(folder, image_id, file, native, preview, small_prob, threshold, overlays):
     """Mask at native size, overlay preview and the CSV row of one photo; a thread runs it."""
     t = time.perf_counter()
-    prob, mask = native_prob(small_prob, native, threshold)
-    row = {"image_id": image_id, "file": file, **lesion_stats(mask, prob)}
+    stats, mask = native_prob(small_prob, native, threshold)
     save_mask_png(folder, image_id, mask)
     if overlays:
-        if preview.shape[:2] == native:
-            preview_prob, preview_mask = prob, mask
-        else:
-            preview_prob, preview_mask = native_prob(small_prob, preview.shape[:2], threshold)
-        tinted = Image.fromarray(overlay(preview, preview_mask, preview_prob))
+        prob = data.resize_prob(small_prob, preview.shape[:2])  # a preview is small: whole
+        tinted = Image.fromarray(overlay(preview, prob > threshold, prob))
         common.atomic_write(os.path.join(folder, f"{image_id}_overlay.jpg"),
-                          lambda f: tinted.save(f, "JPEG", quality=90))
-    return row, time.perf_counter() - t
+                            lambda f: tinted.save(f, "JPEG", quality=90))
+    return {"image_id": image_id, "file": file, **stats}, time.perf_counter() - t
 
 
 def csv_line(row):
     buffer = io.StringIO()
-    csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n").writerow(
-        {**row, "area_percent": f"{row['area_percent']:.4f}", "mean_prob": f"{row['mean_prob']:.6f}"})
+    writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writerow({**row, "area_percent": f"{row['area_percent']:.4f}",
+                     "mean_prob": f"{row['mean_prob']:.6f}"})
     return buffer.getvalue()
-
-
-def _finished(out, csv_path, overwrite):
-    """The ids an earlier run finished (mask written and row in predictions.csv), after dropping the
-    rows it cannot vouch for: a last line cut short by a kill, and rows whose mask is gone."""
-    if overwrite or not os.path.exists(csv_path):
-        common.atomic_write(csv_path, lambda f: f.write(",".join(COLUMNS).encode() + b"\n"))
-        return set()
-    try:
-        with open(csv_path, newline="") as f:
-            lines = f.readlines()
-    except UnicodeDecodeError:  # (saved as UTF-16 by a spreadsheet, say): not ours, as below
-        lines = []
-    if not lines or lines[0].rstrip("\n").split(",") != list(COLUMNS):
-        raise common.Error(csv_path, "not a predictions.csv of this command; choose another --out, or --overwrite")
-    kept, done = [lines[0]], set()
-    for line in lines[1:]:
-        image_id = next(csv.reader([line]), [""])[0]
-        if line.endswith("\n") and os.path.exists(os.path.join(out, f"{image_id}_segmentation.png")):
-            kept.append(line)
-            done.add(image_id)
-    if len(kept) < len(lines):
-        common.atomic_write(csv_path, lambda f: f.write("".join(kept).encode()))
-    return done
 
 
 def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none", overwrite=False,
@@ -536,19 +426,28 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
     flat over an archive."""
     os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "predictions.csv")
-    finished = _finished(out, csv_path, overwrite)
-    timing = dict.fromkeys(("decode", "predict", "write"), 0.0)
+    finished = set()
+    if overwrite or not os.path.exists(csv_path):
+        common.atomic_write(csv_path, lambda f: f.write(",".join(COLUMNS).encode() + b"\n"))
+    else:  # an earlier run's: keep what it finished
+        from extras import archive
+        finished = archive.finished(out, csv_path, COLUMNS)
     problems, seen, todo = [], {}, []
     for image_id, file in photos:
         if image_id in seen:  # a.jpg and a.png would write the same <id>_segmentation.png
-            problems.append({"file": file, "problem": f"duplicate id {image_id} (already {seen[image_id]}); skipped"})
+            problem = f"duplicate id {image_id} (already {seen[image_id]}); skipped"
+            problems.append({"file": file, "problem": problem})
             continue
         seen[image_id] = file
         if image_id not in finished:
             todo.append((image_id, file))
-    skipped = len(seen) - len(todo)
+    reader = None
+    if any(_in_archive(file) for _, file in todo):
+        from extras import archive
+        reader = archive.Reader()
+    timing = dict.fromkeys(("decode", "predict", "write"), 0.0)
     bar = common.Progress(len(todo), "predict", progress)
-    reader, done, started = Reader(), 0, time.perf_counter()
+    done, started = 0, time.perf_counter()
     try:
         with open(csv_path, "a", newline="") as rows:
             for _, (row, seconds) in pipeline(
@@ -562,9 +461,10 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
                 done += 1
                 bar.update()
     finally:
-        reader.close()
+        if reader:
+            reader.close()
     timing["total"] = time.perf_counter() - started
-    return {"done": done, "skipped_existing": skipped, "problems": problems,
+    return {"done": done, "skipped_existing": len(seen) - len(todo), "problems": problems,
             "seconds": {k: round(v, 3) for k, v in timing.items()}}
 
 
@@ -596,29 +496,34 @@ def parse(parser, argv):
 @common.command
 def main(argv=None):
     p = model_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="a folder of photos, one photo, a data folder (every "
-                   "image, masks ignored) or an ISIC 2024 HDF5 archive")
-    p.add_argument("--out", required=True, help="folder for the masks, overlays and predictions.csv")
+    p.add_argument("--data", required=True, help="a folder of photos, one photo, a data folder "
+                   "(every image, masks ignored) or an ISIC 2024 HDF5 archive")
+    p.add_argument("--out", required=True,
+                   help="folder for the masks, overlays and predictions.csv")
     p.add_argument("--overwrite", action="store_true", help="redo photos an earlier run finished")
-    p.add_argument("--no-overlay", dest="overlays", action="store_false", help="masks and rows only")
+    p.add_argument("--no-overlay", dest="overlays", action="store_false",
+                   help="masks and rows only")
     args = parse(p, argv)
     photos = find_photos(args.data)
     predictor = load_predictor(args.weights, args.size)
     print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {args.data} "
           f"({len(photos)} photos)", file=sys.stderr)
-    result = predict_photos(predictor, photos, args.out, args.threshold, args.tta, args.post, args.overwrite,
-                            args.overlays, progress=not args.no_progress and sys.stderr.isatty())
+    result = predict_photos(predictor, photos, args.out, args.threshold, args.tta, args.post,
+                            args.overwrite, args.overlays,
+                            progress=not args.no_progress and sys.stderr.isatty())
     for problem in result["problems"]:
         print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
     if result["skipped_existing"]:
-        print(f"{result['skipped_existing']} photos already done in {args.out} (--overwrite redoes them)")
+        print(f"{result['skipped_existing']} photos already done in {args.out} "
+              "(--overwrite redoes them)")
     if not result["done"] and not result["skipped_existing"]:
         raise common.Error(args.data, "no photo could be segmented", exit_code=1)
     s = result["seconds"]
-    print(f"predicted {result['done']} ({len(result['problems'])} skipped) in {s['total']:.2f}s (predict "
-          f"{s['predict']:.2f}, decode {s['decode']:.2f}, resize-back+write {s['write']:.2f})")
-    print(f"wrote {args.out}/: <id>_segmentation.png{', <id>_overlay.jpg' if args.overlays else ''}, "
-          "predictions.csv", file=sys.stderr)
+    print(f"predicted {result['done']} ({len(result['problems'])} skipped) in {s['total']:.2f}s "
+          f"(predict {s['predict']:.2f}, decode {s['decode']:.2f}, "
+          f"resize-back+write {s['write']:.2f})")
+    overlays = ", <id>_overlay.jpg" if args.overlays else ""
+    print(f"wrote {args.out}/: <id>_segmentation.png{overlays}, predictions.csv", file=sys.stderr)
     return 0
 
 

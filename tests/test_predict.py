@@ -1,5 +1,6 @@
-"""predict.py: segment / overlay / lesion_stats, the bulk path (--data photos/ --out masks/), data
-folders, HDF5 archives, reruns that skip finished photos, kills, bad files, all three formats."""
+"""predict.py: native_prob / overlay / lesion_stats, the bulk path (--data photos/ --out masks/),
+data folders, bad files, all three formats (extras/formats.py), and extras/archive.py's part: HDF5
+archives, reruns that skip finished photos, kills; neither extras module loads unless asked for."""
 
 import csv
 import json
@@ -60,19 +61,49 @@ def _mask(folder, image_id):
 
 # ---------------------------------------------------------------------------- the functions
 
-def test_segment_returns_native_prob_and_thresholded_mask(model):
+def _one_photo(predictor, file, threshold=0.5, tta=False):
+    """(stats, native mask) of one photo the way predict.py and app.py make it: the draft decode at
+    preview size, the model on its squash, the map resized back to the native size."""
+    native = data.native_hw(file)
+    preview = predict.decode_preview(file, native)
+    x = predict.model_input(preview, predictor.size)[None]
+    return predict.native_prob(predict.predict_probs(predictor, x, tta)[0], native, threshold)
+
+
+def test_native_prob_returns_the_thresholded_mask_at_native_size(model):
     _, predictor = model
     image = synthetic.make_synthetic(1, size_wh=(70, 45))[0][0]
-    prob, mask = predict.segment(predictor, image, threshold=0.5)
+    small = predict.predict_probs(predictor, predict.model_input(image, predictor.size)[None])[0]
+    prob = data.resize_prob(small, (45, 70))
+    stats, mask = predict.native_prob(small, (45, 70), threshold=0.5)
     assert prob.shape == mask.shape == (45, 70)
     assert prob.dtype == np.float32 and mask.dtype == bool
     assert np.array_equal(mask, prob > 0.5)
-    _, low = predict.segment(predictor, image, threshold=0.0)
+    assert stats == predict.lesion_stats(mask, prob)
+    _, low = predict.native_prob(small, (45, 70), threshold=0.0)
     assert np.array_equal(low, prob > 0.0)
-    tta_prob, _ = predict.segment(predictor, image, tta=True)
+    flips = predict.predict_probs(predictor, predict.model_input(image, predictor.size)[None], tta=True)
+    tta_prob = data.resize_prob(flips[0], (45, 70))
     assert tta_prob.shape == (45, 70) and np.all((tta_prob >= 0) & (tta_prob <= 1))
     with pytest.raises(ValueError):
-        predict.segment(predictor, image[..., 0])
+        predict.predict_probs(predictor, predict.model_input(image[..., 0], predictor.size)[None])
+
+
+@pytest.mark.parametrize("hw", [(288, 384), (1000, 700), (97, 131), (20, 20), (513, 3)])
+def test_native_prob_in_bands_matches_one_resize(hw):
+    """native_prob works out the native map a band of rows at a time (a 50-megapixel photo's whole
+    map is 200 MB): the mask is one whole resize's but for rounding at the threshold itself."""
+    rng = np.random.default_rng(hw[0])
+    small = rng.random((32, 32)).astype(np.float32)
+    stats, mask = predict.native_prob(small, hw, 0.5)
+    prob = data.resize_prob(small, hw)
+    expected = prob > 0.5
+    differ = mask != expected
+    assert np.all(np.abs(prob[differ] - 0.5) < 1e-4)  # only rounding, at the threshold itself
+    assert differ.sum() <= 2
+    reference = predict.lesion_stats(mask, prob)
+    assert stats["area_px"] == reference["area_px"]
+    assert stats["mean_prob"] == pytest.approx(reference["mean_prob"], abs=1e-5)
 
 
 @st.composite
@@ -156,10 +187,9 @@ def test_photos_without_masks(model, photos, tmp_path, capsys):
                                                         if n.startswith(image_id + ".")))
         with Image.open(out / f"{image_id}_overlay.jpg") as o:
             assert (o.height, o.width) == hw
-        # One source of truth: the batch path gives exactly what segment() gives a web app.
-        prob, expected = predict.segment(predictor, data.load_image(row["file"]))
+        # One source of truth: the batch path gives exactly what one photo gets in the web app.
+        stats, expected = _one_photo(predictor, row["file"])
         assert np.array_equal(mask == 255, expected)
-        stats = predict.lesion_stats(expected, prob)
         assert float(row["mean_prob"]) == pytest.approx(stats["mean_prob"], abs=1e-6)
     # --no-overlay: masks and rows only.
     code, _, _ = _run(["--weights", weights, "--data", folder, "--out", str(tmp_path / "bare"), "--no-overlay"], capsys)
@@ -268,13 +298,14 @@ def test_isic_2024_hdf5_archive(model, tmp_path, capsys):
     assert len(skipped) == 2 and skipped[1].startswith(f"skipped: {archive}:ISIC_9999999: ")
     rows = _rows(out)
     assert sorted(rows) == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
-    for i, image in enumerate(images):
+    for i in range(len(images)):
         image_id = f"ISIC_{i:07d}"
         assert rows[image_id]["file"] == f"{archive}:{image_id}"
         mask = _mask(out, image_id)
         assert mask.shape == (127, 133)
-        decoded = np.asarray(Image.open(io.BytesIO(h5py.File(archive)[image_id][()].tobytes())).convert("RGB"))
-        assert np.array_equal(mask == 255, predict.segment(predictor, decoded)[1])
+        decoded = tmp_path / f"{image_id}.jpg"
+        decoded.write_bytes(h5py.File(archive)[image_id][()].tobytes())
+        assert np.array_equal(mask == 255, _one_photo(predictor, str(decoded))[1])
     assert _run(["--weights", weights, "--data", str(tmp_path / "missing.hdf5"), "--out", str(out)], capsys)[0] == 2
 
 
@@ -338,3 +369,29 @@ def test_saved_model_and_tflite_share_the_path(tiny_model, photos, tmp_path, cap
         for image_id, area in areas["keras"].items():
             # An untrained net sits near 0.5; float noise flips only a sliver of pixels.
             assert abs(areas[name][image_id] - area) <= 0.02 * np.prod(native[image_id]), name
+
+
+def test_extras_load_only_when_asked_for(model, photos, tmp_path, capsys, monkeypatch):
+    """`import predict` loads no optional library and no extras module; a first run of a .keras
+    model over a folder needs neither extras/archive.py nor extras/formats.py; a rerun into the
+    same --out brings in archive (to resume) and nothing else."""
+    probe = ("import sys, predict; print(sorted(m for m in ('h5py', 'gradio', 'matplotlib', "
+             "'keras', 'tensorflow', 'extras.archive', 'extras.formats') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+    weights, _ = model
+    folder, _ = photos
+    argv = ["--weights", weights, "--data", folder, "--out", str(tmp_path / "out")]
+    import extras
+    with monkeypatch.context() as blocked:
+        for name in ("archive", "formats"):  # any `from extras import <name>` now fails
+            blocked.delattr(extras, name, raising=False)
+            blocked.setitem(sys.modules, f"extras.{name}", None)
+        code, stdout, err = _run(argv, capsys)
+    assert code == 0 and "predicted 3 (0 skipped)" in stdout, err
+    with monkeypatch.context() as blocked:
+        blocked.delattr(extras, "formats", raising=False)
+        blocked.setitem(sys.modules, "extras.formats", None)
+        code, stdout, err = _run(argv, capsys)
+    assert code == 0 and "3 photos already done" in stdout, err

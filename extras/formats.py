@@ -1,0 +1,73 @@
+"""Running the two exported formats: a TensorFlow SavedModel folder and a LiteRT (.tflite) file.
+
+predict.load_predictor imports this module only when --weights (of predict.py, evaluate.py, app.py
+or export.py's checks) names a SavedModel folder or a .tflite file; a .keras file never needs it.
+Each opener returns the model's input shape and run(uint8 (N, S, S, 3)) -> float32 probabilities;
+predict.py checks the shape and wraps run in its Predictor, the same for every format.
+"""
+import os
+
+import numpy as np
+
+import common
+
+
+def open_saved_model(path):
+    """(input shape, run, batch) of a SavedModel's serving signature; batch is None unless the
+    signature fixes it (an export for phones fixes 1)."""
+    common.import_keras()  # quietly, before TensorFlow's own import
+    import tensorflow as tf
+
+    try:
+        fn = tf.saved_model.load(path).signatures["serving_default"]
+    except Exception as e:
+        raise common.Error(path, f"cannot load SavedModel ({common.one_line(e)})") from None
+    specs = fn.structured_input_signature[1]
+    if len(specs) != 1:
+        raise common.Error(path, f"serving signature has {len(specs)} inputs, expected 1")
+    (name, spec), = specs.items()
+
+    def run(x):
+        outputs = fn(**{name: tf.constant(x, dtype=spec.dtype)})
+        y = outputs["mask"] if "mask" in outputs else next(iter(outputs.values()))
+        return y.numpy().astype(np.float32)
+
+    shape = spec.shape.as_list()
+    return shape, run, shape[0]
+
+
+def open_tflite(path):
+    """(input shape, run) of a .tflite file, float or integer-quantized."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interp = Interpreter(model_path=path, num_threads=os.cpu_count())
+        interp.allocate_tensors()
+    except Exception as e:
+        raise common.Error(path, f"cannot load TFLite model ({common.one_line(e)})") from None
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    in_scale, in_zero = inp["quantization"]
+    out_scale, out_zero = out["quantization"]
+
+    def quantize(x):
+        # Integer inputs carry their own scale/zero point; a uint8 model with scale 1, zero point 0
+        # gets the raw camera bytes unchanged, exactly what a phone feeds it.
+        if np.issubdtype(inp["dtype"], np.integer) and in_scale != 0:
+            info = np.iinfo(inp["dtype"])
+            q = np.round(x.astype(np.float32) / in_scale + in_zero)
+            return np.clip(q, info.min, info.max).astype(inp["dtype"])
+        return x.astype(inp["dtype"])
+
+    def run(x):
+        # One image per invoke: the exported signature has a fixed batch of 1 (faster on phones).
+        probs = []
+        for image in x:
+            interp.set_tensor(inp["index"], quantize(image[None]))
+            interp.invoke()
+            y = interp.get_tensor(out["index"])
+            if np.issubdtype(y.dtype, np.integer) and out_scale != 0:
+                y = (y.astype(np.float32) - out_zero) * out_scale
+            probs.append(y.astype(np.float32).reshape(image.shape[:2]))
+        return np.stack(probs)
+
+    return list(inp["shape"]), run
