@@ -3,17 +3,10 @@
     python train.py --data data/isic2018 --size 128 --epochs 20
     python evaluate.py --weights best.keras
 
-Writes, in --out: best.keras (best validation Dice), last.keras (model, optimizer and resume state),
-log.csv (a row per epoch), curves.png (the log as a picture), run.json (configuration, machine,
-data summary, result) and state.json (the resume state, readable). Kill it at any moment and rerun
-the same command: it resumes after the last finished epoch. Every file is written to a temp file
-and renamed into place; last.keras is the commit point. Another configuration in the same --out is
-refused unless --fresh.
-
-Read top to bottom: the settings (Config), the files, the per-epoch jobs, then train(): resume or
-start, data, model, fit. What is optional lives in extras/: several --data sets (sources), the
-machine and its devices (runtime), several hosts (cluster), curves.png and --plot and --tensorboard
-(curves), augmentation on the accelerator (device_augment). docs/training.md.
+Writes in --out: best.keras, last.keras (model, optimizer and resume state), log.csv, curves.png,
+run.json and state.json (README). Kill it at any moment and rerun the same command: it resumes
+after the last finished epoch. Read top to bottom: the settings (Config), the files, the jobs at
+each epoch's end, then train(). Optional parts live in extras/ (docs/training.md).
 """
 import argparse
 import contextlib
@@ -243,14 +236,11 @@ def read_state(path):
 
 
 @contextlib.contextmanager
-def ema_weights(model, on=True):
+def ema_weights(model):
     """With --ema: the optimizer's moving average in the model's weights for the duration, the
     trained weights back afterwards. This drives Keras's SwapEMAWeights by hand, the callback fit
     itself gets for its validation: one mechanism wherever the average is validated or saved."""
     import keras
-    if not on:
-        yield
-        return
     swap = keras.callbacks.SwapEMAWeights()
     swap.set_model(model)
     swap.on_test_begin()
@@ -319,15 +309,6 @@ class Run:
     draw: bool = True  # curves.png (off after the first failure)
 
 
-def validate_per_source(run):
-    """With 2+ sources fit does not validate; this does, all and per source (with the average)."""
-    from extras import sources
-    p = run.per_source
-    with ema_weights(run.model, run.cfg.ema > 0):
-        run.row.update(sources.validate(run.model, run.cfg.loss, p.images, p.masks,
-                                        run.cfg.batch, p.spans))
-
-
 def decide(run):
     """The schedule's, early stopping's and the NaN guard's decision (epoch_decision)."""
     decided = epoch_decision(run.state, run.row, run.cfg)
@@ -349,15 +330,6 @@ def checkpoint(run):
 def write_logs(run):
     write_text(run.paths["state"], json.dumps(run.state, indent=1))
     write_log(run.paths["log"], run.state["history"])
-
-
-def draw(run):
-    from extras import curves
-    try:
-        curves.draw_curves(run.paths["curves"], [("", run.state["history"])])
-    except (OSError, ImportError) as e:  # a picture is not worth a run: say so once, go on
-        run.draw = False
-        print(f"note: {run.paths['curves']}: not drawn ({common.one_line(e)})", file=sys.stderr)
 
 
 def report(run):
@@ -404,8 +376,10 @@ def epoch_end(run, steps):
                 "seconds": round(now - self.t_begin, 2)}
             for k in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou"):
                 run.row[k] = float(logs[k]) if k in logs else None
-            if run.per_source:
-                validate_per_source(run)
+            if run.per_source:  # fit did not validate: validate all and per source (extras)
+                from extras import sources
+                with ema_weights(self.model) if cfg.ema else contextlib.nullcontext():
+                    run.row.update(sources.validate(self.model, cfg, run.per_source))
                 run.row["seconds"] = round(time.perf_counter() - self.t_begin, 2)
             decide(run)
             if run.state["diverged"]:  # NaN guard: keep the last good checkpoint, commit nothing
@@ -413,8 +387,9 @@ def epoch_end(run, steps):
             checkpoint(run)
             if run.chief:  # saving a model is collective (above); the rest is process 0's alone
                 write_logs(run)
-                if run.draw:
-                    draw(run)
+                if run.draw:  # curves.png; after a failure (no matplotlib, a full disk) no more
+                    from extras import curves
+                    run.draw = curves.redraw(run.paths["curves"], run.state["history"])
             # TensorBoard (after this callback) logs what fit put in logs; add what only this knows.
             logs.update({k: v for k, v in run.row.items() if "val_" in k and v is not None})
             if run.chief:

@@ -29,10 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import arm_guest  # noqa: E402  (beside this file; the code that runs on both sides)
+from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
 
 import common  # noqa: E402
 import data  # noqa: E402
-from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
 from extras import synthetic  # noqa: E402
 
 # QEMU CPU models, each standing for a family of XNNPACK kernels a phone may get.

@@ -41,10 +41,11 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
+
 import app  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
-from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
 from extras import synthetic  # noqa: E402
 
 

@@ -20,10 +20,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
+
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import predict  # noqa: E402
-from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
 import unet  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",

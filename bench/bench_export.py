@@ -17,8 +17,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import export  # noqa: E402
 from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
+
+import export  # noqa: E402
 import unet  # noqa: E402
 from extras import synthetic  # noqa: E402
 

@@ -19,8 +19,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import data  # noqa: E402
 from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
+
+import data  # noqa: E402
 
 DEFAULT_DATA = [os.path.join(REPO, "..", "shared", "data", name) for name in ("isic2018", "ham10000")]
 

@@ -19,9 +19,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
+
 import common  # noqa: E402
 import predict  # noqa: E402
-from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
 
 
 def run(cmd):

@@ -166,8 +166,9 @@ def main():
     ap.add_argument("--json", default=None, help="also write every figure here")
     args = ap.parse_args()
     keras = common.import_keras()
-    from extras import runtime
     from machine import cpu_line
+
+    from extras import runtime
     print(f"{cpu_line()}; {keras.backend.backend()} {runtime.accelerator()}, Keras {keras.__version__}; "
           f"{args.size} px, base {args.filters}, depth {args.depth}, batch {args.batch}, {args.steps} steps x "
           f"{args.epochs} epochs", flush=True)

@@ -24,11 +24,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from machine import cpu_line  # noqa: E402
 
 import data  # noqa: E402
 import train  # noqa: E402
 from extras import runtime  # noqa: E402
-from machine import cpu_line  # noqa: E402
 
 
 def bare_fit(images, masks, size, batch, filters, epochs, steps):

@@ -227,9 +227,9 @@ def run(args):
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import bench_step
     import keras
+    from machine import cpu_line
 
     from extras import runtime
-    from machine import cpu_line
     report = {"command": " ".join(sys.argv), "tiny": args.tiny, "backend": keras.backend.backend(),
               "accelerator": runtime.accelerator(), "cpu": cpu_line(), "settings": p, "seconds": {}}
     if keras.backend.backend() == "jax":

@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import os
+import sys
 
 import common
 
@@ -82,6 +83,17 @@ def draw_curves(path, runs):
     with common.atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", metadata={"Description": json.dumps({"epochs": drawn})})
     return drawn
+
+
+def redraw(path, rows):
+    """curves.png of one run after an epoch: True, or False (said once) where it cannot be drawn
+    (no matplotlib, a full disk): a picture is not worth a run."""
+    try:
+        draw_curves(path, [("", rows)])
+        return True
+    except (OSError, ImportError) as e:
+        print(f"note: {path}: not drawn ({common.one_line(e)})", file=sys.stderr)
+        return False
 
 
 def plot_command(cfg):

@@ -30,7 +30,7 @@ def per_source(val_set, images, masks):
     return PerSource(images, masks, spans)
 
 
-def validate(model, loss_name, images, masks, batch, spans, chunk=256):
+def validate(model, cfg, per_source, chunk=256):
     """fit's three validation figures from one prediction pass, plus each source's Dice:
     {"val_loss", "val_dice", "val_iou", "val_dice_<name>", ...}, per image and averaged as the
     compiled loss and metrics are. With 2+ sources this replaces fit's own validation, which cannot
@@ -40,12 +40,13 @@ def validate(model, loss_name, images, masks, batch, spans, chunk=256):
 
     import unet
 
-    measures = (("loss", unet.LOSSES[loss_name]), ("dice", unet.dice_per_image),
+    images, masks, spans = per_source
+    measures = (("loss", unet.LOSSES[cfg.loss]), ("dice", unet.dice_per_image),
                 ("iou", unet.iou_per_image))
     scores = {"loss": [], "dice": [], "iou": []}
     for i in range(0, len(images), chunk):
         truth = masks[i:i + chunk]
-        probs = model.predict(images[i:i + chunk], batch_size=batch, verbose=0)
+        probs = model.predict(images[i:i + chunk], batch_size=cfg.batch, verbose=0)
         for k, fn in measures:
             scores[k].append(ops.convert_to_numpy(fn(truth, probs)))
     scores = {k: np.concatenate(v) for k, v in scores.items()}

@@ -161,6 +161,19 @@ def test_bad_input_is_one_line_exit_2(args, needle):
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
+def test_every_setting_has_one_home_config_makes_the_parser():
+    import dataclasses
+
+    p = train.parser()
+    actions = {a.dest: a for a in p._actions if a.dest != "help"}
+    assert set(actions) == {f.name for f in dataclasses.fields(train.Config)}
+    assert vars(p.parse_args([])) == dataclasses.asdict(train.Config())  # one default per setting
+    assert actions["augment"].option_strings == ["--no-augment"] and actions["cluster_timeout"].type is int
+    assert train.config_of(p.parse_args(["--epochs", "3"])).epochs == 3  # a Namespace, or argv
+    with pytest.raises(TypeError):
+        train.config_of({"epochs": 3})
+
+
 def test_empty_data_folder_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert train.main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), *TINY]) == 2
