@@ -1,10 +1,10 @@
 """Everything between a folder on disk and batches a U-Net can train on.
 
-    python data.py DIR [--json] [--strict] [--size PX]      # check a data folder, build its cache
-    python data.py --synthetic OUT --count N [--seed S] [--width W]   # write synthetic dermoscopy images
+    python data.py DIR [--json] [--strict] [--size PX]   # check a data folder, build its cache
+    python data.py --synthetic OUT --count N [--seed S] [--width W]   # write a synthetic set
 
-Read top to bottom: finding pairs in the ISIC layouts, decoding, the on-disk cache, synthetic
-data, augmentation, batches for model.fit, the command line.
+Read top to bottom: finding pairs in the ISIC layouts, decoding, the on-disk cache, augmentation,
+batches for model.fit, the command line. (The synthetic set: extras/synthetic.py.)
 """
 import csv
 import hashlib
@@ -122,7 +122,9 @@ def layout_of(root):
 def folders_of(value):
     """A data setting as train.py stores it in run.json (None, one path, or a list of paths for
     several --data folders) as a list of paths."""
-    return [] if value is None else [value] if isinstance(value, (str, os.PathLike)) else list(value)
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, os.PathLike)) else list(value)
 
 
 def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
@@ -153,7 +155,8 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
         mask_dir = os.path.join(root, mask_name)
         if mask_name not in mask_sets:
             masks = mask_sets[mask_name] = {}
-            for path in image_files(mask_dir):  # matched case-insensitively: 2016 uses _Segmentation
+            # matched case-insensitively: 2016 uses _Segmentation
+            for path in image_files(mask_dir):
                 stem = os.path.splitext(os.path.basename(path))[0].lower()
                 if stem in masks:
                     problems.append({"file": path, "problem": f"second mask with this name "
@@ -445,7 +448,8 @@ def source_names(folders):
     output folders: the folder names, numbered if they clash."""
     names = []
     for folder in folders:
-        base = "".join(c if c.isalnum() or c in "-_" else "_" for c in os.path.basename(folder)) or "data"
+        base = "".join(c if c.isalnum() or c in "-_" else "_" for c in os.path.basename(folder))
+        base = base or "data"
         name, n = base, 1
         while name in names:
             n += 1
@@ -473,7 +477,7 @@ RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
                        [0.596, -0.274, -0.322],
                        [0.211, -0.523, 0.312]], np.float32)
 YIQ_TO_RGB = np.linalg.inv(RGB_TO_YIQ).astype(np.float32)
-NO_COLOUR = np.array([1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0], np.float32)  # convert() matrix: unchanged
+NO_COLOUR = np.array([1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0], np.float32)  # convert(): unchanged
 NO_AFFINE = np.array([1, 0, 0, 0, 1, 0], np.float64)  # AFFINE coefficients: unchanged
 
 
@@ -485,7 +489,8 @@ def _affine(rng, h, w):
     rot90 = np.array([[0.0, -1.0], [1.0, 0.0]]) if k % 2 else np.eye(2)
     rot90 = rot90 * (-1.0 if k >= 2 else 1.0)
     a = np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG))
-    small = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) * np.exp(rng.uniform(*np.log(SCALE)))
+    scale = np.exp(rng.uniform(*np.log(SCALE)))
+    small = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) * scale
     forward = small @ rot90 @ flip  # input -> output about the centre
     shift = rng.uniform(-SHIFT, SHIFT, 2) * (w, h)
     inv = np.linalg.inv(forward)
@@ -528,7 +533,10 @@ def augment_params(shape, luma, rng, geometric=True, photometric=True):
         colour = _colour(rng, luma).astype(np.float32)
     else:
         colour = np.tile(NO_COLOUR, (n, 1))
-    affine = np.array([_affine(rng, h, w) for _ in range(n)]) if geometric else np.tile(NO_AFFINE, (n, 1))
+    if geometric:
+        affine = np.array([_affine(rng, h, w) for _ in range(n)])
+    else:
+        affine = np.tile(NO_AFFINE, (n, 1))
     return colour, affine.reshape(n, 6)
 
 
@@ -537,7 +545,8 @@ def augment_batch(images, masks, rng, geometric=True, photometric=True):
     on each image and its mask, so masks stay binary (bilinear on 0/255, then > 127) and aligned.
     images uint8 (B, H, W, 3), masks bool or 0/1 (B, H, W); returns new arrays, same dtypes."""
     images = np.asarray(images, np.uint8)
-    params = augment_params(images.shape[:3], mean_luma(images) if photometric else None, rng, geometric, photometric)
+    luma = mean_luma(images) if photometric else None
+    params = augment_params(images.shape[:3], luma, rng, geometric, photometric)
     return warp_pillow(images, masks, *params)
 
 
@@ -624,8 +633,9 @@ class Batches:
         idx = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
         rng = np.random.default_rng([self.seed, self.epoch, index])
         # The whole batch's draws (their count and order fix the stream), then this process's slice.
-        colour, affine = augment_params((len(idx), *self.images.shape[1:3]), self.luma[idx] if self.augment else None,
-                                        rng, geometric=self.augment, photometric=self.augment)
+        luma = self.luma[idx] if self.augment else None
+        colour, affine = augment_params((len(idx), *self.images.shape[1:3]), luma, rng,
+                                        geometric=self.augment, photometric=self.augment)
         i, n = self.part
         mine = slice(len(idx) * i // n, len(idx) * (i + 1) // n)
         x, y = self.images[idx[mine]], np.asarray(self.masks[idx[mine]], np.uint8)[..., None]
@@ -671,7 +681,8 @@ def main(argv=None):
     parser.add_argument("--synthetic", metavar="OUT", help="write a synthetic set to OUT")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--width", type=int, default=384, help="with --synthetic: image width (height 3/4 of it)")
+    parser.add_argument("--width", type=int, default=384,
+                        help="with --synthetic: image width (height 3/4 of it)")
     args = parser.parse_args(argv)
     if args.synthetic:
         if args.width < 16:
