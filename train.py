@@ -301,9 +301,9 @@ class Run:
     cfg: Config
     state: dict  # the resume state, committed inside last.keras
     paths: dict  # where this process writes
+    model: object
     chief: bool = True
     per_source: object = None  # extras.sources.PerSource with 2+ --data sources, else None
-    model: object = None
     row: dict = None  # this epoch's log row
     improved: bool = False  # this epoch is the best so far
     draw: bool = True  # curves.png (off after the first failure)
@@ -371,9 +371,8 @@ def epoch_end(run, steps):
                 ips = (steps - self.second) * cfg.batch / max(t_end - self.t_second, 1e-9)
             else:
                 ips = steps * cfg.batch / max(t_end - self.t_begin, 1e-9)
-            run.model, run.row = self.model, {
-                "epoch": epoch + 1, "lr": float(self.lr), "images_per_sec": round(ips, 2),
-                "seconds": round(now - self.t_begin, 2)}
+            run.row = {"epoch": epoch + 1, "lr": float(self.lr), "images_per_sec": round(ips, 2),
+                       "seconds": round(now - self.t_begin, 2)}
             for k in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou"):
                 run.row[k] = float(logs[k]) if k in logs else None
             if run.per_source:  # fit did not validate: validate all and per source (extras)
@@ -560,7 +559,9 @@ def train(args):
     scope, runtime = rt.setup(cfg, place)
     # Processes 1.. of a cluster take every step process 0 takes (saving a model is a collective
     # step) but save into a scratch folder of their own; they read the run from the shared --out.
-    writes = paths if chief else run_paths(tempfile.mkdtemp(prefix=f"skin-unet-{place.index}-"))
+    writes = paths
+    if not chief:
+        writes = run_paths(tempfile.mkdtemp(prefix=f"skin-unet-process{place.index}-"))
     try:
         cfg = dataclasses.replace(cfg, precision=runtime.precision)
         state = resume_or_start(cfg, cfg.identity(), paths, chief)
@@ -587,7 +588,7 @@ def train(args):
             if runtime.augment_on == "device":
                 from extras import device_augment
                 get = device_augment.device_batches(train_batches)
-            run = Run(cfg, state, writes, chief, per_source)
+            run = Run(cfg, state, writes, model, chief, per_source)
             callbacks = [epoch_end(run, len(train_batches))]
             if cfg.ema and not per_source:  # fit validates the average (per source: ema_weights)
                 callbacks.insert(0, keras.callbacks.SwapEMAWeights())
