@@ -1,10 +1,10 @@
 """Everything between a folder on disk and batches a U-Net can train on.
 
-    python data.py DIR [--json] [--strict] [--size PX]      # check a data folder, build its cache
-    python data.py --synthetic OUT --count N [--seed S] [--width W]   # write synthetic dermoscopy images
+    python data.py DIR [--json] [--strict] [--size PX]   # check a data folder, build its cache
+    python data.py --synthetic OUT --count N [--seed S] [--width W]   # write a synthetic set
 
-Read top to bottom: finding pairs in the ISIC layouts, decoding, the on-disk cache, synthetic
-data, augmentation, batches for model.fit, the command line.
+Read top to bottom: finding pairs in the ISIC layouts, decoding, the on-disk cache, augmentation,
+batches for model.fit, the command line. (The synthetic set: extras/synthetic.py.)
 """
 import csv
 import hashlib
@@ -122,7 +122,9 @@ def layout_of(root):
 def folders_of(value):
     """A data setting as train.py stores it in run.json (None, one path, or a list of paths for
     several --data folders) as a list of paths."""
-    return [] if value is None else [value] if isinstance(value, (str, os.PathLike)) else list(value)
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, os.PathLike)) else list(value)
 
 
 def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
@@ -153,7 +155,8 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
         mask_dir = os.path.join(root, mask_name)
         if mask_name not in mask_sets:
             masks = mask_sets[mask_name] = {}
-            for path in image_files(mask_dir):  # matched case-insensitively: 2016 uses _Segmentation
+            # matched case-insensitively: 2016 uses _Segmentation
+            for path in image_files(mask_dir):
                 stem = os.path.splitext(os.path.basename(path))[0].lower()
                 if stem in masks:
                     problems.append({"file": path, "problem": f"second mask with this name "
@@ -236,8 +239,8 @@ SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the picture on its sid
 
 def _read_image(path, min_size=None, raw=None):
     """(uint8 HxWx3 RGB, native (h, w) after EXIF rotation). With min_size=(h, w), JPEG draft
-    mode decodes at 1/2, 1/4 or 1/8 scale as long as the result stays >= min_size: a 6700 px
-    ISIC original then decodes ~10x faster, and the resize that follows antialiases anyway."""
+    mode decodes at 1/2, 1/4 or 1/8 scale as long as the result stays >= min_size: a large ISIC
+    original decodes many times faster, and the resize that follows antialiases anyway."""
     img = open_image(path, raw)
     w, h = img.size
     rotated = _orientation(img) in SWAPS_SIDES
@@ -423,7 +426,7 @@ def load_split(data=None, split="train", size=256, val_fraction=0.1, test_fracti
         if strict and found:
             raise common.Error(found[0]["file"], found[0]["problem"])
         picked = [p for p in pairs if split in ("all", p.split)]
-        if not picked:
+        if not picked and split != "all":  # "all" of a folder of problems: data.py lists them
             counts = {s: sum(p.split == s for p in pairs) for s in ("train", "val", "test")}
             raise common.Error(folder, f"no pairs in split '{split}' ({counts})")
         spans.append((os.path.abspath(folder), layout, picked))
@@ -445,7 +448,8 @@ def source_names(folders):
     output folders: the folder names, numbered if they clash."""
     names = []
     for folder in folders:
-        base = "".join(c if c.isalnum() or c in "-_" else "_" for c in os.path.basename(folder)) or "data"
+        base = "".join(c if c.isalnum() or c in "-_" else "_" for c in os.path.basename(folder))
+        base = base or "data"
         name, n = base, 1
         while name in names:
             n += 1
@@ -473,7 +477,7 @@ RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
                        [0.596, -0.274, -0.322],
                        [0.211, -0.523, 0.312]], np.float32)
 YIQ_TO_RGB = np.linalg.inv(RGB_TO_YIQ).astype(np.float32)
-NO_COLOUR = np.array([1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0], np.float32)  # convert() matrix: unchanged
+NO_COLOUR = np.array([1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0], np.float32)  # convert(): unchanged
 NO_AFFINE = np.array([1, 0, 0, 0, 1, 0], np.float64)  # AFFINE coefficients: unchanged
 
 
@@ -485,7 +489,8 @@ def _affine(rng, h, w):
     rot90 = np.array([[0.0, -1.0], [1.0, 0.0]]) if k % 2 else np.eye(2)
     rot90 = rot90 * (-1.0 if k >= 2 else 1.0)
     a = np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG))
-    small = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) * np.exp(rng.uniform(*np.log(SCALE)))
+    scale = np.exp(rng.uniform(*np.log(SCALE)))
+    small = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) * scale
     forward = small @ rot90 @ flip  # input -> output about the centre
     shift = rng.uniform(-SHIFT, SHIFT, 2) * (w, h)
     inv = np.linalg.inv(forward)
@@ -528,7 +533,10 @@ def augment_params(shape, luma, rng, geometric=True, photometric=True):
         colour = _colour(rng, luma).astype(np.float32)
     else:
         colour = np.tile(NO_COLOUR, (n, 1))
-    affine = np.array([_affine(rng, h, w) for _ in range(n)]) if geometric else np.tile(NO_AFFINE, (n, 1))
+    if geometric:
+        affine = np.array([_affine(rng, h, w) for _ in range(n)])
+    else:
+        affine = np.tile(NO_AFFINE, (n, 1))
     return colour, affine.reshape(n, 6)
 
 
@@ -537,14 +545,15 @@ def augment_batch(images, masks, rng, geometric=True, photometric=True):
     on each image and its mask, so masks stay binary (bilinear on 0/255, then > 127) and aligned.
     images uint8 (B, H, W, 3), masks bool or 0/1 (B, H, W); returns new arrays, same dtypes."""
     images = np.asarray(images, np.uint8)
-    params = augment_params(images.shape[:3], mean_luma(images) if photometric else None, rng, geometric, photometric)
+    luma = mean_luma(images) if photometric else None
+    params = augment_params(images.shape[:3], luma, rng, geometric, photometric)
     return warp_pillow(images, masks, *params)
 
 
 def warp_pillow(images, masks, colour, affine):
-    """augment_batch's pixel work, given its draws: two Pillow C calls per image (~3 ms at 256 px
-    on one core). They release the GIL, but the Python around them does not, so worker threads
-    stop scaling after about two (docs/benchmarks.md): warp_device is the accelerator's path."""
+    """augment_batch's pixel work, given its draws: two Pillow C calls per image. They release
+    the GIL, but the Python around them does not, so worker threads stop scaling after a few
+    (docs/benchmarks.md): extras/device_augment.py is the accelerator's path."""
     masks = np.asarray(masks)
     n, h, w = masks.shape
     masks255 = np.where(masks > 0, np.uint8(255), np.uint8(0))
@@ -564,46 +573,6 @@ def warp_pillow(images, masks, colour, affine):
     return out_images, (out_masks > 127).astype(masks.dtype)
 
 
-def warp_device(images, masks, colour, affine):
-    """warp_pillow in keras.ops, for the accelerator: the same draws give the same pixels to within
-    one grey level (float32 here, double in Pillow) and the same masks. images uint8 (B, H, W, 3),
-    masks (B, H, W, 1) 0/1, colour (B, 12), affine (B, 6); returns uint8 images and masks, as the
-    host path does. Pillow's arithmetic, step by step: the colour matrix rounds half up and clips;
-    the affine maps each output pixel centre to an input point; a point outside the image gives
-    black (and background); inside, bilinear between the 4 nearest pixel centres (clamped at the
-    edges), truncated to an integer. The mask is a 4th band of the same warp, then > 127.
-    Gathers only (take / floor / clip / where): no scatter, and no keras image op, whose affine
-    goes through a slow map_coordinates on JAX. Keras is imported here, not by data.py."""
-    from keras import ops
-
-    n, h, w = images.shape[0], images.shape[1], images.shape[2]
-    m = ops.reshape(ops.cast(colour, "float32"), (-1, 3, 4))
-    rgb = ops.einsum("bhwc,bdc->bhwd", ops.cast(images, "float32"), m[:, :, :3]) + m[:, None, None, :, 3]
-    rgb = ops.clip(ops.floor(rgb + 0.5), 0.0, 255.0)
-    bands = ops.concatenate([rgb, ops.cast(ops.reshape(masks, (-1, h, w, 1)), "float32") * 255.0], axis=-1)
-
-    a = ops.cast(affine, "float32")[:, :, None, None]  # (B, 6, 1, 1) against the (H, W) pixel grid
-    ys, xs = ops.meshgrid(ops.arange(h, dtype="float32") + 0.5, ops.arange(w, dtype="float32") + 0.5,
-                          indexing="ij")
-    sx, sy = a[:, 0] * xs + a[:, 1] * ys + a[:, 2], a[:, 3] * xs + a[:, 4] * ys + a[:, 5]  # (B, H, W)
-    inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
-    sx, sy = sx - 0.5, sy - 0.5
-    x0, y0 = ops.floor(sx), ops.floor(sy)
-    dx, dy = (sx - x0)[..., None], (sy - y0)[..., None]
-    flat = ops.reshape(bands, (-1, 4))
-    row = ops.reshape(ops.arange(n, dtype="int32") * (h * w), (-1, 1, 1))
-
-    def pixel(yy, xx):  # (B, H, W, 4): the input pixels at (clamped) rows yy, columns xx
-        yy = ops.cast(ops.clip(yy, 0, h - 1), "int32")
-        xx = ops.cast(ops.clip(xx, 0, w - 1), "int32")
-        return ops.reshape(ops.take(flat, ops.reshape(row + yy * w + xx, (-1,)), axis=0), (-1, h, w, 4))
-
-    p00, p01, p10, p11 = pixel(y0, x0), pixel(y0, x0 + 1), pixel(y0 + 1, x0), pixel(y0 + 1, x0 + 1)
-    top, bottom = p00 + (p01 - p00) * dx, p10 + (p11 - p10) * dx
-    out = ops.where(inside[..., None], ops.floor(top + (bottom - top) * dy), 0.0)
-    return ops.cast(out[..., :3], "uint8"), ops.cast(out[..., 3:] > 127.0, "uint8")
-
-
 # -----------------------------------------------------------------------------
 # Feeding model.fit
 
@@ -615,40 +584,33 @@ class Batches:
     any order, and a resumed run continues the same stream by starting at epoch=. For training,
     drop_remainder=True keeps every batch full (the partial last batch would mean a second compiled
     step shape and a noisy batch-norm update) and steps caps the batches per epoch (0: all).
-    balance: row spans [(start, stop), ...] of several sources to draw equally often: each epoch
-    takes every source's rows as many times as the largest source has rows (a smaller source is
-    repeated, in a fresh order each pass), instead of each row once.
-    part=(i, n): process i of a run over n processes gets the i-th of n equal slices of every batch:
-    the order and the draws are still those of the whole batch, so the n processes together see
-    exactly the stream one process would, batch for batch.
-    Plain Python: train.py hands it to keras.utils.PyDataset's worker threads (train.feed), so that
-    data.py, and everything that only reads data, never imports Keras or TensorFlow."""
+    part=(i, n): process i of a run over n processes gets the i-th of n equal slices of every
+    batch: the order and the draws are still those of the whole batch, so the n processes together
+    see exactly the stream one process would, batch for batch.
+    Plain Python: train.feed hands it to keras.utils.PyDataset's worker threads, so that data.py,
+    and everything that only reads data, never imports Keras or TensorFlow."""
 
     def __init__(self, images, masks, batch_size, augment=True, shuffle=True, seed=0, epoch=0,
-                 drop_remainder=False, steps=0, balance=None, part=(0, 1)):
+                 drop_remainder=False, steps=0, part=(0, 1)):
         self.images, self.masks, self.part = images, masks, part
         self.batch_size, self.augment, self.shuffle, self.seed = batch_size, augment, shuffle, seed
-        self.balance = [(a, b) for a, b in balance or [] if b > a]
-        # Contrast's centre, once per image: it was a third of the draws' time per batch.
+        # Contrast's centre, once per image instead of once per batch (docs/benchmarks.md).
         self.luma = mean_luma(images) if augment else None
-        self.longest = max((b - a for a, b in self.balance), default=0)  # rows per source per epoch
-        n = len(self.balance) * self.longest if self.balance else len(images)
+        self.start_epoch(epoch)
+        n = len(self.order)
         full = drop_remainder and n >= batch_size  # a set smaller than one batch: one partial batch
         self.length = n // batch_size if full else math.ceil(n / batch_size)
         self.length = min(self.length, steps) if steps else self.length
-        self.start_epoch(epoch)
+
+    def epoch_order(self, epoch):
+        """The rows of an epoch, in order (extras/sources.py's Balanced draws its own)."""
+        n = len(self.images)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle \
+            else np.arange(n)
 
     def start_epoch(self, epoch):
         self.epoch = epoch
-        seeded = np.random.default_rng([self.seed, epoch])
-        if self.balance:
-            passes = [np.concatenate([a + seeded.permutation(b - a)
-                                      for _ in range(-(-self.longest // (b - a)))])[:self.longest]
-                      for a, b in self.balance]
-            self.order = seeded.permutation(np.concatenate(passes))
-        else:
-            n = len(self.images)
-            self.order = seeded.permutation(n) if self.shuffle else np.arange(n)
+        self.order = self.epoch_order(epoch)
 
     def on_epoch_end(self):
         self.start_epoch(self.epoch + 1)
@@ -666,13 +628,14 @@ class Batches:
 
     def draw(self, index):
         """Batch `index` before augmentation's pixel work: (images, masks (B, S, S, 1), colour,
-        affine), the draws seeded by (seed, epoch, index) (identity without augment). This is all the
-        host does when the accelerator augments (train.feed): a gather and a few hundred numbers."""
+        affine), the draws seeded by (seed, epoch, index) (identity without augment). This is all
+        the host does when the accelerator augments (extras/device_augment.py)."""
         idx = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
         rng = np.random.default_rng([self.seed, self.epoch, index])
         # The whole batch's draws (their count and order fix the stream), then this process's slice.
-        colour, affine = augment_params((len(idx), *self.images.shape[1:3]), self.luma[idx] if self.augment else None,
-                                        rng, geometric=self.augment, photometric=self.augment)
+        luma = self.luma[idx] if self.augment else None
+        colour, affine = augment_params((len(idx), *self.images.shape[1:3]), luma, rng,
+                                        geometric=self.augment, photometric=self.augment)
         i, n = self.part
         mine = slice(len(idx) * i // n, len(idx) * (i + 1) // n)
         x, y = self.images[idx[mine]], np.asarray(self.masks[idx[mine]], np.uint8)[..., None]
@@ -718,7 +681,8 @@ def main(argv=None):
     parser.add_argument("--synthetic", metavar="OUT", help="write a synthetic set to OUT")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--width", type=int, default=384, help="with --synthetic: image width (height 3/4 of it)")
+    parser.add_argument("--width", type=int, default=384,
+                        help="with --synthetic: image width (height 3/4 of it)")
     args = parser.parse_args(argv)
     if args.synthetic:
         if args.width < 16:
@@ -734,12 +698,10 @@ def main(argv=None):
         parser.error("give a data folder, or --synthetic OUT")
     if args.size < 1:
         raise common.Error(f"--size {args.size}", "must be positive")
-    pairs, problems, layout = find_pairs(args.dir, args.val_fraction, args.test_fraction)
-    if args.strict and problems:
-        raise common.Error(problems[0]["file"], problems[0]["problem"])
-    arrays = load_arrays(pairs, args.size, cache=args.cache, strict=args.strict,
-                         progress=not args.json and sys.stderr.isatty())
-    arrays.problems = problems + arrays.problems
+    arrays = load_split(args.dir, "all", args.size, args.val_fraction, args.test_fraction,
+                        cache=args.cache, strict=args.strict,
+                        progress=not args.json and sys.stderr.isatty())
+    layout = arrays.sources[0]["layout"]
     report = _report(args.dir, arrays, layout, args)
     if args.json:
         print(json.dumps(report))

@@ -29,10 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import arm_guest  # noqa: E402  (beside this file; the code that runs on both sides)
+from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
 
 import common  # noqa: E402
 import data  # noqa: E402
-import train  # noqa: E402  (cpu_line: the CPU every benchmark names)
 from extras import synthetic  # noqa: E402
 
 # QEMU CPU models, each standing for a family of XNNPACK kernels a phone may get.
@@ -165,7 +165,7 @@ def check(paths, images, cpus=DEFAULT_CPUS, threads=(1, 2), root=None, progress=
                              **compare(path, reference, outputs[f"{k}/{t}"])})
     lesion = {os.path.basename(p): float(np.mean(probabilities(p, native[f"{k}/1"]) > THRESHOLD))
               for k, p in enumerate(paths)}
-    return rows, {"machine": platform.machine(), "cpu": train.cpu_line(), "lesion_fraction": lesion,
+    return rows, {"machine": platform.machine(), "cpu": cpu_line(), "lesion_fraction": lesion,
                   "images": int(len(images)), "size": int(images.shape[1]), "cpus": cpu_facts}
 
 

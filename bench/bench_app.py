@@ -41,10 +41,11 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
+
 import app  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
-import train  # noqa: E402  (for the CPU line; imports no Keras by itself)
 from extras import synthetic  # noqa: E402
 
 
@@ -140,7 +141,7 @@ def latency(args, weights, photo, work):
                      startup, http))
         print(f"  done {name}", file=sys.stderr, flush=True)
 
-    print(f"\n{train.cpu_line()}; photo {w} x {h} px, median of {args.runs} runs\n")
+    print(f"\n{cpu_line()}; photo {w} x {h} px, median of {args.runs} runs\n")
     print("| model | input | MB | analyse() ms | slider ms | server start s | HTTP upload ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, size, mb, analyse, slider, startup, http in rows:
@@ -240,7 +241,7 @@ def load(args, weights, photo, work):
 
     h, w = data.native_hw(photo)
     calls = len(times["analyse"]) + len(times["slider"]) + len(errors)
-    print(f"\n{train.cpu_line()}; {os.path.basename(weights)}; photo {w} x {h} px "
+    print(f"\n{cpu_line()}; {os.path.basename(weights)}; photo {w} x {h} px "
           f"({os.path.getsize(photo) / 1e6:.1f} MB); {args.clients} clients, {calls} calls in "
           f"{elapsed:.0f} s; left in its TMPDIR after SIGTERM: {left or 'nothing'}\n")
     print("| clients | calls | analyse p50 / p95 ms | slider p50 / p95 ms | errors | RSS MB before "

@@ -105,8 +105,8 @@ def main():
     parser.add_argument("--batches", type=int, default=64, help="batches in the feed measurement")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     args = parser.parse_args()
-    import train  # imports no Keras by itself
-    print(f"{train.cpu_line()}; size {args.size}, batch {args.batch}")
+    from machine import cpu_line  # imports no Keras
+    print(f"{cpu_line()}; size {args.size}, batch {args.batch}")
     first = None
     for root in (args.isic2018, args.isic2017):
         try:

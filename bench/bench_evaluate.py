@@ -20,10 +20,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
+
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import predict  # noqa: E402
-import train  # noqa: E402  (for the CPU line)
 import unet  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
@@ -74,7 +75,7 @@ def main():
         best = min(runs, key=lambda s: s["total"])
 
     megapixels = sum(h * w for h, w in (_mask_hw(q.mask) for q in pairs)) / 1e6
-    print(train.cpu_line())
+    print(cpu_line())
     print(f"{len(pairs)} images ({layout}), {megapixels:.1f} Mpx of masks, model {args.size}px "
           f"filters {args.filters}, batch {predictor.batch}, {os.cpu_count()} CPUs, best of {args.repeats}")
     print(f"model inference alone  {model_s:6.2f} s")

@@ -17,8 +17,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
+
 import export  # noqa: E402
-import train  # noqa: E402  (for the CPU line)
 import unet  # noqa: E402
 from extras import synthetic  # noqa: E402
 
@@ -42,7 +43,7 @@ def main():
     parser.add_argument("--presets", default="default,f32,f12_128,f8_128")
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
-    print(train.cpu_line())
+    print(cpu_line())
     print(f"{'preset':<10}{'params':>10}{'int8 MB':>9}{'target':>8}" +
           "".join(f"{f'ms@{t}thr':>10}" for t in threads) + f"{'target':>8}  verdict")
     for name in args.presets.split(","):

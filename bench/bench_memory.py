@@ -19,8 +19,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
+
 import data  # noqa: E402
-import train  # noqa: E402  (for the CPU line)
 
 DEFAULT_DATA = [os.path.join(REPO, "..", "shared", "data", name) for name in ("isic2018", "ham10000")]
 
@@ -56,7 +57,7 @@ def main():
         child(dirs, args.child)
         return 0
     cache = args.keep_cache or tempfile.mkdtemp(prefix="skin-unet-bench-memory-")
-    print(train.cpu_line())
+    print(cpu_line())
     print(f"data: {', '.join(dirs)}; cache: {cache} (free: "
           f"{shutil.disk_usage(cache).free / 1e9:.0f} GB)", flush=True)
     try:

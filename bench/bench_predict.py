@@ -19,9 +19,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
+
 import common  # noqa: E402
 import predict  # noqa: E402
-import train  # noqa: E402  (for the CPU line; imports no Keras by itself)
 
 
 def run(cmd):
@@ -49,7 +50,7 @@ def main(argv=None):
     for source in args.data:
         if not os.path.exists(source):
             sys.exit(f"error: {source}: not found")
-    print(f"{train.cpu_line()}; model {args.weights}")
+    print(f"{cpu_line()}; model {args.weights}")
     print("| data | photos | first run s | images/s | peak RSS MB | rerun s (all skipped) |")
     print("|---|---|---|---|---|---|")
     for source in args.data:

@@ -24,9 +24,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from machine import cpu_line  # noqa: E402
 
 import data  # noqa: E402
 import train  # noqa: E402
+from extras import runtime  # noqa: E402
 
 
 def bare_fit(images, masks, size, batch, filters, epochs, steps):
@@ -59,10 +61,11 @@ def bare_fit(images, masks, size, batch, filters, epochs, steps):
 
 
 def train_py(args, out):
-    train.XLA_PROBE_MIN_STEPS = 0  # decide XLA as a long run of this shape would
-    train.train({"data": args.data, "size": args.size, "batch": args.batch, "filters": args.filters,
-                 "epochs": args.epochs, "steps_per_epoch": args.steps, "val_fraction": args.val_fraction,
-                 "out": out, "fresh": True, "patience": 0, "verbose": 0})
+    runtime.XLA_PROBE_MIN_STEPS = 0  # decide XLA as a long run of this shape would
+    train.train(["--data", args.data, "--size", str(args.size), "--batch", str(args.batch),
+                 "--filters", str(args.filters), "--epochs", str(args.epochs),
+                 "--steps-per-epoch", str(args.steps), "--val-fraction", str(args.val_fraction),
+                 "--out", out, "--fresh", "--patience", "0", "--verbose", "0"])
     with open(os.path.join(out, "run.json")) as f:
         run = json.load(f)
     print(f"  train.py: jit={run['jit']} ({run['jit_reason']})", flush=True)
@@ -84,7 +87,7 @@ def main():
     args.data = os.path.abspath(args.data)
     if not os.path.isdir(args.data):
         sys.exit(f"error: {args.data}: data folder not found (give --data)")
-    print(train.cpu_line(), flush=True)
+    print(cpu_line(), flush=True)
     t0 = time.time()
     arrays = data.load_split(args.data, "train", args.size, val_fraction=args.val_fraction)
     print(f"arrays: {len(arrays.images)} images at {args.size}px from the cache in {time.time() - t0:.1f}s", flush=True)
@@ -99,7 +102,7 @@ def main():
     import keras
     fit, tr = max(fit_rates), max(train_rates)
     print(f"RESULT backend={keras.backend.backend()} size={args.size} batch={args.batch} filters={args.filters} "
-          f"steps={args.steps} on {train.cpu_line()}: train.py {tr:.2f} images/s, bare fit {fit:.2f} images/s, "
+          f"steps={args.steps} on {cpu_line()}: train.py {tr:.2f} images/s, bare fit {fit:.2f} images/s, "
           f"ratio {tr / fit:.3f} (goal >= 0.95); total {time.time() - t0:.0f}s", flush=True)
 
 

@@ -153,7 +153,7 @@ def feed_rates(images, masks, batch, seconds=3.0):
     import keras
     from bench_data import host_feed_rate
 
-    import train
+    from extras import device_augment
 
     def host(threads):
         return round(host_feed_rate(images, masks, batch, seconds, threads), 1)
@@ -161,7 +161,7 @@ def feed_rates(images, masks, batch, seconds=3.0):
     result = {"host_1_thread": host(1), f"host_{os.cpu_count()}_threads": host(os.cpu_count())}
     batches = data.Batches(images, masks, batch, drop_remainder=True, seed=0)
     n = len(batches)
-    warp = train.device_warp(batches)
+    warp = device_augment.device_warp(batches)
     on_device = [[keras.ops.convert_to_tensor(a) for a in batches.draw(i)] for i in range(min(n, 8))]
     done, t = 0, time.perf_counter()
     while time.perf_counter() - t < seconds:
@@ -227,10 +227,11 @@ def run(args):
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import bench_step
     import keras
+    from machine import cpu_line
 
-    import train
+    from extras import runtime
     report = {"command": " ".join(sys.argv), "tiny": args.tiny, "backend": keras.backend.backend(),
-              "accelerator": train.accelerator(), "cpu": train.cpu_line(), "settings": p, "seconds": {}}
+              "accelerator": runtime.accelerator(), "cpu": cpu_line(), "settings": p, "seconds": {}}
     if keras.backend.backend() == "jax":
         import jax
         report["devices"] = [f"{d.platform}:{d.device_kind}" for d in jax.devices()]

@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 import common
 import data
 import train
-from extras import synthetic
+from extras import sources as extra_sources, synthetic
 
 HAM = data.LAYOUTS["ham10000"]
 PART_1, PART_2, MASKS = HAM[0][1], HAM[1][1], HAM[0][2]
@@ -218,7 +218,7 @@ def test_two_sources_train_resume_refuse_and_evaluate_per_source(sources, tmp_pa
 @pytest.mark.slow
 def test_data_is_stored_as_a_list_and_an_old_run_with_one_string_resumes(sources, tmp_path):
     assert train.config_of(["--data", sources[0]]).data == [sources[0]]
-    assert train.config_of({"data": sources}).data == sources
+    assert train.config_of(["--data", sources[0], "--data", sources[1]]).data == sources
     out = str(tmp_path / "run")
     args = ["--data", sources[0], "--out", out, *TINY]
     train.train([*args, "--epochs", "1"])
@@ -243,14 +243,14 @@ def test_balance_draws_every_source_as_often_as_the_largest(sizes, seed, epoch):
     starts = np.cumsum([0, *sizes])
     spans = list(zip(starts[:-1].tolist(), starts[1:].tolist()))
     rows = np.arange(starts[-1])
-    batches = data.Batches(rows, rows, batch_size=4, augment=False, seed=seed, epoch=epoch, balance=spans)
+    batches = extra_sources.Balanced(rows, rows, 4, spans, augment=False, seed=seed, epoch=epoch)
     longest = max(sizes)
     assert len(batches.order) == len(sizes) * longest and len(batches) == -(-len(sizes) * longest // 4)
     counts = np.bincount(batches.order, minlength=len(rows))
     for (a, b), size in zip(spans, sizes):
         assert counts[a:b].sum() == longest  # each source fills the same share of the epoch
         assert set(counts[a:b]) <= {longest // size, -(-longest // size)}  # and uses its rows evenly
-    again = data.Batches(rows, rows, batch_size=4, augment=False, seed=seed, epoch=epoch, balance=spans)
+    again = extra_sources.Balanced(rows, rows, 4, spans, augment=False, seed=seed, epoch=epoch)
     assert np.array_equal(batches.order, again.order)  # a pure function of (seed, epoch): resume-safe
 
 

@@ -18,6 +18,7 @@ from conftest import ROOT, TINY, free_port
 import common
 import data
 import train
+from extras import runtime
 
 
 def rows(out):
@@ -26,7 +27,7 @@ def rows(out):
 
 
 def curves_epochs(folder, name="curves.png"):
-    """The epochs each run has in a curves picture (train.draw_curves writes them into the PNG)."""
+    """The epochs each run has in a curves picture (extras.curves.draw_curves writes them into the PNG)."""
     from PIL import Image
 
     with Image.open(os.path.join(folder, name)) as im:
@@ -160,6 +161,19 @@ def test_bad_input_is_one_line_exit_2(args, needle):
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
+def test_every_setting_has_one_home_config_makes_the_parser():
+    import dataclasses
+
+    p = train.parser()
+    actions = {a.dest: a for a in p._actions if a.dest != "help"}
+    assert set(actions) == {f.name for f in dataclasses.fields(train.Config)}
+    assert vars(p.parse_args([])) == dataclasses.asdict(train.Config())  # one default per setting
+    assert actions["augment"].option_strings == ["--no-augment"] and actions["cluster_timeout"].type is int
+    assert train.config_of(p.parse_args(["--epochs", "3"])).epochs == 3  # a Namespace, or argv
+    with pytest.raises(TypeError):
+        train.config_of({"epochs": 3})
+
+
 def test_empty_data_folder_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert train.main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), *TINY]) == 2
@@ -200,7 +214,7 @@ def test_epoch_decision_is_a_pure_function_of_state_row_and_config():
     def row(epoch, loss, val_dice=None):
         return {"epoch": epoch, "loss": loss, "val_loss": loss, "val_dice": val_dice, "val_iou": None}
 
-    cfg = train.config_of({"schedule": "plateau", "patience": 5, "lr": 0.01})
+    cfg = train.config_of(["--schedule", "plateau", "--patience", "5", "--lr", "0.01"])
     state = {"epoch": 0, "best": None, "wait": 0, "plateau_wait": 0, "lr": 0.01, "history": [], "stopped": None}
     seen, lrs = [], []
     for epoch, dice in enumerate([0.5, 0.6, 0.6, 0.55, 0.59, 0.58, 0.57], start=1):
@@ -225,7 +239,7 @@ def test_epoch_decision_is_a_pure_function_of_state_row_and_config():
     new = train.epoch_decision(state, row(8, float("nan"), 0.9), cfg)
     assert new["diverged"].startswith("loss nan") and set(new) == {"diverged", "stopped"}
     # Without a schedule or patience nothing stops or halves.
-    plain = train.config_of({"patience": 0})
+    plain = train.config_of(["--patience", "0"])
     assert train.epoch_decision({**state, "stopped": None, "wait": 50}, row(8, 0.9, 0.1), plain)["stopped"] is None
 
 
@@ -368,7 +382,7 @@ def test_tensorboard_without_its_packages_stops_at_the_start_in_one_line(synthet
 def test_xla_on_a_cpu_is_timed_on_long_runs_reported_and_overridden(synthetic_data, tmp_path, monkeypatch, capsys):
     import keras
 
-    if keras.backend.backend() != "tensorflow" or train.accelerator() != "cpu":
+    if keras.backend.backend() != "tensorflow" or runtime.accelerator() != "cpu":
         pytest.skip("the probe is for TensorFlow on a CPU")
     base = ["--data", synthetic_data, *TINY, "--no-augment", "--verbose", "0", "--epochs", "2"]
     # A short run does not pay for the probe: Keras's CPU default, said in the start line and run.json.
@@ -378,12 +392,12 @@ def test_xla_on_a_cpu_is_timed_on_long_runs_reported_and_overridden(synthetic_da
     assert "jit=False (Keras's CPU default" in capsys.readouterr().out
     assert set(run["cpu"]) == {"model", "flags", "cores"} and run["cpu"]["cores"] == os.cpu_count()
     # A long run (made so here) times both and keeps the faster, by the margin.
-    monkeypatch.setattr(train, "XLA_PROBE_MIN_STEPS", 1)
+    monkeypatch.setattr(runtime, "XLA_PROBE_MIN_STEPS", 1)
     train.train([*base, "--out", str(tmp_path / "long")])
     run = run_json(str(tmp_path / "long"))
     rates = run["jit_probe"]
     assert rates["xla"] > 0 and rates["no_xla"] > 0
-    assert run["jit"] is (rates["xla"] > train.XLA_PROBE_MARGIN * rates["no_xla"])
+    assert run["jit"] is (rates["xla"] > runtime.XLA_PROBE_MARGIN * rates["no_xla"])
     assert run["jit_reason"].startswith("probe on this CPU: XLA")
     assert f"jit={run['jit']} (probe on this CPU" in capsys.readouterr().out
     # --jit decides alone, with no probe.
@@ -443,12 +457,13 @@ def test_jax_fit_with_device_augmentation_keeps_batches_on_the_device(synthetic_
     code = f"""
 import sys; sys.path.insert(0, {ROOT!r})
 import numpy as np, jax, keras, data, train, unet
+from extras import device_augment, synthetic
 rc = train.main({[*TINY, "--data", synthetic_data, "--epochs", "2", "--out", out, "--augment-on", "device",
                   "--upsample", "matmul", "--verbose", "0"]!r})
 assert rc == 0, rc
 images, masks = synthetic.make_synthetic(8, seed=0, size_wh=(32, 32))
 batches = data.Batches(images, masks.astype(np.uint8), 4, drop_remainder=True)
-warp = train.device_warp(batches)
+warp = device_augment.device_warp(batches)
 
 def steps_see(feed_warp):
     made, seen = [], []
@@ -464,7 +479,7 @@ def steps_see(feed_warp):
         seen.append(batch[0])
         return step(state, iter([batch]))
     model.train_function = spy
-    model.fit(train.feed(batches, 2, recording), epochs=1, verbose=0)
+    model.fit(train.feed(batches, 2, lambda i: recording(*batches.draw(i))), epochs=1, verbose=0)
     return made, seen
 
 def untouched(made, seen):  # every batch the step got is a device array the warp made
