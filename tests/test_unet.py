@@ -300,7 +300,7 @@ def test_train_size_rule_is_unets(size, depth, encoder):
     except ValueError:
         unet_ok = False
     try:
-        train.config_of({"size": size, "depth": depth, "encoder": encoder})
+        train.config_of(["--size", str(size), "--depth", str(depth), "--encoder", encoder])
         train_ok = True
     except common.Error:
         train_ok = False
