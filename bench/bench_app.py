@@ -82,7 +82,7 @@ def start_server(weights, tmp=None):
         except OSError:
             if proc.poll() is not None or time.perf_counter() - started > 300:
                 proc.kill()
-                raise RuntimeError(f"app.py --weights {weights} did not start")
+                raise RuntimeError(f"app.py --weights {weights} did not start") from None
             time.sleep(0.25)
 
 
