@@ -41,7 +41,7 @@ from PIL import Image
 import common
 import data
 import predict  # the one Predictor and preprocessing path (imports no Keras by itself)
-from extras import synthetic
+from extras import overlay, synthetic
 
 DEFAULT_THRESHOLD = 0.5
 MAX_MEGAPIXELS = 50  # --max-megapixels: every ISIC photo (at most 30) and a 48 Mpx phone photo
@@ -213,7 +213,7 @@ def render(state, threshold, photos):
         if not allowed:
             return None, None, "⚠️ The server is stopping.", None, None
         outputs = (_write_png(os.path.join(folder, "overlay.png"),
-                              predict.overlay(image, shown_mask, prob)),
+                              overlay.draw(image, shown_mask, prob)),
                    _write_png(os.path.join(folder, "mask.png"), shown_mask.astype(np.uint8) * 255),
                    _stats_text(stats, threshold),
                    _write_png(os.path.join(folder, f"{held['name']}_segmentation.png"), native))

@@ -1,15 +1,12 @@
-"""Masks for new photos, from any of the three model formats (.keras, a SavedModel folder, .tflite).
+"""Masks for new photos, from a .keras model or an export (SavedModel, .tflite, .onnx).
 
     python predict.py --weights best.keras --data photos/ --out masks/
 
-For each photo: <id>_segmentation.png (0/255 at the photo's native size, the ISIC submission
-format), <id>_overlay.jpg (the lesion tinted and outlined, at most 1024 px) and one row of
-predictions.csv. --data is a folder of photos, one photo, a data folder (every image, masks
-ignored) or an ISIC 2024 HDF5 archive (extras/archive.py, which also resumes an earlier run).
-
-Read top to bottom: the Predictor and its loaders, predicting (TTA, post-processing), one photo
-(shared with app.py), the pipeline that keeps the model busy (shared with evaluate.py), photos in
-bulk, the command line. docs/evaluation.md ("Masks for new photos") has the rest.
+For each photo: <id>_segmentation.png (0/255 at native size, the ISIC submission format),
+<id>_overlay.jpg (at most 1024 px) and a predictions.csv row. --data is a folder of photos, one
+photo, a data folder (masks ignored) or an ISIC 2024 HDF5 archive (extras/archive.py).
+Read top to bottom: the Predictor and its loaders, predicting, one photo (shared with app.py), the
+pipeline (shared with evaluate.py), photos in bulk, the command line. docs/evaluation.md has more.
 """
 import csv
 import io
@@ -25,9 +22,7 @@ from PIL import Image
 import common
 import data
 
-# ----------------------------------------------------------------------------------------------
-# Predictor: one interface over .keras, SavedModel and .tflite
-
+# --- Predictor: one interface over .keras and the exported formats ---------------------------
 
 class Predictor:
     """predict(uint8 (N, S, S, 3) raw RGB) -> float32 (N, S, S) foreground probability."""
@@ -49,8 +44,8 @@ class Predictor:
 
 
 def square_size(shape, path, size, default_size=None):
-    """The model's input size from its input shape (N, H, W, 3). An explicit `size` must match a
-    fixed input; `size` or else `default_size` (run.json's training size) fills a dynamic one."""
+    """The input size from the shape (N, H, W, 3): `size` must match a fixed one; `size`, else
+    `default_size` (run.json's training size), fills a dynamic one."""
     if len(shape) != 4 or shape[-1] not in (3, None):
         raise common.Error(path, f"model input shape {tuple(shape)} is not (N, H, W, 3)")
     h, w = shape[1], shape[2]
@@ -77,8 +72,7 @@ def load_keras(path):
 
 
 def _predictor(path, kind, shape, run, size, default_size=None, batch=None):
-    """A Predictor around run, once the input shape gives its size and one dry run shows that it
-    returns one size x size map: a wrong model fails here with one line, not mid-way."""
+    """A Predictor around run, after one dry run: a wrong model fails here in one line."""
     size = square_size(shape, path, size, default_size)
     try:
         y = np.asarray(run(np.zeros((1, size, size, 3), np.uint8)))
@@ -115,39 +109,27 @@ def read_run_json(weights):
 
 
 def load_predictor(path, size=None):
-    """A Predictor for a .keras file, a SavedModel folder or a .tflite file. `size` is only needed
-    for a model that accepts any input size (it must match a fixed one); without it, such a model
-    takes the training size from the run.json beside it."""
+    """A Predictor for a .keras file or an export. `size`: only for a model of any input size,
+    which otherwise takes the training size from the run.json beside it."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise common.Error(path, "model file not found")
     default_size = read_run_json(path).get("size")
-    if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "saved_model.pb")):
-            raise common.Error(path, "folder is not a SavedModel (no saved_model.pb)")
-        from extras import formats
-        shape, run, batch = formats.open_saved_model(path)
-        return _predictor(path, "saved_model", shape, run, size, default_size, batch)
-    if path.endswith(".tflite"):
-        from extras import formats
-        shape, run = formats.open_tflite(path)
-        return _predictor(path, "tflite", shape, run, size)
     if path.endswith(".keras"):
         model = load_keras(path)
         return _predictor(path, "keras", model.input_shape, _keras_run(model), size, default_size)
-    raise common.Error(path, "unknown model format (expected .keras, .tflite or a SavedModel "
-                             "folder)")
+    from extras import formats  # the exported formats
+    kind, shape, run, batch = formats.open_exported(path)
+    return _predictor(path, kind, shape, run, size, default_size, batch)
 
 
-# ----------------------------------------------------------------------------------------------
-# Predicting: test-time augmentation and post-processing, the one path every prediction takes
-
+# --- Predicting: TTA and post-processing, the one path every prediction takes ---------------
 POST = ("none", "fill", "largest", "fill+largest")
 
 
 def predict_probs(predictor, images, tta=False, post="none", threshold=0.5):
-    """Probabilities (N, S, S) at the model's size: with tta, the mean of identity, horizontal and
-    vertical flips; then post-processed (see postprocess). Every path that predicts comes here."""
+    """Probabilities (N, S, S) at the model's size, every prediction's one path: with tta the mean
+    of identity, h-flip and v-flip; then --post (extras/postprocess.py)."""
     probs = predictor.predict(images)
     if tta:
         probs = probs + predictor.predict(images[:, :, ::-1])[:, :, ::-1]
@@ -155,54 +137,11 @@ def predict_probs(predictor, images, tta=False, post="none", threshold=0.5):
         probs = probs / 3.0
     if post == "none":
         return probs
-    return np.stack([postprocess(p, threshold, post) for p in probs])
+    from extras import postprocess  # --post
+    return np.stack([postprocess.postprocess(p, threshold, post) for p in probs])
 
 
-def label(mask):
-    """4-connected components of a bool (H, W) mask: int labels, 0 off the mask. Each pass gives a
-    pixel the smallest label among itself and its neighbours, then jumps every label to its own
-    pixel's label, so chains collapse quickly; done when a pass changes nothing."""
-    h, w = mask.shape
-    none = h * w + 1
-    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), none)
-    while True:
-        padded = np.pad(labels, 1, constant_values=none)
-        smallest = np.minimum.reduce([labels, padded[:-2, 1:-1], padded[2:, 1:-1],
-                                      padded[1:-1, :-2], padded[1:-1, 2:]])
-        smallest = np.where(mask, smallest, none)
-        flat = np.append(smallest.ravel(), none)
-        jumped = np.where(mask, flat[np.minimum(smallest, none) - 1], none)
-        if np.array_equal(jumped, labels):
-            return np.where(mask, labels, 0)
-        labels = jumped
-
-
-def postprocess(prob, threshold=0.5, post="none"):
-    """Clean one model-size probability map: "fill" sets holes in the lesion (background that does
-    not reach the border) to 1, "largest" sets every lesion component but the largest to 0. The
-    probabilities are edited rather than a binary mask, so the resize to native size and the
-    threshold that follow stay the one path they are without post-processing."""
-    if post not in POST:
-        raise ValueError(f"post {post!r} is not one of {', '.join(POST)}")
-    prob = np.array(prob, np.float32)
-    if "fill" in post:
-        background = label(prob <= threshold)
-        edges = (background[0], background[-1], background[:, 0], background[:, -1])
-        border = np.unique(np.concatenate(edges))
-        prob[(background > 0) & ~np.isin(background, border)] = 1.0
-    if "largest" in post:
-        lesion = label(prob > threshold)
-        if lesion.any():
-            sizes = np.bincount(lesion.ravel())
-            sizes[0] = 0
-            prob[(lesion > 0) & (lesion != sizes.argmax())] = 0.0
-    return prob
-
-
-# ----------------------------------------------------------------------------------------------
-# One photo: the functions the bulk path below, evaluate.py and the web app share
-
-TINT, OUTLINE = (255, 200, 0), (255, 0, 0)  # amber wash and a red border: visible on any skin tone
+# --- One photo: the functions the bulk path below, evaluate.py and the web app share ---------
 PREVIEW_SIDE = 1024  # px, long side of overlays and of what the web page shows
 BAND_ROWS = 256  # rows of a native-size map worked out at a time (see native_prob)
 
@@ -213,10 +152,9 @@ def model_input(image, size):
 
 
 def native_prob(small_prob, size_hw, threshold=0.5):
-    """(lesion_stats, bool mask at size_hw) from the model's size x size probability map, resized
-    (bilinear) a band of rows at a time: the float32 map of a 50-megapixel photo (200 MB) is never
-    whole. Each band is cut from the whole map's sampling grid, so the mask is one resize's but
-    where rounding puts a probability within 1e-5 of the threshold on the other side."""
+    """(lesion_stats, bool mask at size_hw) of the model-size map, resized (bilinear) a band of rows
+    at a time from the whole map's sampling grid: one resize's mask, but the float32 map of a
+    50-megapixel photo (200 MB) is never whole."""
     h, w = size_hw
     source = Image.fromarray(np.asarray(small_prob, np.float32))
     mask = np.empty((h, w), bool)
@@ -258,36 +196,6 @@ def decode_preview(file, native, raw=None):
     return data.resize_image(data.load_image(file, min_size=hw, raw=raw), hw)
 
 
-def _erode(mask):
-    # 4-neighbour erosion; pixels beyond the border count as background, so the frame is an edge.
-    inner = np.zeros_like(mask)
-    inner[1:-1, 1:-1] = (mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1]
-                         & mask[1:-1, :-2] & mask[1:-1, 2:])
-    return inner
-
-
-def overlay(image, mask, prob=None):
-    """uint8 (H, W, 3): the photo with the lesion tinted (stronger where the model is surer, if
-    prob is given) and its boundary drawn. Only mask pixels change, so the outline never hides the
-    skin around the lesion that a reader compares it with."""
-    image, mask = np.asarray(image, np.uint8), np.asarray(mask, bool)
-    if image.ndim != 3 or image.shape[2] != 3 or mask.shape != image.shape[:2]:
-        raise ValueError(f"image {image.shape} and mask {mask.shape} do not match")
-    out = image.copy()
-    if prob is None:
-        alpha = np.full(mask.shape, 0.4, np.float32)
-    else:
-        alpha = np.clip(np.asarray(prob, np.float32), 0.0, 1.0) * 0.5
-    a = alpha[mask][:, None]
-    out[mask] = np.round(image[mask] * (1 - a) + np.asarray(TINT, np.float32) * a).astype(np.uint8)
-    # About 3 px on a 1000 px photo: thick enough to see, thin enough not to hide the border.
-    inner = mask
-    for _ in range(max(1, round(max(mask.shape) / 350))):
-        inner = _erode(inner)
-    out[mask & ~inner] = OUTLINE
-    return out
-
-
 def png_bytes(image, **kw):
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", **kw)
@@ -302,17 +210,13 @@ def save_mask_png(folder, image_id, pred):
                         lambda f: f.write(payload))
 
 
-# ----------------------------------------------------------------------------------------------
-# The pipeline: the model never waits for the disk
-
+# --- The pipeline: the model never waits for the disk ----------------------------------------
 
 def pipeline(items, decode, finish, predict, batch, timing, problems, bar, workers=None):
     """While the model predicts batch i, one thread decodes batch i + 1 and a pool finishes
-    (scores, writes) batch i - 1. decode(item) -> (decoded tuple whose last element is the model
-    input, or a problem dict; seconds); predict(images) -> probabilities; finish(decoded, prob)
-    runs in the pool. Yields (decoded, finish's result) in item order; problems and decode/predict
-    time are recorded. At most three batches are in flight, so memory does not grow with the
-    number of items."""
+    (scores, writes) batch i - 1: at most three batches in flight. decode(item) -> (a tuple ending
+    in the model input, or a problem dict; seconds); finish(decoded, prob) runs in the pool.
+    Yields (decoded, finish's result) in item order; problems and times are recorded."""
     chunks = (items[i:i + batch] for i in range(0, len(items), batch))
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(1) as decoder, ThreadPoolExecutor(workers) as pool:
@@ -341,17 +245,15 @@ def pipeline(items, decode, finish, predict, batch, timing, problems, bar, worke
             yield d, job.result()
 
 
-# ----------------------------------------------------------------------------------------------
-# Photos in bulk
-
+# --- Photos in bulk --------------------------------------------------------------------------
 COLUMNS = ("image_id", "file", "width", "height", "area_px", "area_percent", "mean_prob")
 OUTPUT_SUFFIXES = ("_segmentation", "_overlay")  # our own outputs, never photos to segment
 HDF5_SUFFIXES = (".hdf5", ".h5")  # an ISIC 2024 archive; its photos are "archive.hdf5:<key>"
 
 
 def find_photos(source):
-    """[(image_id, file)] to segment: one photo, a plain folder of photos (not recursive, without
-    our own outputs), a data folder in a known layout (every image, masks ignored) or an archive."""
+    """[(image_id, file)]: one photo, a folder of photos (not recursive, not our own outputs), a
+    data folder (every image, masks ignored) or an archive."""
     if os.path.isfile(source) and source.lower().endswith(HDF5_SUFFIXES):
         from extras import archive  # h5py, only for an archive
         return archive.find_photos(source)
@@ -375,17 +277,12 @@ def _image_id(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def _in_archive(file):
-    return file.rpartition(":")[0].lower().endswith(HDF5_SUFFIXES)
-
-
 def _decode_photo(reader, image_id, file, size):
-    """(image_id, file, native (h, w), preview image, model input) or a problem dict, and seconds.
-    One draft decode at the preview's size serves both the overlay and the model; the native size
-    comes from the header."""
+    """(image_id, file, native (h, w), preview, model input) or a problem dict, and seconds. One
+    draft decode at the preview's size serves the overlay and the model; native size: the header."""
     t = time.perf_counter()
     try:
-        raw = reader.raw(file) if reader and _in_archive(file) else None
+        raw = reader.raw(file) if reader else None  # an archive's photo: bytes from it
         native = data.native_hw(file, raw)  # a bad file fails here, as one line naming it
         preview = decode_preview(file, native, raw)
     except common.Error as e:
@@ -402,10 +299,8 @@ def _write_prediction(folder, image_id, file, native, preview, small_prob, thres
     stats, mask = native_prob(small_prob, native, threshold)
     save_mask_png(folder, image_id, mask)
     if overlays:
-        prob = data.resize_prob(small_prob, preview.shape[:2])  # a preview is small: whole
-        tinted = Image.fromarray(overlay(preview, prob > threshold, prob))
-        common.atomic_write(os.path.join(folder, f"{image_id}_overlay.jpg"),
-                            lambda f: tinted.save(f, "JPEG", quality=90))
+        from extras import overlay  # on unless --no-overlay
+        overlay.write(folder, image_id, preview, small_prob, threshold)
     return {"image_id": image_id, "file": file, **stats}, time.perf_counter() - t
 
 
@@ -419,11 +314,9 @@ def csv_line(row):
 
 def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none", overwrite=False,
                    overlays=True, progress=True, workers=None):
-    """Segment photos without ground truth (find_photos' list) into `out`: each one's mask, overlay
-    and a predictions.csv row, appended and flushed as it is done, in photo order. A photo with its
-    mask and row from an earlier run is skipped unless overwrite. A bad file is a problem, skipped.
-    Returns {"done", "skipped_existing", "problems", "seconds"}: counts, not rows, so memory stays
-    flat over an archive."""
+    """Segment find_photos' list into `out`: masks, overlays and predictions.csv rows (appended and
+    flushed in photo order). Photos an earlier run finished are skipped unless overwrite; a bad
+    file is a problem, skipped. Returns counts, not rows, so memory stays flat over an archive."""
     os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "predictions.csv")
     finished = set()
@@ -442,7 +335,7 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
         if image_id not in finished:
             todo.append((image_id, file))
     reader = None
-    if any(_in_archive(file) for _, file in todo):
+    if todo and todo[0][1].rpartition(":")[0].lower().endswith(HDF5_SUFFIXES):  # one source
         from extras import archive
         reader = archive.Reader()
     timing = dict.fromkeys(("decode", "predict", "write"), 0.0)
@@ -468,15 +361,13 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
             "seconds": {k: round(v, 3) for k, v in timing.items()}}
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-
+# --- Command line ----------------------------------------------------------------------------
 
 def model_parser(description):
-    """The command line of running a model, which evaluate.py shares: --weights, the prediction
-    path's settings (--threshold, --tta, --post, --size) and --no-progress. parse() checks them."""
+    """The flags of running a model, shared with evaluate.py; parse() checks them."""
     p = common.ArgumentParser(description=description)
-    p.add_argument("--weights", required=True, help=".keras file, SavedModel folder or .tflite")
+    p.add_argument("--weights", required=True,
+                   help=".keras file, SavedModel folder, .tflite or .onnx")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--tta", action="store_true", help="average identity, h-flip and v-flip")
     p.add_argument("--post", choices=POST, default="none",

@@ -3,7 +3,7 @@
     python bench/sweep_val.py --weights best.keras [--data DIR] [--split val]
 
 Predicts every image once without and once with TTA (predict.predict_probs, the one prediction
-path), then applies each post-processing (predict.postprocess) and threshold to the model-size
+path), then applies each post-processing (extras/postprocess.py) and threshold to the model-size
 probabilities, resizes back to the mask's native size and scores as evaluate.py does (per-image
 Dice and the challenge's thresholded Jaccard, mean over images). Choose on val; read test once.
 """
@@ -19,6 +19,7 @@ import common  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import predict  # noqa: E402
+from extras import postprocess  # noqa: E402
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -49,7 +50,7 @@ def main(argv=None):
             for threshold in THRESHOLDS:
                 rows = []
                 for prob, truth in zip(probs, truths):
-                    small = predict.postprocess(prob, threshold, post)
+                    small = postprocess.postprocess(prob, threshold, post)
                     pred = data.resize_prob(small, truth.shape) > threshold
                     rows.append(evaluate.image_scores(truth, pred))
                 scores[tta, post, threshold] = {k: float(np.mean([r[k] for r in rows]))

@@ -1,7 +1,8 @@
-"""Running the two exported formats: a TensorFlow SavedModel folder and a LiteRT (.tflite) file.
+"""Running the exported formats: a TensorFlow SavedModel folder, a LiteRT (.tflite) file and an
+ONNX (.onnx) file.
 
 predict.load_predictor imports this module only when --weights (of predict.py, evaluate.py, app.py
-or export.py's checks) names a SavedModel folder or a .tflite file; a .keras file never needs it.
+or export.py's checks) names an exported model; a .keras file never needs it.
 Each opener returns the model's input shape and run(uint8 (N, S, S, 3)) -> float32 probabilities;
 predict.py checks the shape and wraps run in its Predictor, the same for every format.
 """
@@ -10,6 +11,21 @@ import os
 import numpy as np
 
 import common
+
+
+def open_exported(path):
+    """(kind, input shape, run, batch or None) of a SavedModel folder, a .tflite or an .onnx file;
+    anything else is one line naming the formats."""
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "saved_model.pb")):
+            raise common.Error(path, "folder is not a SavedModel (no saved_model.pb)")
+        return ("saved_model", *open_saved_model(path))
+    if path.endswith(".tflite"):
+        return ("tflite", *open_tflite(path), None)
+    if path.endswith(".onnx"):
+        return ("onnx", *open_onnx(path), None)
+    raise common.Error(path, "unknown model format (expected .keras, .tflite, .onnx or a "
+                             "SavedModel folder)")
 
 
 def open_saved_model(path):
@@ -71,3 +87,25 @@ def open_tflite(path):
         return np.stack(probs)
 
     return list(inp["shape"]), run
+
+
+def open_onnx(path):
+    """(input shape, run) of an .onnx file in ONNX Runtime (extras/onnx_format.py has the contract:
+    float32 raw RGB 0..255 in, the probability out, any batch)."""
+    from extras import onnx_format
+
+    onnx_format.require(path, ["onnxruntime"])
+    try:
+        session = onnx_format.session(path)
+    except Exception as e:  # not a protobuf, not a model, an op it does not know...
+        raise common.Error(path, f"cannot load ONNX model ({common.one_line(e)})") from None
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)":
+        kinds = [i.type for i in inputs]
+        raise common.Error(path, f"ONNX inputs are {kinds}, expected one float32 image")
+    name = inputs[0].name
+
+    def run(x):
+        return np.asarray(session.run(None, {name: x.astype(np.float32)})[0], np.float32)
+
+    return [d if isinstance(d, int) else None for d in inputs[0].shape], run

@@ -20,7 +20,7 @@ from PIL import Image
 import data
 import evaluate
 import predict
-from extras import synthetic
+from extras import overlay, synthetic
 
 
 @pytest.fixture(scope="module")
@@ -147,19 +147,19 @@ def test_lesion_stats_invariants(case):
 @given(masks_and_probs(), st.booleans())
 def test_overlay_changes_only_the_lesion_and_outlines_it(case, with_prob):
     image, prob, mask, _ = case
-    out = predict.overlay(image, mask, prob if with_prob else None)
+    out = overlay.draw(image, mask, prob if with_prob else None)
     assert out.shape == image.shape and out.dtype == np.uint8
     # Outside the mask (so also outside any dilation of it) the photo is untouched.
     assert np.array_equal(out[~mask], image[~mask])
     # Every mask pixel touching the background or the frame is drawn in the outline colour.
     padded = np.pad(mask, 1)
     edge = mask & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
-    assert np.all(out[edge] == predict.OUTLINE)
+    assert np.all(out[edge] == overlay.OUTLINE)
 
 
 def test_overlay_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
-        predict.overlay(np.zeros((4, 5, 3), np.uint8), np.zeros((5, 4), bool))
+        overlay.draw(np.zeros((4, 5, 3), np.uint8), np.zeros((5, 4), bool))
 
 
 # ---------------------------------------------------------------------------- the command line
