@@ -3,8 +3,8 @@
     python app.py [--weights best.keras] [--host 127.0.0.1] [--port 7860] [--auth USER:PASS]
                   [--max-megapixels 50] [--max-upload-mb 50]
 
-Any model predict.py reads works (.keras, a SavedModel folder, a .tflite), through the same
-Predictor and the same preprocessing as `predict.py`. The page shows the photo with the lesion
+Any model predict.py reads works (.keras, a SavedModel folder, a .tflite, an .onnx), through the
+same Predictor and the same preprocessing as `predict.py`. The page shows the photo with the lesion
 tinted and outlined, the mask, the lesion's area, and a threshold slider that re-draws all of it
 from the cached probability map without running the model again; the mask downloads as a PNG at
 the photo's native size. It serves on 127.0.0.1 only unless --host says otherwise, sends no
@@ -57,7 +57,7 @@ STOP_SECONDS = 15    # a stop signal ends the process within this, whatever the 
 DISCLAIMER = ("**Research tool, not a diagnosis.** This model has not been validated for clinical "
               "use; anyone worried about a skin lesion should see a doctor.")
 FORMATS = {"keras": "Keras (.keras)", "saved_model": "TensorFlow SavedModel",
-           "tflite": "LiteRT (.tflite)"}
+           "tflite": "LiteRT (.tflite)", "onnx": "ONNX (.onnx)"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def build_ui(predictor, folder, photos, max_pixels=MAX_MEGAPIXELS * 10**6):
 def parse_args(argv):
     parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=None,
-                        help="model: .keras, .tflite or SavedModel folder "
+                        help="model: .keras, .tflite, .onnx or SavedModel folder "
                              "(default: best.keras here)")
     parser.add_argument("--size", type=int, default=None,
                         help="input size, only for a model that accepts any (default: run.json's)")
