@@ -210,14 +210,12 @@ def _decode(img, path, mode=None):
         raise common.Error(path, f"truncated or corrupt image ({e})") from None
 
 
-def _orientation(img):
+def _on_its_side(img):
+    """Whether the EXIF orientation (5 to 8) turns the picture on its side."""
     try:
-        return img.getexif().get(0x0112, 1)
+        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
     except Exception:  # a damaged EXIF block is not worth losing the image over
-        return 1
-
-
-SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the picture on its side
+        return False
 
 
 def _read_image(path, min_size=None, raw=None):
@@ -226,7 +224,7 @@ def _read_image(path, min_size=None, raw=None):
     original decodes many times faster, and the resize that follows antialiases anyway."""
     img = open_image(path, raw)
     w, h = img.size
-    rotated = _orientation(img) in SWAPS_SIDES
+    rotated = _on_its_side(img)
     if min_size is not None and img.format == "JPEG":
         want_h, want_w = min_size
         img.draft("RGB", (want_h, want_w) if rotated else (want_w, want_h))
@@ -244,7 +242,7 @@ def native_hw(path, raw=None):
     is a one-line Error (open_image)."""
     with open_image(path, raw) as img:
         w, h = img.size
-        return (w, h) if _orientation(img) in SWAPS_SIDES else (h, w)
+        return (w, h) if _on_its_side(img) else (h, w)
 
 
 def load_mask(path):
