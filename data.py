@@ -3,13 +3,12 @@
     python data.py DIR [--json] [--strict] [--size PX]   # check a data folder, build its cache
     python data.py --synthetic OUT --count N [--seed S] [--width W]   # write a synthetic set
 
-Read top to bottom: finding pairs in the ISIC layouts, decoding, the on-disk cache, augmentation,
-batches for model.fit, the command line. (The synthetic set: extras/synthetic.py.)
+Read top to bottom: finding pairs in the ISIC layouts, decoding, the on-disk cache, batches for
+model.fit. In extras/: augmentation (augment.py), the command line (data_check.py), the synthetic
+set (synthetic.py), HAM10000's lesion metadata (lesions.py).
 """
-import csv
 import hashlib
 import io
-import json
 import math
 import os
 import sys
@@ -44,8 +43,8 @@ class Pair:
 # -----------------------------------------------------------------------------
 # Finding pairs
 
-# (split, image folder, mask folder) per layout. The split is the official one; None means the
-# folder is a pool that split_of() divides by a hash of the image id.
+# (split, image folder, mask folder) per layout, the split being the official one. A "train" folder
+# is also the pool that split_of() carves any missing split out of, by a hash of the image id.
 LAYOUTS = {
     "isic2018": [
         ("train", "ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth"),
@@ -69,8 +68,7 @@ LAYOUTS = {
     "generic": [("train", "images", "masks")],
 }
 MASK_SUFFIXES = ("", "_segmentation", "_mask")  # ISIC: ID_segmentation.png (2016: _Segmentation)
-# HAM10000 has several images of one lesion (10,015 images, 7,470 lesions): hashing image ids would
-# put photos of one lesion in both train and val, so with this file the hash is of the lesion_id.
+# HAM10000 has several photos of a lesion: with this file, the split hashes lesions, not images.
 LESION_METADATA = "HAM10000_metadata.csv"
 
 
@@ -93,24 +91,6 @@ def image_files(folder):
             if not n.startswith(".") and n.lower().endswith(IMAGE_EXTS)
             and not os.path.splitext(n)[0].lower().endswith("_superpixels")
             and os.path.isfile(os.path.join(folder, n))]
-
-
-def lesion_groups(root):
-    """{image_id: lesion_id} from root's HAM10000_metadata.csv, or {} without one. The split hashes
-    the lesion_id, so all images of one lesion land in the same split."""
-    path = os.path.join(root, LESION_METADATA)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if not {"lesion_id", "image_id"} <= set(reader.fieldnames or ()):
-                raise common.Error(path, "needs lesion_id and image_id columns "
-                            f"(has {', '.join(reader.fieldnames or []) or 'none'})")
-            return {row["image_id"].strip(): row["lesion_id"].strip() for row in reader
-                    if row["image_id"] and row["lesion_id"] and row["lesion_id"].strip()}
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise common.Error(path, f"unreadable metadata ({common.one_line(e)})") from None
 
 
 def layout_of(root):
@@ -144,7 +124,10 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
     pool_val = 0.0 if "val" in present else val_fraction
     pool_test = 0.0 if "test" in present else test_fraction
 
-    groups = lesion_groups(root)
+    groups, metadata = {}, os.path.join(root, LESION_METADATA)
+    if os.path.isfile(metadata):
+        from extras import lesions  # HAM10000: every image of a lesion in one split
+        groups = lesions.lesion_groups(metadata)
     # A mask folder shared by several image folders (HAM10000) is read once, and its orphans are
     # only known after the last image folder that uses it.
     last_use = {mask_dir: i for i, (split, _, mask_dir) in enumerate(folders) if split in present}
@@ -227,14 +210,12 @@ def _decode(img, path, mode=None):
         raise common.Error(path, f"truncated or corrupt image ({e})") from None
 
 
-def _orientation(img):
+def _on_its_side(img):
+    """Whether the EXIF orientation (5 to 8) turns the picture on its side."""
     try:
-        return img.getexif().get(0x0112, 1)
+        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
     except Exception:  # a damaged EXIF block is not worth losing the image over
-        return 1
-
-
-SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the picture on its side
+        return False
 
 
 def _read_image(path, min_size=None, raw=None):
@@ -243,7 +224,7 @@ def _read_image(path, min_size=None, raw=None):
     original decodes many times faster, and the resize that follows antialiases anyway."""
     img = open_image(path, raw)
     w, h = img.size
-    rotated = _orientation(img) in SWAPS_SIDES
+    rotated = _on_its_side(img)
     if min_size is not None and img.format == "JPEG":
         want_h, want_w = min_size
         img.draft("RGB", (want_h, want_w) if rotated else (want_w, want_h))
@@ -254,6 +235,14 @@ def _read_image(path, min_size=None, raw=None):
 def load_image(path, min_size=None, raw=None):
     """uint8 (H, W, 3) RGB with EXIF orientation applied (see _read_image for min_size and raw)."""
     return _read_image(path, min_size, raw)[0]
+
+
+def native_hw(path, raw=None):
+    """(h, w) as displayed (EXIF rotation applied), from the header only: no decode. A bad file
+    is a one-line Error (open_image)."""
+    with open_image(path, raw) as img:
+        w, h = img.size
+        return (w, h) if _on_its_side(img) else (h, w)
 
 
 def load_mask(path):
@@ -372,9 +361,9 @@ def _load_pair(pair, size, folder):
 
 
 def load_arrays(pairs, size, cache=None, workers=None, strict=False, progress=True):
-    """Decode each pair once (draft mode, all cores), squash-resize to size x size, check it and
-    cache the result keyed by (absolute path, mtime, file size, size). Bad pairs are skipped and
-    listed in problems; strict=True raises Error on the first one. cache=False: no cache.
+    """Decode each pair once (draft mode, all cores), squash-resize to size x size, check and cache
+    it. Bad pairs are skipped and listed in problems; strict=True raises Error on the first one.
+    cache=False: no cache.
     Threads, not processes: Pillow and NumPy release the GIL in decode, resize and file reads,
     and threads hand back arrays without pickling them (faster here: docs/benchmarks.md)."""
     pairs = list(pairs)
@@ -459,143 +448,34 @@ def source_names(folders):
 
 
 # -----------------------------------------------------------------------------
-# Augmentation
-
-# The ranges, the one definition both augmentation paths use (the draws below are shared, only
-# the pixel work differs: Pillow on the host, keras.ops on the accelerator).
-ROTATION_DEG = 15           # small rotation, +-, on top of a random flip and 90-degree turn
-SCALE = (0.9, 1.1)          # zoom, drawn log-uniformly
-SHIFT = 0.06                # translation, +- this fraction of the width / height
-HUE_DEG = 10                # +-
-SATURATION = (0.8, 1.2)
-BRIGHTNESS = (0.85, 1.15)
-CONTRAST = (0.8, 1.2)       # around the image's mean luma
-
-# RGB <-> YIQ: hue is a rotation of the (I, Q) chroma plane, saturation a scaling of it, and Y
-# (luma) is left alone, so one 3x3 matrix per image does hue + saturation + brightness.
-RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
-                       [0.596, -0.274, -0.322],
-                       [0.211, -0.523, 0.312]], np.float32)
-YIQ_TO_RGB = np.linalg.inv(RGB_TO_YIQ).astype(np.float32)
-NO_COLOUR = np.array([1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0], np.float32)  # convert(): unchanged
-NO_AFFINE = np.array([1, 0, 0, 0, 1, 0], np.float64)  # AFFINE coefficients: unchanged
-
-
-def _affine(rng, h, w):
-    """Pillow AFFINE coefficients (output pixel -> input pixel) of a random flip, 90-degree
-    rotation, small rotation, scale and shift, about the centre."""
-    flip = np.diag([-1.0 if rng.random() < 0.5 else 1.0, 1.0])
-    k = rng.integers(0, 4)
-    rot90 = np.array([[0.0, -1.0], [1.0, 0.0]]) if k % 2 else np.eye(2)
-    rot90 = rot90 * (-1.0 if k >= 2 else 1.0)
-    a = np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG))
-    scale = np.exp(rng.uniform(*np.log(SCALE)))
-    small = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) * scale
-    forward = small @ rot90 @ flip  # input -> output about the centre
-    shift = rng.uniform(-SHIFT, SHIFT, 2) * (w, h)
-    inv = np.linalg.inv(forward)
-    centre = np.array([w / 2, h / 2])
-    offset = centre - inv @ (centre + shift)
-    return (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
-
-
-def mean_luma(images):
-    """Mean luma (Y of YIQ) of each image, from every 4th pixel in each direction: contrast's
-    centre. Batches works it out once per image. numpy reduces the strided view in buffered
-    pieces, so no whole-set temporary is made (sums of uint8 in float64 are exact)."""
-    return images[:, ::4, ::4].mean(axis=(1, 2)) @ RGB_TO_YIQ[0]
-
-
-def _colour(rng, luma):
-    """Per-image colour jitter as Pillow convert() matrices (12 numbers: 3x3 + offset): hue,
-    saturation, brightness, and contrast around the image's mean luma. Hue and saturation act on
-    the chroma plane of YIQ only, so gray stays gray."""
-    n = len(luma)
-    hue = np.deg2rad(rng.uniform(-HUE_DEG, HUE_DEG, n))
-    sat = rng.uniform(*SATURATION, n)
-    bright, contrast = rng.uniform(*BRIGHTNESS, n), rng.uniform(*CONTRAST, n)
-    chroma = np.zeros((n, 3, 3), np.float32)
-    chroma[:, 0, 0] = 1
-    chroma[:, 1, 1], chroma[:, 1, 2] = sat * np.cos(hue), -sat * np.sin(hue)
-    chroma[:, 2, 1], chroma[:, 2, 2] = sat * np.sin(hue), sat * np.cos(hue)
-    matrix = (bright * contrast)[:, None, None] * (YIQ_TO_RGB @ chroma @ RGB_TO_YIQ)
-    offset = np.repeat(((1 - contrast) * bright * luma)[:, None, None], 3, axis=1)
-    return np.concatenate([matrix, offset], axis=2).reshape(n, 12)
-
-
-def augment_params(shape, luma, rng, geometric=True, photometric=True):
-    """The random draws of a batch of `shape` (B, H, W) whose images have mean_luma `luma`: (colour
-    (B, 12) float32 convert() matrices, affine (B, 6) float64 AFFINE coefficients); a part switched
-    off is the identity. Drawn in the same order since the first release, so a seed gives the same
-    augmentation as it always has."""
-    n, h, w = shape
-    if photometric:
-        colour = _colour(rng, luma).astype(np.float32)
-    else:
-        colour = np.tile(NO_COLOUR, (n, 1))
-    if geometric:
-        affine = np.array([_affine(rng, h, w) for _ in range(n)])
-    else:
-        affine = np.tile(NO_AFFINE, (n, 1))
-    return colour, affine.reshape(n, 6)
-
-
-def augment_batch(images, masks, rng, geometric=True, photometric=True):
-    """Augment a batch on the host: colour jitter on the images only, then the same random affine
-    on each image and its mask, so masks stay binary (bilinear on 0/255, then > 127) and aligned.
-    images uint8 (B, H, W, 3), masks bool or 0/1 (B, H, W); returns new arrays, same dtypes."""
-    images = np.asarray(images, np.uint8)
-    luma = mean_luma(images) if photometric else None
-    params = augment_params(images.shape[:3], luma, rng, geometric, photometric)
-    return warp_pillow(images, masks, *params)
-
-
-def warp_pillow(images, masks, colour, affine):
-    """augment_batch's pixel work, given its draws: two Pillow C calls per image. They release
-    the GIL, but the Python around them does not, so worker threads stop scaling after a few
-    (docs/benchmarks.md): extras/device_augment.py is the accelerator's path."""
-    masks = np.asarray(masks)
-    n, h, w = masks.shape
-    masks255 = np.where(masks > 0, np.uint8(255), np.uint8(0))
-    out_images, out_masks = np.empty_like(images), np.empty((n, h, w), np.uint8)
-    for i in range(n):
-        rgb = Image.fromarray(images[i])
-        if not np.array_equal(colour[i], NO_COLOUR):
-            rgb = rgb.convert("RGB", tuple(colour[i]))
-        # The mask rides along as a 4th band, so one resampling pass moves image and mask with
-        # identical geometry. "CMYK" is just Pillow's plain 4 x 8-bit mode here; RGBA would
-        # premultiply the colours by the mask.
-        pil = Image.merge("CMYK", [*rgb.split(), Image.fromarray(masks255[i])])
-        if not np.array_equal(affine[i], NO_AFFINE):
-            pil = pil.transform((w, h), Image.AFFINE, tuple(affine[i]), Image.BILINEAR)
-        *bands, mask = pil.split()
-        out_images[i], out_masks[i] = np.asarray(Image.merge("RGB", bands)), np.asarray(mask)
-    return out_images, (out_masks > 127).astype(masks.dtype)
-
-
-# -----------------------------------------------------------------------------
 # Feeding model.fit
 
+# The draws of a batch without augmentation: Pillow's convert() matrix and AFFINE coefficients
+# that change nothing (extras/augment.py draws the real ones).
+NO_COLOUR = np.array([1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0], np.float32)
+NO_AFFINE = np.array([1, 0, 0, 0, 1, 0], np.float64)
+
+
 class Batches:
-    """Batches for model.fit: x uint8 (B, S, S, 3), y uint8 (B, S, S, 1) in {0, 1}.
+    """Batches for model.fit: x uint8 (B, S, S, 3), y uint8 (B, S, S, 1) in {0, 1}; plain Python,
+    which train.feed hands to keras.utils.PyDataset's worker threads.
 
     Batch i of epoch e is a pure function of (seed, e, i): the order is a permutation seeded by
     (seed, epoch), the augmentation is seeded by (seed, epoch, i). So worker threads may finish in
     any order, and a resumed run continues the same stream by starting at epoch=. For training,
     drop_remainder=True keeps every batch full (the partial last batch would mean a second compiled
     step shape and a noisy batch-norm update) and steps caps the batches per epoch (0: all).
-    part=(i, n): process i of a run over n processes gets the i-th of n equal slices of every
-    batch: the order and the draws are still those of the whole batch, so the n processes together
-    see exactly the stream one process would, batch for batch.
-    Plain Python: train.feed hands it to keras.utils.PyDataset's worker threads, so that data.py,
-    and everything that only reads data, never imports Keras or TensorFlow."""
+    part=(i, n): process i of n gets the i-th of n equal slices of every batch (draw)."""
 
     def __init__(self, images, masks, batch_size, augment=True, shuffle=True, seed=0, epoch=0,
                  drop_remainder=False, steps=0, part=(0, 1)):
         self.images, self.masks, self.part = images, masks, part
         self.batch_size, self.augment, self.shuffle, self.seed = batch_size, augment, shuffle, seed
-        # Contrast's centre, once per image instead of once per batch (docs/benchmarks.md).
-        self.luma = mean_luma(images) if augment else None
+        self.luma = None
+        if augment:
+            from extras import augment as aug  # on unless --no-augment
+            # Contrast's centre, once per image instead of once per batch (docs/benchmarks.md).
+            self.luma = aug.mean_luma(images)
         self.start_epoch(epoch)
         n = len(self.order)
         full = drop_remainder and n >= batch_size  # a set smaller than one batch: one partial batch
@@ -623,7 +503,8 @@ class Batches:
         x, y, colour, affine = self.draw(index)
         if not self.augment:
             return x, y
-        x, y = warp_pillow(x, y[..., 0], colour, affine)
+        from extras import augment as aug
+        x, y = aug.warp_pillow(x, y[..., 0], colour, affine)
         return x, y[..., None]
 
     def draw(self, index):
@@ -631,11 +512,15 @@ class Batches:
         affine), the draws seeded by (seed, epoch, index) (identity without augment). This is all
         the host does when the accelerator augments (extras/device_augment.py)."""
         idx = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        # The whole batch's draws (their count and order fix the stream), then this process's slice.
-        luma = self.luma[idx] if self.augment else None
-        colour, affine = augment_params((len(idx), *self.images.shape[1:3]), luma, rng,
-                                        geometric=self.augment, photometric=self.augment)
+        # The whole batch's draws (their count and order fix the stream), then this process's slice:
+        # so n processes together see exactly the stream one process would, batch for batch.
+        if self.augment:
+            from extras import augment as aug
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            shape = (len(idx), *self.images.shape[1:3])
+            colour, affine = aug.augment_params(shape, self.luma[idx], rng)
+        else:
+            colour, affine = np.tile(NO_COLOUR, (len(idx), 1)), np.tile(NO_AFFINE, (len(idx), 1))
         i, n = self.part
         mine = slice(len(idx) * i // n, len(idx) * (i + 1) // n)
         x, y = self.images[idx[mine]], np.asarray(self.masks[idx[mine]], np.uint8)[..., None]
@@ -645,80 +530,10 @@ class Batches:
 # -----------------------------------------------------------------------------
 # Command line
 
-def native_hw(path, raw=None):
-    """(h, w) as displayed (EXIF rotation applied), from the header only: no decode. A bad file
-    is a one-line Error (open_image)."""
-    with open_image(path, raw) as img:
-        w, h = img.size
-        return (w, h) if _orientation(img) in SWAPS_SIDES else (h, w)
-
-
-def _report(root, arrays, layout, args):
-    splits = {s: sum(p.split == s for p in arrays.pairs) for s in ("train", "val", "test")}
-    sizes = None
-    if arrays.pairs:
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            shapes = np.array(list(pool.map(native_hw, [p.image for p in arrays.pairs])))
-        lo, hi = shapes.min(axis=0), shapes.max(axis=0)
-        sizes = {"min_hw": [int(lo[0]), int(lo[1])], "max_hw": [int(hi[0]), int(hi[1])]}
-    return {"root": os.path.abspath(root), "layout": layout, "pairs": len(arrays.pairs),
-            "splits": splits, "image_sizes": sizes, "size": args.size,
-            "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
-            "problems": arrays.problems}
-
-
-@common.command
 def main(argv=None):
-    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("dir", nargs="?", help="data folder to check (and cache)")
-    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    parser.add_argument("--strict", action="store_true", help="any problem is an error")
-    parser.add_argument("--size", type=int, default=256, help="training size to check and cache")
-    parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--test-fraction", type=float, default=0.1)
-    parser.add_argument("--cache", default=None, help="cache folder (default: $SKIN_UNET_CACHE "
-                                                      "or ~/.cache/skin-unet)")
-    parser.add_argument("--synthetic", metavar="OUT", help="write a synthetic set to OUT")
-    parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--width", type=int, default=384,
-                        help="with --synthetic: image width (height 3/4 of it)")
-    args = parser.parse_args(argv)
-    if args.synthetic:
-        if args.width < 16:
-            raise common.Error(f"--width {args.width}", "must be >= 16")
-        if args.count < 1:
-            raise common.Error(f"--count {args.count}", "must be >= 1")
-        size_wh = (args.width, round(args.width * 3 / 4))
-        from extras import synthetic
-        synthetic.write_synthetic(args.synthetic, args.count, args.seed, size_wh)
-        print(f"wrote {args.count} synthetic pairs ({size_wh[0]}x{size_wh[1]}) to {args.synthetic}")
-        return 0
-    if not args.dir:
-        parser.error("give a data folder, or --synthetic OUT")
-    if args.size < 1:
-        raise common.Error(f"--size {args.size}", "must be positive")
-    arrays = load_split(args.dir, "all", args.size, args.val_fraction, args.test_fraction,
-                        cache=args.cache, strict=args.strict,
-                        progress=not args.json and sys.stderr.isatty())
-    layout = arrays.sources[0]["layout"]
-    report = _report(args.dir, arrays, layout, args)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        s = report["splits"]
-        print(f"{report['root']}: {layout} layout, {report['pairs']} usable pairs "
-              f"(train {s['train']}, val {s['val']}, test {s['test']})")
-        if report["image_sizes"]:
-            lo, hi = report["image_sizes"]["min_hw"], report["image_sizes"]["max_hw"]
-            print(f"image sizes: {lo[1]}x{lo[0]} to {hi[1]}x{hi[0]} (WxH), "
-                  f"cached at {args.size}x{args.size} (squashed)")
-        print(f"problems: {len(report['problems'])}" + (" (skipped)" if report["problems"] else ""))
-        for p in report["problems"]:
-            print(f"  {p['file']}: {p['problem']}")
-    if not arrays.pairs:
-        raise common.Error(args.dir, "no usable pairs")
-    return 0
+    """`python data.py DIR` / `--synthetic OUT`: extras/data_check.py."""
+    from extras import data_check
+    return data_check.main(argv)
 
 
 if __name__ == "__main__":

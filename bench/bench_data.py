@@ -23,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import common  # noqa: E402
 import data  # noqa: E402
+from extras import augment  # noqa: E402
 
 
 def feed_rate(arrays, batch, n_batches, workers):
@@ -42,7 +43,7 @@ def single_thread_rate(arrays, batch, seconds):
     n = len(arrays.images)
     while time.perf_counter() - start < seconds:
         idx = rng.integers(0, n, batch)
-        data.augment_batch(arrays.images[idx], arrays.masks[idx], rng)
+        augment.augment_batch(arrays.images[idx], arrays.masks[idx], rng)
         done += batch
     return done / (time.perf_counter() - start)
 

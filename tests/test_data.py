@@ -1,4 +1,5 @@
-"""Tests for data.py: layouts, bad input, decoding, cache, synthetic data, augmentation, CLI."""
+"""Tests for data.py: layouts, bad input, decoding, cache, synthetic data, batches, CLI.
+(Augmentation: tests/test_augment.py.)"""
 import json
 import os
 import subprocess
@@ -408,56 +409,6 @@ def test_synthetic_dir_written_once(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# augmentation
-
-@st.composite
-def mask_batches(draw):
-    n, s = draw(st.integers(1, 4)), draw(st.integers(8, 48))
-    masks = np.stack([blob(s, s, draw(st.floats(0.3, 0.7)), draw(st.floats(0.3, 0.7)),
-                           draw(st.floats(0.1, 0.3)), draw(st.floats(0.1, 0.3))) for _ in range(n)])
-    return masks, draw(st.integers(0, 2**32 - 1))
-
-
-@FAST
-@given(batch=mask_batches())
-def test_augment_keeps_image_and_mask_aligned(batch):
-    masks, seed = batch
-    images = np.repeat(masks[..., None], 3, axis=3).astype(np.uint8) * 255  # image made FROM the mask
-    x, y = data.augment_batch(images, masks, np.random.default_rng(seed), photometric=False)
-    assert np.array_equal(x[..., 0] > 127, y)  # geometry is identical, to the pixel
-    x, y = data.augment_batch(images, masks.astype(np.uint8), np.random.default_rng(seed))
-    assert x.shape == images.shape and x.dtype == np.uint8
-    assert y.shape == masks.shape and y.dtype == np.uint8 and set(np.unique(y)) <= {0, 1}
-    for xi, yi in zip(x.mean(axis=3), y.astype(bool)):
-        if yi.any() and (~yi).any():  # colour jitter is monotone on gray: still separable
-            assert xi[yi].min() > xi[~yi].max() - 1e-6 or np.mean(
-                (xi > (xi[yi].mean() + xi[~yi].mean()) / 2) != yi) < 0.01
-
-
-@FAST
-@given(seed=st.integers(0, 2**32 - 1))
-def test_augment_photometric_only_touches_colour(seed):
-    rng = np.random.default_rng(seed)
-    gray = rng.integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
-    images = np.repeat(gray, 3, axis=3)
-    masks = rng.random((3, 16, 16)) > 0.5
-    x, y = data.augment_batch(images, masks, np.random.default_rng(seed), geometric=False)
-    assert np.array_equal(y, masks) and y.dtype == bool
-    # hue and saturation act on chroma only: gray pixels stay gray (up to rounding)
-    assert np.abs(x.astype(int) - x[..., :1]).max() <= 1
-    assert np.abs(x.astype(int) - images).mean() < 60
-
-
-def test_augment_is_reproducible_and_varies():
-    images, masks = synthetic.make_synthetic(4, seed=0, size_wh=(64, 64))
-    a = data.augment_batch(images, masks, np.random.default_rng(7))
-    b = data.augment_batch(images, masks, np.random.default_rng(7))
-    c = data.augment_batch(images, masks, np.random.default_rng(8))
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    assert not np.array_equal(a[0], c[0])
-
-
-# -----------------------------------------------------------------------------
 # Batches
 
 def test_batches_shapes_shuffle_and_epochs():
@@ -528,6 +479,11 @@ def test_batches_feed_model_fit():
 
 def test_data_imports_no_keras():
     code = "import data, sys; data.Batches; assert 'keras' not in sys.modules, 'keras imported'"
+    # and no extras module that only a flag or an input asks for: no augmentation without augment,
+    # no lesion metadata reader without the file, no command line without the command
+    code += ("; import numpy as np; data.Batches(np.zeros((2, 4, 4, 3), np.uint8),"
+             " np.zeros((2, 4, 4), np.uint8), 2, augment=False)[0]"
+             "; assert not {'extras.augment', 'extras.lesions', 'extras.data_check'} & set(sys.modules)")
     env = dict(os.environ, KERAS_BACKEND="jax")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120)
