@@ -152,7 +152,7 @@ def model_input(image, size):
 
 
 def native_prob(small_prob, size_hw, threshold=0.5):
-    """(lesion_stats, bool mask at size_hw) of the model-size map, resized (bilinear) a band of rows
+    """(_stats, bool mask at size_hw) of the model-size map, resized (bilinear) a band of rows
     at a time from the whole map's sampling grid: one resize's mask, but the float32 map of a
     50-megapixel photo (200 MB) is never whole."""
     h, w = size_hw
@@ -169,15 +169,8 @@ def native_prob(small_prob, size_hw, threshold=0.5):
     return _stats(area, inside, h, w), mask
 
 
-def lesion_stats(mask, prob):
-    """{"area_px", "area_percent" (0-100), "mean_prob" (inside the mask; 0.0 if empty), "width",
-    "height"} of one native-size mask and its probability map."""
-    mask = np.asarray(mask, bool)
-    inside = float(np.sum(prob, where=mask, dtype=np.float64))  # no copy of prob[mask]
-    return _stats(int(np.count_nonzero(mask)), inside, *mask.shape)
-
-
 def _stats(area, inside, h, w):
+    """A mask's figures: its area in pixels and in % of the photo, the mean probability inside."""
     return {"area_px": area, "area_percent": 100.0 * area / (h * w) if h * w else 0.0,
             "mean_prob": inside / area if area else 0.0, "width": int(w), "height": int(h)}
 

@@ -1,4 +1,4 @@
-"""predict.py: native_prob / overlay / lesion_stats, the bulk path (--data photos/ --out masks/),
+"""predict.py: native_prob and its figures / overlay, the bulk path (--data photos/ --out masks/),
 data folders, bad files, all three formats (extras/formats.py), and extras/archive.py's part: HDF5
 archives, reruns that skip finished photos, kills; neither extras module loads unless asked for."""
 
@@ -61,6 +61,16 @@ def _mask(folder, image_id):
 
 # ---------------------------------------------------------------------------- the functions
 
+def _reference_stats(mask, prob):
+    """native_prob's figures worked out from a whole native-size mask and map."""
+    mask = np.asarray(mask, bool)
+    area = int(np.count_nonzero(mask))
+    inside = float(np.sum(prob, where=mask, dtype=np.float64))
+    h, w = mask.shape
+    return {"area_px": area, "area_percent": 100.0 * area / (h * w) if h * w else 0.0,
+            "mean_prob": inside / area if area else 0.0, "width": int(w), "height": int(h)}
+
+
 def _one_photo(predictor, file, threshold=0.5, tta=False):
     """(stats, native mask) of one photo the way predict.py and app.py make it: the draft decode at
     preview size, the model on its squash, the map resized back to the native size."""
@@ -79,7 +89,7 @@ def test_native_prob_returns_the_thresholded_mask_at_native_size(model):
     assert prob.shape == mask.shape == (45, 70)
     assert prob.dtype == np.float32 and mask.dtype == bool
     assert np.array_equal(mask, prob > 0.5)
-    assert stats == predict.lesion_stats(mask, prob)
+    assert stats == _reference_stats(mask, prob)
     _, low = predict.native_prob(small, (45, 70), threshold=0.0)
     assert np.array_equal(low, prob > 0.0)
     flips = predict.predict_probs(predictor, predict.model_input(image, predictor.size)[None], tta=True)
@@ -101,7 +111,7 @@ def test_native_prob_in_bands_matches_one_resize(hw):
     differ = mask != expected
     assert np.all(np.abs(prob[differ] - 0.5) < 1e-4)  # only rounding, at the threshold itself
     assert differ.sum() <= 2
-    reference = predict.lesion_stats(mask, prob)
+    reference = _reference_stats(mask, prob)
     assert stats["area_px"] == reference["area_px"]
     assert stats["mean_prob"] == pytest.approx(reference["mean_prob"], abs=1e-5)
 
@@ -128,9 +138,11 @@ def masks_and_probs(draw):
 
 @MANY
 @given(masks_and_probs())
-def test_lesion_stats_invariants(case):
+def test_native_prob_stats_invariants(case):
+    """At the model's own size the resize is the identity: the mask is prob > threshold exactly."""
     _, prob, mask, threshold = case
-    stats = predict.lesion_stats(mask, prob)
+    stats, native = predict.native_prob(prob, prob.shape, threshold)
+    assert np.array_equal(native, mask)
     assert set(stats) == {"area_px", "area_percent", "mean_prob", "width", "height"}
     assert stats["area_px"] == int(mask.sum()) and isinstance(stats["area_px"], int)
     assert 0.0 <= stats["area_percent"] <= 100.0
