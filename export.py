@@ -4,12 +4,10 @@
     python export.py --weights best.keras --quantize int8,float16 --qat 1
 
 Writes into --out (default export/); each file's contract, and why it is so: docs/mobile.md.
-    saved_model/            TensorFlow SavedModel, signature "serving_default": image (N, S, S, 3)
-                            float32 raw RGB 0..255 -> mask (N, S, S, 1) float32 probability
+    saved_model/            TensorFlow, "serving_default": image (N, S, S, 3) RGB 0..255 -> mask
     model_float32.tflite    LiteRT, batch 1 (a dynamic batch costs latency), float32 in and out
-    model_int8.tflite       full-integer quantization calibrated on training images: uint8 camera
-                            bytes in (scale 1, zero point 0: the model normalizes its own input),
-                            uint8 mask out; builtin ops only
+    model_int8.tflite       full-integer, calibrated on training images: uint8 camera bytes in
+                            (scale 1, zero point 0: the model normalizes its own input), uint8 out
     model_float16.tflite    with --quantize float16: float16 weights, float32 input/output
     model_int8_qat.tflite   with --qat EPOCHS: quantization-aware fine-tuning (extras/qat.py)
     report.json             sizes, LiteRT latency, Dice vs the Keras masks and vs the ground truth
@@ -154,12 +152,10 @@ def check_tflite(path, kind, size, keras_probs, images):
     if flex:
         raise failed(name, f"needs non-builtin ops {flex} (TF Select / custom)")
     want_in = np.uint8 if kind.startswith("int8") else np.float32
-    if tuple(inp["shape"]) != (1, size, size, 3) or inp["dtype"] != want_in:
-        raise failed(name, f"input is {inp['dtype'].__name__} {tuple(inp['shape'])}, "
-                     f"expected {want_in.__name__} (1, {size}, {size}, 3)")
-    if tuple(out["shape"]) != (1, size, size, 1) or out["dtype"] != want_in:
-        raise failed(name, f"output is {out['dtype'].__name__} {tuple(out['shape'])}, "
-                     f"expected {want_in.__name__} (1, {size}, {size}, 1)")
+    for what, detail, channels in (("input", inp, 3), ("output", out, 1)):
+        if tuple(detail["shape"]) != (1, size, size, channels) or detail["dtype"] != want_in:
+            raise failed(name, f"{what} is {detail['dtype'].__name__} {tuple(detail['shape'])}, "
+                         f"expected {want_in.__name__} (1, {size}, {size}, {channels})")
     # The same decoding as predict.py and evaluate.py.
     probs = predict.load_predictor(path).predict(images)
     if not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
@@ -185,8 +181,7 @@ def latency_ms(path, threads, runs=20, warmup=3):
     """Median wall time of one invoke with LiteRT's default XNNPACK delegate. Here rather than in
     bench/: report.json carries it, and bench/bench_export.py times its files with it too."""
     interp, inp, _, _ = tflite_info(path, threads)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, inp["shape"]).astype(inp["dtype"])
+    x = np.random.default_rng(0).integers(0, 256, inp["shape"]).astype(inp["dtype"])
     times = []
     for i in range(warmup + runs):
         interp.set_tensor(inp["index"], x)
