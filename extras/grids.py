@@ -1,11 +1,11 @@
 """The comparison grids evaluate.py writes with --out: grid_best.png, grid_worst.png and
 grid_random.png, GRID_ROWS rows each of image | ground truth | prediction | overlay.
 
-evaluate.py always writes them beside metrics.csv (the default path calls this module). They live
-in a module of their own because they are a self-contained piece with a narrow interface: the
-scoring workers shrink each image's masks with thumbnails(), evaluate() offers every scored row to
-one GridPicker in image order, and GridPicker.write() draws and writes the kept rows at the
-end.
+evaluate.py always writes them beside metrics.csv: unlike the other extras, the default path calls
+this module (evaluate() imports it when it has an `out` folder). It is a module of its own because
+it is a self-contained piece with a narrow interface: the scoring workers shrink each image's masks
+with thumbnails(), evaluate() offers every scored row to one GridPicker in image order, and
+GridPicker.write() draws and writes the kept rows at the end.
 """
 import heapq
 import os
