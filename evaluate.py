@@ -9,25 +9,22 @@ against the native mask with the challenge's per-image metrics. The summary is t
 (the challenge's "macro average"), plus pooled (all pixels together) Dice/IoU, medians and the worst
 images. Any model file works through predict.py's one code path: .keras, a SavedModel folder, or a
 .tflite. --save-masks writes the scored images' masks in the ISIC submission format. Photos
-without a ground-truth mask are predict.py's:
-`python predict.py --weights best.keras --data photos/ --out masks/`.
+without a ground-truth mask are predict.py's.
 
-Read top to bottom: the metrics, the comparison grids, the scored run, the command line.
+Read top to bottom: the metrics, the scored run, the command line. The comparison grids
+(grid_*.png) are extras/grids.py.
 """
 
 import csv
 import functools
-import heapq
 import io
 import json
 import os
-import random
 import sys
 import time
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 import common
 import data
@@ -35,14 +32,9 @@ import predict  # the one prediction path: loaders, TTA, post-processing, the pi
 
 METRICS = ("dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity", "accuracy")
 JACCARD_CUTOFF = 0.65  # the challenge's "thresholded Jaccard": below this an image scores 0
-GRID_ROWS = 6          # images per comparison grid (best / worst / random)
-TILE = 256             # px per grid tile: large enough to see a lesion border
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics: pure NumPy, vectorized, from confusion counts
-
-
+# --- metrics: pure NumPy, vectorized, from confusion counts ---------------------------------------
 def confusion(truth, pred):
     """(tp, fp, fn, tn) pixel counts of two boolean masks, (H, W) -> ints or (N, H, W) -> arrays.
 
@@ -120,114 +112,7 @@ def summarize(rows, worst=5):
     return summary
 
 
-# ----------------------------------------------------------------------------------------------
-# Comparison grids: image | ground truth | prediction | overlay, one row per image
-
-TP_COLOR, FP_COLOR, FN_COLOR = (0, 200, 0), (255, 0, 255), (0, 160, 255)  # green, magenta, azure
-
-
-def _fit(array, mode, box=TILE):
-    """Letterbox an array into a box x box tile, keeping the native aspect ratio."""
-    image = Image.fromarray(array)
-    h, w = image.height, image.width
-    scale = box / max(h, w)
-    image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-    # A grey letterbox: the black background of a mask stays visible against it.
-    tile = Image.new(mode, (box, box), (96, 96, 96))
-    tile.paste(image.convert(mode), ((box - image.width) // 2, (box - image.height) // 2))
-    return tile
-
-
-def thumbnails(truth, pred):
-    """Truth and prediction shrunk to grid-tile size (native aspect), a few kB per image."""
-    h, w = truth.shape
-    scale = TILE / max(h, w)
-    hw = (max(1, round(h * scale)), max(1, round(w * scale)))
-    # Stride down a 12-megapixel mask first (a view, no copy): the area-preserving resize then
-    # works on the small mask instead of making a pass over all of it.
-    step = max(1, min(h // hw[0], w // hw[1]) // 2)
-    return data.resize_mask(truth[::step, ::step], hw), data.resize_mask(pred[::step, ::step], hw)
-
-
-def make_tiles(image, truth_small, pred_small):
-    """The four tiles of one grid row: image | ground truth | prediction | overlay."""
-    image = data.resize_image(image, truth_small.shape)  # squashed back to the native aspect
-    overlay = (image * 0.55).astype(np.uint8)
-    overlay[truth_small & pred_small] = TP_COLOR
-    overlay[~truth_small & pred_small] = FP_COLOR
-    overlay[truth_small & ~pred_small] = FN_COLOR
-    return [_fit(image, "RGB"), _fit(truth_small.astype(np.uint8) * 255, "RGB"),
-            _fit(pred_small.astype(np.uint8) * 255, "RGB"), _fit(overlay, "RGB")]
-
-
-def _font(size=14):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow built without FreeType: fixed bitmap font
-        return ImageFont.load_default()
-
-
-def draw_grid(title, entries):
-    """entries: [(row dict, tiles)] -> one PNG-ready image with a caption above every row."""
-    font, caption, header = _font(14), 22, 30
-    width = 4 * TILE
-    grid = Image.new("RGB", (width, header + len(entries) * (caption + TILE)), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    draw.text((6, 6), f"{title}   columns: image | ground truth | prediction | overlay "
-              "(green TP, magenta FP, blue FN)", fill=(0, 0, 0), font=font)
-    for i, (row, tiles) in enumerate(entries):
-        y = header + i * (caption + TILE)
-        caption_text = (f"{row['image_id']}   Dice {row['dice']:.3f}   Jaccard "
-                        f"{row['jaccard']:.3f}   {row['width']}x{row['height']}")
-        draw.text((6, y + 4), caption_text, fill=(0, 0, 0), font=font)
-        for j, tile in enumerate(tiles):
-            grid.paste(tile, (j * TILE, y + caption))
-    return grid
-
-
-class GridPicker:
-    """Keeps tiles only for the images that can still end up in a grid: the best, the worst and
-    a seeded reservoir sample, so memory stays flat however large the split."""
-
-    def __init__(self, rows=GRID_ROWS, seed=0):
-        self.rows, self.rng, self.seen = rows, random.Random(seed), 0
-        self.best, self.worst, self.sample = [], [], []  # heaps of (key, order, row, tiles)
-
-    def offer(self, row, make_tiles):
-        """One scored row, in image order. make_tiles() is called only when the row is kept;
-        returns whether it was."""
-        # Reservoir sampling: the n-th row takes a random one of the sample's slots with chance
-        # rows / n, so every row is equally likely to end up in the random grid.
-        slot = self.rng.randrange(self.seen + 1) if self.seen >= self.rows else self.seen
-        self.seen += 1
-        ranked = ((self.best, row["dice"]), (self.worst, -row["dice"]))
-        if slot >= self.rows and all(len(h) >= self.rows and k <= h[0][0] for h, k in ranked):
-            return False
-        tiles = make_tiles()
-        for heap, key in ranked:
-            item = (key, -self.seen, row, tiles)  # the later of two equal rows ranks lower
-            if len(heap) < self.rows:
-                heapq.heappush(heap, item)
-            elif key > heap[0][0]:
-                heapq.heapreplace(heap, item)
-        if slot < len(self.sample):
-            self.sample[slot] = (row, tiles)
-        elif slot < self.rows:
-            self.sample.append((row, tiles))
-        return True
-
-    def grids(self):
-        best = [(r, t) for _, _, r, t in sorted(self.best, key=lambda e: (-e[0], -e[1]))]
-        worst = [(r, t) for _, _, r, t in sorted(self.worst, key=lambda e: (-e[0], -e[1]))]
-        sample = sorted(self.sample, key=lambda e: e[0]["image_id"])
-        return {"grid_best.png": ("Best images", best), "grid_worst.png": ("Worst images", worst),
-                "grid_random.png": ("Random sample", sample)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing: every file through common.atomic_path, so a crash never leaves half a file
-
-
+# --- writing: through common.atomic_write, so a crash never leaves half a file --------------------
 def write_bytes(path, payload):
     """`payload` into `path`, whole or not at all."""
     common.atomic_write(path, lambda f: f.write(payload))
@@ -243,10 +128,7 @@ def write_csv(path, rows):
     write_bytes(path, buffer.getvalue().encode())
 
 
-# ----------------------------------------------------------------------------------------------
-# The evaluation loop
-
-
+# --- the evaluation loop --------------------------------------------------------------------------
 def _draft_ok(image_hw, mask_hw):
     # The image decodes with JPEG draft mode at 1/1, 1/2, 1/4 or 1/8 scale (sizes rounded up);
     # the mask is read in full. Any of those scales mapping the mask onto the image is a match.
@@ -262,8 +144,8 @@ class Decoded(NamedTuple):
 
 
 class Scored(NamedTuple):
-    """One image scored: its row (or, with thumbs None, its problem), the truth and prediction
-    shrunk for the grids, and the seconds spent scoring and writing its mask."""
+    """One image scored: its row (or its problem: a row with a "problem"), the truth and prediction
+    shrunk for the grids (None without them), and the seconds spent scoring and writing its mask."""
     row: dict
     thumbs: tuple | None
     score_s: float
@@ -282,7 +164,7 @@ def _decode(pair, size):
     return decoded, time.perf_counter() - t
 
 
-def _score(decoded, prob, threshold, save_masks):
+def _score(decoded, prob, threshold, save_masks, thumbnails=None):
     """Resize one probability map to its mask's native size, threshold and score it there: a
     Scored. Pure per image, so a pool of threads can run it (Pillow and NumPy release the GIL)."""
     pair = decoded.pair
@@ -301,7 +183,7 @@ def _score(decoded, prob, threshold, save_masks):
            **dict(zip(("tp", "fp", "fn", "tn"), map(int, counts))),
            "height": truth.shape[0], "width": truth.shape[1]}
     scored = time.perf_counter()
-    thumbs = thumbnails(truth, pred)
+    thumbs = thumbnails(truth, pred) if thumbnails else None
     if save_masks:
         predict.save_mask_png(save_masks, pair.id, pred)
     return Scored(row, thumbs, scored - t, time.perf_counter() - scored)
@@ -317,26 +199,29 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
     size = predictor.size
     problems = list(problems or [])
     timing = dict.fromkeys(("decode", "predict", "score", "write"), 0.0)
-    rows, picker = [], GridPicker()
+    rows, picker, thumbnails = [], None, None
     for folder in (out, save_masks):
         if folder:
             os.makedirs(folder, exist_ok=True)
+    if out:
+        from extras import grids  # the comparison grids, written into `out` with the tables
+        picker, thumbnails = grids.GridPicker(), grids.thumbnails
     bar = common.Progress(len(pairs), "evaluate", progress)
     started = time.perf_counter()
     decode = lambda pair: _decode(pair, size)
     model = lambda images: predict.predict_probs(predictor, images, tta, post, threshold)
-    finish = lambda decoded, prob: _score(decoded, prob, threshold, save_masks)
+    finish = lambda decoded, prob: _score(decoded, prob, threshold, save_masks, thumbnails)
     # In image order, so rows, problems and the grid sample are the same on every run.
     for decoded, scored in predict.pipeline(pairs, decode, finish, model, predictor.batch,
                                             timing, problems, bar, workers):
         timing["score"] += scored.score_s
         timing["write"] += scored.write_s
-        if scored.thumbs is None:
+        if "problem" in scored.row:
             problems.append(scored.row)
         else:
             rows.append(scored.row)
-            if out:
-                tiles = functools.partial(make_tiles, decoded.image, *scored.thumbs)
+            if picker:
+                tiles = functools.partial(grids.make_tiles, decoded.image, *scored.thumbs)
                 picker.offer(scored.row, tiles)  # makes the tiles only if it keeps the row
         bar.update()
 
@@ -347,24 +232,18 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
     t = time.perf_counter()
     if out:
         write_csv(os.path.join(out, "metrics.csv"), rows)
-        for name, (title, entries) in picker.grids().items():
-            if entries:
-                write_bytes(os.path.join(out, name),
-                              predict.png_bytes(draw_grid(title, entries), compress_level=1))
+        picker.write(out)
     timing["write"] += time.perf_counter() - t
     timing["total"] = time.perf_counter() - started
     summary["seconds"] = {k: round(v, 3) for k, v in timing.items()}
     if out:
-        write_bytes(os.path.join(out, "summary.json"),
-                      (json.dumps(summary, indent=2) + "\n").encode())
+        text = json.dumps(summary, indent=2) + "\n"
+        write_bytes(os.path.join(out, "summary.json"), text.encode())
     summary["rows"] = rows
     return summary
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
+# --- command line ---------------------------------------------------------------------------------
 def _training_data(run):
     """The folders a model was trained on, from run.json (one path, or a list for train.py with
     several --data); the built-in synthetic set otherwise."""
@@ -373,8 +252,10 @@ def _training_data(run):
         if not os.path.isdir(folder):
             raise common.Error(run["_path"], f"the model was trained on {folder}, which "
                                "is gone; pass --data DIR")
+    if folders:
+        return folders
     from extras import synthetic  # the default set, as train.py without --data
-    return folders or [synthetic.synthetic_dir(cache=run.get("cache") or None)]
+    return [synthetic.synthetic_dir(cache=run.get("cache") or None)]
 
 
 NO_MASK_NOTE = "no mask to score against (predict.py segments photos without one)"

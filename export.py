@@ -3,28 +3,16 @@
     python export.py --weights runs/x/best.keras --data data/isic        # -> export/
     python export.py --weights best.keras --quantize int8,float16 --qat 1
 
-Writes into --out (default export/):
-    saved_model/            TensorFlow SavedModel, signature "serving_default": image (N, S, S, 3)
-                            float32 raw RGB 0..255 -> mask (N, S, S, 1) float32 probability
-    model_float32.tflite    LiteRT, batch 1: float32 (1, S, S, 3) 0..255 -> float32 (1, S, S, 1)
-    model_int8.tflite       full-integer post-training quantization calibrated on training images:
-                            uint8 (1, S, S, 3) camera bytes (scale 1, zero point 0) -> uint8 mask
-                            (scale 1/256, zero point 0); builtin ops only
+Writes into --out (default export/); each file's contract, and why it is so: docs/mobile.md.
+    saved_model/            TensorFlow, "serving_default": image (N, S, S, 3) RGB 0..255 -> mask
+    model_float32.tflite    LiteRT, batch 1 (a dynamic batch costs latency), float32 in and out
+    model_int8.tflite       full-integer, calibrated on training images: uint8 camera bytes in
+                            (scale 1, zero point 0: the model normalizes its own input), uint8 out
     model_float16.tflite    with --quantize float16: float16 weights, float32 input/output
-    model_int8_qat.tflite   with --qat EPOCHS: quantization-aware fine-tuning, then int8
+    model_int8_qat.tflite   with --qat EPOCHS: quantization-aware fine-tuning (extras/qat.py)
     report.json             sizes, LiteRT latency, Dice vs the Keras masks and vs the ground truth
-
-Why these choices (the measurements behind them: docs/mobile.md):
-- Fixed batch 1 and a fixed input size in the TFLite files: a dynamic batch adds SHAPE /
-  STRIDED_SLICE / PACK ops around every transposed convolution, and they cost latency.
-- No dynamic-range quantization on its own: on a CPU it runs slower than float32.
-- The model normalizes its own input (unet.py's Rescaling layer), so the int8 file takes raw uint8
-  pixels with scale 1 / zero point 0: a phone copies camera bytes straight into the input tensor.
-- A mixed-precision model is rebuilt in float32 first (same config, same weights): bfloat16 graphs
-  do not convert to TFLite and phones run float32 / int8 anyway.
-- --qat is extras/qat.py, in a child process: tfmot quantizes only tf_keras (Keras 2) models.
-- Everything is written into a temporary folder beside --out and renamed into place only after all
-  checks pass: a failure never leaves a half-written export nor touches a previous one.
+No dynamic-range quantization on its own: on a CPU it runs slower than float32. All is written into
+a temporary folder beside --out, renamed into place only after every check passed (publish).
 """
 import json
 import os
@@ -53,10 +41,7 @@ def failed(file, problem):
     return common.Error(file, problem, exit_code=1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading and checking the Keras model
-
-
+# --- loading and checking the Keras model ---------------------------------------------------------
 def check_weights_path(path):
     """Before TensorFlow is imported: a typo fails in a moment, with one line."""
     if not os.path.isfile(path):
@@ -65,10 +50,9 @@ def check_weights_path(path):
         raise common.Error(path, "expected a .keras model file (train.py's best.keras)")
 
 
-def load_model(path):
-    """The .keras model, checked to be a segmentation model: one (N, S, S, 3) input, one mask
-    output."""
-    check_weights_path(path)
+def load_model(path, run):
+    """(the model in float32, its square input size, whether it was rebuilt from mixed precision),
+    checked to be a segmentation model: one (N, S, S, 3) image in, one (N, S, S, 1) mask out."""
     model = predict.load_keras(path)
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise common.Error(path, f"not a segmentation model ({len(model.inputs)} inputs, "
@@ -80,47 +64,22 @@ def load_model(path):
     if len(shape_out) != 4 or shape_out[-1] != 1 or shape_out[1:3] != shape_in[1:3]:
         raise common.Error(path, f"not a segmentation model (output shape {shape_out} for input "
                            f"{shape_in}, expected one (N, S, S, 1) probability map)")
-    return model
+    size = predict.square_size(shape_in, path, None, run.get("size"))
+    if not is_mixed(model):
+        return model, size, False
+    from extras import precision  # only a GPU-trained (mixed-precision) model needs the rebuild
+    return precision.float32_copy(model), size, True
 
 
-def float32_copy(model):
-    """The same architecture with every mixed-precision dtype policy replaced by float32, same
-    weights.
-
-    Variables of a mixed-precision model are already float32, so set_weights copies them exactly."""
-
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and \
-                    str(node.get("config", {}).get("name", "")).startswith("mixed_"):
-                return {**node, "config": {**node["config"], "name": "float32"}}
-            return {k: walk(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return "float32" if isinstance(node, str) and node.startswith("mixed_") else node
-
-    if not any(str(getattr(layer.dtype_policy, "name", "")).startswith("mixed_")
-               for layer in _all_layers(model)):
-        return model, False
-    clone = model.__class__.from_config(walk(model.get_config()))
-    clone.set_weights(model.get_weights())
-    return clone, True
+def is_mixed(model):
+    """Whether any layer, a nested model's too, has a mixed-precision dtype policy."""
+    return any(str(getattr(layer.dtype_policy, "name", "")).startswith("mixed_")
+               or (hasattr(layer, "layers") and is_mixed(layer)) for layer in model.layers)
 
 
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _all_layers(layer)
-
-
-# ----------------------------------------------------------------------------------------------
-# SavedModel and TFLite conversion
-
-
+# --- SavedModel and TFLite conversion -------------------------------------------------------------
 def write_saved_model(model, size, path, batch=None):
-    """SavedModel whose serving_default takes {"image": float32 (batch, S, S, 3) 0..255} and
-    returns {"mask"}."""
+    """SavedModel, serving_default: {"image": float32 (batch, S, S, 3) 0..255} -> {"mask"}."""
     import keras
     import tensorflow as tf
 
@@ -137,7 +96,6 @@ def write_saved_model(model, size, path, batch=None):
 
 def convert(fixed_saved_model, kind, calibration=None):
     """TFLite bytes from a batch-1 SavedModel. kind: float32 | float16 | int8 (needs calibration).
-
     Converting from concrete functions of a live Keras 3 model keeps its variables as READ_VARIABLE
     ops that the calibrator cannot run; a SavedModel freezes them."""
     import tensorflow as tf
@@ -166,10 +124,7 @@ def convert(fixed_saved_model, kind, calibration=None):
     return converter.convert()
 
 
-# ----------------------------------------------------------------------------------------------
-# Checks on the written files
-
-
+# --- checks on the written files ------------------------------------------------------------------
 def tflite_info(path, threads=1):
     """Interpreter, input/output details and the set of op names of a .tflite file."""
     from ai_edge_litert.interpreter import Interpreter
@@ -197,12 +152,10 @@ def check_tflite(path, kind, size, keras_probs, images):
     if flex:
         raise failed(name, f"needs non-builtin ops {flex} (TF Select / custom)")
     want_in = np.uint8 if kind.startswith("int8") else np.float32
-    if tuple(inp["shape"]) != (1, size, size, 3) or inp["dtype"] != want_in:
-        raise failed(name, f"input is {inp['dtype'].__name__} {tuple(inp['shape'])}, "
-                     f"expected {want_in.__name__} (1, {size}, {size}, 3)")
-    if tuple(out["shape"]) != (1, size, size, 1) or out["dtype"] != want_in:
-        raise failed(name, f"output is {out['dtype'].__name__} {tuple(out['shape'])}, "
-                     f"expected {want_in.__name__} (1, {size}, {size}, 1)")
+    for what, detail, channels in (("input", inp, 3), ("output", out, 1)):
+        if tuple(detail["shape"]) != (1, size, size, channels) or detail["dtype"] != want_in:
+            raise failed(name, f"{what} is {detail['dtype'].__name__} {tuple(detail['shape'])}, "
+                         f"expected {want_in.__name__} (1, {size}, {size}, {channels})")
     # The same decoding as predict.py and evaluate.py.
     probs = predict.load_predictor(path).predict(images)
     if not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
@@ -228,8 +181,7 @@ def latency_ms(path, threads, runs=20, warmup=3):
     """Median wall time of one invoke with LiteRT's default XNNPACK delegate. Here rather than in
     bench/: report.json carries it, and bench/bench_export.py times its files with it too."""
     interp, inp, _, _ = tflite_info(path, threads)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, inp["shape"]).astype(inp["dtype"])
+    x = np.random.default_rng(0).integers(0, 256, inp["shape"]).astype(inp["dtype"])
     times = []
     for i in range(warmup + runs):
         interp.set_tensor(inp["index"], x)
@@ -240,10 +192,7 @@ def latency_ms(path, threads, runs=20, warmup=3):
     return round(1000 * float(np.median(times)), 2)
 
 
-# ----------------------------------------------------------------------------------------------
-# The whole export
-
-
+# --- the whole export -----------------------------------------------------------------------------
 def check_quantize(quantize):
     bad = [k for k in quantize if k not in QUANT_KINDS]
     if bad:
@@ -255,10 +204,11 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
            calibration=100, qat_images=None, bench_runs=20, progress=True):
     """Convert, verify, time; publish `out` only when every check passed. Returns the report."""
     check_quantize(quantize)
+    check_weights_path(weights)  # both before TensorFlow is imported
     started = time.perf_counter()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
     run = predict.read_run_json(weights)
-    model, size, rebuilt = float32_model(weights, run)
+    model, size, rebuilt = load_model(weights, run)
     images = choose_images(run, data_dir, size, calibration)
     out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -287,11 +237,9 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
             weights, "keras", size, lambda x: model.predict_on_batch(x.astype(np.float32))[..., 0])
         report = {
             "weights": os.path.abspath(weights), "size": size,
-            "data": images["data"] or "synthetic",
-            "eval_split": images["eval_split"], "eval_images": len(val.images),
-            "calibration_images": len(images["calibration"]),
-            "rebuilt_float32_from_mixed_precision": rebuilt,
-            "threshold": THRESHOLD,
+            "data": images["data"] or "synthetic", "eval_split": images["eval_split"],
+            "eval_images": len(val.images), "calibration_images": len(images["calibration"]),
+            "rebuilt_float32_from_mixed_precision": rebuilt, "threshold": THRESHOLD,
             "keras": {"dice_vs_truth": dice_vs_truth(keras_predictor, val.pairs),
                       "params": int(model.count_params())},
             "saved_model": {"path": "saved_model", "signature": "serving_default", "input": "image",
@@ -308,33 +256,26 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
     return report
 
 
-def float32_model(weights, run):
-    """(the model in float32, its square input size, whether it was rebuilt from mixed
-    precision)."""
-    original = load_model(weights)
-    size = predict.square_size(tuple(original.inputs[0].shape), weights, None, run.get("size"))
-    model, rebuilt = float32_copy(original)
-    return model, size, rebuilt
-
-
 def choose_images(run, data_dir, size, calibration):
     """One look at the data: the training split (calibration: a fixed, evenly spaced subset of it;
     QAT) and the split Dice is measured on (val; test, then train, when a tiny set has none)."""
     data_dir = data_dir or run.get("data") or None  # one folder, or the list of a multi-source run
-    fractions = {"val_fraction": float(run.get("val_fraction", 0.1)),
-                 "test_fraction": float(run.get("test_fraction", 0.1))}
-    from extras import synthetic  # the default set: no --data
-    roots = data.folders_of(data_dir) or [synthetic.synthetic_dir()]
-    pairs = [p for root in roots for p in data.find_pairs(root, **fractions)[0]]
-    train = data.load_arrays([p for p in pairs if p.split == "train"], size, progress=False)
+    roots = data.folders_of(data_dir)
+    if not roots:
+        from extras import synthetic  # the default set: no --data
+        roots = [synthetic.synthetic_dir()]
+    fractions = (float(run.get("val_fraction", 0.1)), float(run.get("test_fraction", 0.1)))
+    pairs = [p for root in roots for p in data.find_pairs(root, *fractions)[0]]
+    split = lambda name: data.load_arrays([p for p in pairs if p.split == name], size,
+                                          progress=False)
+    train = split("train")
     if not train.pairs:
         raise common.Error(", ".join(roots), "no usable training images for calibration")
     count = min(calibration, len(train.images))
     pick = np.linspace(0, len(train.images) - 1, count).round().astype(int)
     eval_split = next(s for s in ("val", "test", "train") if any(p.split == s for p in pairs))
-    val = data.load_arrays([p for p in pairs if p.split == eval_split], size, progress=False)
     return {"data": data_dir, "train": train, "calibration": train.images[np.unique(pick)],
-            "val": val, "eval_split": eval_split}
+            "val": split(eval_split), "eval_split": eval_split}
 
 
 def saved_model_step(model, size, work, images, keras_probs):
@@ -423,8 +364,7 @@ def main(argv=None):
                    help="comma list of int8, float16 (float32 always)")
     p.add_argument("--qat", type=int, default=0, metavar="EPOCHS",
                    help="quantization-aware fine-tuning epochs")
-    p.add_argument("--qat-images", type=int, default=None,
-                   help="use at most N training images for QAT")
+    p.add_argument("--qat-images", type=int, help="use at most N training images for QAT")
     p.add_argument("--calibration", type=int, default=100,
                    help="training images for int8 calibration")
     p.add_argument("--threads", default="1,2", help="LiteRT thread counts to time")
@@ -437,8 +377,6 @@ def main(argv=None):
         problem = "expected a comma list of integers"
         raise common.Error(f"--threads {args.threads}", problem) from None
     quantize = tuple(k.strip() for k in args.quantize.split(",") if k.strip())
-    check_quantize(quantize)
-    check_weights_path(args.weights)  # all before TensorFlow is imported
     report = export(args.weights, args.data, args.out, quantize, args.qat, threads,
                     args.calibration, args.qat_images, args.bench_runs)
     print_table(report)

@@ -3,17 +3,16 @@
     model = build_unet(size=256)            # raw RGB 0..255 in, float32 lesion probability out
     compile_model(model, loss="bce_dice")   # Adam + per-image Dice / IoU metrics
 
-The standard model is the U-Net of Ronneberger et al. (2015) with batch norm: (Conv3x3-BN-ReLU) x2
-per level, 2x2 max-pooling down, 2x2 stride-2 transposed convolution up, skip connections by
-concatenation and a 1x1 sigmoid head. The default base of 12 filters (depth 4, 1.10 M parameters) is
-the widest that trains the README's 2-core CPU protocol within its time budget (docs/results.md).
-filters=32 is the paper-sized network (7.77 M parameters), the one the GPU benchmark compares with a
-PyTorch peer. A pretrained keras.applications encoder (train.py --encoder) is extras/encoders.py.
+The U-Net of Ronneberger et al. (2015) with batch norm: (Conv3x3-BN-ReLU) x2 per level, 2x2
+max-pooling down, 2x2 stride-2 transposed convolution up, skip connections by concatenation and a
+1x1 sigmoid head. Base 12 filters (1.10 M parameters) is the widest that trains the README's CPU
+protocol in time; filters=32 is the paper's size, the PyTorch peer's (docs/training.md). Optional
+forms are in extras/: a pretrained encoder (encoders.py), the step in other forms (step_forms.py).
 
 The model normalizes its own input (a Rescaling layer), so every saved or exported model takes
-camera bytes directly: there is no preprocessing contract for a phone app to get wrong. Only
-built-in layers are used, so `keras.models.load_model(path, compile=False)` works in a bare Python
-session; `import unet` first to load with compile=True (it registers the losses and metrics below).
+camera bytes directly: no preprocessing contract for a phone app to get wrong. Only built-in layers
+are used, so `keras.models.load_model(path, compile=False)` works in a bare Python session;
+`import unet` first to load with compile=True (it registers the losses and metrics below).
 """
 import keras
 from keras import layers, ops
@@ -36,8 +35,7 @@ def check_size(size, depth):
 def conv_block(x, filters, name):
     """(Conv3x3-BN-ReLU) x2. No conv bias: batch norm's beta plays that role. BN momentum 0.9
     (PyTorch's default, as in the peer): with Keras' 0.99 the inference statistics of a short run
-    (the synthetic set has ~10 steps an epoch) still lean on their initial values and validation
-    collapses."""
+    still lean on their initial values and validation collapses (docs/training.md)."""
     for i in (1, 2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False,
                           kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
@@ -47,46 +45,23 @@ def conv_block(x, filters, name):
 
 
 def up(x, filters, upsample, name):
-    # "transpose" is the default: Conv2DTranspose becomes one TFLite TRANSPOSE_CONV op, which
-    # XNNPACK (CPU), the LiteRT GPU delegate and int8 quantization all handle, and it is what the
-    # PyTorch peer uses. "matmul" is the transposed convolution itself, written as what it is: a
-    # 2x2 stride-2 kernel never overlaps, so each input pixel becomes its own 2x2 output block, one
-    # matmul (channels -> 4 x filters) and a pixel shuffle. Same function, same parameter count; its
-    # weight gradient is a plain matmul, where XLA lowers Conv2DTranspose's to a whole-image dilated
-    # convolution, a known slow path on GPUs (jax-ml/jax#31662).
+    # Conv2DTranspose becomes one TFLite TRANSPOSE_CONV op, which XNNPACK (CPU), the LiteRT GPU
+    # delegate and int8 quantization all handle, and it is what the PyTorch peer uses.
     if upsample == "transpose":
         return layers.Conv2DTranspose(filters, 2, strides=2, name=f"{name}_up")(x)
-    if upsample == "matmul":
-        h, w = fixed_hw(x, "upsample 'matmul'")
-        # channel (dy * 2 + dx) * filters + f, then rows (dy, dx * filters + f), then interleaved
-        # (h, dy, w, dx * filters + f), then the 2x2 blocks laid out as pixels
-        x = layers.Dense(4 * filters, name=f"{name}_up")(x)
-        x = layers.Reshape((h, w, 2, 2 * filters), name=f"{name}_rows")(x)
-        x = layers.Permute((1, 3, 2, 4), name=f"{name}_interleave")(x)
-        return layers.Reshape((2 * h, 2 * w, filters), name=f"{name}_shuffle")(x)
-    raise ValueError(f"upsample {upsample!r} is not one of {', '.join(UPSAMPLES)}")
+    if upsample not in UPSAMPLES:
+        raise ValueError(f"upsample {upsample!r} is not one of {', '.join(UPSAMPLES)}")
+    from extras import step_forms  # --upsample matmul: the same function, for speed
+    return step_forms.matmul_up(x, filters, name)
 
 
 def down(x, pool, name):
-    # "max" is MaxPooling2D. "reshape" takes the same maximum of each 2x2 block as a reshape + max:
-    # equal outputs, and a gradient that is elementwise, where MaxPooling2D's is a
-    # select-and-scatter (atomic scatter on a GPU). Both are built-in Keras operations, so .keras
-    # files still load in a bare session.
     if pool == "max":
         return layers.MaxPooling2D(2, name=name)(x)
-    if pool == "reshape":
-        h, w = fixed_hw(x, "pool 'reshape'")
-        blocks = ops.reshape(x, (-1, h // 2, 2, w // 2, 2, x.shape[-1]))
-        return ops.max(blocks, axis=(2, 4))
-    raise ValueError(f"pool {pool!r} is not one of {', '.join(POOLS)}")
-
-
-def fixed_hw(x, what):
-    h, w = x.shape[1], x.shape[2]
-    if h is None or w is None:
-        raise ValueError(f"{what} needs a fixed size "
-                         "(size=None accepts any size only with the default layers)")
-    return h, w
+    if pool not in POOLS:
+        raise ValueError(f"pool {pool!r} is not one of {', '.join(POOLS)}")
+    from extras import step_forms  # --pool reshape: the same function, for speed
+    return step_forms.reshape_pool(x)
 
 
 def head(x):
@@ -97,14 +72,9 @@ def head(x):
 
 def build_unet(size=256, filters=12, depth=4, upsample="transpose", encoder=None,
                encoder_weights=None, pool="max"):
-    """U-Net: input "image" (size, size, 3) raw RGB 0..255, output "mask" (size, size, 1) float32
-    in [0, 1].
-
-    size=None accepts any multiple of 2**depth (with the default up-sampling and pooling). upsample
-    "matmul" and pool "reshape" are the default layers' functions in other forms, for speed (up,
-    down). encoder (None, "none" or a name of extras/encoders.py's ENCODERS) swaps the plain encoder
-    for a keras.applications backbone.
-    """
+    """Input "image" (size, size, 3) raw RGB 0..255, output "mask" (size, size, 1) float32 in 0..1.
+    size=None accepts any multiple of 2**depth (with the default step forms). encoder: None, "none"
+    or a name in extras/encoders.py's ENCODERS (a keras.applications backbone as the encoder)."""
     if encoder not in (None, "none"):
         from extras import encoders  # only a run with --encoder needs keras.applications
         return encoders.build_encoder_unet(size, filters, encoder, encoder_weights, upsample)
@@ -121,8 +91,7 @@ def build_unet(size=256, filters=12, depth=4, upsample="transpose", encoder=None
 
 
 def decoder(x, skips, filters, upsample):
-    """Up one level per skip, deepest first: up-sample, concatenate the skip (None: none at that
-    level), two convolutions."""
+    """Up one level per skip, deepest first: up-sample, concatenate the skip (if any), convolve."""
     for level in reversed(range(len(skips))):
         f = filters * 2 ** level
         x = up(x, f, upsample, f"dec{level}")
@@ -133,14 +102,13 @@ def decoder(x, skips, filters, upsample):
 
 
 # --- losses ---------------------------------------------------------------------------------------
-# All computed in float32 (mixed precision hands us bfloat16/float16 otherwise), per image,
-# returning one value per image so Keras averages over the batch the way evaluation averages over
-# images.
+# All in float32 (mixed precision hands us bfloat16/float16 otherwise), one value per image, so
+# Keras averages over the batch the way evaluation averages over images.
 SMOOTH = 1.0   # soft-Dice smoothing: an empty mask predicted empty scores 1, gradients stay finite
 EPSILON = 1e-7
 
 
-def _per_image(y_true, y_pred):
+def per_image(y_true, y_pred):
     y_pred = ops.cast(y_pred, "float32")
     y_true = ops.cast(y_true, "float32")
     if len(y_true.shape) == len(y_pred.shape) - 1:  # (B, H, W) masks against (B, H, W, 1) output
@@ -151,7 +119,7 @@ def _per_image(y_true, y_pred):
 
 def soft_dice(y_true, y_pred):
     """Per-image soft Dice of probabilities, shape (B,)."""
-    t, p, axes = _per_image(y_true, y_pred)
+    t, p, axes = per_image(y_true, y_pred)
     inter = ops.sum(t * p, axis=axes)
     return (2.0 * inter + SMOOTH) / (ops.sum(t, axis=axes) + ops.sum(p, axis=axes) + SMOOTH)
 
@@ -159,7 +127,7 @@ def soft_dice(y_true, y_pred):
 @keras.saving.register_keras_serializable(package=PACKAGE)
 def bce(y_true, y_pred):
     """Per-image mean binary cross-entropy."""
-    t, p, axes = _per_image(y_true, y_pred)
+    t, p, axes = per_image(y_true, y_pred)
     p = ops.clip(p, EPSILON, 1.0 - EPSILON)
     return -ops.mean(t * ops.log(p) + (1.0 - t) * ops.log(1.0 - p), axis=axes)
 
@@ -176,29 +144,11 @@ def bce_dice(y_true, y_pred):
     return bce(y_true, y_pred) + dice(y_true, y_pred)
 
 
-def lovasz(y_true, y_pred):
-    """Per-image Lovász loss (Berman et al., CVPR 2018): the tight convex extension of 1 - Jaccard
-    to probabilities, applied to the pixel errors |truth - p|. On hard 0/1 predictions it equals
-    1 - iou_per_image exactly, so it optimises the challenge's own per-image score, not its Dice
-    proxy."""
-    t, p, _ = _per_image(y_true, y_pred)
-    t = ops.reshape(ops.cast(t > 0.5, "float32"), (ops.shape(t)[0], -1))
-    errors = ops.abs(t - ops.reshape(p, ops.shape(t)))
-    order = ops.argsort(-errors, axis=-1)  # largest error first
-    errors = ops.take_along_axis(errors, order, axis=-1)
-    truth = ops.take_along_axis(t, order, axis=-1)
-    # Jaccard loss of the k largest errors taken as mistakes, for every k; union >= 1 always.
-    lesion = ops.sum(truth, axis=-1, keepdims=True)
-    missed = lesion - ops.cumsum(truth, axis=-1)
-    jaccard = 1.0 - missed / (lesion + ops.cumsum(1.0 - truth, axis=-1))
-    steps = ops.concatenate([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], axis=-1)
-    return ops.sum(errors * steps, axis=-1)
-
-
 @keras.saving.register_keras_serializable(package=PACKAGE)
 def bce_lovasz(y_true, y_pred):
     """BCE (every pixel gets a gradient) + Lovász (the per-image Jaccard itself)."""
-    return bce(y_true, y_pred) + lovasz(y_true, y_pred)
+    from extras import lovasz  # only --loss bce_lovasz needs it
+    return bce(y_true, y_pred) + lovasz.lovasz(y_true, y_pred)
 
 
 LOSSES = {"bce_dice": bce_dice, "dice": dice, "bce": bce, "bce_lovasz": bce_lovasz}
@@ -208,7 +158,7 @@ LOSSES = {"bce_dice": bce_dice, "dice": dice, "bce": bce, "bce_lovasz": bce_lova
 def confusion_counts(y_true, y_pred, threshold=0.5):
     """Per-image (tp, fp, fn) of truth > 0.5 against prediction > threshold (as evaluate.py),
     each of shape (B,)."""
-    t, p, axes = _per_image(y_true, y_pred)
+    t, p, axes = per_image(y_true, y_pred)
     t = ops.cast(t > 0.5, "float32")
     p = ops.cast(p > threshold, "float32")
     tp = ops.sum(t * p, axis=axes)
@@ -233,9 +183,10 @@ def iou_per_image(y_true, y_pred, threshold=0.5):
 class PerImageScore(keras.metrics.Metric):
     """Mean over images of a per-image score at a fixed threshold (not a pooled batch score)."""
     score_fn = None
+    default_name = None
 
     def __init__(self, threshold=0.5, name=None, **kwargs):
-        super().__init__(name=name, **kwargs)
+        super().__init__(name=name or self.default_name, **kwargs)
         self.threshold = threshold
         self.total = self.add_variable(shape=(), initializer="zeros", name="total", dtype="float32")
         self.count = self.add_variable(shape=(), initializer="zeros", name="count", dtype="float32")
@@ -248,10 +199,6 @@ class PerImageScore(keras.metrics.Metric):
     def result(self):
         return self.total / ops.maximum(self.count, 1.0)
 
-    def reset_state(self):
-        self.total.assign(0.0)
-        self.count.assign(0.0)
-
     def get_config(self):
         return {**super().get_config(), "threshold": self.threshold}
 
@@ -259,17 +206,13 @@ class PerImageScore(keras.metrics.Metric):
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class DiceScore(PerImageScore):
     score_fn = staticmethod(dice_per_image)
-
-    def __init__(self, threshold=0.5, name="dice", **kwargs):
-        super().__init__(threshold, name=name, **kwargs)
+    default_name = "dice"
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class IoUScore(PerImageScore):
     score_fn = staticmethod(iou_per_image)
-
-    def __init__(self, threshold=0.5, name="iou", **kwargs):
-        super().__init__(threshold, name=name, **kwargs)
+    default_name = "iou"
 
 
 # --- compile --------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """evaluate.py: metrics against a brute-force reference and the official ISIC scorer, the three
-model formats through one code path, and the command line end to end."""
+model formats through one code path, and the command line end to end (its grid_*.png included;
+the grids' picker, extras/grids.py, is tests/test_grids.py's)."""
 
 import csv
 import json
 import os
-import random
 
 import numpy as np
 import pytest
@@ -18,6 +18,7 @@ from PIL import Image
 import data
 import evaluate
 import predict
+from extras import grids
 
 METRICS = evaluate.METRICS
 
@@ -266,37 +267,6 @@ def test_tta_averages_identity_and_flips():
                        predict.predict_probs(pointwise, images))
 
 
-# ---------------------------------------------------------------------------- grids and picker
-
-def test_grid_picker_keeps_best_worst_and_sample():
-    picker = evaluate.GridPicker(rows=3, seed=0)
-    dices = [random.Random(5).random() for _ in range(1)] + [i / 20 for i in range(20)]
-    for i, d in enumerate(dices):
-        row = {"image_id": f"ISIC_{i:07d}", "dice": d, "jaccard": d, "height": 4, "width": 4}
-        picker.offer(row, lambda: [None])
-    grids = picker.grids()
-    best = [r["dice"] for r, _ in grids["grid_best.png"][1]]
-    worst = [r["dice"] for r, _ in grids["grid_worst.png"][1]]
-    assert best == sorted(dices, reverse=True)[:3]
-    assert worst == sorted(dices)[:3]
-    assert len(grids["grid_random.png"][1]) == 3
-
-
-def test_grid_picker_makes_tiles_only_for_the_rows_it_keeps():
-    # Tiles cost a resize per image: a row that can no longer reach a grid never gets them.
-    picker = evaluate.GridPicker(rows=3, seed=0)
-    made = []
-    dices = [0.0, 1.0] * 3 + [0.5] * 60  # best and worst full first; then only the sample can take
-    kept = [picker.offer({"image_id": f"ISIC_{i:07d}", "dice": d}, lambda i=i: made.append(i) or [i])
-            for i, d in enumerate(dices)]
-    assert made == [i for i, k in enumerate(kept) if k]
-    assert 6 < len(made) < len(dices)  # the first six, then a few sample draws, not all 66
-    grids = picker.grids()
-    assert [r["dice"] for r, _ in grids["grid_best.png"][1]] == [1.0] * 3
-    assert [r["dice"] for r, _ in grids["grid_worst.png"][1]] == [0.0] * 3
-    assert all(tiles == [int(r["image_id"][5:])] for r, tiles in grids["grid_random.png"][1])
-
-
 # ---------------------------------------------------------------------------- models end to end
 
 @pytest.fixture(scope="module")
@@ -338,7 +308,7 @@ def test_cli_end_to_end_matches_official_scorer(models, synthetic_data, tmp_path
     assert {"pooled", "median", "worst", "model", "data"} <= set(summary)
     for name in ("grid_best.png", "grid_worst.png", "grid_random.png"):
         with Image.open(out / name) as grid:
-            assert grid.width == 4 * evaluate.TILE and grid.height > evaluate.TILE
+            assert grid.width == 4 * grids.TILE and grid.height > grids.TILE
     saved = sorted(os.listdir(masks))
     assert saved == sorted(f"{r['image_id']}_segmentation.png" for r in rows)
     with Image.open(masks / saved[0]) as m:

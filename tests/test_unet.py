@@ -1,5 +1,6 @@
-"""unet.py: model shapes and sizes, saving, and property tests of the losses and metrics
-(the pretrained encoders, extras/encoders.py, are tests/test_encoders.py's)."""
+"""unet.py: model shapes and sizes, saving, and property tests of the losses and metrics, the
+Lovász half of bce_lovasz (extras/lovasz.py) among them. The pretrained encoders (extras/encoders.py)
+are tests/test_encoders.py's, the step's other forms (extras/step_forms.py) tests/test_step_forms.py's."""
 import os
 import subprocess
 import sys
@@ -7,10 +8,12 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import ROOT
 from hypothesis import given, settings, strategies as st
 
 import common
 import unet
+from extras import lovasz
 
 
 def pixels(n, size, seed=0):
@@ -92,84 +95,13 @@ def test_save_load_round_trip(tmp_path, loss):
     assert "(1, 32, 32, 1) float32" in r.stdout
 
 
-# --- the step's other forms: matmul up-sampling and reshape pooling ------------------------------------
-def variant_weights(stock, variant):
-    """The stock model's weights in the variant's layout: a Conv2DTranspose kernel (2, 2, f, c) is the
-    matmul's (c, 4f) kernel with columns ordered (dy, dx, f); its bias serves all 4 block positions."""
-    weights = []
-    for a, b in zip([x for x in stock.layers if x.weights], [x for x in variant.layers if x.weights]):
-        w = a.get_weights()
-        if isinstance(a, keras.layers.Conv2DTranspose) and isinstance(b, keras.layers.Dense):
-            kernel, bias = w
-            w = [np.transpose(kernel, (3, 0, 1, 2)).reshape(kernel.shape[3], -1), np.tile(bias, 4)]
-        weights.append((b, w))
-    return weights
-
-
-def loss_and_grads(model, x, y):
-    """bce_dice of a training-mode forward pass and its gradients, by variable path."""
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-        with tf.GradientTape() as tape:
-            loss = keras.ops.mean(unet.bce_dice(y, model(x, training=True)))
-        grads = tape.gradient(loss, model.trainable_variables)
-    else:
-        import jax
-        train_vars = [v.value for v in model.trainable_variables]
-        other = [v.value for v in model.non_trainable_variables]
-
-        def f(tv):
-            out, _ = model.stateless_call(tv, other, x, training=True)
-            return keras.ops.mean(unet.bce_dice(y, out))
-        loss, grads = jax.value_and_grad(f)(train_vars)
-    return float(loss), {v.path: keras.ops.convert_to_numpy(g) for v, g in zip(model.trainable_variables, grads)}
-
-
-@pytest.mark.parametrize("upsample,pool", [("matmul", "max"), ("transpose", "reshape"), ("matmul", "reshape")])
-def test_step_variants_are_the_same_function_with_the_same_gradients(upsample, pool):
-    size, filters, depth = 32, 4, 3
-    stock = unet.build_unet(size, filters, depth)
-    variant = unet.build_unet(size, filters, depth, upsample=upsample, pool=pool)
-    for layer, w in variant_weights(stock, variant):
-        layer.set_weights(w)
-    x = pixels(3, size, seed=1).astype("float32")
-    y = (np.random.default_rng(2).random((3, size, size, 1)) > 0.6).astype("float32")
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(variant(x, training=True)),
-                               keras.ops.convert_to_numpy(stock(x, training=True)), atol=1e-5)
-    loss_a, grads_a = loss_and_grads(stock, x, y)
-    loss_b, grads_b = loss_and_grads(variant, x, y)
-    assert loss_b == pytest.approx(loss_a, abs=1e-5)
-    matched = 0
-    for a_layer, b_layer in zip([x for x in stock.layers if x.weights], [x for x in variant.layers if x.weights]):
-        for va, vb in zip(a_layer.trainable_variables, b_layer.trainable_variables):
-            ga, gb = grads_a[va.path], grads_b[vb.path]
-            if ga.ndim == 4 and gb.ndim == 2:  # the up-sampling kernel, in the matmul's layout
-                ga = np.transpose(ga, (3, 0, 1, 2)).reshape(gb.shape)
-            elif ga.shape != gb.shape:  # its bias: one per block position, summed
-                gb = gb.reshape(4, -1).sum(axis=0)
-            np.testing.assert_allclose(gb, ga, atol=1e-5, rtol=1e-4, err_msg=va.path)
-            matched += 1
-    assert matched == len(stock.trainable_variables)
-    with pytest.raises(ValueError, match="fixed size"):
-        unet.build_unet(None, filters, depth, upsample=upsample, pool=pool)
-
-
-@pytest.mark.slow
-def test_step_variants_save_and_load_in_a_bare_session(tmp_path):
-    model = unet.build_unet(32, filters=4, depth=2, upsample="matmul", pool="reshape")
-    x = pixels(2, 32, seed=3)
-    path = str(tmp_path / "variant.keras")
-    model.save(path)
-    want = model.predict(x, verbose=0)
-    np.save(tmp_path / "x.npy", x)
-    code = ("import sys, numpy as np, keras; m = keras.models.load_model(sys.argv[1], compile=False); "
-            "p = m.predict(np.load(sys.argv[2]), verbose=0); np.save(sys.argv[3], p); "
-            "assert 'unet' not in sys.modules")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", code, path, str(tmp_path / "x.npy"), str(tmp_path / "p.npy")],
-                       cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+def test_the_default_model_and_loss_import_no_extras():
+    # the step forms and the Lovász loss are imported only when build_unet / the loss asks for them
+    code = ("import sys, numpy as np, unet; m = unet.build_unet(32, 4, 2); "
+            "x = np.ones((1, 32, 32, 3), 'float32'); unet.bce_dice(x[..., :1], m(x)); "
+            "loaded = [k for k in sys.modules if k.startswith('extras')]; assert loaded == [], loaded")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), want, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss", ["focal", "BCE_DICE", ""])
@@ -251,13 +183,13 @@ def test_lovasz_is_one_minus_jaccard_on_hard_masks_and_bounded_between(truth, se
     prob = np.random.default_rng(seed).random(truth.shape).astype("float32")
     hard = (prob > 0.5).astype("float32")
     # at the corners of the cube it is the challenge's per-image score itself (empty/empty: loss 0)
-    np.testing.assert_allclose(np_(unet.lovasz(truth, hard)), 1 - np_iou(truth, hard), atol=1e-6)
-    soft = np_(unet.lovasz(truth, prob))
+    np.testing.assert_allclose(np_(lovasz.lovasz(truth, hard)), 1 - np_iou(truth, hard), atol=1e-6)
+    soft = np_(lovasz.lovasz(truth, prob))
     assert soft.shape == (len(truth),) and np.all((soft >= -1e-6) & (soft <= 1 + 1e-6))
     # convex extension: a blend of two hard predictions costs at most the blend of their costs
     other = 1 - hard
-    mid = np_(unet.lovasz(truth, 0.5 * hard + 0.5 * other))
-    assert np.all(mid <= 0.5 * np_(unet.lovasz(truth, hard)) + 0.5 * np_(unet.lovasz(truth, other)) + 1e-6)
+    mid = np_(lovasz.lovasz(truth, 0.5 * hard + 0.5 * other))
+    assert np.all(mid <= 0.5 * np_(lovasz.lovasz(truth, hard)) + 0.5 * np_(lovasz.lovasz(truth, other)) + 1e-6)
 
 
 def test_metric_averages_per_image_not_pooled():
