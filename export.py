@@ -10,6 +10,7 @@ Writes into --out (default export/); each file's contract, and why it is so: doc
                             (scale 1, zero point 0: the model normalizes its own input), uint8 out
     model_float16.tflite    with --quantize float16: float16 weights, float32 input/output
     model_int8_qat.tflite   with --qat EPOCHS: quantization-aware fine-tuning (extras/qat.py)
+    model.onnx              ONNX Runtime: the SavedModel's contract, any batch (--no-onnx: none)
     report.json             sizes, LiteRT latency, Dice vs the Keras masks and vs the ground truth
 No dynamic-range quantization on its own: on a CPU it runs slower than float32. All is written into
 a temporary folder beside --out, renamed into place only after every check passed (publish).
@@ -201,10 +202,13 @@ def check_quantize(quantize):
 
 
 def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, threads=(1, 2),
-           calibration=100, qat_images=None, bench_runs=20, progress=True):
+           calibration=100, qat_images=None, bench_runs=20, progress=True, onnx=True):
     """Convert, verify, time; publish `out` only when every check passed. Returns the report."""
     check_quantize(quantize)
-    check_weights_path(weights)  # both before TensorFlow is imported
+    check_weights_path(weights)  # all before TensorFlow is imported
+    if onnx:
+        from extras import onnx_format
+        onnx_format.require("model.onnx", ["tf2onnx", "onnx", "onnxruntime"], ", or --no-onnx")
     started = time.perf_counter()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
     run = predict.read_run_json(weights)
@@ -233,6 +237,10 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
             row["latency_ms"] = {str(t): latency_ms(path, t, runs=bench_runs) for t in threads}
             row["dice_vs_truth"] = dice_vs_truth(predict.load_predictor(path), val.pairs)
             rows[kind] = row
+        if onnx:
+            log("export: ONNX")
+            onnx_row = onnx_format.onnx_step(model, size, work, keras_probs, val, threads,
+                                             bench_runs)
         keras_predictor = predict.Predictor(
             weights, "keras", size, lambda x: model.predict_on_batch(x.astype(np.float32))[..., 0])
         report = {
@@ -244,7 +252,8 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
                       "params": int(model.count_params())},
             "saved_model": {"path": "saved_model", "signature": "serving_default", "input": "image",
                             "output": "mask", "max_abs_diff_vs_keras": sm_diff},
-            "tflite": rows, "qat": qat_summary, "threads": list(threads), "versions": versions(),
+            "tflite": rows, "onnx": onnx_row if onnx else None, "qat": qat_summary,
+            "threads": list(threads), "versions": versions(),
             "seconds": round(time.perf_counter() - started, 1),
         }
         with open(os.path.join(work, "report.json"), "w") as f:
@@ -343,7 +352,7 @@ def print_table(report, file=sys.stdout):
     print(head + f"{'dice~keras':>12}{'dice~truth':>12}", file=file)
     print(f"{'keras (float32)':<24}{'':>8}" + "".join(f"{'':>10}" for _ in threads) +
           f"{1.0:>12.4f}{report['keras']['dice_vs_truth']:>12.4f}", file=file)
-    for row in report["tflite"].values():
+    for row in [*report["tflite"].values(), *([report["onnx"]] if report["onnx"] else [])]:
         print(f"{row['file']:<24}{row['size_mb']:>8.2f}" +
               "".join(f"{row['latency_ms'][t]:>10.1f}" for t in threads) +
               f"{row['dice_vs_keras']:>12.4f}{row['dice_vs_truth']:>12.4f}", file=file)
@@ -367,7 +376,8 @@ def main(argv=None):
     p.add_argument("--qat-images", type=int, help="use at most N training images for QAT")
     p.add_argument("--calibration", type=int, default=100,
                    help="training images for int8 calibration")
-    p.add_argument("--threads", default="1,2", help="LiteRT thread counts to time")
+    p.add_argument("--no-onnx", dest="onnx", action="store_false", help="no model.onnx")
+    p.add_argument("--threads", default="1,2", help="LiteRT and ONNX Runtime thread counts to time")
     p.add_argument("--bench-runs", type=int, default=20,
                    help="timed invokes per file and thread count")
     args = p.parse_args(argv)
@@ -378,7 +388,7 @@ def main(argv=None):
         raise common.Error(f"--threads {args.threads}", problem) from None
     quantize = tuple(k.strip() for k in args.quantize.split(",") if k.strip())
     report = export(args.weights, args.data, args.out, quantize, args.qat, threads,
-                    args.calibration, args.qat_images, args.bench_runs)
+                    args.calibration, args.qat_images, args.bench_runs, onnx=args.onnx)
     print_table(report)
     print(f"wrote {os.path.abspath(args.out)}")
     return 0

@@ -22,12 +22,12 @@ ATOL = 1e-4  # max |probability difference| against the Keras model (float32 bot
 THRESHOLD = 0.5
 
 
-def require(what, modules):
+def require(what, modules, hint=""):
     """One line naming what to install when a package ONNX needs is missing."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         pins = " ".join(PINS[m] for m in missing)
-        raise common.Error(what, f"ONNX needs {', '.join(missing)} (pip install {pins})")
+        raise common.Error(what, f"ONNX needs {', '.join(missing)} (pip install {pins}){hint}")
 
 
 def write_onnx(model, path):
@@ -71,9 +71,26 @@ def latency_ms(path, size, threads, runs=20, warmup=3):
     return round(1000 * float(np.median(times)), 2)
 
 
+def onnx_step(model, size, work, keras_probs, val, threads, runs):
+    """export.py's step: work/model.onnx, written, checked against Keras on the val images and
+    scored against their truth; report.json's "onnx" entry."""
+    import export
+    import predict
+
+    path = os.path.join(work, "model.onnx")
+    try:
+        write_onnx(model, path)
+    except Exception as e:
+        raise export.failed("model.onnx", f"conversion failed ({common.one_line(e)})") from None
+    row = check_onnx(path, size, keras_probs, val.images, threads, runs)
+    row["dice_vs_truth"] = export.dice_vs_truth(predict.load_predictor(path), val.pairs)
+    return row
+
+
 def check_onnx(path, size, keras_probs, images, threads=(2,), runs=20):
     """Run model.onnx on `images` (two batch sizes: the batch axis is dynamic) and hold it to the
     Keras model: max |diff| <= ATOL and the same masks. Returns report.json's "onnx" entry."""
+    import evaluate
     import export
     import predict
 
@@ -91,7 +108,9 @@ def check_onnx(path, size, keras_probs, images, threads=(2,), runs=20):
     flipped = int(np.sum(((probs > THRESHOLD) != (keras_probs > THRESHOLD)) & decided))
     if flipped:
         raise export.failed(name, f"{flipped} mask pixels differ from the Keras masks")
+    agree = evaluate.image_scores(keras_probs > THRESHOLD, probs > THRESHOLD)["dice"]
     return {"file": name, "size_mb": round(os.path.getsize(path) / 1e6, 3),
+            "dice_vs_keras": float(np.mean(agree)),
             "input": {"name": "image", "shape": ["N", size, size, 3], "dtype": "float32"},
             "output": {"name": "mask", "shape": ["N", size, size, 1], "dtype": "float32"},
             "max_abs_diff_vs_keras": diff, "mask_pixels_differing": flipped,

@@ -50,8 +50,9 @@ def native_dice(truth, prob):
 
 def test_files_and_report(exported, trained, synthetic_data):
     out, report = exported
-    assert sorted(os.listdir(out)) == ["model_float16.tflite", "model_float32.tflite", "model_int8.tflite",
-                                       "model_int8_qat.tflite", "report.json", "saved_model"]
+    assert sorted(os.listdir(out)) == ["model.onnx", "model_float16.tflite", "model_float32.tflite",
+                                       "model_int8.tflite", "model_int8_qat.tflite", "report.json",
+                                       "saved_model"]
     with open(os.path.join(out, "report.json")) as f:
         assert json.load(f) == json.loads(json.dumps(report))  # the file is the returned report
     assert not [n for n in os.listdir(os.path.dirname(out)) if n != "export"]  # no temp folder left
@@ -67,6 +68,10 @@ def test_files_and_report(exported, trained, synthetic_data):
     assert report["threads"] == [1] and report["keras"]["params"] == trained[1].count_params()
     assert report["saved_model"]["max_abs_diff_vs_keras"] <= export.SAVED_MODEL_ATOL
     assert report["qat"]["images"] == 8 and report["qat"]["epochs"] == 1
+    onnx = report["onnx"]  # held to Keras (tests/test_onnx.py checks the file itself)
+    assert onnx["file"] == "model.onnx" and onnx["mask_pixels_differing"] == 0
+    assert onnx["max_abs_diff_vs_keras"] <= 1e-4 and list(onnx["latency_ms"]) == ["1"]
+    assert onnx["dice_vs_truth"] == pytest.approx(report["keras"]["dice_vs_truth"], abs=1e-4)
 
     # Dice against the truth, recomputed here at the mask's native resolution (not at 32 px).
     image = data.load_split(synthetic_data, "val", SIZE, progress=False).images
@@ -158,8 +163,9 @@ def test_mixed_precision_model_exports(trained, synthetic_data, tmp_path):
     path = str(tmp_path / "mixed.keras")
     mixed.save(path)
     report = export.export(path, synthetic_data, str(tmp_path / "out"), quantize=(), threads=(1,),
-                           calibration=4, bench_runs=1, progress=False)
+                           calibration=4, bench_runs=1, progress=False, onnx=False)
     assert report["rebuilt_float32_from_mixed_precision"]
+    assert report["onnx"] is None and not (tmp_path / "out" / "model.onnx").exists()  # --no-onnx
     assert report["tflite"]["float32"]["dice_vs_keras"] >= 0.95  # vs the float32 rebuild: same weights
     _, inp, _, _ = export.tflite_info(str(tmp_path / "out" / "model_float32.tflite"))
     assert inp["dtype"] == np.float32

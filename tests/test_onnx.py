@@ -11,6 +11,7 @@ from conftest import run_cli
 import common
 import data
 import evaluate
+import export
 import predict
 from extras import onnx_format
 
@@ -117,3 +118,16 @@ def test_a_missing_package_says_what_to_install(monkeypatch, tmp_path):
     with pytest.raises(common.Error, match=r"pip install onnxruntime==\d"):
         predict.load_predictor(str(path))
     assert os.path.exists(path)
+
+
+def test_export_without_an_onnx_package_stops_first_in_one_line(onnx_model, monkeypatch, tmp_path,
+                                                                capsys):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tf2onnx" else find_spec(name, *a))
+    out = tmp_path / "export"
+    code, _, err = run_cli(export, ["--weights", onnx_model[0]["keras"], "--out", str(out)], capsys)
+    assert code == 2 and not out.exists()
+    assert err.strip() == ("error: model.onnx: ONNX needs tf2onnx (pip install tf2onnx==1.17.0), "
+                           "or --no-onnx")
