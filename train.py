@@ -100,7 +100,8 @@ class Config:
 
 def parser():
     """The command line, made from Config's fields (type from the annotation; bool: a switch)."""
-    p = common.ArgumentParser(description="Train the skin-lesion U-Net.")
+    p = common.ArgumentParser(description="Train the skin-lesion U-Net.",
+                              epilog="More on each flag: docs/training.md.")
     for f in fields(Config):
         kw = {"dest": f.name, "default": f.default, "help": f.metadata["help"],
               **f.metadata["argparse"]}
@@ -142,9 +143,8 @@ def config_of(args):
     if cfg.balance and len(cfg.data or []) < 2:
         raise common.Error("--balance", "needs two or more --data folders")
     if cfg.init is not None:
-        if not os.path.isfile(cfg.init):
-            raise common.Error(f"--init {cfg.init}", "file not found")
-        cfg.init = os.path.abspath(cfg.init)
+        from extras import warm_start
+        cfg.init = warm_start.check(cfg.init)
     cfg.out = os.path.abspath(cfg.out or ".")
     if cfg.tensorboard:
         from extras import curves
@@ -450,16 +450,11 @@ def new_model(cfg):
 
 def build_model(cfg, jit, state, paths):
     """The compiled U-Net; on resume, with the weights and optimizer state of last.keras."""
-    import keras
-
     import unet
     model = unet.compile_model(new_model(cfg), cfg.loss, cfg.lr, jit, ema=cfg.ema)
     if cfg.init and not state["epoch"]:  # weights only: fine-tuning starts a fresh optimizer
-        try:
-            model.set_weights(keras.models.load_model(cfg.init, compile=False).get_weights())
-        except Exception as e:
-            raise common.Error(f"--init {cfg.init}",
-                               f"cannot start from its weights ({common.one_line(e)})") from None
+        from extras import warm_start
+        warm_start.load_weights(model, cfg.init)
     if state["epoch"]:
         model.optimizer.build(model.trainable_variables)
         try:
