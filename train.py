@@ -623,9 +623,11 @@ def main(argv=None):
     if args.plot:
         from extras import curves
         return curves.plot_command(args)
-    if cluster_place():  # this process supervises a child that trains as one of several
+    place = cluster_place()
+    if place:  # one of several processes: it supervises a child that trains (extras/cluster.py)
         from extras import cluster
-        return cluster.main(lambda: finish(train(args)), __file__, argv, args.cluster_timeout)
+        return cluster.main(lambda: finish(train(args)), __file__, argv, place,
+                            args.cluster_timeout)
     return finish(train(args))
 
 

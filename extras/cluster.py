@@ -102,10 +102,9 @@ def scratch(cluster):
     return tempfile.mkdtemp(prefix=f"skin-unet-process{cluster.index}-")
 
 
-def main(run, script, argv, timeout):
+def main(run, script, argv, cluster, timeout):
     """train.py's main in a run over several processes: the process started by hand supervises
     (supervise); the child it starts joins the others and calls run() (run_worker). Exit code."""
-    cluster = cluster_of()
     if WORKER_ENV not in os.environ:
         return supervise(script, argv, cluster, timeout)
     return run_worker(run, cluster, timeout)
