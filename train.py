@@ -46,56 +46,42 @@ def setting(default, help=None, run=False, flag=None, **argparse_kw):
 
 @dataclass
 class Config:
-    """Every setting of a training run: its default, flag and help (parser() reads them here)."""
-    data: list = setting(None, "data folder (ISIC 2016/2017/2018, HAM10000 or images/ + masks/); "
-                         "repeat to train on several, each split by its own rules; default: "
-                         "synthetic", run=True, action="append")
-    balance: bool = setting(False, "with several --data: draw each source equally often "
-                            "(default: each image once per epoch)", run=True)
-    init: str = setting(None, "start from the weights of this .keras, e.g. a model pre-trained on "
-                        "another set; same --size, --filters, --depth, --encoder", run=True)
+    """Every setting of a training run: its default, flag and one-line help (parser() reads them
+    here; docs/training.md says more about each)."""
+    data: list = setting(None, "data folder; repeat to train on several (default: synthetic)",
+                         run=True, action="append")
+    balance: bool = setting(False, "with several --data: draw each source equally often", run=True)
+    init: str = setting(None, "start from the weights of this .keras (same shape)", run=True)
     epochs: int = setting(40)
     size: int = setting(256, "square input size in pixels, a multiple of 2**depth", run=True)
     batch: int = setting(16, run=True)
-    filters: int = setting(12, "filters of the first level (doubling per level); 32 is the "
-                           "paper-sized network", run=True)
+    filters: int = setting(12, "filters of the first level, doubling per level", run=True)
     depth: int = setting(4, "number of poolings", run=True)
     lr: float = setting(1e-3, run=True)
     seed: int = setting(0, run=True)
-    out: str = setting(None, "output folder (default: here, so evaluate.py --weights best.keras "
-                       "follows)")
+    out: str = setting(None, "output folder (default: here)")
     loss: str = setting("bce_dice", run=True, choices=["bce_dice", "dice", "bce", "bce_lovasz"])
-    ema: float = setting(0.0, "keep a moving average of the weights with this momentum (e.g. "
-                         "0.995) and validate and save best.keras with it; 0: off", run=True)
-    upsample: str = setting("transpose", "decoder up-sampling: Conv2DTranspose, or the same "
-                            "function as one matmul + pixel shuffle", run=True,
+    ema: float = setting(0.0, "validate and save a moving average of the weights (0: off)",
+                         run=True)
+    upsample: str = setting("transpose", "decoder up-sampling", run=True,
                             choices=["transpose", "matmul"])
-    pool: str = setting("max", "encoder down-sampling: MaxPooling2D, or the same maximum as a "
-                        "reshape + max", run=True, choices=["max", "reshape"])
+    pool: str = setting("max", "encoder down-sampling", run=True, choices=["max", "reshape"])
     encoder: str = setting("none", run=True, choices=["none", "mobilenetv3", "mobilenetv3small",
                                                       "efficientnetb0", "resnet50"])
-    encoder_weights: str = setting("none", "imagenet downloads the backbone weights on first use",
-                                   run=True, choices=["imagenet", "none"])
+    encoder_weights: str = setting("none", run=True, choices=["imagenet", "none"])
     precision: str = setting("auto", "auto: mixed_bfloat16 on a GPU/TPU, float32 on CPU", run=True,
                              choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"])
-    jit: str = setting("auto", "XLA; auto: on for JAX and on an accelerator; TensorFlow on a CPU "
-                       "times both at the start of a long run and keeps the faster (a short run: "
-                       "off)", choices=["auto", "on", "off"])
-    distribute: str = setting("auto", "mirrored: tf.distribute (TF backend); data_parallel: "
-                              "keras.distribution (JAX backend), also over several processes "
-                              "(hosts) when KERAS_DISTRIBUTION_* or SLURM variables say so "
-                              "(docs/training.md)",
+    jit: str = setting("auto", "XLA", choices=["auto", "on", "off"])
+    distribute: str = setting("auto", "over several devices or processes",
                               choices=["auto", "none", "mirrored", "data_parallel"])
-    cluster_timeout: int = setting(300, "several processes: seconds to wait for all to join, and "
-                                   "for a silent one before the rest stop", metavar="S")
+    cluster_timeout: int = setting(300, "several processes: seconds to wait for the others",
+                                   metavar="S")
     patience: int = setting(10, "early stopping after N epochs without val Dice gain; 0: off")
     schedule: str = setting("cosine", run=True, choices=["cosine", "plateau"])
     val_fraction: float = setting(0.1, run=True)
     test_fraction: float = setting(0.1, run=True)
     augment: bool = setting(True, run=True, flag="--no-augment")
-    augment_on: str = setting("auto", "where augmentation's pixel work runs (the random draws are "
-                              "the same): host = Pillow in the feed's threads, device = keras.ops "
-                              "on the accelerator; auto: device on a GPU/TPU, host on a CPU",
+    augment_on: str = setting("auto", "where augmentation's pixel work runs",
                               choices=["auto", "host", "device"])
     steps_per_epoch: int = setting(0, "cap training batches per epoch (0: all)", run=True)
     workers: int = setting(0, "batch-loading threads (0: all cores)")
@@ -104,23 +90,22 @@ class Config:
     fresh: bool = setting(False, "discard an earlier run in OUT instead of resuming it")
     verbose: int = setting(None, "Keras progress: 1 bar, 2 one line (default: 1 on a terminal)",
                            choices=[0, 1, 2])
-    tensorboard: str = setting(None, "also write TensorBoard event files (scalars per epoch) to "
-                               "DIR: tensorboard --logdir DIR", metavar="DIR")
-    plot: list = setting(None, "only draw: RUN/curves.png from RUN/log.csv; several RUNs: one "
-                         "picture, a line per run, in --out", nargs="+", metavar="RUN")
+    tensorboard: str = setting(None, "also write TensorBoard event files to DIR", metavar="DIR")
+    plot: list = setting(None, "only draw curves.png from RUN/log.csv (several: one picture)",
+                         nargs="+", metavar="RUN")
 
     def identity(self):
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["defines_run"]}
 
 
 def parser():
-    """The command line, made from Config's fields: --name (or the field's flag), its help, and
-    argparse's type (from the annotation), choices, action."""
-    p = common.ArgumentParser(description="Train the skin-lesion U-Net.")
+    """The command line, made from Config's fields (type from the annotation; bool: a switch)."""
+    p = common.ArgumentParser(description="Train the skin-lesion U-Net.",
+                              epilog="More on each flag: docs/training.md.")
     for f in fields(Config):
         kw = {"dest": f.name, "default": f.default, "help": f.metadata["help"],
               **f.metadata["argparse"]}
-        if f.type is bool:  # a switch: on with its flag, or off with --no-<name>
+        if f.type is bool:  # on with its flag, or off with --no-<name>
             kw["action"] = "store_false" if f.default else "store_true"
         elif f.type in (int, float):
             kw["type"] = f.type
@@ -129,8 +114,7 @@ def parser():
 
 
 def config_of(args):
-    """A validated Config from an argv list or the Namespace parser() made (defaults for what it
-    leaves out). Raises common.Error (exit 2)."""
+    """A validated Config from an argv list or parser()'s Namespace; common.Error: exit 2."""
     if isinstance(args, (list, tuple)):
         args = parser().parse_args(list(args))
     if not isinstance(args, argparse.Namespace):
@@ -159,9 +143,8 @@ def config_of(args):
     if cfg.balance and len(cfg.data or []) < 2:
         raise common.Error("--balance", "needs two or more --data folders")
     if cfg.init is not None:
-        if not os.path.isfile(cfg.init):
-            raise common.Error(f"--init {cfg.init}", "file not found")
-        cfg.init = os.path.abspath(cfg.init)
+        from extras import warm_start
+        cfg.init = warm_start.check(cfg.init)
     cfg.out = os.path.abspath(cfg.out or ".")
     if cfg.tensorboard:
         from extras import curves
@@ -170,8 +153,8 @@ def config_of(args):
 
 
 def data_value(value):
-    """--data as stored: None (synthetic) or a list of absolute paths. (Runs from before several
-    folders were possible stored one path as a string: data.folders_of reads both.)"""
+    """--data as stored: None (synthetic) or a list of absolute paths (data.folders_of also reads
+    the single path of runs from before several folders were possible)."""
     folders = []
     for folder in data.folders_of(value):
         if not os.path.isdir(folder):
@@ -235,25 +218,19 @@ def read_state(path):
         return None
 
 
-@contextlib.contextmanager
-def ema_weights(model):
-    """With --ema: the optimizer's moving average in the model's weights for the duration, the
-    trained weights back afterwards. This drives Keras's SwapEMAWeights by hand, the callback fit
-    itself gets for its validation: one mechanism wherever the average is validated or saved."""
-    import keras
-    swap = keras.callbacks.SwapEMAWeights()
-    swap.set_model(model)
-    swap.on_test_begin()
-    try:
-        yield
-    finally:
-        swap.on_test_end()
+def averaged(model, cfg):
+    """The weights validated: with --ema their moving average, swapped in for the duration
+    (extras/ema.py), else the trained weights as they are."""
+    if not cfg.ema:
+        return contextlib.nullcontext()
+    from extras import ema
+    return ema.averaged(model)
 
 
 def save_best(model, cfg, paths, state):
-    """best.keras is last.keras as committed, or with --ema the weights validated: the average."""
+    """best.keras holds the weights validated: last.keras as committed, or --ema's average."""
     if cfg.ema:
-        with ema_weights(model):
+        with averaged(model, cfg):
             save_model(model, paths["best"], state)
     elif os.path.exists(paths["last"]):  # (a cluster's process 1.. repairing before its 1st save)
         with common.atomic_path(paths["best"]) as tmp:
@@ -295,14 +272,12 @@ def cosine_lr(cfg, epoch):
 # --- the per-epoch jobs: small steps in order, sharing one Run ------------------------------------
 @dataclass
 class Run:
-    """What the jobs at the end of each epoch share. chief: process 0 (the only one of a run over
-    several processes that prints and writes the run's files; the others save models into their
-    scratch `paths`, since saving a model is a collective step every process must take)."""
+    """What the jobs at each epoch's end share."""
     cfg: Config
     state: dict  # the resume state, committed inside last.keras
-    paths: dict  # where this process writes
+    paths: dict  # where this process writes (a cluster's processes 1..: a scratch folder)
     model: object
-    chief: bool = True
+    chief: bool = True  # the process that prints and writes the run's files: one of one, or 0
     per_source: object = None  # extras.sources.PerSource with 2+ --data sources, else None
     row: dict = None  # this epoch's log row
     improved: bool = False  # this epoch is the best so far
@@ -330,6 +305,9 @@ def checkpoint(run):
 def write_logs(run):
     write_text(run.paths["state"], json.dumps(run.state, indent=1))
     write_log(run.paths["log"], run.state["history"])
+    if run.draw:  # curves.png; after a failure (no matplotlib, a full disk) no more
+        from extras import curves
+        run.draw = curves.redraw(run.paths["curves"], run.state["history"])
 
 
 def report(run):
@@ -377,7 +355,7 @@ def epoch_end(run, steps):
                 run.row[k] = float(logs[k]) if k in logs else None
             if run.per_source:  # fit did not validate: validate all and per source (extras)
                 from extras import sources
-                with ema_weights(self.model) if cfg.ema else contextlib.nullcontext():
+                with averaged(self.model, cfg):
                     run.row.update(sources.validate(self.model, cfg, run.per_source))
                 run.row["seconds"] = round(time.perf_counter() - self.t_begin, 2)
             decide(run)
@@ -386,13 +364,9 @@ def epoch_end(run, steps):
             checkpoint(run)
             if run.chief:  # saving a model is collective (above); the rest is process 0's alone
                 write_logs(run)
-                if run.draw:  # curves.png; after a failure (no matplotlib, a full disk) no more
-                    from extras import curves
-                    run.draw = curves.redraw(run.paths["curves"], run.state["history"])
+                report(run)
             # TensorBoard (after this callback) logs what fit put in logs; add what only this knows.
             logs.update({k: v for k, v in run.row.items() if "val_" in k and v is not None})
-            if run.chief:
-                report(run)
 
     return EpochEnd()
 
@@ -427,10 +401,8 @@ def resume_or_start(cfg, identity, paths, chief=True):
 
 def load_data(cfg, runtime, epoch):
     """(training batches, validation batches, summary for run.json, PerSource or None). Several
-    --data folders: each is split by its own rules; training uses the union of their train splits,
-    validation the union of their val splits, scored per source (extras/sources.py). Over several
-    processes, each one's Batches give it its part of every batch. Fails with one line on a missing
-    or empty folder, before any model is built."""
+    --data: each split by its own rules, validated per source (extras/sources.py). Fails with one
+    line on a missing or empty folder, before any model is built."""
     from extras import runtime as rt
 
     t0 = time.time()
@@ -438,6 +410,7 @@ def load_data(cfg, runtime, epoch):
           "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction}
     train_set = data.load_split(cfg.data, "train", **kw)
     val_set = data.load_split(cfg.data, "val", **kw)
+    # part: over several processes, each one's Batches give it its part of every batch
     batches = {"augment": cfg.augment, "seed": cfg.seed, "epoch": epoch, "drop_remainder": True,
                "steps": cfg.steps_per_epoch, "part": (runtime.process, runtime.processes)}
     if cfg.balance:
@@ -477,16 +450,11 @@ def new_model(cfg):
 
 def build_model(cfg, jit, state, paths):
     """The compiled U-Net; on resume, with the weights and optimizer state of last.keras."""
-    import keras
-
     import unet
     model = unet.compile_model(new_model(cfg), cfg.loss, cfg.lr, jit, ema=cfg.ema)
     if cfg.init and not state["epoch"]:  # weights only: fine-tuning starts a fresh optimizer
-        try:
-            model.set_weights(keras.models.load_model(cfg.init, compile=False).get_weights())
-        except Exception as e:
-            raise common.Error(f"--init {cfg.init}",
-                               f"cannot start from its weights ({common.one_line(e)})") from None
+        from extras import warm_start
+        warm_start.load_weights(model, cfg.init)
     if state["epoch"]:
         model.optimizer.build(model.trainable_variables)
         try:
@@ -500,7 +468,7 @@ def build_model(cfg, jit, state, paths):
 def repair_after_kill(model, cfg, state, paths, writes):
     """A kill between the commit (last.keras) and the end of the epoch's jobs can leave state.json,
     log.csv or best.keras one epoch behind: rewrite them from last.keras (its state, or the model
-    loaded from it). Reads `paths`, writes `writes` (processes 1.. of a cluster: their scratch)."""
+    loaded from it). Reads `paths`, writes `writes`."""
     write_text(writes["state"], json.dumps(state, indent=1))
     write_log(writes["log"], state["history"])
     best = read_state(paths["best"]) if os.path.exists(paths["best"]) else None
@@ -538,30 +506,23 @@ def cluster_place():
 
 
 def train(args):
-    """Train with an argv list or parser()'s Namespace; returns the summary (also in run.json).
-    In a run over several processes only process 0 writes files and prints epochs."""
+    """Train with an argv list or parser()'s Namespace; returns the summary (also in run.json)."""
     cfg = config_of(args)
     place = cluster_place()
     chief = place is None or place.index == 0
     if chief:
         check_writable(cfg.out)
     paths = run_paths(cfg.out)
-
     keras = common.import_keras()  # after the flag checks, so bad input fails fast
     from extras import runtime as rt
     if place:
         from extras import cluster
-        cluster.check_cluster(cfg, place, keras.backend.backend())
-        cluster.join_cluster(place, cfg.cluster_timeout)  # before JAX computes anything
-
+        cluster.join(cfg, place, keras.backend.backend())
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.seed)
     scope, runtime = rt.setup(cfg, place)
-    # Processes 1.. of a cluster take every step process 0 takes (saving a model is a collective
-    # step) but save into a scratch folder of their own; they read the run from the shared --out.
-    writes = paths
-    if not chief:
-        writes = run_paths(tempfile.mkdtemp(prefix=f"skin-unet-process{place.index}-"))
+    scratch = cluster.scratch(place) if place else None  # processes 1.. of a cluster write there
+    writes = run_paths(scratch) if scratch else paths
     try:
         cfg = dataclasses.replace(cfg, precision=runtime.precision)
         state = resume_or_start(cfg, cfg.identity(), paths, chief)
@@ -583,14 +544,14 @@ def train(args):
         t_fit = time.time()
         if not (state["epoch"] >= cfg.epochs or state["stopped"]):
             if chief:
-                print(start_line(cfg, runtime, model, data_summary, place), flush=True)
+                print(start_line(cfg, runtime, model, data_summary), flush=True)
             get = None
             if runtime.augment_on == "device":
                 from extras import device_augment
                 get = device_augment.device_batches(train_batches)
             run = Run(cfg, state, writes, model, chief, per_source)
             callbacks = [epoch_end(run, len(train_batches))]
-            if cfg.ema and not per_source:  # fit validates the average (per source: ema_weights)
+            if cfg.ema and not per_source:  # fit validates the average (per source: averaged)
                 callbacks.insert(0, keras.callbacks.SwapEMAWeights())
             if cfg.tensorboard and chief:
                 from extras import curves
@@ -604,8 +565,8 @@ def train(args):
                           verbose=verbose if chief else 0, callbacks=callbacks)
     finally:
         rt.reset(runtime)
-        if not chief:
-            shutil.rmtree(os.path.dirname(writes["run"]), ignore_errors=True)
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     run_record["result"] = summarize(state, paths, t_fit)
     run_record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -614,17 +575,16 @@ def train(args):
     return {**run_record["result"], "chief": chief}
 
 
-def start_line(cfg, runtime, model, summary, place):
-    r = runtime
-    hosts = f" on {r.processes} processes, {r.replicas} devices" if place else ""
-    extras = [f"augmenting on the {r.augment_on}" if r.augment_on else "",
-              "sources balanced" if cfg.balance else "",
-              f"weights averaged, EMA {cfg.ema}" if cfg.ema else "",
-              f"starting from {cfg.init}" if cfg.init else ""]
+def start_line(cfg, r, model, summary):
+    hosts = f" on {r.processes} processes, {r.replicas} devices" if r.processes > 1 else ""
+    notes = [f"augmenting on the {r.augment_on}" if r.augment_on else "",
+             "sources balanced" if cfg.balance else "",
+             f"weights averaged, EMA {cfg.ema}" if cfg.ema else "",
+             f"starting from {cfg.init}" if cfg.init else ""]
     return (f"training {model.name} ({model.count_params() / 1e6:.2f} M params){hosts} on "
             f"{summary['train']} images, validating on {summary['val']}, {cfg.size} px, batch "
             f"{cfg.batch}; {r.backend} {r.accelerator} {r.precision} jit={r.jit} ({r.jit_reason}) "
-            f"distribute={r.distribute}" + "".join(f"; {e}" for e in extras if e))
+            f"distribute={r.distribute}" + "".join(f"; {n}" for n in notes if n))
 
 
 def summarize(state, paths, t_fit):
@@ -638,7 +598,10 @@ def summarize(state, paths, t_fit):
             "files": [paths[k] for k in ("best", "last", "log", "curves", "run")]}
 
 
-def print_summary(s):
+def finish(s):
+    """Process 0 says how the run ended; the exit code (1: diverged, a failure during the run)."""
+    if not s["chief"]:
+        return 1 if s["diverged"] else 0
     if s["diverged"]:
         print(f"stopped: training diverged ({s['diverged']}); the last good epoch is kept",
               flush=True)
@@ -649,6 +612,7 @@ def print_summary(s):
               f"val IoU {s['val_iou']:.4f}; {s['images_per_sec']:.1f} images/s (training batches)",
               flush=True)
     print("files: " + ", ".join(f for f in s["files"] if os.path.exists(f)), flush=True)
+    return 1 if s["diverged"] else 0
 
 
 @functools.partial(common.command, interrupted="interrupted: rerun the same command to resume "
@@ -660,16 +624,11 @@ def main(argv=None):
         from extras import curves
         return curves.plot_command(args)
     place = cluster_place()
-    if place is None:
-        summary = train(args)
-    else:
+    if place:  # one of several processes: it supervises a child that trains (extras/cluster.py)
         from extras import cluster
-        if cluster.WORKER_ENV not in os.environ:  # this process supervises; a child joins
-            return cluster.supervise(__file__, argv, place, args.cluster_timeout)
-        summary = cluster.run_worker(train, args, place, args.cluster_timeout)
-    if summary["chief"]:
-        print_summary(summary)
-    return 1 if summary["diverged"] else 0  # diverged: a failure during the run
+        return cluster.main(lambda: finish(train(args)), __file__, argv, place,
+                            args.cluster_timeout)
+    return finish(train(args))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ stack trace; --cluster-timeout says how long to wait. Process 0 writes the run; 
 import os
 import subprocess
 import sys
+import tempfile
 from typing import NamedTuple
 
 import common
@@ -86,11 +87,34 @@ def join_cluster(cluster, timeout):
                                initialization_timeout=timeout, heartbeat_timeout_seconds=timeout)
 
 
-def run_worker(train, args, cluster, timeout):
-    """train(args) in the child process: a collective that fails because a peer is gone is one
-    line (peer_lost), not a traceback."""
+def join(cfg, cluster, backend):
+    """check_cluster, then join_cluster: train() calls it before JAX computes anything."""
+    check_cluster(cfg, cluster, backend)
+    join_cluster(cluster, cfg.cluster_timeout)
+
+
+def scratch(cluster):
+    """Where this process writes: None for process 0 (it writes the run in --out); for 1.. a scratch
+    folder of its own (train() deletes it at the end). They take every step process 0 takes, since
+    saving a model is a collective step, and read the run from the shared --out."""
+    if cluster.index == 0:
+        return None
+    return tempfile.mkdtemp(prefix=f"skin-unet-process{cluster.index}-")
+
+
+def main(run, script, argv, cluster, timeout):
+    """train.py's main in a run over several processes: the process started by hand supervises
+    (supervise); the child it starts joins the others and calls run() (run_worker). Exit code."""
+    if WORKER_ENV not in os.environ:
+        return supervise(script, argv, cluster, timeout)
+    return run_worker(run, cluster, timeout)
+
+
+def run_worker(run, cluster, timeout):
+    """run() in the child process: a collective that fails because a peer is gone is one line
+    (peer_lost), not a traceback."""
     try:
-        return train(args)
+        return run()
     except Exception as e:
         if any(mark in str(e) for mark in PEER_LOST):
             raise peer_lost(cluster, timeout) from None

@@ -45,3 +45,30 @@ def test_import_train_leaves_the_extras_alone():
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("KERAS_DISTRIBUTION_", "SLURM_"))}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_process_0_writes_the_run_the_others_a_scratch_folder_of_their_own():
+    import os
+
+    assert cluster.scratch(cluster.Cluster("h:1", 2, 0)) is None
+    folder = cluster.scratch(cluster.Cluster("h:1", 2, 1))
+    try:
+        assert os.path.isdir(folder) and os.listdir(folder) == [] and "process1" in folder
+    finally:
+        os.rmdir(folder)
+
+
+def test_the_child_turns_a_lost_peer_into_one_line_and_passes_the_rest():
+    place = cluster.Cluster("h:1", 2, 1)
+    assert cluster.run_worker(lambda: 7, place, 5) == 7
+
+    def fails(message):
+        def run():
+            raise RuntimeError(message)
+        return run
+
+    with pytest.raises(common.Error, match="process 1 of 2: another process died or went silent for 5 s") as e:
+        cluster.run_worker(fails("Gloo connectFullMesh: Connection closed by peer"), place, 5)
+    assert e.value.exit_code == 1
+    with pytest.raises(RuntimeError, match="something else"):
+        cluster.run_worker(fails("something else"), place, 5)

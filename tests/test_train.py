@@ -612,6 +612,8 @@ def test_ema_validates_and_saves_the_average_and_keeps_it_for_resuming(synthetic
     import keras
     import numpy as np
 
+    from extras import ema
+
     with pytest.raises(common.Error, match=r"--ema 1.0: must be in \[0, 1\)"):
         train.config_of(["--ema", "1"])
     out = str(tmp_path / "run")
@@ -621,7 +623,7 @@ def test_ema_validates_and_saves_the_average_and_keeps_it_for_resuming(synthetic
     # last.keras: the trained weights, with the average inside its optimizer state (what a resume reads);
     # best.keras: the average itself
     trained = [v.numpy() for v in last.trainable_weights]
-    with train.ema_weights(last):
+    with ema.averaged(last):
         averaged = [v.numpy() for v in last.trainable_weights]
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(averaged, best.trainable_weights))
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(trained, last.trainable_weights))  # swapped back
