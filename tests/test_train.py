@@ -457,7 +457,7 @@ def test_jax_fit_with_device_augmentation_keeps_batches_on_the_device(synthetic_
     code = f"""
 import sys; sys.path.insert(0, {ROOT!r})
 import numpy as np, jax, keras, data, train, unet
-from extras import device_augment, synthetic
+from extras import augment, device_augment, synthetic
 rc = train.main({[*TINY, "--data", synthetic_data, "--epochs", "2", "--out", out, "--augment-on", "device",
                   "--upsample", "matmul", "--verbose", "0"]!r})
 assert rc == 0, rc
@@ -488,7 +488,7 @@ def untouched(made, seen):  # every batch the step got is a device array the war
 assert untouched(*steps_see(warp))
 assert not untouched(*steps_see(lambda *a: tuple(np.asarray(t) for t in warp(*a))))
 x, y, colour, affine = batches.draw(1)
-xp, yp = data.warp_pillow(x, y[..., 0], colour, affine)
+xp, yp = augment.warp_pillow(x, y[..., 0], colour, affine)
 xd, yd = (np.asarray(t) for t in warp(x, y, colour, affine))
 assert np.abs(xd.astype(int) - xp).max() <= 1 and np.array_equal(yd[..., 0], yp)
 print("ok")
