@@ -3,9 +3,9 @@
     python data.py DIR [--json] [--strict] [--size PX]   # check a data folder, build its cache
     python data.py --synthetic OUT --count N [--seed S] [--width W]   # write a synthetic set
 
-Read top to bottom: finding pairs in the ISIC layouts, decoding, the on-disk cache, batches for
-model.fit. In extras/: augmentation (augment.py), the command line (data_check.py), the synthetic
-set (synthetic.py), HAM10000's lesion metadata (lesions.py).
+Read top to bottom: finding pairs in the ISIC layouts, decoding, arrays at the training size,
+batches for model.fit. In extras/: the array cache (cache.py), augmentation (augment.py), the
+command line (data_check.py), the synthetic set (synthetic.py), HAM10000's lesions (lesions.py).
 """
 import hashlib
 import io
@@ -31,7 +31,6 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-# -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Pair:
     id: str  # e.g. "ISIC_0000000"
@@ -40,9 +39,7 @@ class Pair:
     split: str  # "train" | "val" | "test"
 
 
-# -----------------------------------------------------------------------------
-# Finding pairs
-
+# --- Finding pairs --------------------------------------------------------------------------------
 # (split, image folder, mask folder) per layout, the split being the official one. A "train" folder
 # is also the pool that split_of() carves any missing split out of, by a hash of the image id.
 LAYOUTS = {
@@ -173,9 +170,7 @@ def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
     return pairs, problems, layout
 
 
-# -----------------------------------------------------------------------------
-# Decoding and resizing
-
+# --- Decoding and resizing ------------------------------------------------------------------------
 def open_image(path, raw=None):
     """Open an image lazily, turning every way a file can be bad into a one-line Error. raw: the
     file's bytes, when it lives inside another file (an HDF5 archive); path then only names it."""
@@ -294,16 +289,7 @@ def resize_prob(prob, size_hw):
     return np.asarray(Image.fromarray(prob).resize((w, h), Image.BILINEAR), dtype=np.float32)
 
 
-# -----------------------------------------------------------------------------
-# On-disk cache of resized arrays
-
-def cache_dir(default=None):
-    """$SKIN_UNET_CACHE, else `default`, else ~/.cache/skin-unet. Never inside the data folder,
-    which may be read-only."""
-    return (os.environ.get("SKIN_UNET_CACHE") or default
-            or os.path.join(os.path.expanduser("~"), ".cache", "skin-unet"))
-
-
+# --- Arrays at the training size ------------------------------------------------------------------
 @dataclass
 class Arrays:
     pairs: list  # the usable pairs, same order as the arrays
@@ -315,35 +301,16 @@ class Arrays:
     sources: list = None
 
 
-CACHE_VERSION = 2  # bump when the decode/resize code changes what lands in the cache
-
-
-def _cache_key(pair, size):
-    """Identity of a cache entry: absolute paths, mtimes, byte sizes and the target size. Any
-    edit, replacement or touch of either file gives a new key; stale entries are just unused."""
-    parts = [f"v{CACHE_VERSION}", str(size)]
-    for path in (pair.image, pair.mask):
-        st = os.stat(path)
-        parts += [os.path.abspath(path), str(st.st_mtime_ns), str(st.st_size)]
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()
-
-
 def _load_pair(pair, size, folder):
-    """(image SxSx3 uint8, mask SxS uint8 0/1) for one pair, from the cache when possible.
-    Raises Error naming the bad file. A cache entry is one plain .npy of (S, S, 4): RGB plus
-    the mask as a 4th band: plain .npy files load several times faster than .npz (docs/data.md)."""
-    try:
-        key = _cache_key(pair, size)
-    except OSError as e:
-        raise common.Error(e.filename, f"cannot read ({e.strerror})") from None
-    path = os.path.join(folder, key[:2], key + ".npy") if folder else None
-    if path and os.path.exists(path):
-        try:
-            both = np.load(path)
-            if both.shape == (size, size, 4) and both.dtype == np.uint8:
-                return both[..., :3], both[..., 3]
-        except (OSError, ValueError):  # a damaged cache entry is rebuilt, never fatal
-            pass
+    """(image SxSx3 uint8, mask SxS uint8 0/1) for one pair, from the cache folder when it has it
+    (extras/cache.py). Raises Error naming the bad file."""
+    entry = None
+    if folder:
+        from extras import cache
+        entry = cache.entry(pair, size, folder)
+        hit = cache.read(entry, size)
+        if hit is not None:
+            return hit
     image, native = _read_image(pair.image, min_size=(size, size))
     mask = load_mask(pair.mask)
     if mask.shape != native:
@@ -351,23 +318,22 @@ def _load_pair(pair, size, folder):
                     f"is {native[1]}x{native[0]}")
     image = resize_image(image, (size, size))
     mask = resize_mask(mask, (size, size)).astype(np.uint8)
-    if path:
-        try:
-            # No fsync: a cache entry damaged by a crash is detected and rebuilt.
-            common.atomic_write(path, lambda f: np.save(f, np.dstack([image, mask])), durable=False)
-        except OSError:
-            pass  # a read-only or full cache only costs speed
+    if entry:
+        cache.write(entry, image, mask)
     return image, mask
 
 
 def load_arrays(pairs, size, cache=None, workers=None, strict=False, progress=True):
     """Decode each pair once (draft mode, all cores), squash-resize to size x size, check and cache
     it. Bad pairs are skipped and listed in problems; strict=True raises Error on the first one.
-    cache=False: no cache.
+    cache: its folder (None: the default, extras/cache.py), or False: none.
     Threads, not processes: Pillow and NumPy release the GIL in decode, resize and file reads,
     and threads hand back arrays without pickling them (faster here: docs/benchmarks.md)."""
     pairs = list(pairs)
-    folder = None if cache is False else os.path.join(cache or cache_dir(), f"arrays-{size}")
+    folder = None
+    if cache is not False:
+        from extras import cache as disk
+        folder = disk.folder(cache, size)
     images = np.zeros((len(pairs), size, size, 3), np.uint8)
     masks = np.zeros((len(pairs), size, size), np.uint8)
     ok, problems = np.zeros(len(pairs), bool), []
@@ -447,9 +413,7 @@ def source_names(folders):
     return names
 
 
-# -----------------------------------------------------------------------------
-# Feeding model.fit
-
+# --- Feeding model.fit ----------------------------------------------------------------------------
 # The draws of a batch without augmentation: Pillow's convert() matrix and AFFINE coefficients
 # that change nothing (extras/augment.py draws the real ones).
 NO_COLOUR = np.array([1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0], np.float32)
@@ -457,15 +421,13 @@ NO_AFFINE = np.array([1, 0, 0, 0, 1, 0], np.float64)
 
 
 class Batches:
-    """Batches for model.fit: x uint8 (B, S, S, 3), y uint8 (B, S, S, 1) in {0, 1}; plain Python,
-    which train.feed hands to keras.utils.PyDataset's worker threads.
-
-    Batch i of epoch e is a pure function of (seed, e, i): the order is a permutation seeded by
-    (seed, epoch), the augmentation is seeded by (seed, epoch, i). So worker threads may finish in
-    any order, and a resumed run continues the same stream by starting at epoch=. For training,
-    drop_remainder=True keeps every batch full (the partial last batch would mean a second compiled
-    step shape and a noisy batch-norm update) and steps caps the batches per epoch (0: all).
-    part=(i, n): process i of n gets the i-th of n equal slices of every batch (draw)."""
+    """x uint8 (B, S, S, 3), y uint8 (B, S, S, 1) in {0, 1}, plain Python that train.feed hands
+    to keras.utils.PyDataset's worker threads. Batch i of epoch e is a pure function of (seed, e,
+    i): order permuted by (seed, epoch), augmentation seeded by (seed, epoch, i); so threads may
+    finish in any order, and a resumed run continues the same stream from epoch=. drop_remainder
+    keeps training batches full (a partial one means a second compiled step shape and a noisy
+    batch-norm update); steps caps the batches per epoch (0: all). part=(i, n): process i of n
+    gets the i-th of n equal slices of every batch (draw)."""
 
     def __init__(self, images, masks, batch_size, augment=True, shuffle=True, seed=0, epoch=0,
                  drop_remainder=False, steps=0, part=(0, 1)):
@@ -527,9 +489,7 @@ class Batches:
         return x, y, colour[mine], affine[mine]
 
 
-# -----------------------------------------------------------------------------
-# Command line
-
+# --- Command line ---------------------------------------------------------------------------------
 def main(argv=None):
     """`python data.py DIR` / `--synthetic OUT`: extras/data_check.py."""
     from extras import data_check

@@ -106,8 +106,10 @@ def write_synthetic(out, count, seed=0, size_wh=(384, 288)):
 def synthetic_dir(count=200, seed=0, cache=None):
     """Path of the built-in synthetic set, written once under the cache dir: into a temp folder
     first, then renamed, so an interrupted run never leaves half a data set behind."""
-    base = cache or data.cache_dir()
-    path = os.path.join(base, f"synthetic-v{data.CACHE_VERSION}-{count}-seed{seed}-384x288")
+    from extras import cache as disk  # the synthetic set lives in the array cache's folder
+
+    base = cache or disk.cache_dir()
+    path = os.path.join(base, f"synthetic-v{disk.VERSION}-{count}-seed{seed}-384x288")
     if os.path.isdir(path):
         return path
     os.makedirs(base, exist_ok=True)

@@ -13,7 +13,7 @@ from PIL import Image
 
 import common
 import data
-from extras import synthetic
+from extras import cache, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -305,11 +305,11 @@ def test_cache_key_follows_file_identity(tmp_path):
     save_image(str(tmp_path / "images" / "a.png"), 8, 8)
     save_mask(str(tmp_path / "masks" / "a.png"), 8, 8)
     pair = data.find_pairs(tmp_path)[0][0]
-    key = data._cache_key(pair, 32)
-    assert key == data._cache_key(pair, 32) and key != data._cache_key(pair, 64)
+    key = cache.key(pair, 32)
+    assert key == cache.key(pair, 32) and key != cache.key(pair, 64)
     st_ = os.stat(pair.image)
     os.utime(pair.image, ns=(st_.st_atime_ns, st_.st_mtime_ns + 10**9))
-    assert data._cache_key(pair, 32) != key
+    assert cache.key(pair, 32) != key
 
 
 def test_read_only_cache_still_loads(synthetic_data, tmp_path):
@@ -331,7 +331,7 @@ def test_load_split_default_is_synthetic():
     arrays = data.load_split(None, "train", size=32, progress=False)
     root = synthetic.synthetic_dir()
     assert os.path.dirname(root) == os.environ["SKIN_UNET_CACHE"] and os.path.isdir(root)
-    assert data.cache_dir() == os.environ["SKIN_UNET_CACHE"]  # so nothing went to ~/.cache
+    assert cache.cache_dir() == os.environ["SKIN_UNET_CACHE"]  # so nothing went to ~/.cache
     assert arrays.images.dtype == np.uint8 and arrays.images.shape[1:] == (32, 32, 3)
     assert arrays.masks.dtype == np.uint8 and set(np.unique(arrays.masks)) <= {0, 1}
     assert arrays.problems == [] and all(p.split == "train" for p in arrays.pairs)
