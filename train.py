@@ -373,26 +373,17 @@ def epoch_end(run, steps):
 
 # --- train(): resume or start, data, model, fit ---------------------------------------------------
 def resume_or_start(cfg, identity, paths, chief=True):
-    """The resume state inside last.keras when it belongs to this configuration, else a fresh one.
-    --fresh deletes the old run's files (process 0 only; the others just ignore them)."""
+    """The state of the run in --out when it has this configuration (extras/resume.py), else a
+    fresh one. --fresh deletes the old run's files (process 0 only; the others ignore them)."""
     if cfg.fresh and chief:
         for k in ("last", "state", "log", "best", "curves"):  # (run.json is rewritten before fit)
             if os.path.exists(paths[k]):
                 os.remove(paths[k])
     state = None if cfg.fresh else read_state(paths["last"])
     if state is not None:
-        # A key that a run from before it existed lacks had its default value then.
-        defaults = Config().identity()
-        earlier = {k: state.get("config", {}).get(k, default) for k, default in defaults.items()}
-        # "data" compared as a list: a run stored as one path resumes from the same single --data.
-        changed = [k for k in defaults if (
-            data.folders_of(earlier[k]) != data.folders_of(identity[k]) if k == "data"
-            else earlier[k] != identity[k])]
-        if changed:
-            diff = "; ".join(f"{k} {earlier[k]!r} -> {identity[k]!r}" for k in changed)
-            raise common.Error(paths["last"], f"holds a run with another configuration ({diff}); "
-                               "rerun with --fresh to discard it, or use another --out")
-    if state is None:
+        from extras import resume
+        resume.check_same_run(state, identity, Config().identity(), paths["last"])
+    else:
         state = {"version": 1, "config": identity, "epoch": 0, "best": None, "wait": 0,
                  "plateau_wait": 0, "lr": cfg.lr, "history": [], "stopped": None}
     state["diverged"] = None
@@ -456,12 +447,8 @@ def build_model(cfg, jit, state, paths):
         from extras import warm_start
         warm_start.load_weights(model, cfg.init)
     if state["epoch"]:
-        model.optimizer.build(model.trainable_variables)
-        try:
-            model.load_weights(paths["last"])
-        except Exception as e:  # its state entry reads, its weights do not: damaged or edited
-            raise common.Error(paths["last"], "cannot load its weights to resume ("
-                               f"{common.one_line(e)}); rerun with --fresh to start over") from None
+        from extras import resume
+        resume.load_weights(model, paths["last"])
     return model
 
 
