@@ -347,7 +347,8 @@ def main(argv=None):
     progress = not args.no_progress and sys.stderr.isatty()
     if len(roots) > 1:  # a model trained on several --data folders: each, then all together
         from extras import eval_sources
-        return eval_sources.score_sources(predictor, roots, args, run, fractions, progress)
+        return eval_sources.score_sources(sys.modules[__name__], predictor, roots, args, run,
+                                          fractions, progress)
     summary = score_folder(predictor, roots[0], args, run, fractions, args.out, progress)
     print_table(summary)
     print(f"wrote {args.out}/: metrics.csv, summary.json, grid_best/worst/random.png"

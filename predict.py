@@ -135,6 +135,8 @@ def predict_probs(predictor, images, tta=False, post="none", threshold=0.5):
         probs = probs + predictor.predict(images[:, :, ::-1])[:, :, ::-1]
         probs = probs + predictor.predict(images[:, ::-1])[:, ::-1]
         probs = probs / 3.0
+    if post not in POST:
+        raise ValueError(f"post {post!r} is not one of {', '.join(POST)}")
     if post == "none":
         return probs
     from extras import postprocess  # --post

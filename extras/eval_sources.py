@@ -11,11 +11,11 @@ import os
 import sys
 
 import data
-import evaluate
 
 
-def score_sources(predictor, roots, args, run, fractions, progress):
-    """Score and print every source, then all of them together; returns the exit code (0)."""
+def score_sources(evaluate, predictor, roots, args, run, fractions, progress):
+    """Score and print every source, then all of them together; returns the exit code (0).
+    evaluate: the running evaluate module (passed, not imported: it may be the script)."""
     names = data.source_names(roots)
     summaries = {}
     for name, root in zip(names, roots):
@@ -25,14 +25,14 @@ def score_sources(predictor, roots, args, run, fractions, progress):
         print(f"\n{name}: {root}")
         evaluate.print_table(summaries[name])
     print(f"\nall {len(roots)} sources together")
-    evaluate.print_table(together(summaries, roots, args, run, fractions, predictor))
+    evaluate.print_table(together(evaluate, summaries, roots, args, run, fractions, predictor))
     print(f"wrote {args.out}/: summary.json (all together, and per source), and per source "
           f"({', '.join(names)}) <name>/metrics.csv, summary.json, grid_best/worst/random.png"
           f"{evaluate.masks_note(args, summaries.values())}", file=sys.stderr)
     return 0
 
 
-def together(summaries, roots, args, run, fractions, predictor):
+def together(evaluate, summaries, roots, args, run, fractions, predictor):
     """Every source's images scored together (aggregated from the per-source rows: one
     prediction per image), each source's headline inside; written to <out>/summary.json."""
     every = summaries.values()

@@ -74,40 +74,46 @@ def latency_ms(path, size, threads, runs=20, warmup=3):
 def onnx_step(model, size, work, keras_probs, val, threads, runs):
     """export.py's step: work/model.onnx, written, checked against Keras on the val images and
     scored against their truth; report.json's "onnx" entry."""
-    import export
+    import evaluate
     import predict
 
     path = os.path.join(work, "model.onnx")
     try:
         write_onnx(model, path)
     except Exception as e:
-        raise export.failed("model.onnx", f"conversion failed ({common.one_line(e)})") from None
+        raise failed("model.onnx", f"conversion failed ({common.one_line(e)})") from None
     row = check_onnx(path, size, keras_probs, val.images, threads, runs)
-    row["dice_vs_truth"] = export.dice_vs_truth(predict.load_predictor(path), val.pairs)
+    scores = evaluate.evaluate(predict.load_predictor(path), val.pairs, progress=False)
+    row["dice_vs_truth"] = float(scores["dice"])  # as export.py scores every file
     return row
+
+
+def failed(file, problem):
+    """A check that failed: exit 1, as export.failed (this module does not import export.py,
+    which may be the running script)."""
+    return common.Error(file, problem, exit_code=1)
 
 
 def check_onnx(path, size, keras_probs, images, threads=(2,), runs=20):
     """Run model.onnx on `images` (two batch sizes: the batch axis is dynamic) and hold it to the
     Keras model: max |diff| <= ATOL and the same masks. Returns report.json's "onnx" entry."""
     import evaluate
-    import export
     import predict
 
     name = os.path.basename(path)
     predictor = predict.load_predictor(path)
     if predictor.size != size:
-        raise export.failed(name, f"input is {predictor.size} px, expected {size}")
+        raise failed(name, f"input is {predictor.size} px, expected {size}")
     probs = predictor.predict(images)  # batches of up to 8
     one = np.concatenate([predictor.predict(image[None]) for image in images[:2]])
     diff = float(max(np.abs(probs - keras_probs).max(), np.abs(one - keras_probs[:2]).max()))
     if not diff <= ATOL:
-        raise export.failed(name, f"differs from the Keras model by {diff:.2g} (> {ATOL})")
+        raise failed(name, f"differs from the Keras model by {diff:.2g} (> {ATOL})")
     # A pixel within ATOL of the threshold may land either side in float32 arithmetic.
     decided = np.abs(keras_probs - THRESHOLD) > ATOL
     flipped = int(np.sum(((probs > THRESHOLD) != (keras_probs > THRESHOLD)) & decided))
     if flipped:
-        raise export.failed(name, f"{flipped} mask pixels differ from the Keras masks")
+        raise failed(name, f"{flipped} mask pixels differ from the Keras masks")
     agree = evaluate.image_scores(keras_probs > THRESHOLD, probs > THRESHOLD)["dice"]
     return {"file": name, "size_mb": round(os.path.getsize(path) / 1e6, 3),
             "dice_vs_keras": float(np.mean(agree)),

@@ -4,8 +4,6 @@ measures both on val. predict.predict_probs imports this module only when --post
 """
 import numpy as np
 
-from predict import POST  # the --post choices: predict.py's parser lists them without this module
-
 
 def label(mask):
     """4-connected components of a bool (H, W) mask: int labels, 0 off the mask. Each pass gives a
@@ -31,9 +29,7 @@ def postprocess(prob, threshold=0.5, post="none"):
     not reach the border) to 1, "largest" sets every lesion component but the largest to 0. The
     probabilities are edited rather than a binary mask, so the resize to native size and the
     threshold that follow stay the one path they are without post-processing."""
-    if post not in POST:
-        raise ValueError(f"post {post!r} is not one of {', '.join(POST)}")
-    prob = np.array(prob, np.float32)
+    prob = np.array(prob, np.float32)  # (predict.predict_probs checks post against predict.POST)
     if "fill" in post:
         background = label(prob <= threshold)
         edges = (background[0], background[-1], background[:, 0], background[:, -1])
