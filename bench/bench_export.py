@@ -1,6 +1,7 @@
 """int8 TFLite size and LiteRT latency of the default model and mobile candidates vs the targets.
 
     python bench/bench_export.py [--runs 20] [--threads 1,2] [--presets default,f32,f12_128,f16_128,f8_128,f16,f8,mnv3s]
+    python bench/bench_export.py --onnx --presets default,f12_128   # + float32 .tflite and model.onnx
 
 Size and latency do not depend on the trained weights, so each preset is built with random weights
 (unet.build_unet) and calibrated on 8 synthetic images; the accuracy side of the targets (int8 within
@@ -41,6 +42,8 @@ def main():
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--presets", default="default,f32,f12_128,f8_128")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also the float32 .tflite (LiteRT) and model.onnx (ONNX Runtime), batch 1")
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     print(cpu_line())
@@ -61,12 +64,32 @@ def main():
             convert_s = time.perf_counter() - t
             mb = os.path.getsize(path) / 1e6
             ms = [export.latency_ms(path, n, runs=args.runs) for n in threads]
+            if args.onnx:
+                others = float32_and_onnx(model, size, work, threads, args.runs)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         ok = mb <= mb_target and ms[-1] <= ms_target
         print(f"{name:<10}{model.count_params():>10,}{mb:>9.2f}{mb_target:>8.1f}" +
               "".join(f"{m:>10.1f}" for m in ms) + f"{ms_target:>8.1f}  "
               f"{'meets' if ok else 'misses'} (convert {convert_s:.0f}s)", flush=True)
+        for label, (mb, ms) in (others.items() if args.onnx else ()):
+            print(f"{'  ' + label:<20}{mb:>9.2f}{'':>8}" + "".join(f"{m:>10.1f}" for m in ms),
+                  flush=True)
+
+
+def float32_and_onnx(model, size, work, threads, runs):
+    """{label: (MB, [ms per thread count])} of the float32 .tflite and model.onnx, batch 1."""
+    from extras import onnx_format
+
+    path = os.path.join(work, "float32.tflite")
+    with open(path, "wb") as f:
+        f.write(export.convert(os.path.join(work, "sm"), "float32"))
+    onnx_path = os.path.join(work, "model.onnx")
+    onnx_format.write_onnx(model, onnx_path)
+    return {"float32 .tflite": (os.path.getsize(path) / 1e6,
+                                [export.latency_ms(path, n, runs=runs) for n in threads]),
+            "float32 .onnx": (os.path.getsize(onnx_path) / 1e6,
+                              [onnx_format.latency_ms(onnx_path, size, n, runs) for n in threads])}
 
 
 if __name__ == "__main__":
