@@ -52,7 +52,9 @@ class Config:
                          run=True, action="append")
     balance: bool = setting(False, "with several --data: draw each source equally often", run=True)
     init: str = setting(None, "start from the weights of this .keras (same shape)", run=True)
-    epochs: int = setting(40)
+    epochs: int = setting(40, "epochs (with --minutes: the most)")
+    minutes: float = setting(0.0, "fit the schedule into M minutes of wall clock, its length set "
+                             "after the first epoch (0: off)", metavar="M")
     size: int = setting(256, "square input size in pixels, a multiple of 2**depth", run=True)
     batch: int = setting(16, run=True)
     filters: int = setting(12, "filters of the first level, doubling per level", run=True)
@@ -128,6 +130,8 @@ def config_of(args):
             raise common.Error(f"--{key.replace('_', '-')} {getattr(cfg, key)}", "must be >= 0")
     if not cfg.lr > 0:
         raise common.Error(f"--lr {cfg.lr}", "must be > 0")
+    if not cfg.minutes >= 0:
+        raise common.Error(f"--minutes {cfg.minutes}", "must be >= 0 (0: off)")
     if not 0 <= cfg.ema < 1:
         raise common.Error(f"--ema {cfg.ema}", "must be in [0, 1) (0: off)")
     if not (0 <= cfg.val_fraction < 1 and 0 <= cfg.test_fraction < 1
@@ -261,12 +265,20 @@ def epoch_decision(state, row, cfg):
         new["plateau_wait"] = 0
     if cfg.patience and new["wait"] >= cfg.patience:
         new["stopped"] = f"early stopping: no val Dice gain for {new['wait']} epochs"
+    budget = state.get("budget")  # --minutes (extras/budget.py)
+    if budget and new["epoch"] >= budget["epochs"] and not new["stopped"]:
+        new["stopped"] = f"the --minutes {budget['minutes']:g} budget: {budget['epochs']} epochs"
     return new
 
 
-def cosine_lr(cfg, epoch):
-    lo = cfg.lr * MIN_LR_FACTOR
-    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * epoch / max(cfg.epochs, 1)))
+def planned_epochs(cfg, state):
+    """The run's length: --epochs, or the epochs --minutes found to fit."""
+    return state["budget"]["epochs"] if state.get("budget") else cfg.epochs
+
+
+def cosine_lr(cfg, epoch, epochs=None):
+    lo, epochs = cfg.lr * MIN_LR_FACTOR, epochs or cfg.epochs
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
 
 
 # --- the per-epoch jobs: small steps in order, sharing one Run ------------------------------------
@@ -282,6 +294,7 @@ class Run:
     row: dict = None  # this epoch's log row
     improved: bool = False  # this epoch is the best so far
     draw: bool = True  # curves.png (off after the first failure)
+    started: float = 0.0  # time.time() as fit starts: --minutes counts from there
 
 
 def decide(run):
@@ -327,7 +340,9 @@ def epoch_end(run, steps):
 
     class EpochEnd(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            self.lr = cosine_lr(cfg, epoch) if cfg.schedule == "cosine" else run.state["lr"]
+            self.lr = run.state["lr"]
+            if cfg.schedule == "cosine":
+                self.lr = cosine_lr(cfg, epoch, planned_epochs(cfg, run.state))
             self.model.optimizer.learning_rate = self.lr
             self.t_begin, self.t_second, self.t_end = time.perf_counter(), None, None
             self.second = self.calls = 0
@@ -358,6 +373,17 @@ def epoch_end(run, steps):
                 with averaged(self.model, cfg):
                     run.row.update(sources.validate(self.model, cfg, run.per_source))
                 run.row["seconds"] = round(time.perf_counter() - self.t_begin, 2)
+            if cfg.minutes and "budget" not in run.state:
+                # An epoch without the first step's compile: this one, its training part at the
+                # measured images/s.
+                steady = run.row["seconds"] - (t_end - self.t_begin) + steps * cfg.batch / ips
+                from extras import budget
+                run.state["budget"] = budget.plan(cfg.minutes, time.time() - run.started, steady,
+                                                  cfg.epochs)
+                if run.chief:
+                    b = run.state["budget"]
+                    print(f"--minutes {cfg.minutes:g}: {b['epochs']} epochs of about "
+                          f"{b['epoch_seconds']:.1f} s fit the budget", flush=True)
             decide(run)
             if run.state["diverged"]:  # NaN guard: keep the last good checkpoint, commit nothing
                 return
@@ -536,7 +562,7 @@ def train(args):
             if runtime.augment_on == "device":
                 from extras import device_augment
                 get = device_augment.device_batches(train_batches)
-            run = Run(cfg, state, writes, model, chief, per_source)
+            run = Run(cfg, state, writes, model, chief, per_source, started=t_fit)
             callbacks = [epoch_end(run, len(train_batches))]
             if cfg.ema and not per_source:  # fit validates the average (per source: averaged)
                 callbacks.insert(0, keras.callbacks.SwapEMAWeights())
@@ -556,6 +582,7 @@ def train(args):
             shutil.rmtree(scratch, ignore_errors=True)
 
     run_record["result"] = summarize(state, paths, t_fit)
+    run_record["budget"] = state.get("budget")  # --minutes' decision, or None
     run_record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     if chief:
         write_text(paths["run"], json.dumps(run_record, indent=1))

@@ -638,3 +638,35 @@ def test_ema_validates_and_saves_the_average_and_keeps_it_for_resuming(synthetic
     assert train.train([*args, "--epochs", "2"])["epochs_done"] == 2
     with pytest.raises(common.Error, match="another configuration.*ema 0.5 -> 0.0"):
         train.train([*args[:4], *args[6:], "--epochs", "3"])
+
+
+# --- --minutes: the schedule fitted into a wall-clock budget ------------------------------------
+def test_minutes_fits_the_schedule_into_the_budget_and_a_resume_keeps_it(synthetic_data, tmp_path,
+                                                                          capsys):
+    out, minutes = str(tmp_path / "run"), 0.4
+    args = ["--data", synthetic_data, "--out", out, *TINY, "--epochs", "500", "--minutes",
+            str(minutes), "--verbose", "0"]
+    s = train.train(args)
+    with open(os.path.join(out, "run.json")) as f:
+        budget = json.load(f)["budget"]
+    n = budget["epochs"]
+    assert budget["minutes"] == minutes and 2 <= n < 500
+    assert s["epochs_done"] == n and s["stopped"] == f"the --minutes 0.4 budget: {n} epochs"
+    # Within the budget, from the start of training (plus the estimate's error: each epoch's time
+    # varies on a busy machine).
+    assert s["train_seconds"] <= minutes * 60 * 1.3 + 5, (s["train_seconds"], budget)
+    # The cosine schedule was laid over the n epochs: its last epoch's lr is the schedule's end.
+    lrs = [float(r["lr"]) for r in rows(out)]
+    end = 1e-3 * train.MIN_LR_FACTOR + 0.5 * 1e-3 * (1 - train.MIN_LR_FACTOR) * (
+        1 + math.cos(math.pi * (n - 1) / n))
+    assert len(lrs) == n and lrs[-1] == pytest.approx(end, rel=1e-5)
+    assert lrs[-1] < lrs[1] / 10  # near the low point, not mid-schedule
+    assert "fit the budget" in capsys.readouterr().out
+    # Resumed (here: rerun after the end) with another --minutes: the stored budget holds.
+    again = train.train([*args[:-4], "--minutes", "5", "--verbose", "0"])
+    assert again["epochs_done"] == n and len(rows(out)) == n
+
+
+def test_minutes_must_not_be_negative(capsys):
+    assert train.main(["--minutes", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --minutes -1.0: must be >= 0 (0: off)"
