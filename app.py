@@ -1,6 +1,7 @@
 """A web page for one dermoscopy photo at a time: upload it, see the lesion the model finds.
 
     python app.py [--weights best.keras] [--host 127.0.0.1] [--port 7860] [--auth USER:PASS]
+    (no --weights: the released model, models/skin_unet.keras)
                   [--max-megapixels 50] [--max-upload-mb 50]
 
 Any model predict.py reads works (.keras, a SavedModel folder, a .tflite, an .onnx), through the
@@ -348,7 +349,7 @@ def parse_args(argv):
     parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=None,
                         help="model: .keras, .tflite, .onnx or SavedModel folder "
-                             "(default: best.keras here)")
+                             "(default: models/skin_unet.keras, the released model)")
     parser.add_argument("--size", type=int, default=None,
                         help="input size, only for a model that accepts any (default: run.json's)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -365,12 +366,7 @@ def parse_args(argv):
                         help=f"refuse larger uploads, in MB of 2**20 bytes, as the page's message "
                              f"counts them (default {MAX_UPLOAD_MB})")
     args = parser.parse_args(argv)
-    if args.weights is None:
-        if not os.path.exists("best.keras"):
-            raise common.Error("best.keras", "not found; train one with `python train.py` "
-                             "(or pass --weights)")
-        args.weights = "best.keras"
-    elif not os.path.exists(args.weights):
+    if args.weights is not None and not os.path.exists(args.weights):
         raise common.Error(args.weights, "model file not found")
     if not 1 <= args.port <= 65535:
         raise common.Error("--port", f"{args.port} is not a port number (1-65535)")

@@ -302,7 +302,7 @@ def score_folder(predictor, root, args, run, fractions, out, progress, **info):
     if not chosen:
         raise common.Error(root, f"no images in the {args.split} split ({len(pairs)} pairs found, "
                            f"layout {layout})")
-    print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {root} ({layout}, "
+    print(f"model {predictor.path} ({predictor.kind}, {predictor.size}px)   data {root} ({layout}, "
           f"split {args.split}: {len(chosen)} images)", file=sys.stderr)
     print_problems(problems)
     info = {**info, "data": os.path.abspath(root), "layout": layout, "split": args.split,
@@ -334,9 +334,9 @@ def main(argv=None):
     p.add_argument("--val-fraction", type=float, default=None)
     p.add_argument("--test-fraction", type=float, default=None)
     args = predict.parse(p, argv)
-    if not os.path.exists(args.weights):
+    if args.weights and not os.path.exists(args.weights):
         raise common.Error(args.weights, "model file not found")
-    run = predict.read_run_json(args.weights)
+    run = predict.read_run_json(args.weights) if args.weights else {}  # the release has none
     # Same split fractions as training, so the val split never contains training images.
     val = args.val_fraction
     test = args.test_fraction

@@ -108,13 +108,25 @@ def read_run_json(weights):
     return {}
 
 
-def load_predictor(path, size=None):
-    """A Predictor for a .keras file or an export. `size`: only for a model of any input size,
-    which otherwise takes the training size from the run.json beside it."""
-    path = os.fspath(path)
+RELEASED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "skin_unet.keras")
+
+
+def load_predictor(path=None, size=None):
+    """A Predictor for a .keras file or an export; None: the released model (models/README.md).
+    `size`: only for a model of any input size, which otherwise takes run.json's training size."""
+    if path is None or os.path.abspath(path) == RELEASED:
+        try:
+            return _load(RELEASED, size, None)  # its size is fixed: no run.json to read
+        except common.Error as e:
+            # The remedy first: a library's message behind it may be long (one_line cuts it).
+            raise common.Error(e.file, "the released model cannot be used: restore it with "
+                                       f"`git checkout models/` ({e.problem})") from None
+    return _load(os.fspath(path), size, read_run_json(path).get("size"))
+
+
+def _load(path, size, default_size):
     if not os.path.exists(path):
         raise common.Error(path, "model file not found")
-    default_size = read_run_json(path).get("size")
     if path.endswith(".keras"):
         model = load_keras(path)
         return _predictor(path, "keras", model.input_shape, _keras_run(model), size, default_size)
@@ -361,8 +373,8 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
 def model_parser(description):
     """The flags of running a model, shared with evaluate.py; parse() checks them."""
     p = common.ArgumentParser(description=description)
-    p.add_argument("--weights", required=True,
-                   help=".keras file, SavedModel folder, .tflite or .onnx")
+    p.add_argument("--weights", help=".keras file, SavedModel folder, .tflite or .onnx "
+                   "(default: models/skin_unet.keras, the released model)")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--tta", action="store_true", help="average identity, h-flip and v-flip")
     p.add_argument("--post", choices=POST, default="none",
@@ -392,7 +404,7 @@ def main(argv=None):
     args = parse(p, argv)
     photos = find_photos(args.data)
     predictor = load_predictor(args.weights, args.size)
-    print(f"model {args.weights} ({predictor.kind}, {predictor.size}px)   data {args.data} "
+    print(f"model {predictor.path} ({predictor.kind}, {predictor.size}px)   data {args.data} "
           f"({len(photos)} photos)", file=sys.stderr)
     result = predict_photos(predictor, photos, args.out, args.threshold, args.tta, args.post,
                             args.overwrite, args.overlays,

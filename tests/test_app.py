@@ -310,14 +310,19 @@ def test_photos_beyond_the_limit_are_forgotten(photo, tmp_path):
 # ---------------------------------------------------------------------------- command line
 
 
-def test_no_weights_is_one_error_line_and_exit_2(tmp_path):
+def test_no_weights_and_no_released_model_is_one_error_line_and_exit_2(tmp_path, monkeypatch,
+                                                                       capsys):
+    """Without --weights the app serves the released model (tests/test_release.py); without that
+    file too, one line naming it and how to restore it, before gradio or TensorFlow load."""
+    missing = str(tmp_path / "models" / "skin_unet.keras")
+    monkeypatch.setattr(predict, "RELEASED", missing)
+    monkeypatch.setattr(app.signal, "signal", lambda *a: None)  # leave pytest's handlers alone
     started = time.monotonic()
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "app.py")], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: best.keras: not found; train one with `python train.py` (or pass --weights)"]
-    assert time.monotonic() - started < 20  # checked before gradio/TensorFlow load
+    assert app.main([]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {missing}: the released model cannot be used: restore it with "
+        "`git checkout models/` (model file not found)"]
+    assert time.monotonic() - started < 20
 
 
 @pytest.mark.parametrize("argv, message", [

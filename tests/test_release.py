@@ -1,0 +1,87 @@
+"""The released model in models/ (issue 32): it loads in a bare Keras session, and predict.py,
+evaluate.py and app.py use it when --weights is left out, with no training first; a missing or
+damaged file is one line saying how to restore it. Nothing here reads ../shared."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+from PIL import Image
+
+import app
+import evaluate
+import predict
+from extras import synthetic
+
+MODELS = os.path.join(ROOT, "models")
+
+
+def test_the_released_files_load_in_a_bare_session(tmp_path):
+    """No import of this repository, no flag, no other file: Keras alone, then LiteRT alone."""
+    code = ("import keras, numpy as np\n"
+            "m = keras.models.load_model(r'{}', compile=False)\n"
+            "y = m.predict(np.zeros((1, *m.input_shape[1:]), 'float32'), verbose=0)\n"
+            "print(m.input_shape, y.shape, float(y.min()) >= 0, float(y.max()) <= 1)\n"
+            "from ai_edge_litert.interpreter import Interpreter\n"
+            "i = Interpreter(model_path=r'{}'); i.allocate_tensors()\n"
+            "d = i.get_input_details()[0]; print(d['dtype'].__name__, d['shape'].tolist())\n")
+    code = code.format(predict.RELEASED, os.path.join(MODELS, "skin_unet_int8.tflite"))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    keras_line, tflite_line = result.stdout.strip().splitlines()[-2:]
+    assert keras_line == "(None, 128, 128, 3) (1, 128, 128, 1) True True"
+    assert tflite_line == "uint8 [1, 128, 128, 3]"
+    assert os.path.getsize(predict.RELEASED) < 10 * 2**20  # the card's promise: under 10 MB
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    images, _ = synthetic.make_synthetic(2, seed=5, size_wh=(300, 200))
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"photo_{i}.jpg", quality=92)
+    return str(folder)
+
+
+def test_predict_without_weights_uses_the_released_model(photos, tmp_path, capsys):
+    out = tmp_path / "masks"
+    code, _, err = run_cli(predict, ["--data", photos, "--out", str(out), "--no-progress"], capsys)
+    assert code == 0 and f"model {predict.RELEASED} (keras, 128px)" in err
+    mask = np.asarray(Image.open(out / "photo_0_segmentation.png"))
+    assert mask.shape == (200, 300) and set(np.unique(mask)) <= {0, 255}
+    assert 0 < (mask > 0).mean() < 1  # a trained model finds the lesion, not all or nothing
+
+
+def test_evaluate_without_weights_scores_the_released_model(synthetic_data, tmp_path, capsys):
+    code, out, err = run_cli(evaluate, ["--data", synthetic_data, "--split", "all", "--out",
+                                        str(tmp_path / "eval"), "--no-progress"], capsys)
+    assert code == 0 and f"model {predict.RELEASED}" in err
+    assert (tmp_path / "eval" / "summary.json").exists()
+
+
+def test_app_without_weights_analyses_a_photo_with_the_released_model(photos, tmp_path):
+    args = app.parse_args([])
+    assert args.weights is None  # the default: load_predictor(None) is the released model
+    predictor = app.LockedPredictor(predict.load_predictor(args.weights, args.size))
+    assert predictor.path == predict.RELEASED and predictor.size == 128
+    result = app.analyse(predictor, os.path.join(photos, "photo_0.jpg"), 0.5,
+                         app.Photos(str(tmp_path / "app")))
+    assert result[4] is not None  # a state: the photo was analysed
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_missing_or_damaged_release_is_one_line_saying_how_to_restore_it(
+        damage, photos, tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "models" / "skin_unet.keras"
+    fake.parent.mkdir()
+    if damage == "corrupt":
+        fake.write_bytes(b"PK\x03\x04 not the model any more")
+    monkeypatch.setattr(predict, "RELEASED", str(fake))
+    code, _, err = run_cli(predict, ["--data", photos, "--out", str(tmp_path / "m")], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: {fake}: the released model cannot be used: restore it "
+                               "with `git checkout models/` (")
