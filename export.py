@@ -11,6 +11,7 @@ Writes into --out (default export/); each file's contract, and why it is so: doc
     model_float16.tflite    with --quantize float16: float16 weights, float32 input/output
     model_int8_qat.tflite   with --qat EPOCHS: quantization-aware fine-tuning (extras/qat.py)
     model.onnx              ONNX Runtime: the SavedModel's contract, any batch (--no-onnx: none)
+    model_int8.onnx         its static int8 quantization, same contract (with int8 in --quantize)
     report.json             sizes, LiteRT latency, Dice vs the Keras masks and vs the ground truth
 No dynamic-range quantization on its own: on a CPU it runs slower than float32. All is written into
 a temporary folder beside --out, renamed into place only after every check passed (publish).
@@ -239,8 +240,9 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
             rows[kind] = row
         if onnx:
             log("export: ONNX")
-            onnx_row = onnx_format.onnx_step(model, size, work, keras_probs, val, threads,
-                                             bench_runs)
+            int8 = images["calibration"] if "int8" in quantize else None
+            onnx_rows = onnx_format.onnx_step(model, size, work, keras_probs, val, threads,
+                                              bench_runs, int8)
         keras_predictor = predict.Predictor(
             weights, "keras", size, lambda x: model.predict_on_batch(x.astype(np.float32))[..., 0])
         report = {
@@ -252,7 +254,7 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
                       "params": int(model.count_params())},
             "saved_model": {"path": "saved_model", "signature": "serving_default", "input": "image",
                             "output": "mask", "max_abs_diff_vs_keras": sm_diff},
-            "tflite": rows, "onnx": onnx_row if onnx else None, "qat": qat_summary,
+            "tflite": rows, "onnx": onnx_rows if onnx else None, "qat": qat_summary,
             "threads": list(threads), "versions": versions(),
             "seconds": round(time.perf_counter() - started, 1),
         }
@@ -352,7 +354,7 @@ def print_table(report, file=sys.stdout):
     print(head + f"{'dice~keras':>12}{'dice~truth':>12}", file=file)
     print(f"{'keras (float32)':<24}{'':>8}" + "".join(f"{'':>10}" for _ in threads) +
           f"{1.0:>12.4f}{report['keras']['dice_vs_truth']:>12.4f}", file=file)
-    for row in [*report["tflite"].values(), *([report["onnx"]] if report["onnx"] else [])]:
+    for row in [*report["tflite"].values(), *(report["onnx"] or {}).values()]:
         print(f"{row['file']:<24}{row['size_mb']:>8.2f}" +
               "".join(f"{row['latency_ms'][t]:>10.1f}" for t in threads) +
               f"{row['dice_vs_keras']:>12.4f}{row['dice_vs_truth']:>12.4f}", file=file)

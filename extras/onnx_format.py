@@ -71,9 +71,10 @@ def latency_ms(path, size, threads, runs=20, warmup=3):
     return round(1000 * float(np.median(times)), 2)
 
 
-def onnx_step(model, size, work, keras_probs, val, threads, runs):
-    """export.py's step: work/model.onnx, written, checked against Keras on the val images and
-    scored against their truth; report.json's "onnx" entry."""
+def onnx_step(model, size, work, keras_probs, val, threads, runs, calibration=None):
+    """export.py's step: work/model.onnx and, given calibration images, model_int8.onnx, each
+    checked against Keras on the val images and scored against their truth: report.json's "onnx"
+    entry, {"float32": row, "int8": row}."""
     import evaluate
     import predict
 
@@ -82,10 +83,55 @@ def onnx_step(model, size, work, keras_probs, val, threads, runs):
         write_onnx(model, path)
     except Exception as e:
         raise failed("model.onnx", f"conversion failed ({common.one_line(e)})") from None
-    row = check_onnx(path, size, keras_probs, val.images, threads, runs)
-    scores = evaluate.evaluate(predict.load_predictor(path), val.pairs, progress=False)
-    row["dice_vs_truth"] = float(scores["dice"])  # as export.py scores every file
-    return row
+    rows = {"float32": check_onnx(path, size, keras_probs, val.images, threads, runs)}
+    if calibration is not None:
+        rows["int8"] = check_int8(write_int8(path, calibration), size, keras_probs, val.images,
+                                  threads, runs)
+    for row in rows.values():
+        predictor = predict.load_predictor(os.path.join(work, row["file"]))
+        scores = evaluate.evaluate(predictor, val.pairs, progress=False)
+        row["dice_vs_truth"] = float(scores["dice"])  # as export.py scores every file
+    return rows
+
+
+def write_int8(path, calibration):
+    """model_int8.onnx beside `path`: ONNX Runtime's static quantization (QDQ, int8 weights per
+    channel, uint8 activations) calibrated on the images export.py calibrates the .tflite on. Its
+    input stays float32 0..255, the float file's contract."""
+    from onnxruntime import quantization as q
+
+    class Images(q.CalibrationDataReader):
+        def __init__(self):
+            self.images = iter(np.asarray(calibration, np.float32)[:, None])
+
+        def get_next(self):
+            image = next(self.images, None)
+            return None if image is None else {"image": image}
+
+    out = os.path.join(os.path.dirname(path), "model_int8.onnx")
+    try:
+        q.quantize_static(path, out, Images(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+    except Exception as e:
+        raise failed("model_int8.onnx", f"quantization failed ({common.one_line(e)})") from None
+    return out
+
+
+def check_int8(path, size, keras_probs, images, threads, runs, mean_atol=0.05):
+    """The int8 file held to Keras as export.py holds the int8 .tflite: a mean |probability
+    difference| within mean_atol (a broken calibration is ~0.3+), the masks' Dice reported."""
+    import evaluate
+    import predict
+
+    name = os.path.basename(path)
+    probs = predict.load_predictor(path).predict(images)
+    diff = float(np.abs(probs - keras_probs).mean())
+    if not diff <= mean_atol:
+        raise failed(name, f"differs from the Keras model by {diff:.2g} on average")
+    agree = evaluate.image_scores(keras_probs > THRESHOLD, probs > THRESHOLD)["dice"]
+    return {"file": name, "size_mb": round(os.path.getsize(path) / 1e6, 3),
+            "dice_vs_keras": float(np.mean(agree)), "mean_abs_diff_vs_keras": diff,
+            "latency_ms": {str(t): latency_ms(path, size, t, runs) for t in threads}}
 
 
 def failed(file, problem):

@@ -51,8 +51,8 @@ def native_dice(truth, prob):
 def test_files_and_report(exported, trained, synthetic_data):
     out, report = exported
     assert sorted(os.listdir(out)) == ["model.onnx", "model_float16.tflite", "model_float32.tflite",
-                                       "model_int8.tflite", "model_int8_qat.tflite", "report.json",
-                                       "saved_model"]
+                                       "model_int8.onnx", "model_int8.tflite",
+                                       "model_int8_qat.tflite", "report.json", "saved_model"]
     with open(os.path.join(out, "report.json")) as f:
         assert json.load(f) == json.loads(json.dumps(report))  # the file is the returned report
     assert not [n for n in os.listdir(os.path.dirname(out)) if n != "export"]  # no temp folder left
@@ -68,10 +68,13 @@ def test_files_and_report(exported, trained, synthetic_data):
     assert report["threads"] == [1] and report["keras"]["params"] == trained[1].count_params()
     assert report["saved_model"]["max_abs_diff_vs_keras"] <= export.SAVED_MODEL_ATOL
     assert report["qat"]["images"] == 8 and report["qat"]["epochs"] == 1
-    onnx = report["onnx"]  # held to Keras (tests/test_onnx.py checks the file itself)
+    onnx = report["onnx"]["float32"]  # held to Keras (tests/test_onnx.py checks the file itself)
     assert onnx["file"] == "model.onnx" and onnx["mask_pixels_differing"] == 0
     assert onnx["max_abs_diff_vs_keras"] <= 1e-4 and list(onnx["latency_ms"]) == ["1"]
     assert onnx["dice_vs_truth"] == pytest.approx(report["keras"]["dice_vs_truth"], abs=1e-4)
+    int8 = report["onnx"]["int8"]  # static int8 (QDQ): held as the int8 .tflite is
+    assert int8["file"] == "model_int8.onnx" and int8["mean_abs_diff_vs_keras"] <= 0.05
+    assert int8["dice_vs_keras"] >= 0.9 and list(int8["latency_ms"]) == ["1"]
 
     # Dice against the truth, recomputed here at the mask's native resolution (not at 32 px).
     image = data.load_split(synthetic_data, "val", SIZE, progress=False).images

@@ -131,3 +131,15 @@ def test_export_without_an_onnx_package_stops_first_in_one_line(onnx_model, monk
     assert code == 2 and not out.exists()
     assert err.strip() == ("error: model.onnx: ONNX needs tf2onnx (pip install tf2onnx==1.17.0), "
                            "or --no-onnx")
+
+
+def test_the_int8_onnx_keeps_the_masks_and_its_float_contract(onnx_model):
+    paths, images, expected = onnx_model
+    path = onnx_format.write_int8(paths["onnx"], images[:8])
+    assert path.endswith("model_int8.onnx")
+    predictor = predict.load_predictor(path)  # float32 0..255 in, as the float file
+    assert (predictor.kind, predictor.size) == ("onnx", 32)
+    row = onnx_format.check_int8(path, 32, expected, images, threads=(1,), runs=2)
+    assert row["mean_abs_diff_vs_keras"] <= 0.05 and row["dice_vs_keras"] >= 0.9
+    with pytest.raises(common.Error, match="model_int8.onnx: differs from the Keras model"):
+        onnx_format.check_int8(path, 32, 1 - expected, images, threads=(1,), runs=1)
