@@ -336,7 +336,7 @@ def main(argv=None):
     args = predict.parse(p, argv)
     if args.weights and not os.path.exists(args.weights):
         raise common.Error(args.weights, "model file not found")
-    run = predict.read_run_json(args.weights) if args.weights else {}  # the release has none
+    run = predict.read_run_json(args.weights or predict.RELEASED)
     # Same split fractions as training, so the val split never contains training images.
     val = args.val_fraction
     test = args.test_fraction

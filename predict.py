@@ -93,8 +93,14 @@ def _keras_run(model):
     return run
 
 
+RELEASED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "skin_unet.keras")
+
+
 def read_run_json(weights):
-    """train.py's run.json beside the weights (or one folder up for an export), else {}."""
+    """train.py's run.json beside the weights (or one folder up for an export), else {}. The
+    released model has none (the one a quick start leaves in the repository is not its own)."""
+    if os.path.abspath(weights) == RELEASED:
+        return {}
     here = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
     for folder in (here, os.path.dirname(here)):
         path = os.path.join(folder, "run.json")
@@ -106,9 +112,6 @@ def read_run_json(weights):
                 raise common.Error(path, f"unreadable run.json ({common.one_line(e)})") from None
             return {**run, "_path": path}
     return {}
-
-
-RELEASED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "skin_unet.keras")
 
 
 def load_predictor(path=None, size=None):

@@ -85,3 +85,17 @@ def test_a_missing_or_damaged_release_is_one_line_saying_how_to_restore_it(
     assert code == 2 and len(lines) == 1
     assert lines[0].startswith(f"error: {fake}: the released model cannot be used: restore it "
                                "with `git checkout models/` (")
+
+
+def test_the_release_reads_no_run_json_beside_or_above_it(tmp_path, monkeypatch):
+    """A quick start leaves a run.json in the repository, one folder above models/: it is another
+    run's, and must not lend the released model its data, split or size."""
+    import json
+    import shutil
+    fake = tmp_path / "models" / "skin_unet.keras"
+    fake.parent.mkdir()
+    shutil.copyfile(predict.RELEASED, fake)
+    (tmp_path / "run.json").write_text(json.dumps({"size": 64, "data": "/nowhere"}))
+    monkeypatch.setattr(predict, "RELEASED", str(fake))
+    assert predict.read_run_json(str(fake)) == {}
+    assert predict.load_predictor(str(fake)).size == 128
