@@ -541,7 +541,7 @@ def train(args):
         state = resume_or_start(cfg, cfg.identity(), paths, chief)
         train_batches, val_batches, data_summary, per_source = load_data(cfg, runtime,
                                                                          state["epoch"])
-        planned = max(cfg.epochs - state["epoch"], 0) * len(train_batches)
+        planned = max(planned_epochs(cfg, state) - state["epoch"], 0) * len(train_batches)
         runtime = rt.settle_jit(runtime, cfg, planned, train_batches[0], lambda: new_model(cfg))
         with scope():
             model = build_model(cfg, runtime.jit, state, paths)
