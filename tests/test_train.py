@@ -644,8 +644,9 @@ def test_ema_validates_and_saves_the_average_and_keeps_it_for_resuming(synthetic
 def test_minutes_fits_the_schedule_into_the_budget_and_a_resume_keeps_it(synthetic_data, tmp_path,
                                                                           capsys):
     out, minutes = str(tmp_path / "run"), 0.4
-    args = ["--data", synthetic_data, "--out", out, *TINY, "--epochs", "500", "--minutes",
-            str(minutes), "--verbose", "0"]
+    # --patience 0: early stopping would end a tiny run before its budget (a separate rule).
+    args = ["--data", synthetic_data, "--out", out, *TINY, "--epochs", "500", "--patience", "0",
+            "--minutes", str(minutes), "--verbose", "0"]
     s = train.train(args)
     with open(os.path.join(out, "run.json")) as f:
         budget = json.load(f)["budget"]
