@@ -3,10 +3,11 @@
     python predict.py --weights best.keras --data photos/ --out masks/
 
 For each photo: <id>_segmentation.png (0/255 at native size, the ISIC submission format),
-<id>_overlay.jpg (at most 1024 px) and a predictions.csv row. --data is a folder of photos, one
-photo, a data folder (masks ignored) or an ISIC 2024 HDF5 archive (extras/archive.py).
-Read top to bottom: the Predictor and its loaders, predicting, one photo (shared with app.py), the
-pipeline (shared with evaluate.py), photos in bulk, the command line. docs/evaluation.md has more.
+<id>_overlay.jpg (at most 1024 px) and a predictions.csv row, with the photo's uncertainty and
+review flag. --data is a folder of photos, one photo, a data folder (masks ignored) or an ISIC 2024
+HDF5 archive (extras/archive.py). Read top to bottom: the Predictor and its loaders, predicting,
+knowing when it is wrong, one photo (shared with app.py), the pipeline (shared with evaluate.py),
+photos in bulk, the command line. docs/evaluation.md has more.
 """
 import csv
 import io
@@ -25,7 +26,10 @@ import data
 # --- Predictor: one interface over .keras and the exported formats ---------------------------
 
 class Predictor:
-    """predict(uint8 (N, S, S, 3) raw RGB) -> float32 (N, S, S) foreground probability."""
+    """predict(uint8 (N, S, S, 3) raw RGB) -> float32 (N, S, S) foreground probability.
+    review_threshold: the uncertainty over which a photo is flagged, from the model's run.json
+    (or models/skin_unet.json) if it carries one; review_source says which."""
+    review_threshold, review_source = None, None
 
     def __init__(self, path, kind, size, run_batch, batch=8):
         self.path, self.kind, self.size = path, kind, size
@@ -98,12 +102,14 @@ RELEASED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "s
 
 def read_run_json(weights):
     """train.py's run.json beside the weights (or one folder up for an export), else {}. The
-    released model has none (the one a quick start leaves in the repository is not its own)."""
+    released model's is models/skin_unet.json (its review threshold): the run.json a quick start
+    leaves in the repository is not its own."""
     if os.path.abspath(weights) == RELEASED:
-        return {}
-    here = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
-    for folder in (here, os.path.dirname(here)):
-        path = os.path.join(folder, "run.json")
+        candidates = [os.path.splitext(RELEASED)[0] + ".json"]
+    else:
+        here = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
+        candidates = [os.path.join(folder, "run.json") for folder in (here, os.path.dirname(here))]
+    for path in candidates:
         if os.path.isfile(path):
             try:
                 with open(path) as f:
@@ -114,17 +120,35 @@ def read_run_json(weights):
     return {}
 
 
-def load_predictor(path=None, size=None):
+def with_review(predictor, run, override=None):
+    """The predictor with its review threshold: `override` (--review-threshold), else run.json's,
+    else REVIEW_THRESHOLD (a model trained before train.py stored one)."""
+    if override is not None:
+        predictor.review_threshold, predictor.review_source = float(override), "--review-threshold"
+    elif run.get("review_threshold") is not None:
+        predictor.review_threshold = float(run["review_threshold"])
+        predictor.review_source = f"from {os.path.basename(run['_path'])}"
+    else:
+        predictor.review_threshold = REVIEW_THRESHOLD
+        predictor.review_source = "the default: the model stores none"
+    return predictor
+
+
+def load_predictor(path=None, size=None, review_threshold=None):
     """A Predictor for a .keras file or an export; None: the released model (models/README.md).
-    `size`: only for a model of any input size, which otherwise takes run.json's training size."""
+    `size`: only for a model of any input size, which otherwise takes run.json's training size.
+    `review_threshold` overrides the one stored with the model (with_review)."""
     if path is None or os.path.abspath(path) == RELEASED:
         try:
-            return _load(RELEASED, size, None)  # its size is fixed: no run.json to read
+            predictor = _load(RELEASED, size, None)  # its size is fixed
+            run = read_run_json(RELEASED)
         except common.Error as e:
             # The remedy first: a library's message behind it may be long (one_line cuts it).
             raise common.Error(e.file, "the released model cannot be used: restore it with "
                                        f"`git checkout models/` ({e.problem})") from None
-    return _load(os.fspath(path), size, read_run_json(path).get("size"))
+        return with_review(predictor, run, review_threshold)
+    run = read_run_json(path)
+    return with_review(_load(os.fspath(path), size, run.get("size")), run, review_threshold)
 
 
 def _load(path, size, default_size):
@@ -156,6 +180,32 @@ def predict_probs(predictor, images, tta=False, post="none", threshold=0.5):
         return probs
     from extras import postprocess  # --post
     return np.stack([postprocess.postprocess(p, threshold, post) for p in probs])
+
+
+# --- Knowing when it is wrong: one number per photo, and the review flag ----------------------
+REVIEW_THRESHOLD = 0.2  # for a model that stores none: docs/evaluation.md, "the review flag"
+REVIEW_SHARE = 0.15  # train.py stores the threshold that flags this share of its val photos
+
+
+def uncertainty(prob, threshold=0.5):
+    """Per map of (H, W) or (N, H, W) probabilities, in [0, 1): 1 - the soft Jaccard of the map
+    and its own mask (prob > threshold), what the mask would miss by if the probabilities were
+    honest. A confident map (every pixel 0 or 1) scores 0; a pixel of smoothing keeps an almost
+    empty map from jumping to 1. Sums only: no flip or rotation of the map changes it."""
+    prob = np.asarray(prob, np.float64)
+    mask = prob > threshold
+    inside = np.sum(prob, axis=(-2, -1), where=mask)
+    union = np.count_nonzero(mask, axis=(-2, -1)) + np.sum(prob, axis=(-2, -1), where=~mask)
+    return 1.0 - (inside + 1.0) / (union + 1.0)
+
+
+def choose_review_threshold(uncertainties, share=REVIEW_SHARE):
+    """The lowest threshold (one of the values) that flags at most `share` of these photos; a photo
+    is flagged when its uncertainty is over it. None for no photos."""
+    values = np.sort(np.asarray(uncertainties, np.float64))
+    if not len(values):
+        return None
+    return float(values[len(values) - int(share * len(values)) - 1])
 
 
 # --- One photo: the functions the bulk path below, evaluate.py and the web app share ---------
@@ -256,7 +306,8 @@ def pipeline(items, decode, finish, predict, batch, timing, problems, bar, worke
 
 
 # --- Photos in bulk --------------------------------------------------------------------------
-COLUMNS = ("image_id", "file", "width", "height", "area_px", "area_percent", "mean_prob")
+COLUMNS = ("image_id", "file", "width", "height", "area_px", "area_percent", "mean_prob",
+           "uncertainty", "review")
 OUTPUT_SUFFIXES = ("_segmentation", "_overlay")  # our own outputs, never photos to segment
 HDF5_SUFFIXES = (".hdf5", ".h5")  # an ISIC 2024 archive; its photos are "archive.hdf5:<key>"
 
@@ -303,10 +354,13 @@ def _decode_photo(reader, image_id, file, size):
     return (image_id, file, native, preview, model_input(preview, size)), time.perf_counter() - t
 
 
-def _write_prediction(folder, image_id, file, native, preview, small_prob, threshold, overlays):
+def _write_prediction(folder, image_id, file, native, preview, small_prob, threshold, overlays,
+                      review_at):
     """Mask at native size, overlay preview and the CSV row of one photo; a thread runs it."""
     t = time.perf_counter()
     stats, mask = native_prob(small_prob, native, threshold)
+    stats["uncertainty"] = float(uncertainty(small_prob, threshold))
+    stats["review"] = int(stats["uncertainty"] > review_at)
     save_mask_png(folder, image_id, mask)
     if overlays:
         from extras import overlay  # on unless --no-overlay
@@ -318,7 +372,8 @@ def csv_line(row):
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writerow({**row, "area_percent": f"{row['area_percent']:.4f}",
-                     "mean_prob": f"{row['mean_prob']:.6f}"})
+                     "mean_prob": f"{row['mean_prob']:.6f}",
+                     "uncertainty": f"{row['uncertainty']:.6f}"})
     return buffer.getvalue()
 
 
@@ -326,7 +381,8 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
                    overlays=True, progress=True, workers=None):
     """Segment find_photos' list into `out`: masks, overlays and predictions.csv rows (appended and
     flushed in photo order). Photos an earlier run finished are skipped unless overwrite; a bad
-    file is a problem, skipped. Returns counts, not rows, so memory stays flat over an archive."""
+    file is a problem, skipped. A row's review is 1 when its uncertainty is over the predictor's
+    review_threshold. Returns counts, not rows, so memory stays flat over an archive."""
     os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "predictions.csv")
     finished = set()
@@ -350,24 +406,28 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
         reader = archive.Reader()
     timing = dict.fromkeys(("decode", "predict", "write"), 0.0)
     bar = common.Progress(len(todo), "predict", progress)
-    done, started = 0, time.perf_counter()
+    done, flagged, started = 0, 0, time.perf_counter()
+    review_at = predictor.review_threshold if predictor.review_threshold is not None else 1.0
     try:
         with open(csv_path, "a", newline="") as rows:
             for _, (row, seconds) in pipeline(
                     todo, lambda item: _decode_photo(reader, *item, predictor.size),
-                    lambda d, prob: _write_prediction(out, *d[:-1], prob, threshold, overlays),
+                    lambda d, prob: _write_prediction(out, *d[:-1], prob, threshold, overlays,
+                                                      review_at),
                     lambda x: predict_probs(predictor, x, tta, post, threshold), predictor.batch,
                     timing, problems, bar, workers):
                 rows.write(csv_line(row))  # one line, one write: a kill leaves whole rows behind
                 rows.flush()
                 timing["write"] += seconds
                 done += 1
+                flagged += row["review"]
                 bar.update()
     finally:
         if reader:
             reader.close()
     timing["total"] = time.perf_counter() - started
-    return {"done": done, "skipped_existing": len(seen) - len(todo), "problems": problems,
+    return {"done": done, "flagged": flagged, "skipped_existing": len(seen) - len(todo),
+            "problems": problems,
             "seconds": {k: round(v, 3) for k, v in timing.items()}}
 
 
@@ -383,14 +443,19 @@ def model_parser(description):
     p.add_argument("--post", choices=POST, default="none",
                    help="fill holes and/or keep the largest lesion (docs/results.md measures them)")
     p.add_argument("--size", type=int, default=None, help="input size for a size-agnostic model")
+    p.add_argument("--review-threshold", type=float, default=None, metavar="U",
+                   help="flag photos whose uncertainty is over U (default: the one stored with "
+                   f"the model, else {REVIEW_THRESHOLD})")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def parse(parser, argv):
     args = parser.parse_args(argv)
-    if not 0.0 <= args.threshold <= 1.0:
-        raise common.Error(f"--threshold {args.threshold}", "must be within [0, 1]")
+    for flag in ("threshold", "review_threshold"):
+        value = getattr(args, flag)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise common.Error(f"--{flag.replace('_', '-')} {value}", "must be within [0, 1]")
     return args
 
 
@@ -406,7 +471,7 @@ def main(argv=None):
                    help="masks and rows only")
     args = parse(p, argv)
     photos = find_photos(args.data)
-    predictor = load_predictor(args.weights, args.size)
+    predictor = load_predictor(args.weights, args.size, args.review_threshold)
     print(f"model {predictor.path} ({predictor.kind}, {predictor.size}px)   data {args.data} "
           f"({len(photos)} photos)", file=sys.stderr)
     result = predict_photos(predictor, photos, args.out, args.threshold, args.tta, args.post,
@@ -423,6 +488,9 @@ def main(argv=None):
     print(f"predicted {result['done']} ({len(result['problems'])} skipped) in {s['total']:.2f}s "
           f"(predict {s['predict']:.2f}, decode {s['decode']:.2f}, "
           f"resize-back+write {s['write']:.2f})")
+    print(f"review: {result['flagged']} of {result['done']} photos flagged, uncertainty over "
+          f"{predictor.review_threshold:.3f} ({predictor.review_source}); predictions.csv has "
+          "each photo's uncertainty and review (1: flagged)")
     overlays = ", <id>_overlay.jpg" if args.overlays else ""
     print(f"wrote {args.out}/: <id>_segmentation.png{overlays}, predictions.csv", file=sys.stderr)
     return 0

@@ -62,7 +62,11 @@ def finished(out, csv_path, columns):
             lines = f.readlines()
     except UnicodeDecodeError:  # (saved as UTF-16 by a spreadsheet, say): not ours, as below
         lines = []
-    if not lines or lines[0].rstrip("\n").split(",") != list(columns):
+    header = lines[0].rstrip("\n").split(",") if lines else []
+    if header and header == list(columns)[:len(header)] and "uncertainty" in columns[len(header):]:
+        raise common.Error(csv_path, "written by an older predict.py, without the uncertainty and "
+                                     "review columns; --overwrite redoes its photos")
+    if header != list(columns):
         raise common.Error(csv_path, "not a predictions.csv of this command; choose another "
                                      "--out, or --overwrite")
     kept, done = [lines[0]], set()
