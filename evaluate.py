@@ -11,8 +11,13 @@ images. Any model file works through predict.py's one code path: .keras, a Saved
 .tflite. --save-masks writes the scored images' masks in the ISIC submission format. Photos
 without a ground-truth mask are predict.py's.
 
-Read top to bottom: the metrics, the scored run, the command line. The comparison grids
-(grid_*.png) are extras/grids.py.
+Each image's row also carries predict.py's uncertainty and review flag, and the summary says how
+well they find the failures (Jaccard below 0.65): the AUROC, the share caught, the share flagged,
+the scores of the photos not flagged (review_figures), with a risk-coverage picture.
+
+Read top to bottom: the metrics, how well the review flag works, the scored run, the command line.
+The comparison grids (grid_*.png) are extras/grids.py, the risk-coverage picture
+extras/risk_coverage.py.
 """
 
 import csv
@@ -112,6 +117,36 @@ def summarize(rows, worst=5):
     return summary
 
 
+# --- how well the review flag finds the failures -------------------------------------------------
+def auroc(scores, positives):
+    """The chance that a random positive scores above a random negative, ties counting half (the
+    area under the ROC curve, from ranks: Mann-Whitney U). None without both kinds."""
+    scores, positives = np.asarray(scores, np.float64), np.asarray(positives, bool)
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if not n_pos or not n_neg:
+        return None
+    values, where, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based; tied values share their mean
+    u = mean_rank[where.ravel()][positives].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def review_figures(rows, threshold):
+    """How well `review` (uncertainty > threshold) finds the failures, the images whose Jaccard is
+    below JACCARD_CUTOFF: what the flag is for, since they score 0 in the challenge's mean."""
+    uncertain = np.array([r["uncertainty"] for r in rows])
+    flagged = np.array([bool(r["review"]) for r in rows])
+    failed = np.array([r["jaccard"] < JACCARD_CUTOFF for r in rows])
+    kept = [r for r, f in zip(rows, flagged) if not f]
+    return {"threshold": threshold, "auroc": auroc(uncertain, failed),
+            "failures": int(failed.sum()),
+            "caught": float(flagged[failed].mean()) if failed.any() else None,
+            "flagged": float(flagged.mean()), "kept": len(kept),
+            "kept_dice": float(np.mean([r["dice"] for r in kept])) if kept else None,
+            "kept_threshold_jaccard": (float(np.mean([r["threshold_jaccard"] for r in kept]))
+                                       if kept else None)}
+
+
 # --- writing: through common.atomic_write, so a crash never leaves half a file --------------------
 def write_bytes(path, payload):
     """`payload` into `path`, whole or not at all."""
@@ -119,7 +154,8 @@ def write_bytes(path, payload):
 
 
 def write_csv(path, rows):
-    columns = ["image_id", *METRICS, "tp", "fp", "fn", "tn", "height", "width"]
+    columns = ["image_id", *METRICS, "tp", "fp", "fn", "tn", "height", "width", "uncertainty",
+               "review"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -164,7 +200,7 @@ def _decode(pair, size):
     return decoded, time.perf_counter() - t
 
 
-def _score(decoded, prob, threshold, save_masks, thumbnails=None):
+def _score(decoded, prob, threshold, save_masks, thumbnails=None, review_at=1.0):
     """Resize one probability map to its mask's native size, threshold and score it there: a
     Scored. Pure per image, so a pool of threads can run it (Pillow and NumPy release the GIL)."""
     pair = decoded.pair
@@ -181,7 +217,9 @@ def _score(decoded, prob, threshold, save_masks, thumbnails=None):
     counts = confusion(truth, pred)
     row = {"image_id": pair.id, **scores_from_confusion(*counts),
            **dict(zip(("tp", "fp", "fn", "tn"), map(int, counts))),
-           "height": truth.shape[0], "width": truth.shape[1]}
+           "height": truth.shape[0], "width": truth.shape[1],
+           "uncertainty": float(predict.uncertainty(prob, threshold))}
+    row["review"] = int(row["uncertainty"] > review_at)
     scored = time.perf_counter()
     thumbs = thumbnails(truth, pred) if thumbnails else None
     if save_masks:
@@ -193,10 +231,12 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
              progress=True, problems=None, info=None, workers=None, post="none"):
     """Score `pairs` (data.Pair list) with `predictor`; returns the summary dict.
 
-    Writes metrics.csv, summary.json and grid_*.png into `out` (if given) and the predicted masks
-    into `save_masks` (if given). Unreadable pairs are reported and skipped, listed in
-    summary["problems"] after the given `problems` (from data.find_pairs)."""
+    Writes metrics.csv, summary.json, grid_*.png and risk_coverage.png into `out` (if given) and
+    the predicted masks into `save_masks` (if given). Unreadable pairs are reported and skipped,
+    listed in summary["problems"] after the given `problems` (from data.find_pairs). A row is
+    flagged for review over the predictor's review_threshold."""
     size = predictor.size
+    review_at = predictor.review_threshold if predictor.review_threshold is not None else 1.0
     problems = list(problems or [])
     timing = dict.fromkeys(("decode", "predict", "score", "write"), 0.0)
     rows, picker, thumbnails = [], None, None
@@ -210,7 +250,8 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
     started = time.perf_counter()
     decode = lambda pair: _decode(pair, size)
     model = lambda images: predict.predict_probs(predictor, images, tta, post, threshold)
-    finish = lambda decoded, prob: _score(decoded, prob, threshold, save_masks, thumbnails)
+    finish = lambda decoded, prob: _score(decoded, prob, threshold, save_masks, thumbnails,
+                                          review_at)
     # In image order, so rows, problems and the grid sample are the same on every run.
     for decoded, scored in predict.pipeline(pairs, decode, finish, model, predictor.batch,
                                             timing, problems, bar, workers):
@@ -226,6 +267,7 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
         bar.update()
 
     summary = summarize(rows)
+    summary["review"] = {**review_figures(rows, review_at), "source": predictor.review_source}
     summary.update(info or {})
     summary.update({"model": predictor.path, "model_format": predictor.kind, "size": size,
                     "threshold": threshold, "tta": tta, "post": post, "problems": problems})
@@ -233,6 +275,8 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
     if out:
         write_csv(os.path.join(out, "metrics.csv"), rows)
         picker.write(out)
+        from extras import risk_coverage  # the picture beside the grids
+        risk_coverage.write(os.path.join(out, "risk_coverage.png"), rows, review_at)
     timing["write"] += time.perf_counter() - t
     timing["total"] = time.perf_counter() - started
     summary["seconds"] = {k: round(v, 3) for k, v in timing.items()}
@@ -283,10 +327,22 @@ def print_table(summary, file=None):
     print(f"{'pooled jaccard':<18}{summary['pooled']['jaccard']:>9.4f}", file=file)
     worst = ", ".join(f"{w['image_id']} {w['dice']:.3f}" for w in summary["worst"][:3])
     print(f"images {summary['images']}   worst: {worst}", file=file)
+    print(review_line(summary["review"]), file=file)
     s = summary["seconds"]
     print(f"time {s['total']:.2f}s wall; stages (decode and scoring overlap prediction): decode "
           f"{s['decode']:.2f}, predict {s['predict']:.2f}, resize-back+score {s['score']:.2f}, "
           f"write {s['write']:.2f}", file=file)
+
+
+def review_line(r):
+    """The review flag's figures in one line (None prints as n/a: no failures, or nothing kept)."""
+    show = lambda v, form: "n/a" if v is None else format(v, form)
+    return (f"review (uncertainty > {r['threshold']:.3f}, {r['source']}): flags "
+            f"{r['flagged']:.1%} of images and catches {show(r['caught'], '.0%')} of the "
+            f"{r['failures']} failures (Jaccard < {JACCARD_CUTOFF}); "
+            f"AUROC {show(r['auroc'], '.3f')}; "
+            f"not flagged: Dice {show(r['kept_dice'], '.4f')}, thresholded Jaccard "
+            f"{show(r['kept_threshold_jaccard'], '.4f')}")
 
 
 def print_problems(problems):
@@ -343,7 +399,7 @@ def main(argv=None):
     fractions = (val if val is not None else run.get("val_fraction", 0.1),
                  test if test is not None else run.get("test_fraction", 0.1))
     roots = [args.data] if args.data else _training_data(run)
-    predictor = predict.load_predictor(args.weights, args.size)
+    predictor = predict.load_predictor(args.weights, args.size, args.review_threshold)
     progress = not args.no_progress and sys.stderr.isatty()
     if len(roots) > 1:  # a model trained on several --data folders: each, then all together
         from extras import eval_sources
@@ -351,7 +407,8 @@ def main(argv=None):
                                           fractions, progress)
     summary = score_folder(predictor, roots[0], args, run, fractions, args.out, progress)
     print_table(summary)
-    print(f"wrote {args.out}/: metrics.csv, summary.json, grid_best/worst/random.png"
+    print(f"wrote {args.out}/: metrics.csv, summary.json, grid_best/worst/random.png, "
+          "risk_coverage.png"
           f"{masks_note(args, [summary])}", file=sys.stderr)
     return 0
 

@@ -38,8 +38,11 @@ def together(evaluate, summaries, roots, args, run, fractions, predictor):
     every = summaries.values()
     headline = ("data", "layout", "images", *evaluate.METRICS, "median", "pooled", "worst")
     stages = ("decode", "predict", "score", "write", "total")
-    summary = evaluate.summarize([row for s in every for row in s["rows"]])
+    rows = [row for s in every for row in s["rows"]]
+    summary = evaluate.summarize(rows)
+    review_at = predictor.review_threshold if predictor.review_threshold is not None else 1.0
     summary.update({
+        "review": {**evaluate.review_figures(rows, review_at), "source": predictor.review_source},
         "data": [os.path.abspath(r) for r in roots], "split": args.split,
         "val_fraction": fractions[0], "test_fraction": fractions[1], "run_json": run.get("_path"),
         "model": predictor.path, "model_format": predictor.kind, "size": predictor.size,

@@ -53,6 +53,14 @@ def _rows(folder):
         return {r["image_id"]: r for r in csv.DictReader(f)}
 
 
+def _review_ok(rows, threshold=predict.REVIEW_THRESHOLD):
+    """Every row carries an uncertainty in [0, 1) and review == (uncertainty > threshold)."""
+    assert rows
+    for row in rows.values():
+        u = float(row["uncertainty"])
+        assert 0.0 <= u < 1.0 and row["review"] == str(int(u > threshold)), row
+
+
 def _mask(folder, image_id):
     with Image.open(os.path.join(folder, f"{image_id}_segmentation.png")) as m:
         assert m.mode == "L"
@@ -77,7 +85,9 @@ def _one_photo(predictor, file, threshold=0.5, tta=False):
     native = data.native_hw(file)
     preview = predict.decode_preview(file, native)
     x = predict.model_input(preview, predictor.size)[None]
-    return predict.native_prob(predict.predict_probs(predictor, x, tta)[0], native, threshold)
+    small = predict.predict_probs(predictor, x, tta)[0]
+    stats, mask = predict.native_prob(small, native, threshold)
+    return {**stats, "uncertainty": float(predict.uncertainty(small, threshold))}, mask
 
 
 def test_native_prob_returns_the_thresholded_mask_at_native_size(model):
@@ -185,6 +195,9 @@ def test_photos_without_masks(model, photos, tmp_path, capsys):
     assert "predicted 3 (0 skipped)" in stdout and "skipped:" not in err
     rows = _rows(out)
     assert set(rows) == set(native)
+    _review_ok(rows)
+    flagged = sum(r["review"] == "1" for r in rows.values())
+    assert f"review: {flagged} of 3 photos flagged, uncertainty over 0.200 (the default" in stdout
     files = {f"{i}{suffix}" for i in native for suffix in ("_segmentation.png", "_overlay.jpg")}
     assert set(os.listdir(out)) == files | {"predictions.csv"}  # no temp files left behind
     for image_id, hw in native.items():
@@ -202,6 +215,7 @@ def test_photos_without_masks(model, photos, tmp_path, capsys):
         # One source of truth: the batch path gives exactly what one photo gets in the web app.
         stats, expected = _one_photo(predictor, row["file"])
         assert np.array_equal(mask == 255, expected)
+        assert float(row["uncertainty"]) == pytest.approx(stats["uncertainty"], abs=1e-6)
         assert float(row["mean_prob"]) == pytest.approx(stats["mean_prob"], abs=1e-6)
     # --no-overlay: masks and rows only.
     code, _, _ = _run(["--weights", weights, "--data", folder, "--out", str(tmp_path / "bare"), "--no-overlay"], capsys)
@@ -215,6 +229,7 @@ def test_one_photo_and_evaluate_points_photos_to_predict(model, photos, tmp_path
     code, stdout, _ = _run(["--weights", weights, "--data", photo, "--out", str(tmp_path / "one")], capsys)
     assert code == 0 and "predicted 1 (0 skipped)" in stdout
     assert list(_rows(tmp_path / "one")) == ["rotated"]
+    _review_ok(_rows(tmp_path / "one"))
     assert _mask(tmp_path / "one", "rotated").shape == native["rotated"]
     # evaluate.py scores against masks: plain photos are one clear error line naming predict.py.
     for data_arg in (folder, photo):
@@ -253,6 +268,12 @@ def test_rerun_skips_finished_photos_and_overwrite_redoes_them(model, photos, tm
     assert code == 2 and err.strip().splitlines()[-1] == (f"error: {folder / 'predictions.csv'}: not a predictions.csv of this "
                                          "command; choose another --out, or --overwrite")
     assert (folder / "predictions.csv").read_text(encoding="utf-16") == first
+    # One an older predict.py wrote, before the uncertainty and review columns: said as such.
+    old = "".join(",".join(line.split(",")[:-2]) + "\n" for line in first.splitlines())
+    (folder / "predictions.csv").write_text(old)
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "written by an older predict.py, without the uncertainty and review columns; --overwrite" in err
+    assert (folder / "predictions.csv").read_text() == old
 
 
 @pytest.mark.slow
@@ -310,6 +331,7 @@ def test_isic_2024_hdf5_archive(model, tmp_path, capsys):
     assert len(skipped) == 2 and skipped[1].startswith(f"skipped: {archive}:ISIC_9999999: ")
     rows = _rows(out)
     assert sorted(rows) == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
+    _review_ok(rows)
     for i in range(len(images)):
         image_id = f"ISIC_{i:07d}"
         assert rows[image_id]["file"] == f"{archive}:{image_id}"
@@ -341,6 +363,7 @@ def test_data_folders_predict_every_image_and_evaluate_skips_the_maskless(model,
     code, stdout, err = _run(["--weights", weights, "--data", str(root), "--out", str(tmp_path / "masks")], capsys)
     assert code == 0 and "predicted 24 (0 skipped)" in stdout, err
     assert set(_rows(tmp_path / "masks")) == {p.id for p in pairs}
+    _review_ok(_rows(tmp_path / "masks"))
 
 
 def test_bad_files_are_skipped_with_one_line(model, photos, tmp_path, capsys):
