@@ -2,13 +2,16 @@
 
     python app.py [--weights best.keras] [--host 127.0.0.1] [--port 7860] [--auth USER:PASS]
     (no --weights: the released model, models/skin_unet.keras)
-                  [--max-megapixels 50] [--max-upload-mb 50]
+                  [--max-megapixels 50] [--max-upload-mb 50] [--review-threshold U]
 
 Any model predict.py reads works (.keras, a SavedModel folder, a .tflite, an .onnx), through the
 same Predictor and the same preprocessing as `predict.py`. The page shows the photo with the lesion
 tinted and outlined, the mask, the lesion's area, and a threshold slider that re-draws all of it
 from the cached probability map without running the model again; the mask downloads as a PNG at
-the photo's native size. It serves on 127.0.0.1 only unless --host says otherwise, sends no
+the photo's native size. It also shows the photo's uncertainty (predict.uncertainty, at the
+slider's threshold), a cyan hatch where the model is unsure, and a "review suggested" line when
+the uncertainty is over the model's review threshold (or --review-threshold), as predict.py flags
+a photo in predictions.csv. It serves on 127.0.0.1 only unless --host says otherwise, sends no
 analytics and loads nothing from outside the machine. Gradio also serves an HTTP API for the same
 function (the "Use via API" link at the foot of the page).
 
@@ -76,6 +79,9 @@ class LockedPredictor:
         self._predictor = predictor
         self._lock = threading.Lock()
         self.path, self.kind, self.size = predictor.path, predictor.kind, predictor.size
+        # load_predictor sets these; a predictor made otherwise flags nothing, as predict.py does.
+        self.review_threshold = getattr(predictor, "review_threshold", None)
+        self.review_source = getattr(predictor, "review_source", None)
 
     def predict(self, images):
         with self._lock:
@@ -93,9 +99,13 @@ def model_megabytes(path):
 
 
 def model_line(predictor):
-    return (f"Model: `{os.path.basename(os.path.normpath(predictor.path))}`, "
+    line = (f"Model: `{os.path.basename(os.path.normpath(predictor.path))}`, "
             f"{FORMATS.get(predictor.kind, predictor.kind)}, "
             f"{model_megabytes(predictor.path):.1f} MB, {predictor.size} px input")
+    review_at = getattr(predictor, "review_threshold", None)
+    if review_at is not None:
+        line += f"; review suggested over uncertainty {review_at:.3f} ({predictor.review_source})"
+    return line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,11 +130,22 @@ def read_photo(path, max_pixels):
         return predict.decode_preview(path, native), native
 
 
-def _stats_text(stats, threshold):
-    return (f"**Lesion area: {stats['area_percent']:.1f} %** of the photo "
+REVIEW_LINE = "**Review suggested**: the model is unsure of this mask; have a person check it."
+
+
+def _stats_text(stats, threshold, unsure, review_at):
+    """The status: area and confidence, the uncertainty, and the review line when it is over
+    review_at (None: the predictor has no review threshold, nothing is flagged)."""
+    text = (f"**Lesion area: {stats['area_percent']:.1f} %** of the photo "
             f"({stats['area_px']:,} of {stats['width'] * stats['height']:,} px; photo "
             f"{stats['width']} x {stats['height']} px); mean probability inside "
-            f"{stats['mean_prob']:.2f} at threshold {threshold:.2f}")
+            f"{stats['mean_prob']:.2f} at threshold {threshold:.2f}\n\n"
+            f"Uncertainty: {unsure:.3f} (0: every pixel sure; cyan hatching marks the unsure ones)")
+    if review_at is not None:
+        text += f"; review suggested over {review_at:.3f}"
+        if unsure > review_at:
+            text += "\n\n" + REVIEW_LINE
+    return text
 
 
 def _write_png(path, pixels):
@@ -206,6 +227,8 @@ def render(state, threshold, photos):
     prob = data.resize_prob(small_prob, image.shape[:2])  # display size: small enough to be whole
     shown_mask = prob > threshold
     stats, mask = predict.native_prob(small_prob, held["hw"], threshold)
+    # From the model-size map, as predict.py's predictions.csv: the same photo, the same number.
+    unsure = float(predict.uncertainty(small_prob, threshold))
     # The native mask's own bytes (0/1) made 0/255 in place: no second native-size array.
     native = mask.view(np.uint8)
     np.multiply(native, 255, out=native)
@@ -216,7 +239,7 @@ def render(state, threshold, photos):
         outputs = (_write_png(os.path.join(folder, "overlay.png"),
                               overlay.draw(image, shown_mask, prob)),
                    _write_png(os.path.join(folder, "mask.png"), shown_mask.astype(np.uint8) * 255),
-                   _stats_text(stats, threshold),
+                   _stats_text(stats, threshold, unsure, held["review_at"]),
                    _write_png(os.path.join(folder, f"{held['name']}_segmentation.png"), native))
     renders = held["renders"]
     renders.append(folder)
@@ -236,7 +259,8 @@ def analyse(predictor, path, threshold, photos, state=None, max_pixels=MAX_MEGAP
     (data.load_image's checks: empty, not an image, truncated, decompression bomb) or has more
     than max_pixels gives the message in the status and None elsewhere, never an exception. The
     new state, which `photos` holds, keeps what rerender() needs, so the model runs once per
-    upload: the photo at display size and the model's probability map, nothing at native size."""
+    upload: the photo at display size and the model's probability map, nothing at native size,
+    and the predictor's review threshold."""
     photos.forget(state)
     if path is None or (isinstance(path, str) and not path.strip()):
         return None, None, "⚠️ No photo: upload a JPEG or PNG dermoscopy image.", None, None
@@ -251,7 +275,8 @@ def analyse(predictor, path, threshold, photos, state=None, max_pixels=MAX_MEGAP
                                        predict.model_input(image, predictor.size)[None])[0]
     state = {"folder": os.path.join(photos.folder, uuid.uuid4().hex),
              "name": os.path.splitext(shown_name)[0] or "photo", "hw": native, "image": image,
-             "small_prob": small_prob, "renders": []}
+             "small_prob": small_prob, "renders": [],
+             "review_at": getattr(predictor, "review_threshold", None)}
     photos.hold(state)
     return render(state, threshold, photos)
 
@@ -365,6 +390,9 @@ def parse_args(argv):
     parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
                         help=f"refuse larger uploads, in MB of 2**20 bytes, as the page's message "
                              f"counts them (default {MAX_UPLOAD_MB})")
+    parser.add_argument("--review-threshold", type=float, default=None, metavar="U",
+                        help="suggest review when a photo's uncertainty is over U (default: the "
+                             f"one stored with the model, else {predict.REVIEW_THRESHOLD})")
     args = parser.parse_args(argv)
     if args.weights is not None and not os.path.exists(args.weights):
         raise common.Error(args.weights, "model file not found")
@@ -373,6 +401,8 @@ def parse_args(argv):
     for flag in ("max_megapixels", "max_upload_mb"):
         if not getattr(args, flag) > 0:
             raise common.Error(f"--{flag.replace('_', '-')}", "must be more than 0")
+    if args.review_threshold is not None and not 0.0 <= args.review_threshold <= 1.0:
+        raise common.Error("--review-threshold", f"{args.review_threshold:g} is not within [0, 1]")
     if args.auth is not None:
         user, _, password = args.auth.partition(":")
         if not user or not password:
@@ -438,7 +468,8 @@ def main(argv=None):
     return_freed_memory()
     photos, page = Photos(os.path.join(folder, "photos")), None
     try:
-        predictor = LockedPredictor(predict.load_predictor(args.weights, args.size))
+        predictor = LockedPredictor(predict.load_predictor(args.weights, args.size,
+                                                           args.review_threshold))
         page = build_ui(predictor, folder, photos, round(args.max_megapixels * 10**6))
         print(f"{model_line(predictor).replace('`', '')}; serving http://{args.host}:{args.port}",
               flush=True)

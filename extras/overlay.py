@@ -1,5 +1,6 @@
-"""The overlay a person looks at: the photo with the lesion tinted and outlined. predict.py writes
-<id>_overlay.jpg with it (unless --no-overlay), at the preview's size; the web app shows it.
+"""The overlay a person looks at: the photo with the lesion tinted and outlined, and, where the
+model is unsure, a sparse cyan hatch. predict.py writes <id>_overlay.jpg with it (unless
+--no-overlay), at the preview's size; the web app shows it.
 """
 import os
 
@@ -10,6 +11,11 @@ import common
 import data
 
 TINT, OUTLINE = (255, 200, 0), (255, 0, 0)  # amber wash and a red border: visible on any skin tone
+HATCH = (0, 200, 255)  # cyan: far from the amber and the red, and from any skin tone
+# The unsure band: a pixel the model gives at least one chance in four of either answer. A slider
+# move of 0.25 from the default 0.5 flips it, so it is the part of the mask a reader should doubt.
+UNSURE_LOW, UNSURE_HIGH = 0.25, 0.75
+HATCH_EVERY = 8  # px between the hatch's 1-px diagonal lines: 1 pixel in 8 is drawn, the skin shows
 
 
 def _erode(mask):
@@ -20,13 +26,29 @@ def _erode(mask):
     return inner
 
 
-def draw(image, mask, prob=None):
+def unsure_band(prob):
+    """bool (H, W): the pixels whose probability is within [UNSURE_LOW, UNSURE_HIGH]."""
+    prob = np.asarray(prob, np.float32)
+    return (prob >= UNSURE_LOW) & (prob <= UNSURE_HIGH)
+
+
+def hatch_pattern(shape):
+    """bool (H, W): 1-px diagonal lines HATCH_EVERY px apart, fixed to the image's corner."""
+    yy, xx = np.indices(shape)
+    return (yy + xx) % HATCH_EVERY == 0
+
+
+def draw(image, mask, prob=None, unsure=True):
     """uint8 (H, W, 3): the photo with the lesion tinted (stronger where the model is surer, if
-    prob is given) and its boundary drawn. Only mask pixels change, so the outline never hides the
-    skin around the lesion that a reader compares it with."""
+    prob is given) and its boundary drawn. Without the hatch only mask pixels change, so the
+    outline never hides the skin around the lesion that a reader compares it with. With prob and
+    `unsure`, pixels in the unsure band (inside the mask or not) also get a sparse hatch: a wide
+    band is where the mask's edge could as well be elsewhere. The outline goes on top of it."""
     image, mask = np.asarray(image, np.uint8), np.asarray(mask, bool)
     if image.ndim != 3 or image.shape[2] != 3 or mask.shape != image.shape[:2]:
         raise ValueError(f"image {image.shape} and mask {mask.shape} do not match")
+    if prob is not None and np.shape(prob) != mask.shape:
+        raise ValueError(f"prob {np.shape(prob)} and mask {mask.shape} do not match")
     out = image.copy()
     if prob is None:
         alpha = np.full(mask.shape, 0.4, np.float32)
@@ -34,6 +56,8 @@ def draw(image, mask, prob=None):
         alpha = np.clip(np.asarray(prob, np.float32), 0.0, 1.0) * 0.5
     a = alpha[mask][:, None]
     out[mask] = np.round(image[mask] * (1 - a) + np.asarray(TINT, np.float32) * a).astype(np.uint8)
+    if prob is not None and unsure:
+        out[unsure_band(prob) & hatch_pattern(mask.shape)] = HATCH
     # About 3 px on a 1000 px photo: thick enough to see, thin enough not to hide the border.
     inner = mask
     for _ in range(max(1, round(max(mask.shape) / 350))):

@@ -49,6 +49,16 @@ def _area_percent(text):
     return float(text.split("Lesion area: ")[1].split(" %")[0])
 
 
+def _uncertainty(text):
+    return float(text.split("Uncertainty: ")[1].split(" ")[0])
+
+
+def _reviewing(review_threshold):
+    """A FakePredictor with a review threshold set the way load_predictor sets it (its override),
+    behind the lock the server puts it in: the threshold must reach the page through it."""
+    return app.LockedPredictor(predict.with_review(FakePredictor(), {}, review_threshold))
+
+
 def _pixels(path):
     with Image.open(path) as img:
         return np.asarray(img)
@@ -138,15 +148,53 @@ def test_exif_orientation_is_applied(tmp_path, photos):
 def test_slider_rerenders_without_the_model_and_area_falls_with_threshold(photo, photos):
     predictor = FakePredictor()
     *_, state = app.analyse(predictor, photo, 0.5, photos)
-    areas = []
+    areas, uncertainties = [], []
     for threshold in (0.1, 0.3, 0.5, 0.7, 0.9):
         shown, mask_img, text, mask_path, state = app.rerender(state, threshold, photos)
         area = int(np.count_nonzero(_pixels(mask_path)))
         assert f"({area:,} of" in text and f"threshold {threshold:.2f}" in text
         areas.append(area)
+        unsure = predict.uncertainty(state["small_prob"], threshold)
+        assert _uncertainty(text) == pytest.approx(unsure, abs=5e-4)
+        uncertainties.append(round(unsure, 3))
     assert predictor.calls == 1  # the model ran once, for the upload
     assert all(a > b for a, b in zip(areas, areas[1:])), areas
+    assert len(set(uncertainties)) == len(uncertainties), uncertainties  # the slider moved it
     assert app.rerender(None, 0.5, photos)[0] is None  # slider before any upload
+
+
+def test_status_shows_the_uncertainty_of_the_model_size_map(photo, photos):
+    *_, text, _, state = app.analyse(_reviewing(0.2), photo, 0.5, photos)
+    expected = predict.uncertainty(state["small_prob"], 0.5)
+    assert 0 < expected < 1 and _uncertainty(text) == pytest.approx(expected, abs=5e-4)
+    assert "review suggested over 0.200" in text
+
+
+@pytest.mark.parametrize("review_threshold, flagged", [(0.0, True), (1.0, False)])
+def test_review_line_shows_only_over_the_review_threshold(photo, photos, review_threshold,
+                                                          flagged):
+    """The radial map is soft everywhere: uncertainty over 0 (flagged at 0.0), never 1."""
+    *_, text, _, state = app.analyse(_reviewing(review_threshold), photo, 0.5, photos)
+    texts = [text] + [app.rerender(state, t, photos)[2] for t in (0.3, 0.7)]  # and the slider
+    assert all((app.REVIEW_LINE in text) == flagged for text in texts), texts
+
+
+def test_review_line_follows_the_slider(photo, photos):
+    """A review threshold between two thresholds' uncertainties: one flags the photo, the other
+    does not, and the slider moves between them without the model."""
+    inner = FakePredictor()
+    low, high = (predict.uncertainty(inner.map, t) for t in (0.2, 0.8))
+    assert low != high
+    predictor = app.LockedPredictor(predict.with_review(inner, {}, (low + high) / 2))
+    *_, text, _, state = app.analyse(predictor, photo, 0.2, photos)
+    flagged_first = app.REVIEW_LINE in text
+    text = app.rerender(state, 0.8, photos)[2]
+    assert (app.REVIEW_LINE in text) != flagged_first and inner.calls == 1
+
+
+def test_a_predictor_without_a_review_threshold_flags_nothing(photo, photos):
+    text = app.analyse(FakePredictor(), photo, 0.5, photos)[2]
+    assert "Uncertainty: " in text and app.REVIEW_LINE not in text
 
 
 @pytest.mark.parametrize("kind", ["non-image", "truncated", "empty", "bomb"])
@@ -205,7 +253,9 @@ def test_predictor_lock_serialises_concurrent_visitors(photo, photos):
 
 def test_model_line_names_format_and_size():
     line = app.model_line(FakePredictor(kind="tflite"))
-    assert "LiteRT" in line and " MB" in line and "32 px" in line
+    assert "LiteRT" in line and " MB" in line and "32 px" in line and "review" not in line
+    line = app.model_line(_reviewing(0.25))
+    assert "review suggested over uncertainty 0.250 (--review-threshold)" in line
 
 
 # ------------------------------------------------- what a photo costs: memory and disk (issue 22)
@@ -331,10 +381,28 @@ def test_no_weights_and_no_released_model_is_one_error_line_and_exit_2(tmp_path,
     (["--weights", __file__, "--auth", "nopassword"], "error: --auth: expected USER:PASS"),
     (["--weights", __file__, "--max-upload-mb", "0"], "error: --max-upload-mb: must be more"),
     (["--weights", __file__, "--max-megapixels", "-1"], "error: --max-megapixels: must be more"),
+    (["--weights", __file__, "--review-threshold", "2"],
+     "error: --review-threshold: 2 is not within [0, 1]"),
 ])
 def test_bad_flags_fail_fast(argv, message, capsys):
     assert app.main(argv) == 2
-    assert capsys.readouterr().err.startswith(message)
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1
+
+
+def test_review_threshold_flag_reaches_load_predictor(monkeypatch, capsys):
+    """--review-threshold goes to load_predictor as its override (default None: the model's)."""
+    asked = []
+
+    def load_predictor(path=None, size=None, review_threshold=None):
+        asked.append(review_threshold)
+        raise app.common.Error(path, "stop here")  # before gradio: the test needs no server
+
+    monkeypatch.setattr(predict, "load_predictor", load_predictor)
+    monkeypatch.setattr(app.signal, "signal", lambda *a: None)  # leave pytest's handlers alone
+    assert app.main(["--weights", __file__, "--review-threshold", "0.3"]) == 2
+    assert app.main(["--weights", __file__]) == 2
+    assert asked == [0.3, None] and "stop here" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- the real server
@@ -502,7 +570,7 @@ def test_browser_end_to_end(server, photo, bad_files, tmp_path):
             page.set_input_files(file_input, photo)
             page.wait_for_selector("#status :text('Lesion area')", timeout=60_000)
             area = _area_percent(page.inner_text("#status"))
-            assert 0 <= area <= 100
+            assert 0 <= area <= 100 and 0 <= _uncertainty(page.inner_text("#status")) < 1
             overlay = page.locator("#overlay img").first
             overlay.wait_for(state="visible", timeout=30_000)
             assert overlay.evaluate("img => img.complete && img.naturalWidth") == 384

@@ -169,7 +169,7 @@ def test_native_prob_stats_invariants(case):
 @given(masks_and_probs(), st.booleans())
 def test_overlay_changes_only_the_lesion_and_outlines_it(case, with_prob):
     image, prob, mask, _ = case
-    out = overlay.draw(image, mask, prob if with_prob else None)
+    out = overlay.draw(image, mask, prob if with_prob else None, unsure=False)  # no hatch: below
     assert out.shape == image.shape and out.dtype == np.uint8
     # Outside the mask (so also outside any dilation of it) the photo is untouched.
     assert np.array_equal(out[~mask], image[~mask])
@@ -177,6 +177,37 @@ def test_overlay_changes_only_the_lesion_and_outlines_it(case, with_prob):
     padded = np.pad(mask, 1)
     edge = mask & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
     assert np.all(out[edge] == overlay.OUTLINE)
+
+
+@MANY
+@given(masks_and_probs())
+def test_overlay_hatches_only_where_the_model_is_unsure(case):
+    """The hatch is the only difference the `unsure` switch makes: drawn in its own colour, only on
+    pixels whose probability is in the unsure band (inside the mask or not), never over the
+    outline; a map of only 0 and 1 gets none."""
+    image, prob, mask, _ = case
+    plain = overlay.draw(image, mask, prob, unsure=False)
+    out = overlay.draw(image, mask, prob)  # the hatch is on by default
+    changed = np.any(out != plain, axis=-1)
+    band = (prob >= overlay.UNSURE_LOW) & (prob <= overlay.UNSURE_HIGH)
+    assert not changed[~band].any()
+    assert np.all(out[changed] == overlay.HATCH)
+    assert np.all(out[mask & (plain == overlay.OUTLINE).all(-1)] == overlay.OUTLINE)
+    sure = (prob > 0.5).astype(np.float32)
+    assert np.array_equal(overlay.draw(image, mask, sure),
+                          overlay.draw(image, mask, sure, unsure=False))
+    assert np.array_equal(overlay.draw(image, mask), overlay.draw(image, mask, unsure=False))
+
+
+def test_overlay_hatch_is_sparse_and_covers_the_band():
+    """A map of 0.5 everywhere and no mask: the hatch is on 1 pixel in HATCH_EVERY, spread over the
+    whole photo (every row has some), and the rest of the photo is untouched."""
+    image = np.full((64, 48, 3), 120, np.uint8)
+    out = overlay.draw(image, np.zeros((64, 48), bool), np.full((64, 48), 0.5, np.float32))
+    hatched = np.all(out == overlay.HATCH, axis=-1)
+    assert hatched.sum() == 64 * 48 // overlay.HATCH_EVERY
+    assert hatched.any(axis=1).all() and hatched.any(axis=0).all()
+    assert np.all(out[~hatched] == 120)
 
 
 def test_overlay_rejects_mismatched_shapes():
