@@ -115,7 +115,7 @@ def read_run_json(weights):
                 with open(path) as f:
                     run = json.load(f)
             except (OSError, ValueError) as e:
-                raise common.Error(path, f"unreadable run.json ({common.one_line(e)})") from None
+                raise common.Error(path, f"unreadable JSON ({common.one_line(e)})") from None
             return {**run, "_path": path}
     return {}
 

@@ -92,7 +92,7 @@ def main(argv=None):
     print(f"\nreview threshold flagging at most {predict.REVIEW_SHARE:.0%} of this split: "
           f"{threshold:.4f}")
     if args.write:
-        record = {"review_threshold": round(threshold, 4), "review_share": predict.REVIEW_SHARE,
+        record = {"review_threshold": threshold, "review_share": predict.REVIEW_SHARE,
                   "chosen_on": f"{os.path.basename(os.path.normpath(args.data))} {args.split}, "
                                f"{len(jac)} images",
                   "command": "python bench/review.py " + " ".join(argv or sys.argv[1:])}

@@ -65,25 +65,35 @@ def test_evaluate_without_weights_scores_the_released_model(synthetic_data, tmp_
 def test_app_without_weights_analyses_a_photo_with_the_released_model(photos, tmp_path):
     args = app.parse_args([])
     assert args.weights is None  # the default: load_predictor(None) is the released model
-    predictor = app.LockedPredictor(predict.load_predictor(args.weights, args.size))
+    predictor = app.LockedPredictor(predict.load_predictor(args.weights, args.size,
+                                                           args.review_threshold))
     assert predictor.path == predict.RELEASED and predictor.size == 128
     result = app.analyse(predictor, os.path.join(photos, "photo_0.jpg"), 0.5,
                          app.Photos(str(tmp_path / "app")))
     assert result[4] is not None  # a state: the photo was analysed
+    # with the review threshold stored with the release (models/skin_unet.json)
+    assert result[4]["review_at"] == predict.read_run_json(predict.RELEASED)["review_threshold"]
+    assert "Uncertainty: " in result[2]
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "corrupt threshold file"])
 def test_a_missing_or_damaged_release_is_one_line_saying_how_to_restore_it(
         damage, photos, tmp_path, monkeypatch, capsys):
+    import shutil
     fake = tmp_path / "models" / "skin_unet.keras"
     fake.parent.mkdir()
+    named = fake
     if damage == "corrupt":
         fake.write_bytes(b"PK\x03\x04 not the model any more")
+    if damage == "corrupt threshold file":  # models/skin_unet.json, the review threshold
+        shutil.copyfile(predict.RELEASED, fake)
+        named = tmp_path / "models" / "skin_unet.json"
+        named.write_text('{"review_threshold": 0.2')
     monkeypatch.setattr(predict, "RELEASED", str(fake))
     code, _, err = run_cli(predict, ["--data", photos, "--out", str(tmp_path / "m")], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1
-    assert lines[0].startswith(f"error: {fake}: the released model cannot be used: restore it "
+    assert lines[0].startswith(f"error: {named}: the released model cannot be used: restore it "
                                "with `git checkout models/` (")
 
 
