@@ -2,6 +2,7 @@
 model is unsure, a sparse cyan hatch. predict.py writes <id>_overlay.jpg with it (unless
 --no-overlay), at the preview's size; the web app shows it.
 """
+import functools
 import os
 
 import numpy as np
@@ -32,10 +33,13 @@ def unsure_band(prob):
     return (prob >= UNSURE_LOW) & (prob <= UNSURE_HIGH)
 
 
+@functools.lru_cache(maxsize=8)  # photos in bulk share a few preview sizes: made once per size
 def hatch_pattern(shape):
-    """bool (H, W): 1-px diagonal lines HATCH_EVERY px apart, fixed to the image's corner."""
-    yy, xx = np.indices(shape)
-    return (yy + xx) % HATCH_EVERY == 0
+    """bool (H, W), read-only: 1-px diagonal lines HATCH_EVERY px apart, from the image's corner."""
+    h, w = shape
+    pattern = (np.arange(h)[:, None] + np.arange(w)[None, :]) % HATCH_EVERY == 0
+    pattern.flags.writeable = False
+    return pattern
 
 
 def draw(image, mask, prob=None, unsure=True):
@@ -57,7 +61,7 @@ def draw(image, mask, prob=None, unsure=True):
     a = alpha[mask][:, None]
     out[mask] = np.round(image[mask] * (1 - a) + np.asarray(TINT, np.float32) * a).astype(np.uint8)
     if prob is not None and unsure:
-        out[unsure_band(prob) & hatch_pattern(mask.shape)] = HATCH
+        out[unsure_band(prob) & hatch_pattern(tuple(mask.shape))] = HATCH
     # About 3 px on a 1000 px photo: thick enough to see, thin enough not to hide the border.
     inner = mask
     for _ in range(max(1, round(max(mask.shape) / 350))):
