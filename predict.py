@@ -208,6 +208,14 @@ def choose_review_threshold(uncertainties, share=REVIEW_SHARE):
     return float(values[len(values) - int(share * len(values)) - 1])
 
 
+def review_threshold_of(weights, val_images):
+    """The threshold train.py stores in run.json: the one that flags REVIEW_SHARE of the model's
+    val photos (uint8 (N, S, S, 3) at its input size); None without any."""
+    if not len(val_images):
+        return None
+    return choose_review_threshold(uncertainty(load_predictor(weights).predict(val_images)))
+
+
 # --- One photo: the functions the bulk path below, evaluate.py and the web app share ---------
 PREVIEW_SIDE = 1024  # px, long side of overlays and of what the web page shows
 BAND_ROWS = 256  # rows of a native-size map worked out at a time (see native_prob)

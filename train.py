@@ -583,22 +583,14 @@ def train(args):
 
     run_record["result"] = summarize(state, paths, t_fit)
     run_record["budget"] = state.get("budget")  # --minutes' decision, or None
-    if chief:
-        run_record["review_threshold"] = calibrate_review(paths["best"], val_batches.images)
+    if chief and os.path.exists(paths["best"]):  # stored with the model: predict.py flags by it
+        import predict
+        run_record["review_threshold"] = predict.review_threshold_of(paths["best"],
+                                                                     val_batches.images)
     run_record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     if chief:
         write_text(paths["run"], json.dumps(run_record, indent=1))
     return {**run_record["result"], "chief": chief}
-
-
-def calibrate_review(best, val_images):
-    """The review threshold stored with the model in run.json: the one that flags
-    predict.REVIEW_SHARE of the val photos (docs/evaluation.md, "the review flag")."""
-    if not len(val_images) or not os.path.exists(best):
-        return None
-    import predict
-    probs = predict.load_predictor(best).predict(val_images)
-    return predict.choose_review_threshold(predict.uncertainty(probs))
 
 
 def start_line(cfg, r, model, summary):
