@@ -122,6 +122,19 @@ def atomic_write(path, write, durable=True):
         write(f)
 
 
+def check_writable(out):
+    """Make the output folder `out`, clear a killed run's temp files, check that it takes files."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(out):
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(out, name))
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise Error(out, f"output folder is not writable ({e.strerror or e})") from None
+
+
 # -----------------------------------------------------------------------------
 # Progress
 

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, fields
@@ -168,18 +167,6 @@ def data_value(value):
             raise common.Error(f"--data {folder}", "given twice")
         folders.append(folder)
     return folders or None
-
-
-def check_writable(out):
-    try:
-        os.makedirs(out, exist_ok=True)
-        for name in os.listdir(out):  # temp files of a run killed mid-write (never the real files)
-            if name.startswith(".tmp-"):
-                os.remove(os.path.join(out, name))
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise common.Error(out, f"output folder is not writable ({e.strerror or e})") from None
 
 
 # --- files, always written to a temp file beside the target and renamed into place -------------
@@ -524,7 +511,7 @@ def train(args):
     place = cluster_place()
     chief = place is None or place.index == 0
     if chief:
-        check_writable(cfg.out)
+        common.check_writable(cfg.out)
     paths = run_paths(cfg.out)
     keras = common.import_keras()  # after the flag checks, so bad input fails fast
     from extras import runtime as rt
