@@ -361,16 +361,8 @@ def epoch_end(run, steps):
                     run.row.update(sources.validate(self.model, cfg, run.per_source))
                 run.row["seconds"] = round(time.perf_counter() - self.t_begin, 2)
             if cfg.minutes and "budget" not in run.state:
-                # An epoch without the first step's compile: this one, its training part at the
-                # measured images/s.
-                steady = run.row["seconds"] - (t_end - self.t_begin) + steps * cfg.batch / ips
                 from extras import budget
-                run.state["budget"] = budget.plan(cfg.minutes, time.time() - run.started, steady,
-                                                  cfg.epochs)
-                if run.chief:
-                    b = run.state["budget"]
-                    print(f"--minutes {cfg.minutes:g}: {b['epochs']} epochs of about "
-                          f"{b['epoch_seconds']:.1f} s fit the budget", flush=True)
+                budget.plan_once(run, t_end - self.t_begin, steps * cfg.batch / ips)
             decide(run)
             if run.state["diverged"]:  # NaN guard: keep the last good checkpoint, commit nothing
                 return

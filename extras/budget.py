@@ -6,6 +6,7 @@ left become the run's length, so the cosine schedule reaches its low point as th
 budget runs out. --epochs stays the most. The decision is kept in the resume state (a resumed run
 keeps its budget), printed, and written to run.json ("budget").
 """
+import time
 
 
 def plan(minutes, spent, epoch_seconds, most):
@@ -15,3 +16,16 @@ def plan(minutes, spent, epoch_seconds, most):
     fit = int(left // epoch_seconds) if epoch_seconds > 0 else most
     return {"minutes": minutes, "epochs": max(1, min(most, 1 + fit)),
             "epoch_seconds": round(epoch_seconds, 2), "spent_seconds": round(spent, 1)}
+
+
+def plan_once(run, trained, steady_trained):
+    """After a --minutes run's first epoch: plan, keep the decision in run.state["budget"] and say
+    it (process 0). trained: the seconds that epoch's training batches took; steady_trained: the
+    same at the images/s measured from the second step, so without the first step's compile."""
+    cfg = run.cfg
+    steady = run.row["seconds"] - trained + steady_trained
+    run.state["budget"] = plan(cfg.minutes, time.time() - run.started, steady, cfg.epochs)
+    if run.chief:
+        b = run.state["budget"]
+        print(f"--minutes {cfg.minutes:g}: {b['epochs']} epochs of about "
+              f"{b['epoch_seconds']:.1f} s fit the budget", flush=True)
