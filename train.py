@@ -9,7 +9,6 @@ after the last finished epoch. Read top to bottom: the settings (Config), the fi
 each epoch's end, then train(). Optional parts live in extras/ (docs/training.md).
 """
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
@@ -209,19 +208,11 @@ def read_state(path):
         return None
 
 
-def averaged(model, cfg):
-    """The weights validated: with --ema their moving average, swapped in for the duration
-    (extras/ema.py), else the trained weights as they are."""
-    if not cfg.ema:
-        return contextlib.nullcontext()
-    from extras import ema
-    return ema.averaged(model)
-
-
 def save_best(model, cfg, paths, state):
     """best.keras holds the weights validated: last.keras as committed, or --ema's average."""
     if cfg.ema:
-        with averaged(model, cfg):
+        from extras import ema
+        with ema.averaged(model):
             save_model(model, paths["best"], state)
     elif os.path.exists(paths["last"]):  # (a cluster's process 1.. repairing before its 1st save)
         with common.atomic_path(paths["best"]) as tmp:
@@ -357,8 +348,7 @@ def epoch_end(run, steps):
                 run.row[k] = float(logs[k]) if k in logs else None
             if run.per_source:  # fit did not validate: validate all and per source (extras)
                 from extras import sources
-                with averaged(self.model, cfg):
-                    run.row.update(sources.validate(self.model, cfg, run.per_source))
+                run.row.update(sources.validate(self.model, cfg, run.per_source))
                 run.row["seconds"] = round(time.perf_counter() - self.t_begin, 2)
             if cfg.minutes and "budget" not in run.state:
                 from extras import budget

@@ -2,8 +2,9 @@
 
 unet.compile_model(..., ema=cfg.ema) has Keras's Adam keep the average (use_ema: updated on the
 device inside the train step). fit's validation swaps it in through Keras's SwapEMAWeights
-callback; train.py imports this module only with --ema, for the two places fit does not reach:
-best.keras and the per-source validation of several --data. last.keras keeps the trained weights,
+callback; this module is imported only with --ema, for the two places fit does not reach:
+best.keras (train.save_best) and the per-source validation of several --data (extras/sources.py).
+last.keras keeps the trained weights,
 with the average in its optimizer state, so a resume continues both (docs/training.md).
 """
 import contextlib

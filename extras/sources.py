@@ -5,6 +5,7 @@ says which rows came from which folder. What several sources add to training liv
 validation scores per source (val_dice_<name> in log.csv, run.json and curves.png), and
 --balance, which draws every source as often as the largest one. docs/training.md.
 """
+import contextlib
 from typing import NamedTuple
 
 import numpy as np
@@ -35,7 +36,8 @@ def validate(model, cfg, per_source, chunk=256):
     {"val_loss", "val_dice", "val_iou", "val_dice_<name>", ...}, per image and averaged as the
     compiled loss and metrics are. With 2+ sources this replaces fit's own validation, which cannot
     split its scores by source (a second pass for them would cost as much again). Predicted in
-    chunks, so a large validation set never holds all its probabilities at once."""
+    chunks, so a large validation set never holds all its probabilities at once. With --ema the
+    moving average is what is scored, as fit's SwapEMAWeights would have it."""
     from keras import ops
 
     import unet
@@ -44,11 +46,16 @@ def validate(model, cfg, per_source, chunk=256):
     measures = (("loss", unet.LOSSES[cfg.loss]), ("dice", unet.dice_per_image),
                 ("iou", unet.iou_per_image))
     scores = {"loss": [], "dice": [], "iou": []}
-    for i in range(0, len(images), chunk):
-        truth = masks[i:i + chunk]
-        probs = model.predict(images[i:i + chunk], batch_size=cfg.batch, verbose=0)
-        for k, fn in measures:
-            scores[k].append(ops.convert_to_numpy(fn(truth, probs)))
+    weights = contextlib.nullcontext()
+    if cfg.ema:
+        from extras import ema
+        weights = ema.averaged(model)
+    with weights:
+        for i in range(0, len(images), chunk):
+            truth = masks[i:i + chunk]
+            probs = model.predict(images[i:i + chunk], batch_size=cfg.batch, verbose=0)
+            for k, fn in measures:
+                scores[k].append(ops.convert_to_numpy(fn(truth, probs)))
     scores = {k: np.concatenate(v) for k, v in scores.items()}
     row = {f"val_{k}": float(v.mean()) for k, v in scores.items()}
     row.update({f"val_dice_{name}": float(scores["dice"][a:b].mean()) if b > a else None
