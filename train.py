@@ -26,8 +26,6 @@ import common
 import data
 
 STATE_ENTRY = "skin_unet_state.json"  # extra entry inside last.keras; Keras ignores unknown entries
-LOG_FIELDS = ["epoch", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "lr",
-              "images_per_sec", "seconds"]
 MIN_LR_FACTOR = 0.01  # cosine decays to 1% of --lr; plateau never goes below it either
 PLATEAU_PATIENCE, PLATEAU_FACTOR = 3, 0.5
 CLUSTER_VARS = ("KERAS_DISTRIBUTION_NUM_PROCESSES", "SLURM_NTASKS")  # extras/cluster.py reads them
@@ -179,17 +177,6 @@ def write_text(path, text):
     common.atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def write_log(path, rows):
-    """log.csv. Per-source columns (val_dice_<name>) exist only with 2+ sources; rows carry them."""
-    names = LOG_FIELDS + [k for k in (rows[0] if rows else {}) if k not in LOG_FIELDS]
-
-    def cell(v):
-        return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
-
-    lines = [",".join(names)] + [",".join(cell(r.get(k)) for k in names) for r in rows]
-    write_text(path, "\n".join(lines) + "\n")
-
-
 def save_model(model, path, state=None):
     """model.save to a temp .keras, add the resume state as an extra zip entry, fsync, rename."""
     with common.atomic_path(path, ".keras") as tmp:
@@ -294,10 +281,10 @@ def checkpoint(run):
 
 
 def write_logs(run):
+    from extras import curves  # log.csv is written beside where it is read and drawn
     write_text(run.paths["state"], json.dumps(run.state, indent=1))
-    write_log(run.paths["log"], run.state["history"])
+    curves.write_log(run.paths["log"], run.state["history"])
     if run.draw:  # curves.png; after a failure (no matplotlib, a full disk) no more
-        from extras import curves
         run.draw = curves.redraw(run.paths["curves"], run.state["history"])
 
 
@@ -434,8 +421,9 @@ def new_model(cfg):
                            else cfg.encoder_weights)
 
 
-def build_model(cfg, jit, state, paths):
-    """The compiled U-Net; on resume, with the weights and optimizer state of last.keras."""
+def build_model(cfg, jit, state, paths, writes):
+    """The compiled U-Net; on resume, with the weights and optimizer state of last.keras, and the
+    files a kill can leave one epoch behind rewritten (extras/resume.py)."""
     import unet
     model = unet.compile_model(new_model(cfg), cfg.loss, cfg.lr, jit, ema=cfg.ema)
     if cfg.init and not state["epoch"]:  # weights only: fine-tuning starts a fresh optimizer
@@ -444,19 +432,9 @@ def build_model(cfg, jit, state, paths):
     if state["epoch"]:
         from extras import resume
         resume.load_weights(model, paths["last"])
+        if resume.repair(state, writes, read_state(paths["best"])):
+            save_best(model, cfg, writes, state)
     return model
-
-
-def repair_after_kill(model, cfg, state, paths, writes):
-    """A kill between the commit (last.keras) and the end of the epoch's jobs can leave state.json,
-    log.csv or best.keras one epoch behind: rewrite them from last.keras (its state, or the model
-    loaded from it). Reads `paths`, writes `writes`."""
-    write_text(writes["state"], json.dumps(state, indent=1))
-    write_log(writes["log"], state["history"])
-    best = read_state(paths["best"]) if os.path.exists(paths["best"]) else None
-    if state["best"] and state["best"]["epoch"] == state["epoch"] \
-            and (best is None or best["epoch"] != state["best"]["epoch"]):
-        save_best(model, cfg, writes, state)
 
 
 def feed(batches, workers, get=None):
@@ -513,11 +491,9 @@ def train(args):
         planned = max(planned_epochs(cfg, state) - state["epoch"], 0) * len(train_batches)
         runtime = rt.settle_jit(runtime, cfg, planned, train_batches[0], lambda: new_model(cfg))
         with scope():
-            model = build_model(cfg, runtime.jit, state, paths)
-            if state["epoch"]:
-                repair_after_kill(model, cfg, state, paths, writes)
-                if chief:
-                    print(f"resuming {cfg.out} after epoch {state['epoch']}", flush=True)
+            model = build_model(cfg, runtime.jit, state, paths, writes)
+        if state["epoch"] and chief:
+            print(f"resuming {cfg.out} after epoch {state['epoch']}", flush=True)
         run_record = {**dataclasses.asdict(cfg), "data_summary": data_summary, **runtime.record(),
                       "params": model.count_params(), "model": model.name,
                       "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": None}

@@ -1,5 +1,6 @@
-"""Pictures and event files of a training run's log: curves.png (drawn after every epoch, and by
-`python train.py --plot RUN [RUN ...]` from log.csv files alone) and --tensorboard's event files.
+"""A training run's log: log.csv (written after every epoch, read back by --plot), its pictures
+(curves.png, drawn after every epoch, and by `python train.py --plot RUN [RUN ...]` from log.csv
+files alone) and --tensorboard's event files.
 
 matplotlib is imported only to draw; TensorFlow's tensorboard package only with --tensorboard.
 """
@@ -10,6 +11,21 @@ import os
 import sys
 
 import common
+
+LOG_FIELDS = ["epoch", "loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "lr",
+              "images_per_sec", "seconds"]
+
+
+def write_log(path, rows):
+    """log.csv. Per-source columns (val_dice_<name>) exist only with 2+ sources; rows carry them."""
+    names = LOG_FIELDS + [k for k in (rows[0] if rows else {}) if k not in LOG_FIELDS]
+
+    def cell(v):
+        return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
+
+    lines = [",".join(names)] + [",".join(cell(r.get(k)) for k in names) for r in rows]
+    text = "\n".join(lines) + "\n"
+    common.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def read_log(path):

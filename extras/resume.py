@@ -5,6 +5,8 @@ extra entry inside last.keras itself (train.save_model / train.read_state), so w
 cannot disagree. A run resumes only under the configuration that made it: a changed setting that
 defines the run (the weights' shape, the data stream) is one line naming it; --fresh starts over.
 """
+import json
+
 import common
 import data
 
@@ -31,3 +33,15 @@ def load_weights(model, path):
     except Exception as e:  # its state entry reads, its weights do not: damaged or edited
         raise common.Error(path, f"cannot load its weights to resume ({common.one_line(e)}); "
                            "rerun with --fresh to start over") from None
+
+
+def repair(state, writes, best):
+    """A kill between the commit (last.keras) and the end of the epoch's jobs can leave state.json,
+    log.csv or best.keras one epoch behind: rewrite the first two in `writes` from last.keras's
+    state; True where best.keras (whose stored state is `best`) must be saved again."""
+    from extras import curves
+    text = json.dumps(state, indent=1)
+    common.atomic_write(writes["state"], lambda f: f.write(text.encode()))
+    curves.write_log(writes["log"], state["history"])
+    improved = state["best"] is not None and state["best"]["epoch"] == state["epoch"]
+    return improved and (best is None or best["epoch"] != state["epoch"])

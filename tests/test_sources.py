@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 import common
 import data
 import train
-from extras import sources as extra_sources, synthetic
+from extras import curves, sources as extra_sources, synthetic
 
 HAM = data.LAYOUTS["ham10000"]
 PART_1, PART_2, MASKS = HAM[0][1], HAM[1][1], HAM[0][2]
@@ -168,7 +168,7 @@ def test_two_sources_train_resume_refuse_and_evaluate_per_source(sources, tmp_pa
         for name, path in zip(("isic", "ham"), sources)]
     assert run["data_summary"]["train"] == sum(s["train"] for s in run["data_summary"]["sources"])
     log = read_log(out)
-    assert list(log[0]) == train.LOG_FIELDS + ["val_dice_isic", "val_dice_ham"]
+    assert list(log[0]) == curves.LOG_FIELDS + ["val_dice_isic", "val_dice_ham"]
     assert all(0 <= float(log[0][k]) <= 1 for k in ("val_dice", "val_dice_isic", "val_dice_ham"))
     # One validation pass gives both: the whole is the image-weighted mean of the parts, and it is what
     # the compiled loss and metrics say of the saved model on the union of the val splits.
@@ -222,7 +222,7 @@ def test_data_is_stored_as_a_list_and_an_old_run_with_one_string_resumes(sources
     out = str(tmp_path / "run")
     args = ["--data", sources[0], "--out", out, *TINY]
     train.train([*args, "--epochs", "1"])
-    assert list(read_log(out)[0]) == train.LOG_FIELDS  # no per-source columns for one source
+    assert list(read_log(out)[0]) == curves.LOG_FIELDS  # no per-source columns for one source
     paths = {"last": os.path.join(out, "last.keras")}
     state = train.read_state(paths["last"])
     assert state["config"]["data"] == [sources[0]]

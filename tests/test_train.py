@@ -18,7 +18,7 @@ from conftest import ROOT, TINY, free_port
 import common
 import data
 import train
-from extras import runtime
+from extras import curves, runtime
 
 
 def rows(out):
@@ -47,7 +47,7 @@ def test_two_epochs_write_model_log_and_run_json_then_resume(synthetic_data, tmp
     assert s["epochs_done"] == 2 and s["best_epoch"] in (1, 2) and 0 <= s["val_dice"] <= 1
     log = rows(out)
     assert [r["epoch"] for r in log] == ["1", "2"]
-    assert set(train.LOG_FIELDS) <= set(log[0]) and all(float(r["images_per_sec"]) > 0 for r in log)
+    assert set(curves.LOG_FIELDS) <= set(log[0]) and all(float(r["images_per_sec"]) > 0 for r in log)
     assert float(log[1]["lr"]) < float(log[0]["lr"])  # cosine schedule
     run = json.load(open(os.path.join(out, "run.json")))
     assert run["size"] == 32 and run["data"] == [synthetic_data] and run["val_fraction"] == 0.1
