@@ -42,8 +42,7 @@ def setting(default, help=None, run=False, flag=None, **argparse_kw):
 
 @dataclass
 class Config:
-    """Every setting of a training run: its default, flag and one-line help (parser() reads them
-    here; docs/training.md says more about each)."""
+    """Every setting of a run: default, flag and help (parser() reads them; docs/training.md)."""
     data: list = setting(None, "data folder; repeat to train on several (default: synthetic)",
                          run=True, action="append")
     balance: bool = setting(False, "with several --data: draw each source equally often", run=True)
@@ -209,11 +208,8 @@ def save_best(model, cfg, paths, state):
 # --- what an epoch means for the run --------------------------------------------------------------
 def epoch_decision(state, row, cfg):
     """What one epoch's log row means for the run, as the state entries it changes (a pure function:
-    no Keras, no files). A non-finite loss or val_loss: "diverged" says so and nothing else changes.
-    Otherwise the epoch is appended; a better val Dice (the loss, without validation) becomes "best"
-    and resets the waits; else they grow, the plateau schedule halves the lr (not below
-    MIN_LR_FACTOR of --lr) every PLATEAU_PATIENCE epochs, and --patience epochs without a gain set
-    "stopped"."""
+    no Keras, no files). A non-finite loss or val_loss: "diverged", and nothing else changes. The
+    score is val Dice, or minus the loss without validation."""
     if not all(math.isfinite(row[k]) for k in ("loss", "val_loss") if row.get(k) is not None):
         return {"diverged": f"loss {row['loss']} / val_loss {row.get('val_loss')} at epoch "
                             f"{row['epoch']}", "stopped": state["stopped"]}
@@ -373,9 +369,8 @@ def resume_or_start(cfg, identity, paths, chief=True):
 
 
 def load_data(cfg, runtime, epoch):
-    """(training batches, validation batches, summary for run.json, PerSource or None). Several
-    --data: each split by its own rules, validated per source (extras/sources.py). Fails with one
-    line on a missing or empty folder, before any model is built."""
+    """(training batches, validation batches, summary for run.json, PerSource or None); one line
+    on a missing or empty folder, before any model is built."""
     from extras import runtime as rt
 
     t0 = time.time()
