@@ -504,7 +504,7 @@ def train(args):
                 get = device_augment.device_batches(train_batches)
             run = Run(cfg, state, writes, model, chief, per_source, started=t_fit)
             callbacks = [epoch_end(run, len(train_batches))]
-            if cfg.ema and not per_source:  # fit validates the average (per source: averaged)
+            if cfg.ema and not per_source:  # fit validates the average (per source: sources.py)
                 callbacks.insert(0, keras.callbacks.SwapEMAWeights())
             if cfg.tensorboard and chief:
                 from extras import curves
