@@ -421,7 +421,7 @@ NO_AFFINE = np.array([1, 0, 0, 0, 1, 0], np.float64)
 
 
 class Batches:
-    """x uint8 (B, S, S, 3), y uint8 (B, S, S, 1) in {0, 1}, plain Python that train.feed hands
+    """x uint8 (B, S, S, 3), y uint8 (B, S, S, 1) in {0, 1}, plain Python that runtime.feed hands
     to keras.utils.PyDataset's worker threads. Batch i of epoch e is a pure function of (seed, e,
     i): order permuted by (seed, epoch), augmentation seeded by (seed, epoch, i); so threads may
     finish in any order, and a resumed run continues the same stream from epoch=. drop_remainder

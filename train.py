@@ -20,8 +20,6 @@ import time
 import zipfile
 from dataclasses import dataclass, fields
 
-import numpy as np
-
 import common
 import data
 
@@ -152,8 +150,7 @@ def config_of(args):
 
 
 def data_value(value):
-    """--data as stored: None (synthetic) or a list of absolute paths (data.folders_of also reads
-    the single path of runs from before several folders were possible)."""
+    """--data as stored: None (synthetic) or a list of absolute paths."""
     folders = []
     for folder in data.folders_of(value):
         if not os.path.isdir(folder):
@@ -242,10 +239,10 @@ def cosine_lr(cfg, epoch, epochs=None):
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
 
 
-# --- the per-epoch jobs: small steps in order, sharing one Run ------------------------------------
+# --- the per-epoch jobs: small steps in order, on one Run ------------------------------------
 @dataclass
 class Run:
-    """What the jobs at each epoch's end share."""
+    """What the jobs at each epoch's end share, and the jobs."""
     cfg: Config
     state: dict  # the resume state, committed inside last.keras
     paths: dict  # where this process writes (a cluster's processes 1..: a scratch folder)
@@ -257,46 +254,35 @@ class Run:
     draw: bool = True  # curves.png (off after the first failure)
     started: float = 0.0  # time.time() as fit starts: --minutes counts from there
 
+    def decide(self):
+        """The schedule's, early stopping's and the NaN guard's decision (epoch_decision)."""
+        decided = epoch_decision(self.state, self.row, self.cfg)
+        self.state.update(decided)
+        if decided["diverged"] or decided["stopped"]:
+            self.model.stop_training = True
+        best = self.state["best"]
+        self.improved = best is not None and best["epoch"] == self.row["epoch"]
 
-def decide(run):
-    """The schedule's, early stopping's and the NaN guard's decision (epoch_decision)."""
-    decided = epoch_decision(run.state, run.row, run.cfg)
-    run.state.update(decided)
-    if decided["diverged"] or decided["stopped"]:
-        run.model.stop_training = True
-    best = run.state["best"]
-    run.improved = best is not None and best["epoch"] == run.row["epoch"]
+    def checkpoint(self):
+        """The commit point: last.keras holds weights, optimizer and state together. A kill before
+        it replays the epoch; after it, the files the later jobs write are repaired on resume."""
+        save_model(self.model, self.paths["last"], self.state)
+        if self.improved:
+            save_best(self.model, self.cfg, self.paths, self.state)
 
-
-def checkpoint(run):
-    """The commit point: last.keras holds weights, optimizer and state together. A kill before it
-    replays the epoch; after it, the files the later jobs write are repaired on resume."""
-    save_model(run.model, run.paths["last"], run.state)
-    if run.improved:
-        save_best(run.model, run.cfg, run.paths, run.state)
-
-
-def write_logs(run):
-    from extras import curves  # log.csv is written beside where it is read and drawn
-    write_text(run.paths["state"], json.dumps(run.state, indent=1))
-    curves.write_log(run.paths["log"], run.state["history"])
-    if run.draw:  # curves.png; after a failure (no matplotlib, a full disk) no more
-        run.draw = curves.redraw(run.paths["curves"], run.state["history"])
-
-
-def report(run):
-    row = run.row
-    names = ("loss", "val_loss", "val_dice", "val_iou", *(k for k in row if "val_dice_" in k))
-    scores = "  ".join(f"{k} {row[k]:.4f}" for k in names if row[k] is not None)
-    print(f"epoch {row['epoch']}/{run.cfg.epochs}: {scores}  lr {row['lr']:.2e}  "
-          f"{row['images_per_sec']:.1f} img/s{'  *best' if run.improved else ''}", flush=True)
+    def write_logs(self):
+        from extras import curves  # log.csv is written beside where it is read and drawn
+        write_text(self.paths["state"], json.dumps(self.state, indent=1))
+        curves.write_log(self.paths["log"], self.state["history"])
+        if self.draw:  # curves.png; after a failure (no matplotlib, a full disk) no more
+            self.draw = curves.redraw(self.paths["curves"], self.state["history"])
 
 
 def epoch_end(run, steps):
-    """The Keras callback that ends every epoch: the lr at its start, images/s from its second step
-    (the first includes compiling and the feed's start-up), then the jobs, in this order. Only
-    epoch-level hooks and on_train_batch_begin: no per-step host syncs."""
+    """The Keras callback around every epoch: the lr at its start, its clock, then the jobs."""
     import keras
+
+    from extras import report
     cfg = run.cfg
 
     class EpochEnd(keras.callbacks.Callback):
@@ -305,44 +291,35 @@ def epoch_end(run, steps):
             if cfg.schedule == "cosine":
                 self.lr = cosine_lr(cfg, epoch, planned_epochs(cfg, run.state))
             self.model.optimizer.learning_rate = self.lr
-            self.t_begin, self.t_second, self.t_end = time.perf_counter(), None, None
-            self.second = self.calls = 0
+            self.clock = report.EpochClock()
 
         def on_train_batch_begin(self, batch, logs=None):
-            self.calls += 1
-            if self.calls == 2:
-                self.t_second, self.second = time.perf_counter(), batch
+            self.clock.batch_begins(batch)
 
         def on_test_begin(self, logs=None):
-            if self.t_end is None:  # fit's validation starts: training batches are done (synced)
-                self.t_end = time.perf_counter()
+            self.clock.validation_begins()
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
-            now = time.perf_counter()
-            t_end = self.t_end or now
-            if self.t_second is not None and steps > self.second:
-                ips = (steps - self.second) * cfg.batch / max(t_end - self.t_second, 1e-9)
-            else:
-                ips = steps * cfg.batch / max(t_end - self.t_begin, 1e-9)
+            trained, ips = self.clock.training(steps, cfg.batch)
             run.row = {"epoch": epoch + 1, "lr": float(self.lr), "images_per_sec": round(ips, 2),
-                       "seconds": round(now - self.t_begin, 2)}
+                       "seconds": self.clock.seconds()}
             for k in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou"):
                 run.row[k] = float(logs[k]) if k in logs else None
             if run.per_source:  # fit did not validate: validate all and per source (extras)
                 from extras import sources
                 run.row.update(sources.validate(self.model, cfg, run.per_source))
-                run.row["seconds"] = round(time.perf_counter() - self.t_begin, 2)
+                run.row["seconds"] = self.clock.seconds()
             if cfg.minutes and "budget" not in run.state:
                 from extras import budget
-                budget.plan_once(run, t_end - self.t_begin, steps * cfg.batch / ips)
-            decide(run)
+                budget.plan_once(run, trained, steps * cfg.batch / ips)
+            run.decide()
             if run.state["diverged"]:  # NaN guard: keep the last good checkpoint, commit nothing
                 return
-            checkpoint(run)
+            run.checkpoint()
             if run.chief:  # saving a model is collective (above); the rest is process 0's alone
-                write_logs(run)
-                report(run)
+                run.write_logs()
+                print(report.epoch_line(run.row, cfg.epochs, run.improved), flush=True)
             # TensorBoard (after this callback) logs what fit put in logs; add what only this knows.
             logs.update({k: v for k, v in run.row.items() if "val_" in k and v is not None})
 
@@ -354,9 +331,8 @@ def resume_or_start(cfg, identity, paths, chief=True):
     """The state of the run in --out when it has this configuration (extras/resume.py), else a
     fresh one. --fresh deletes the old run's files (process 0 only; the others ignore them)."""
     if cfg.fresh and chief:
-        for k in ("last", "state", "log", "best", "curves"):  # (run.json is rewritten before fit)
-            if os.path.exists(paths[k]):
-                os.remove(paths[k])
+        from extras import resume
+        resume.discard(paths)
     state = None if cfg.fresh else read_state(paths["last"])
     if state is not None:
         from extras import resume
@@ -369,8 +345,7 @@ def resume_or_start(cfg, identity, paths, chief=True):
 
 
 def load_data(cfg, runtime, epoch):
-    """(training batches, validation batches, summary for run.json, PerSource or None); one line
-    on a missing or empty folder, before any model is built."""
+    """(training batches, validation batches, run.json's data summary, PerSource or None)."""
     from extras import runtime as rt
 
     t0 = time.time()
@@ -390,19 +365,10 @@ def load_data(cfg, runtime, epoch):
     val_images, val_masks = rt.split_evenly(val_set.images, val_set.masks, runtime.replicas)
     val = data.Batches(val_images, val_masks, cfg.batch, augment=False, shuffle=False,
                        part=batches["part"])
-    problems = train_set.problems + [p for p in val_set.problems if p not in train_set.problems]
-    names = data.source_names([s["path"] for s in val_set.sources])
-    summary = {"path": cfg.data, "synthetic": cfg.data is None, "train": len(train_set.pairs),
-               "val": len(val_set.pairs), "problems": problems,
-               "load_seconds": round(time.time() - t0, 1),
-               "sources": [{"name": name, "path": tr["path"], "layout": tr["layout"],
-                            "train": tr["stop"] - tr["start"], "val": va["stop"] - va["start"]}
-                           for name, tr, va in zip(names, train_set.sources, val_set.sources)]}
-    if cfg.data is None:
-        from extras import synthetic
-        summary["path"] = synthetic.synthetic_dir(cache=cfg.cache)
+    from extras import report  # run.json's account of the data
+    summary = report.data_summary(cfg, train_set, val_set, time.time() - t0)
     per_source = None
-    if len(names) > 1:
+    if len(val_set.sources) > 1:
         from extras import sources
         per_source = sources.per_source(val_set, val_images, val_masks)
     return train, val, summary, per_source
@@ -417,8 +383,7 @@ def new_model(cfg):
 
 
 def build_model(cfg, jit, state, paths, writes):
-    """The compiled U-Net; on resume, with the weights and optimizer state of last.keras, and the
-    files a kill can leave one epoch behind rewritten (extras/resume.py)."""
+    """The compiled U-Net; on resume, with last.keras's weights and optimizer (extras/resume.py)."""
     import unet
     model = unet.compile_model(new_model(cfg), cfg.loss, cfg.lr, jit, ema=cfg.ema)
     if cfg.init and not state["epoch"]:  # weights only: fine-tuning starts a fresh optimizer
@@ -430,26 +395,6 @@ def build_model(cfg, jit, state, paths, writes):
         if resume.repair(state, writes, read_state(paths["best"])):
             save_best(model, cfg, writes, state)
     return model
-
-
-def feed(batches, workers, get=None):
-    """data.Batches as a keras.utils.PyDataset: fit's worker threads call batches[i] in parallel
-    (augmentation is Pillow C code that releases the GIL, and threads share the arrays for free).
-    get(i): batch i another way (extras/device_augment.py: warped on the accelerator)."""
-    import keras
-    get = get or batches.__getitem__
-
-    class Feed(keras.utils.PyDataset):
-        def __len__(self):
-            return len(batches)
-
-        def __getitem__(self, index):
-            return get(index)
-
-        def on_epoch_end(self):
-            batches.on_epoch_end()
-
-    return Feed(workers=workers, max_queue_size=16)
 
 
 def cluster_place():
@@ -469,7 +414,7 @@ def train(args):
         common.check_writable(cfg.out)
     paths = run_paths(cfg.out)
     keras = common.import_keras()  # after the flag checks, so bad input fails fast
-    from extras import runtime as rt
+    from extras import report, runtime as rt
     if place:
         from extras import cluster
         cluster.join(cfg, place, keras.backend.backend())
@@ -497,11 +442,7 @@ def train(args):
         t_fit = time.time()
         if not (state["epoch"] >= cfg.epochs or state["stopped"]):
             if chief:
-                print(start_line(cfg, runtime, model, data_summary), flush=True)
-            get = None
-            if runtime.augment_on == "device":
-                from extras import device_augment
-                get = device_augment.device_batches(train_batches)
+                print(report.start_line(cfg, runtime, model, data_summary), flush=True)
             run = Run(cfg, state, writes, model, chief, per_source, started=t_fit)
             callbacks = [epoch_end(run, len(train_batches))]
             if cfg.ema and not per_source:  # fit validates the average (per source: sources.py)
@@ -511,9 +452,10 @@ def train(args):
                 callbacks.append(curves.tensorboard(cfg.tensorboard))
             verbose = cfg.verbose if cfg.verbose is not None else int(sys.stdout.isatty())
             workers = cfg.workers or os.cpu_count() or 1
+            train_feed = rt.feed(train_batches, workers, rt.device_batches(runtime, train_batches))
             with scope():
-                model.fit(feed(train_batches, workers, get),
-                          validation_data=None if per_source else feed(val_batches, workers),
+                model.fit(train_feed,
+                          validation_data=None if per_source else rt.feed(val_batches, workers),
                           epochs=cfg.epochs, initial_epoch=state["epoch"],
                           verbose=verbose if chief else 0, callbacks=callbacks)
     finally:
@@ -521,7 +463,7 @@ def train(args):
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    run_record["result"] = summarize(state, paths, t_fit)
+    run_record["result"] = report.summarize(state, paths, t_fit)
     run_record["budget"] = state.get("budget")  # --minutes' decision, or None
     if chief and os.path.exists(paths["best"]):  # stored with the model: predict.py flags by it
         import predict
@@ -533,49 +475,10 @@ def train(args):
     return {**run_record["result"], "chief": chief}
 
 
-def start_line(cfg, r, model, summary):
-    hosts = f" on {r.processes} processes, {r.replicas} devices" if r.processes > 1 else ""
-    notes = [f"augmenting on the {r.augment_on}" if r.augment_on else "",
-             "sources balanced" if cfg.balance else "",
-             f"weights averaged, EMA {cfg.ema}" if cfg.ema else "",
-             f"starting from {cfg.init}" if cfg.init else ""]
-    return (f"training {model.name} ({model.count_params() / 1e6:.2f} M params){hosts} on "
-            f"{summary['train']} images, validating on {summary['val']}, {cfg.size} px, batch "
-            f"{cfg.batch}; {r.backend} {r.accelerator} {r.precision} jit={r.jit} ({r.jit_reason}) "
-            f"distribute={r.distribute}" + "".join(f"; {n}" for n in notes if n))
-
-
-def summarize(state, paths, t_fit):
-    rates = [r["images_per_sec"] for r in state["history"]]
-    best = state["best"] or {}
-    return {"epochs_done": state["epoch"], "best_epoch": best.get("epoch"),
-            "val_dice": best.get("val_dice"), "val_iou": best.get("val_iou"),
-            "images_per_sec": float(np.median(rates[1:] or rates)) if rates else None,
-            "train_seconds": round(time.time() - t_fit, 1), "stopped": state["stopped"],
-            "diverged": state["diverged"],
-            "files": [paths[k] for k in ("best", "last", "log", "curves", "run")]}
-
-
-def finish(s):
-    """Process 0 says how the run ended; the exit code (1: diverged, a failure during the run)."""
-    if not s["chief"]:
-        return 1 if s["diverged"] else 0
-    if s["diverged"]:
-        print(f"stopped: training diverged ({s['diverged']}); the last good epoch is kept",
-              flush=True)
-    elif s["stopped"]:
-        print(f"stopped: {s['stopped']}", flush=True)
-    if s["best_epoch"]:
-        print(f"best epoch {s['best_epoch']} of {s['epochs_done']}: val Dice {s['val_dice']:.4f}, "
-              f"val IoU {s['val_iou']:.4f}; {s['images_per_sec']:.1f} images/s (training batches)",
-              flush=True)
-    print("files: " + ", ".join(f for f in s["files"] if os.path.exists(f)), flush=True)
-    return 1 if s["diverged"] else 0
-
-
 @functools.partial(common.command, interrupted="interrupted: rerun the same command to resume "
                                                "after the last finished epoch")
 def main(argv=None):
+    from extras import report  # how the run ended, and the exit code
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     if args.plot:
@@ -584,9 +487,9 @@ def main(argv=None):
     place = cluster_place()
     if place:  # one of several processes: it supervises a child that trains (extras/cluster.py)
         from extras import cluster
-        return cluster.main(lambda: finish(train(args)), __file__, argv, place,
+        return cluster.main(lambda: report.finish(train(args)), __file__, argv, place,
                             args.cluster_timeout)
-    return finish(train(args))
+    return report.finish(train(args))
 
 
 if __name__ == "__main__":

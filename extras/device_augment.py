@@ -77,7 +77,7 @@ def device_warp(batches):
 
 
 def device_batches(batches):
-    """The feed's device path for train.feed: batch `index` drawn on the host (a gather and a few
-    hundred numbers) and warped on the accelerator."""
+    """The feed's device path for runtime.feed: batch `index` drawn on the host (a gather and a
+    few hundred numbers) and warped on the accelerator."""
     warp = device_warp(batches)
     return lambda index: warp(*batches.draw(index))

@@ -1,4 +1,5 @@
-"""Resuming a run: what train.py does when --out already holds a last.keras (and no --fresh).
+"""Resuming a run: what train.py does when --out already holds a last.keras (and no --fresh), and
+what --fresh does instead.
 
 The resume state (epoch, best score, schedule and early-stopping counters, the log rows) is an
 extra entry inside last.keras itself (train.save_model / train.read_state), so weights and state
@@ -6,9 +7,17 @@ cannot disagree. A run resumes only under the configuration that made it: a chan
 defines the run (the weights' shape, the data stream) is one line naming it; --fresh starts over.
 """
 import json
+import os
 
 import common
 import data
+
+
+def discard(paths):
+    """--fresh: the earlier run's files go (run.json is rewritten before fit)."""
+    for k in ("last", "state", "log", "best", "curves"):
+        if os.path.exists(paths[k]):
+            os.remove(paths[k])
 
 
 def check_same_run(state, identity, defaults, path):

@@ -3,6 +3,7 @@ accelerator, precision, XLA (jit), distribution over devices, where augmentation
 
 train.py imports it at the start of every run (not at `import train`); --precision, --jit,
 --distribute and --augment-on choose here, and run.json records the result (Runtime.record).
+feed() hands data.Batches to model.fit through Keras' worker threads.
 XLA on a TensorFlow CPU is decided by timing both settings (probe_jit): docs/training.md says why.
 """
 import contextlib
@@ -212,3 +213,32 @@ def split_evenly(images, masks, replicas):
         print(f"note: validating on {keep} of {len(images)} images (a multiple of {replicas} "
               "replicas)", file=sys.stderr)
     return images[:keep], masks[:keep]
+
+
+def device_batches(runtime, batches):
+    """With --augment-on device, batch i drawn on the host and warped on the accelerator
+    (extras/device_augment.py), for feed(); else None."""
+    if runtime.augment_on != "device":
+        return None
+    from extras import device_augment
+    return device_augment.device_batches(batches)
+
+
+def feed(batches, workers, get=None):
+    """data.Batches as a keras.utils.PyDataset: fit's worker threads call batches[i] in parallel
+    (augmentation is Pillow C code that releases the GIL, and threads share the arrays for free).
+    get(i): batch i another way (extras/device_augment.py: warped on the accelerator)."""
+    import keras
+    get = get or batches.__getitem__
+
+    class Feed(keras.utils.PyDataset):
+        def __len__(self):
+            return len(batches)
+
+        def __getitem__(self, index):
+            return get(index)
+
+        def on_epoch_end(self):
+            batches.on_epoch_end()
+
+    return Feed(workers=workers, max_queue_size=16)

@@ -466,14 +466,14 @@ def test_batches_resume_at_an_epoch_continues_the_stream():
 
 def test_batches_feed_model_fit():
     keras = common.import_keras()
-    import train
+    from extras import runtime
 
     images, masks = synthetic.make_synthetic(6, seed=0, size_wh=(16, 16))
     model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255),
                               keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")])
     model.compile("adam", "binary_crossentropy")
     batches = data.Batches(images, masks.astype(np.uint8), batch_size=4)
-    history = model.fit(train.feed(batches, workers=2), epochs=2, verbose=0)
+    history = model.fit(runtime.feed(batches, workers=2), epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2 and batches.epoch >= 1
 
 

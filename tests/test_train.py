@@ -463,7 +463,7 @@ def test_jax_fit_with_device_augmentation_keeps_batches_on_the_device(synthetic_
     code = f"""
 import sys; sys.path.insert(0, {ROOT!r})
 import numpy as np, jax, keras, data, train, unet
-from extras import augment, device_augment, synthetic
+from extras import augment, device_augment, runtime, synthetic
 rc = train.main({[*TINY, "--data", synthetic_data, "--epochs", "2", "--out", out, "--augment-on", "device",
                   "--upsample", "matmul", "--verbose", "0"]!r})
 assert rc == 0, rc
@@ -485,7 +485,7 @@ def steps_see(feed_warp):
         seen.append(batch[0])
         return step(state, iter([batch]))
     model.train_function = spy
-    model.fit(train.feed(batches, 2, lambda i: recording(*batches.draw(i))), epochs=1, verbose=0)
+    model.fit(runtime.feed(batches, 2, lambda i: recording(*batches.draw(i))), epochs=1, verbose=0)
     return made, seen
 
 def untouched(made, seen):  # every batch the step got is a device array the warp made
