@@ -120,24 +120,12 @@ def read_run_json(weights):
     return {}
 
 
-def with_review(predictor, run, override=None):
-    """The predictor with its review threshold: `override` (--review-threshold), else run.json's,
-    else REVIEW_THRESHOLD (a model trained before train.py stored one)."""
-    if override is not None:
-        predictor.review_threshold, predictor.review_source = float(override), "--review-threshold"
-    elif run.get("review_threshold") is not None:
-        predictor.review_threshold = float(run["review_threshold"])
-        predictor.review_source = f"from {os.path.basename(run['_path'])}"
-    else:
-        predictor.review_threshold = REVIEW_THRESHOLD
-        predictor.review_source = "the default: the model stores none"
-    return predictor
-
-
 def load_predictor(path=None, size=None, review_threshold=None):
     """A Predictor for a .keras file or an export; None: the released model (models/README.md).
     `size`: only for a model of any input size, which otherwise takes run.json's training size.
-    `review_threshold` overrides the one stored with the model (with_review)."""
+    `review_threshold` overrides the one stored with the model (extras/review.py's with_review)."""
+    from extras import review  # the review flag's threshold
+
     if path is None or os.path.abspath(path) == RELEASED:
         try:
             predictor = _load(RELEASED, size, None)  # its size is fixed
@@ -146,9 +134,10 @@ def load_predictor(path=None, size=None, review_threshold=None):
             # The remedy first: a library's message behind it may be long (one_line cuts it).
             raise common.Error(e.file, "the released model cannot be used: restore it with "
                                        f"`git checkout models/` ({e.problem})") from None
-        return with_review(predictor, run, review_threshold)
+        return review.with_review(predictor, run, review_threshold)
     run = read_run_json(path)
-    return with_review(_load(os.fspath(path), size, run.get("size")), run, review_threshold)
+    predictor = _load(os.fspath(path), size, run.get("size"))
+    return review.with_review(predictor, run, review_threshold)
 
 
 def _load(path, size, default_size):
@@ -180,40 +169,6 @@ def predict_probs(predictor, images, tta=False, post="none", threshold=0.5):
         return probs
     from extras import postprocess  # --post
     return np.stack([postprocess.postprocess(p, threshold, post) for p in probs])
-
-
-# --- Knowing when it is wrong: one number per photo, and the review flag ----------------------
-REVIEW_THRESHOLD = 0.2  # for a model that stores none: docs/evaluation.md, "the review flag"
-REVIEW_SHARE = 0.15  # train.py stores the threshold that flags this share of its val photos
-
-
-def uncertainty(prob, threshold=0.5):
-    """Per map of (H, W) or (N, H, W) probabilities, in [0, 1): 1 - the soft Jaccard of the map
-    and its own mask (prob > threshold), what the mask would miss by if the probabilities were
-    honest. A confident map (every pixel 0 or 1) scores 0; a pixel of smoothing keeps an almost
-    empty map from jumping to 1. Sums only: no flip or rotation of the map changes it."""
-    prob = np.asarray(prob, np.float64)
-    mask = prob > threshold
-    inside = np.sum(prob, axis=(-2, -1), where=mask)
-    union = np.count_nonzero(mask, axis=(-2, -1)) + np.sum(prob, axis=(-2, -1), where=~mask)
-    return 1.0 - (inside + 1.0) / (union + 1.0)
-
-
-def choose_review_threshold(uncertainties, share=REVIEW_SHARE):
-    """The lowest threshold (one of the values) that flags at most `share` of these photos; a photo
-    is flagged when its uncertainty is over it. None for no photos."""
-    values = np.sort(np.asarray(uncertainties, np.float64))
-    if not len(values):
-        return None
-    return float(values[len(values) - int(share * len(values)) - 1])
-
-
-def review_threshold_of(weights, val_images):
-    """The threshold train.py stores in run.json: the one that flags REVIEW_SHARE of the model's
-    val photos (uint8 (N, S, S, 3) at its input size); None without any."""
-    if not len(val_images):
-        return None
-    return choose_review_threshold(uncertainty(load_predictor(weights).predict(val_images)))
 
 
 # --- One photo: the functions the bulk path below, evaluate.py and the web app share ---------
@@ -365,10 +320,11 @@ def _decode_photo(reader, image_id, file, size):
 def _write_prediction(folder, image_id, file, native, preview, small_prob, threshold, overlays,
                       review_at):
     """Mask at native size, overlay preview and the CSV row of one photo; a thread runs it."""
+    from extras import review  # each photo's uncertainty and review flag
+
     t = time.perf_counter()
     stats, mask = native_prob(small_prob, native, threshold)
-    stats["uncertainty"] = float(uncertainty(small_prob, threshold))
-    stats["review"] = int(stats["uncertainty"] > review_at)
+    stats.update(review.flag(small_prob, threshold, review_at))
     save_mask_png(folder, image_id, mask)
     if overlays:
         from extras import overlay  # on unless --no-overlay
@@ -443,6 +399,8 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
 
 def model_parser(description):
     """The flags of running a model, shared with evaluate.py; parse() checks them."""
+    from extras import review  # --review-threshold's default
+
     p = common.ArgumentParser(description=description)
     p.add_argument("--weights", help=".keras file, SavedModel folder, .tflite or .onnx "
                    "(default: models/skin_unet.keras, the released model)")
@@ -453,7 +411,7 @@ def model_parser(description):
     p.add_argument("--size", type=int, default=None, help="input size for a size-agnostic model")
     p.add_argument("--review-threshold", type=float, default=None, metavar="U",
                    help="flag photos whose uncertainty is over U (default: the one stored with "
-                   f"the model, else {REVIEW_THRESHOLD})")
+                   f"the model, else {review.REVIEW_THRESHOLD})")
     p.add_argument("--no-progress", action="store_true")
     return p
 
