@@ -4,9 +4,9 @@
 
 For each photo: <id>_segmentation.png (0/255 at native size, the ISIC submission format),
 <id>_overlay.jpg (at most 1024 px) and a predictions.csv row, with the photo's uncertainty and
-review flag. --data is a folder of photos, one photo, a data folder (masks ignored) or an ISIC 2024
-HDF5 archive (extras/archive.py). Read top to bottom: the Predictor and its loaders, predicting,
-knowing when it is wrong, one photo (shared with app.py), the pipeline (shared with evaluate.py),
+review flag (extras/review.py). --data is a folder of photos, one photo, a data folder (masks
+ignored) or an ISIC 2024 HDF5 archive (extras/archive.py). Read top to bottom: the Predictor and
+its loaders, predicting, one photo (shared with app.py), the pipeline (shared with evaluate.py),
 photos in bulk, the command line. docs/evaluation.md has more.
 """
 import csv
@@ -27,8 +27,7 @@ import data
 
 class Predictor:
     """predict(uint8 (N, S, S, 3) raw RGB) -> float32 (N, S, S) foreground probability.
-    review_threshold: the uncertainty over which a photo is flagged, from the model's run.json
-    (or models/skin_unet.json) if it carries one; review_source says which."""
+    review_threshold and review_source: set by load_predictor (extras/review.py's with_review)."""
     review_threshold, review_source = None, None
 
     def __init__(self, path, kind, size, run_batch, batch=8):
@@ -182,7 +181,7 @@ def model_input(image, size):
 
 
 def native_prob(small_prob, size_hw, threshold=0.5):
-    """(_stats, bool mask at size_hw) of the model-size map, resized (bilinear) a band of rows
+    """(figures, bool mask at size_hw) of the model-size map, resized (bilinear) a band of rows
     at a time from the whole map's sampling grid: one resize's mask, but the float32 map of a
     50-megapixel photo (200 MB) is never whole."""
     h, w = size_hw
@@ -196,13 +195,10 @@ def native_prob(small_prob, size_hw, threshold=0.5):
         hit = np.greater(band, threshold, out=mask[top:bottom])
         area += int(np.count_nonzero(hit))
         inside += float(np.sum(band, where=hit, dtype=np.float64))
-    return _stats(area, inside, h, w), mask
-
-
-def _stats(area, inside, h, w):
-    """A mask's figures: its area in pixels and in % of the photo, the mean probability inside."""
-    return {"area_px": area, "area_percent": 100.0 * area / (h * w) if h * w else 0.0,
-            "mean_prob": inside / area if area else 0.0, "width": int(w), "height": int(h)}
+    # The mask's figures: its area in pixels and in % of the photo, the mean probability inside.
+    figures = {"area_px": area, "area_percent": 100.0 * area / (h * w) if h * w else 0.0,
+               "mean_prob": inside / area if area else 0.0, "width": int(w), "height": int(h)}
+    return figures, mask
 
 
 def preview_hw(hw, side=PREVIEW_SIDE):
@@ -234,7 +230,6 @@ def save_mask_png(folder, image_id, pred):
 
 
 # --- The pipeline: the model never waits for the disk ----------------------------------------
-
 def pipeline(items, decode, finish, predict, batch, timing, problems, bar, workers=None):
     """While the model predicts batch i, one thread decodes batch i + 1 and a pool finishes
     (scores, writes) batch i - 1: at most three batches in flight. decode(item) -> (a tuple ending
@@ -271,6 +266,7 @@ def pipeline(items, decode, finish, predict, batch, timing, problems, bar, worke
 # --- Photos in bulk --------------------------------------------------------------------------
 COLUMNS = ("image_id", "file", "width", "height", "area_px", "area_percent", "mean_prob",
            "uncertainty", "review")
+DECIMALS = {"area_percent": ".4f", "mean_prob": ".6f", "uncertainty": ".6f"}  # in predictions.csv
 OUTPUT_SUFFIXES = ("_segmentation", "_overlay")  # our own outputs, never photos to segment
 HDF5_SUFFIXES = (".hdf5", ".h5")  # an ISIC 2024 archive; its photos are "archive.hdf5:<key>"
 
@@ -332,21 +328,11 @@ def _write_prediction(folder, image_id, file, native, preview, small_prob, thres
     return {"image_id": image_id, "file": file, **stats}, time.perf_counter() - t
 
 
-def csv_line(row):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writerow({**row, "area_percent": f"{row['area_percent']:.4f}",
-                     "mean_prob": f"{row['mean_prob']:.6f}",
-                     "uncertainty": f"{row['uncertainty']:.6f}"})
-    return buffer.getvalue()
-
-
 def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none", overwrite=False,
                    overlays=True, progress=True, workers=None):
     """Segment find_photos' list into `out`: masks, overlays and predictions.csv rows (appended and
     flushed in photo order). Photos an earlier run finished are skipped unless overwrite; a bad
-    file is a problem, skipped. A row's review is 1 when its uncertainty is over the predictor's
-    review_threshold. Returns counts, not rows, so memory stays flat over an archive."""
+    file is a problem, skipped. Returns counts, not rows, so memory stays flat over an archive."""
     os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "predictions.csv")
     finished = set()
@@ -355,15 +341,13 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
     else:  # an earlier run's: keep what it finished
         from extras import archive
         finished = archive.finished(out, csv_path, COLUMNS)
-    problems, seen, todo = [], {}, []
+    problems, seen = [], {}
     for image_id, file in photos:
         if image_id in seen:  # a.jpg and a.png would write the same <id>_segmentation.png
             problem = f"duplicate id {image_id} (already {seen[image_id]}); skipped"
             problems.append({"file": file, "problem": problem})
-            continue
-        seen[image_id] = file
-        if image_id not in finished:
-            todo.append((image_id, file))
+        seen.setdefault(image_id, file)
+    todo = [(image_id, file) for image_id, file in seen.items() if image_id not in finished]
     reader = None
     if todo and todo[0][1].rpartition(":")[0].lower().endswith(HDF5_SUFFIXES):  # one source
         from extras import archive
@@ -371,16 +355,17 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
     timing = dict.fromkeys(("decode", "predict", "write"), 0.0)
     bar = common.Progress(len(todo), "predict", progress)
     done, flagged, started = 0, 0, time.perf_counter()
-    review_at = predictor.review_threshold if predictor.review_threshold is not None else 1.0
     try:
         with open(csv_path, "a", newline="") as rows:
+            writer = csv.DictWriter(rows, COLUMNS, extrasaction="ignore", lineterminator="\n")
             for _, (row, seconds) in pipeline(
                     todo, lambda item: _decode_photo(reader, *item, predictor.size),
                     lambda d, prob: _write_prediction(out, *d[:-1], prob, threshold, overlays,
-                                                      review_at),
+                                                      predictor.review_threshold),
                     lambda x: predict_probs(predictor, x, tta, post, threshold), predictor.batch,
                     timing, problems, bar, workers):
-                rows.write(csv_line(row))  # one line, one write: a kill leaves whole rows behind
+                # One line, one write: a kill leaves whole rows behind.
+                writer.writerow({**row, **{k: format(row[k], f) for k, f in DECIMALS.items()}})
                 rows.flush()
                 timing["write"] += seconds
                 done += 1
@@ -391,12 +376,10 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
             reader.close()
     timing["total"] = time.perf_counter() - started
     return {"done": done, "flagged": flagged, "skipped_existing": len(seen) - len(todo),
-            "problems": problems,
-            "seconds": {k: round(v, 3) for k, v in timing.items()}}
+            "problems": problems, "seconds": {k: round(v, 3) for k, v in timing.items()}}
 
 
 # --- Command line ----------------------------------------------------------------------------
-
 def model_parser(description):
     """The flags of running a model, shared with evaluate.py; parse() checks them."""
     from extras import review  # --review-threshold's default

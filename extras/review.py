@@ -40,9 +40,9 @@ def uncertainty(prob, threshold=0.5):
 
 def flag(prob, threshold, review_at):
     """One model-size map's row fields: its uncertainty, and review = 1 when that is over
-    `review_at` (the predictor's review threshold; 1.0 flags nothing)."""
+    `review_at`, the predictor's review threshold (None or 1.0 flags nothing)."""
     unsure = float(uncertainty(prob, threshold))
-    return {"uncertainty": unsure, "review": int(unsure > review_at)}
+    return {"uncertainty": unsure, "review": int(review_at is not None and unsure > review_at)}
 
 
 # --- the threshold: chosen on val, stored with the model -------------------------------------
