@@ -30,7 +30,7 @@ import numpy as np
 
 import common
 import data
-import predict  # the one prediction path: loaders, TTA, post-processing, the pipeline (no Keras)
+import predict  # the one prediction path: loaders, TTA, post-processing (imports no Keras)
 
 METRICS = ("dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity", "accuracy")
 JACCARD_CUTOFF = 0.65  # the challenge's "thresholded Jaccard": below this an image scores 0
@@ -221,7 +221,8 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
     finish = lambda decoded, prob: _score(decoded, prob, threshold, save_masks, thumbnails,
                                           review_at)
     # In image order, so rows, problems and the grid sample are the same on every run.
-    for decoded, scored in predict.pipeline(pairs, decode, finish, model, predictor.batch,
+    from extras import pipeline  # decode, predict and score side by side
+    for decoded, scored in pipeline.overlap(pairs, decode, finish, model, predictor.batch,
                                             timing, problems, bar, workers):
         timing["score"] += scored.score_s
         timing["write"] += scored.write_s

@@ -6,16 +6,14 @@ For each photo: <id>_segmentation.png (0/255 at native size, the ISIC submission
 <id>_overlay.jpg (at most 1024 px) and a predictions.csv row, with the photo's uncertainty and
 review flag (extras/review.py). --data is a folder of photos, one photo, a data folder (masks
 ignored) or an ISIC 2024 HDF5 archive (extras/archive.py). Read top to bottom: the Predictor and
-its loaders, predicting, one photo (shared with app.py), the pipeline (shared with evaluate.py),
-photos in bulk, the command line. docs/evaluation.md has more.
+its loaders, predicting, one photo (shared with app.py), photos in bulk (through
+extras/pipeline.py, shared with evaluate.py), the command line. docs/evaluation.md has more.
 """
 import csv
-import io
 import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -100,9 +98,8 @@ RELEASED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "s
 
 
 def read_run_json(weights):
-    """train.py's run.json beside the weights (or one folder up for an export), else {}. The
-    released model's is models/skin_unet.json (its review threshold): the run.json a quick start
-    leaves in the repository is not its own."""
+    """train.py's run.json beside the weights (or one folder up for an export), else {}; the
+    released model's is models/skin_unet.json (the quick start's run.json here is not its own)."""
     if os.path.abspath(weights) == RELEASED:
         candidates = [os.path.splitext(RELEASED)[0] + ".json"]
     else:
@@ -125,17 +122,17 @@ def load_predictor(path=None, size=None, review_threshold=None):
     `review_threshold` overrides the one stored with the model (extras/review.py's with_review)."""
     from extras import review  # the review flag's threshold
 
-    if path is None or os.path.abspath(path) == RELEASED:
-        try:
-            predictor = _load(RELEASED, size, None)  # its size is fixed
-            run = read_run_json(RELEASED)
-        except common.Error as e:
-            # The remedy first: a library's message behind it may be long (one_line cuts it).
-            raise common.Error(e.file, "the released model cannot be used: restore it with "
-                                       f"`git checkout models/` ({e.problem})") from None
-        return review.with_review(predictor, run, review_threshold)
-    run = read_run_json(path)
-    predictor = _load(os.fspath(path), size, run.get("size"))
+    released = path is None or os.path.abspath(path) == RELEASED
+    path = RELEASED if released else os.fspath(path)
+    try:
+        run = read_run_json(path)
+        predictor = _load(path, size, run.get("size"))
+    except common.Error as e:
+        if not released:
+            raise
+        # The remedy first: a library's message behind it may be long (one_line cuts it).
+        raise common.Error(e.file, "the released model cannot be used: restore it with "
+                                   f"`git checkout models/` ({e.problem})") from None
     return review.with_review(predictor, run, review_threshold)
 
 
@@ -201,66 +198,20 @@ def native_prob(small_prob, size_hw, threshold=0.5):
     return figures, mask
 
 
-def preview_hw(hw, side=PREVIEW_SIDE):
-    """(h, w) scaled down so the long side is at most `side` (never up)."""
-    h, w = hw
-    scale = min(1.0, side / max(h, w))
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
-
 def decode_preview(file, native, raw=None):
-    """The photo as uint8 (h, w, 3) at preview_hw(native): a JPEG decodes in draft mode at the
-    smallest scale that still covers it, so full-resolution pixels are never decoded."""
-    hw = preview_hw(native)
+    """The photo as uint8 (h, w, 3), its long side at most PREVIEW_SIDE (never enlarged): a JPEG
+    decodes in draft mode at the smallest scale that still covers it, so full-resolution pixels
+    are never decoded."""
+    scale = min(1.0, PREVIEW_SIDE / max(native))
+    hw = max(1, round(native[0] * scale)), max(1, round(native[1] * scale))
     return data.resize_image(data.load_image(file, min_size=hw, raw=raw), hw)
-
-
-def png_bytes(image, **kw):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", **kw)
-    return buffer.getvalue()
 
 
 def save_mask_png(folder, image_id, pred):
     # ISIC submission format: 8-bit greyscale, 0/255, native size, <id>_segmentation.png.
     image = Image.fromarray(pred.astype(np.uint8) * 255, mode="L")
-    payload = png_bytes(image, compress_level=1)
     common.atomic_write(os.path.join(folder, f"{image_id}_segmentation.png"),
-                        lambda f: f.write(payload))
-
-
-# --- The pipeline: the model never waits for the disk ----------------------------------------
-def pipeline(items, decode, finish, predict, batch, timing, problems, bar, workers=None):
-    """While the model predicts batch i, one thread decodes batch i + 1 and a pool finishes
-    (scores, writes) batch i - 1: at most three batches in flight. decode(item) -> (a tuple ending
-    in the model input, or a problem dict; seconds); finish(decoded, prob) runs in the pool.
-    Yields (decoded, finish's result) in item order; problems and times are recorded."""
-    chunks = (items[i:i + batch] for i in range(0, len(items), batch))
-    workers = workers or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(1) as decoder, ThreadPoolExecutor(workers) as pool:
-        submit = lambda chunk: [decoder.submit(decode, item) for item in chunk or ()]
-        decoding, finishing = submit(next(chunks, None)), []
-        while decoding:
-            decoded = []
-            for job in decoding:
-                result, seconds = job.result()
-                timing["decode"] += seconds
-                if isinstance(result, dict):
-                    problems.append(result)
-                    bar.update()
-                else:
-                    decoded.append(result)
-            decoding = submit(next(chunks, None))
-            if decoded:
-                t = time.perf_counter()
-                probs = predict(np.stack([d[-1] for d in decoded]))
-                timing["predict"] += time.perf_counter() - t
-                jobs = [(d, pool.submit(finish, d, prob)) for d, prob in zip(decoded, probs)]
-                for d, job in finishing:  # batch i - 1 has been finishing while batch i predicted
-                    yield d, job.result()
-                finishing = jobs
-        for d, job in finishing:
-            yield d, job.result()
+                        lambda f: image.save(f, format="PNG", compress_level=1))
 
 
 # --- Photos in bulk --------------------------------------------------------------------------
@@ -277,8 +228,9 @@ def find_photos(source):
     if os.path.isfile(source) and source.lower().endswith(HDF5_SUFFIXES):
         from extras import archive  # h5py, only for an archive
         return archive.find_photos(source)
+    image_id = lambda path: os.path.splitext(os.path.basename(path))[0]
     if os.path.isfile(source):
-        return [(os.path.splitext(os.path.basename(source))[0], source)]
+        return [(image_id(source), source)]
     if not os.path.isdir(source):
         raise common.Error(source, "no such file or folder")
     layout = data.layout_of(source)
@@ -287,14 +239,10 @@ def find_photos(source):
         files = [p for folder in folders for p in data.image_files(folder)]
     else:
         files = [p for p in data.image_files(source)
-                 if not _image_id(p).lower().endswith(OUTPUT_SUFFIXES)]
+                 if not image_id(p).lower().endswith(OUTPUT_SUFFIXES)]
     if not files:
         raise common.Error(source, "no images found")
-    return [(_image_id(p), p) for p in sorted(files)]
-
-
-def _image_id(path):
-    return os.path.splitext(os.path.basename(path))[0]
+    return [(image_id(p), p) for p in sorted(files)]
 
 
 def _decode_photo(reader, image_id, file, size):
@@ -355,10 +303,11 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
     timing = dict.fromkeys(("decode", "predict", "write"), 0.0)
     bar = common.Progress(len(todo), "predict", progress)
     done, flagged, started = 0, 0, time.perf_counter()
+    from extras import pipeline
     try:
         with open(csv_path, "a", newline="") as rows:
             writer = csv.DictWriter(rows, COLUMNS, extrasaction="ignore", lineterminator="\n")
-            for _, (row, seconds) in pipeline(
+            for _, (row, seconds) in pipeline.overlap(  # decode, predict, write side by side
                     todo, lambda item: _decode_photo(reader, *item, predictor.size),
                     lambda d, prob: _write_prediction(out, *d[:-1], prob, threshold, overlays,
                                                       predictor.review_threshold),
