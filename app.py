@@ -8,7 +8,7 @@ Any model predict.py reads works (.keras, a SavedModel folder, a .tflite, an .on
 same Predictor and the same preprocessing as `predict.py`. The page shows the photo with the lesion
 tinted and outlined, the mask, the lesion's area, and a threshold slider that re-draws all of it
 from the cached probability map without running the model again; the mask downloads as a PNG at
-the photo's native size. It also shows the photo's uncertainty (predict.uncertainty, at the
+the photo's native size. It also shows the photo's uncertainty (extras/review.py, at the
 slider's threshold), a cyan hatch where the model is unsure, and a "review suggested" line when
 the uncertainty is over the model's review threshold (or --review-threshold), as predict.py flags
 a photo in predictions.csv. It serves on 127.0.0.1 only unless --host says otherwise, sends no
@@ -219,6 +219,8 @@ def render(state, threshold, photos):
     images by content and rewrites them in place, which broke downloads of identical results under
     concurrency). Renders of this photo older than KEEP_RENDERS are removed. Once `photos` is
     closed (the server is stopping) nothing is written and the status says so."""
+    from extras import review  # the photo's uncertainty
+
     held = dict(state)  # Photos.forget may empty the state while this runs
     if not held:
         return (None, None, "⚠️ This photo was forgotten (the server was busy): upload it again.",
@@ -228,7 +230,7 @@ def render(state, threshold, photos):
     shown_mask = prob > threshold
     stats, mask = predict.native_prob(small_prob, held["hw"], threshold)
     # From the model-size map, as predict.py's predictions.csv: the same photo, the same number.
-    unsure = float(predict.uncertainty(small_prob, threshold))
+    unsure = float(review.uncertainty(small_prob, threshold))
     # The native mask's own bytes (0/1) made 0/255 in place: no second native-size array.
     native = mask.view(np.uint8)
     np.multiply(native, 255, out=native)
@@ -371,6 +373,8 @@ def build_ui(predictor, folder, photos, max_pixels=MAX_MEGAPIXELS * 10**6):
 
 
 def parse_args(argv):
+    from extras import review  # --review-threshold's default
+
     parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=None,
                         help="model: .keras, .tflite, .onnx or SavedModel folder "
@@ -392,7 +396,7 @@ def parse_args(argv):
                              f"counts them (default {MAX_UPLOAD_MB})")
     parser.add_argument("--review-threshold", type=float, default=None, metavar="U",
                         help="suggest review when a photo's uncertainty is over U (default: the "
-                             f"one stored with the model, else {predict.REVIEW_THRESHOLD})")
+                             f"one stored with the model, else {review.REVIEW_THRESHOLD})")
     args = parser.parse_args(argv)
     if args.weights is not None and not os.path.exists(args.weights):
         raise common.Error(args.weights, "model file not found")

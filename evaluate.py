@@ -12,12 +12,9 @@ images. Any model file works through predict.py's one code path: .keras, a Saved
 without a ground-truth mask are predict.py's.
 
 Each image's row also carries predict.py's uncertainty and review flag, and the summary says how
-well they find the failures (Jaccard below 0.65): the AUROC, the share caught, the share flagged,
-the scores of the photos not flagged (review_figures), with a risk-coverage picture.
-
-Read top to bottom: the metrics, how well the review flag works, the scored run, the command line.
-The comparison grids (grid_*.png) are extras/grids.py, the risk-coverage picture
-extras/risk_coverage.py.
+well they find the failures (Jaccard below 0.65; extras/review.py), with a risk-coverage picture
+(extras/risk_coverage.py). Read top to bottom: the metrics, the scored run, the command line. The
+comparison grids (grid_*.png) are extras/grids.py.
 """
 
 import csv
@@ -33,7 +30,7 @@ import numpy as np
 
 import common
 import data
-import predict  # the one prediction path: loaders, TTA, post-processing, the pipeline (no Keras)
+import predict  # the one prediction path: loaders, TTA, post-processing (imports no Keras)
 
 METRICS = ("dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity", "accuracy")
 JACCARD_CUTOFF = 0.65  # the challenge's "thresholded Jaccard": below this an image scores 0
@@ -117,36 +114,6 @@ def summarize(rows, worst=5):
     return summary
 
 
-# --- how well the review flag finds the failures -------------------------------------------------
-def auroc(scores, positives):
-    """The chance that a random positive scores above a random negative, ties counting half (the
-    area under the ROC curve, from ranks: Mann-Whitney U). None without both kinds."""
-    scores, positives = np.asarray(scores, np.float64), np.asarray(positives, bool)
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if not n_pos or not n_neg:
-        return None
-    values, where, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based; tied values share their mean
-    u = mean_rank[where.ravel()][positives].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def review_figures(rows, threshold):
-    """How well `review` (uncertainty > threshold) finds the failures, the images whose Jaccard is
-    below JACCARD_CUTOFF: what the flag is for, since they score 0 in the challenge's mean."""
-    uncertain = np.array([r["uncertainty"] for r in rows])
-    flagged = np.array([bool(r["review"]) for r in rows])
-    failed = np.array([r["jaccard"] < JACCARD_CUTOFF for r in rows])
-    kept = [r for r, f in zip(rows, flagged) if not f]
-    return {"threshold": threshold, "auroc": auroc(uncertain, failed),
-            "failures": int(failed.sum()),
-            "caught": float(flagged[failed].mean()) if failed.any() else None,
-            "flagged": float(flagged.mean()), "kept": len(kept),
-            "kept_dice": float(np.mean([r["dice"] for r in kept])) if kept else None,
-            "kept_threshold_jaccard": (float(np.mean([r["threshold_jaccard"] for r in kept]))
-                                       if kept else None)}
-
-
 # --- writing: through common.atomic_write, so a crash never leaves half a file --------------------
 def write_bytes(path, payload):
     """`payload` into `path`, whole or not at all."""
@@ -203,6 +170,8 @@ def _decode(pair, size):
 def _score(decoded, prob, threshold, save_masks, thumbnails=None, review_at=1.0):
     """Resize one probability map to its mask's native size, threshold and score it there: a
     Scored. Pure per image, so a pool of threads can run it (Pillow and NumPy release the GIL)."""
+    from extras import review  # each image's uncertainty and review flag
+
     pair = decoded.pair
     t = time.perf_counter()
     try:
@@ -218,8 +187,7 @@ def _score(decoded, prob, threshold, save_masks, thumbnails=None, review_at=1.0)
     row = {"image_id": pair.id, **scores_from_confusion(*counts),
            **dict(zip(("tp", "fp", "fn", "tn"), map(int, counts))),
            "height": truth.shape[0], "width": truth.shape[1],
-           "uncertainty": float(predict.uncertainty(prob, threshold))}
-    row["review"] = int(row["uncertainty"] > review_at)
+           **review.flag(prob, threshold, review_at)}
     scored = time.perf_counter()
     thumbs = thumbnails(truth, pred) if thumbnails else None
     if save_masks:
@@ -253,7 +221,8 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
     finish = lambda decoded, prob: _score(decoded, prob, threshold, save_masks, thumbnails,
                                           review_at)
     # In image order, so rows, problems and the grid sample are the same on every run.
-    for decoded, scored in predict.pipeline(pairs, decode, finish, model, predictor.batch,
+    from extras import pipeline  # decode, predict and score side by side
+    for decoded, scored in pipeline.overlap(pairs, decode, finish, model, predictor.batch,
                                             timing, problems, bar, workers):
         timing["score"] += scored.score_s
         timing["write"] += scored.write_s
@@ -266,8 +235,11 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
                 picker.offer(scored.row, tiles)  # makes the tiles only if it keeps the row
         bar.update()
 
+    from extras import review  # how well the review flag finds the failures
+
     summary = summarize(rows)
-    summary["review"] = {**review_figures(rows, review_at), "source": predictor.review_source}
+    figures = review.review_figures(rows, review_at)
+    summary["review"] = {**figures, "source": predictor.review_source}
     summary.update(info or {})
     summary.update({"model": predictor.path, "model_format": predictor.kind, "size": size,
                     "threshold": threshold, "tta": tta, "post": post, "problems": problems})
@@ -327,22 +299,13 @@ def print_table(summary, file=None):
     print(f"{'pooled jaccard':<18}{summary['pooled']['jaccard']:>9.4f}", file=file)
     worst = ", ".join(f"{w['image_id']} {w['dice']:.3f}" for w in summary["worst"][:3])
     print(f"images {summary['images']}   worst: {worst}", file=file)
-    print(review_line(summary["review"]), file=file)
+    from extras import review
+
+    print(review.review_line(summary["review"]), file=file)
     s = summary["seconds"]
     print(f"time {s['total']:.2f}s wall; stages (decode and scoring overlap prediction): decode "
           f"{s['decode']:.2f}, predict {s['predict']:.2f}, resize-back+score {s['score']:.2f}, "
           f"write {s['write']:.2f}", file=file)
-
-
-def review_line(r):
-    """The review flag's figures in one line (None prints as n/a: no failures, or nothing kept)."""
-    show = lambda v, form: "n/a" if v is None else format(v, form)
-    return (f"review (uncertainty > {r['threshold']:.3f}, {r['source']}): flags "
-            f"{r['flagged']:.1%} of images and catches {show(r['caught'], '.0%')} of the "
-            f"{r['failures']} failures (Jaccard < {JACCARD_CUTOFF}); "
-            f"AUROC {show(r['auroc'], '.3f')}; "
-            f"not flagged: Dice {show(r['kept_dice'], '.4f')}, thresholded Jaccard "
-            f"{show(r['kept_threshold_jaccard'], '.4f')}")
 
 
 def print_problems(problems):

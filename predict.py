@@ -4,18 +4,16 @@
 
 For each photo: <id>_segmentation.png (0/255 at native size, the ISIC submission format),
 <id>_overlay.jpg (at most 1024 px) and a predictions.csv row, with the photo's uncertainty and
-review flag. --data is a folder of photos, one photo, a data folder (masks ignored) or an ISIC 2024
-HDF5 archive (extras/archive.py). Read top to bottom: the Predictor and its loaders, predicting,
-knowing when it is wrong, one photo (shared with app.py), the pipeline (shared with evaluate.py),
-photos in bulk, the command line. docs/evaluation.md has more.
+review flag (extras/review.py). --data is a folder of photos, one photo, a data folder (masks
+ignored) or an ISIC 2024 HDF5 archive (extras/archive.py). Read top to bottom: the Predictor and
+its loaders, predicting, one photo (shared with app.py), photos in bulk (through
+extras/pipeline.py, shared with evaluate.py), the command line. docs/evaluation.md has more.
 """
 import csv
-import io
 import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -27,8 +25,7 @@ import data
 
 class Predictor:
     """predict(uint8 (N, S, S, 3) raw RGB) -> float32 (N, S, S) foreground probability.
-    review_threshold: the uncertainty over which a photo is flagged, from the model's run.json
-    (or models/skin_unet.json) if it carries one; review_source says which."""
+    review_threshold and review_source: set by load_predictor (extras/review.py's with_review)."""
     review_threshold, review_source = None, None
 
     def __init__(self, path, kind, size, run_batch, batch=8):
@@ -101,9 +98,8 @@ RELEASED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "s
 
 
 def read_run_json(weights):
-    """train.py's run.json beside the weights (or one folder up for an export), else {}. The
-    released model's is models/skin_unet.json (its review threshold): the run.json a quick start
-    leaves in the repository is not its own."""
+    """train.py's run.json beside the weights (or one folder up for an export), else {}; the
+    released model's is models/skin_unet.json (the quick start's run.json here is not its own)."""
     if os.path.abspath(weights) == RELEASED:
         candidates = [os.path.splitext(RELEASED)[0] + ".json"]
     else:
@@ -120,35 +116,24 @@ def read_run_json(weights):
     return {}
 
 
-def with_review(predictor, run, override=None):
-    """The predictor with its review threshold: `override` (--review-threshold), else run.json's,
-    else REVIEW_THRESHOLD (a model trained before train.py stored one)."""
-    if override is not None:
-        predictor.review_threshold, predictor.review_source = float(override), "--review-threshold"
-    elif run.get("review_threshold") is not None:
-        predictor.review_threshold = float(run["review_threshold"])
-        predictor.review_source = f"from {os.path.basename(run['_path'])}"
-    else:
-        predictor.review_threshold = REVIEW_THRESHOLD
-        predictor.review_source = "the default: the model stores none"
-    return predictor
-
-
 def load_predictor(path=None, size=None, review_threshold=None):
     """A Predictor for a .keras file or an export; None: the released model (models/README.md).
     `size`: only for a model of any input size, which otherwise takes run.json's training size.
-    `review_threshold` overrides the one stored with the model (with_review)."""
-    if path is None or os.path.abspath(path) == RELEASED:
-        try:
-            predictor = _load(RELEASED, size, None)  # its size is fixed
-            run = read_run_json(RELEASED)
-        except common.Error as e:
-            # The remedy first: a library's message behind it may be long (one_line cuts it).
-            raise common.Error(e.file, "the released model cannot be used: restore it with "
-                                       f"`git checkout models/` ({e.problem})") from None
-        return with_review(predictor, run, review_threshold)
-    run = read_run_json(path)
-    return with_review(_load(os.fspath(path), size, run.get("size")), run, review_threshold)
+    `review_threshold` overrides the one stored with the model (extras/review.py's with_review)."""
+    from extras import review  # the review flag's threshold
+
+    released = path is None or os.path.abspath(path) == RELEASED
+    path = RELEASED if released else os.fspath(path)
+    try:
+        run = read_run_json(path)
+        predictor = _load(path, size, run.get("size"))
+    except common.Error as e:
+        if not released:
+            raise
+        # The remedy first: a library's message behind it may be long (one_line cuts it).
+        raise common.Error(e.file, "the released model cannot be used: restore it with "
+                                   f"`git checkout models/` ({e.problem})") from None
+    return review.with_review(predictor, run, review_threshold)
 
 
 def _load(path, size, default_size):
@@ -182,40 +167,6 @@ def predict_probs(predictor, images, tta=False, post="none", threshold=0.5):
     return np.stack([postprocess.postprocess(p, threshold, post) for p in probs])
 
 
-# --- Knowing when it is wrong: one number per photo, and the review flag ----------------------
-REVIEW_THRESHOLD = 0.2  # for a model that stores none: docs/evaluation.md, "the review flag"
-REVIEW_SHARE = 0.15  # train.py stores the threshold that flags this share of its val photos
-
-
-def uncertainty(prob, threshold=0.5):
-    """Per map of (H, W) or (N, H, W) probabilities, in [0, 1): 1 - the soft Jaccard of the map
-    and its own mask (prob > threshold), what the mask would miss by if the probabilities were
-    honest. A confident map (every pixel 0 or 1) scores 0; a pixel of smoothing keeps an almost
-    empty map from jumping to 1. Sums only: no flip or rotation of the map changes it."""
-    prob = np.asarray(prob, np.float64)
-    mask = prob > threshold
-    inside = np.sum(prob, axis=(-2, -1), where=mask)
-    union = np.count_nonzero(mask, axis=(-2, -1)) + np.sum(prob, axis=(-2, -1), where=~mask)
-    return 1.0 - (inside + 1.0) / (union + 1.0)
-
-
-def choose_review_threshold(uncertainties, share=REVIEW_SHARE):
-    """The lowest threshold (one of the values) that flags at most `share` of these photos; a photo
-    is flagged when its uncertainty is over it. None for no photos."""
-    values = np.sort(np.asarray(uncertainties, np.float64))
-    if not len(values):
-        return None
-    return float(values[len(values) - int(share * len(values)) - 1])
-
-
-def review_threshold_of(weights, val_images):
-    """The threshold train.py stores in run.json: the one that flags REVIEW_SHARE of the model's
-    val photos (uint8 (N, S, S, 3) at its input size); None without any."""
-    if not len(val_images):
-        return None
-    return choose_review_threshold(uncertainty(load_predictor(weights).predict(val_images)))
-
-
 # --- One photo: the functions the bulk path below, evaluate.py and the web app share ---------
 PREVIEW_SIDE = 1024  # px, long side of overlays and of what the web page shows
 BAND_ROWS = 256  # rows of a native-size map worked out at a time (see native_prob)
@@ -227,7 +178,7 @@ def model_input(image, size):
 
 
 def native_prob(small_prob, size_hw, threshold=0.5):
-    """(_stats, bool mask at size_hw) of the model-size map, resized (bilinear) a band of rows
+    """(figures, bool mask at size_hw) of the model-size map, resized (bilinear) a band of rows
     at a time from the whole map's sampling grid: one resize's mask, but the float32 map of a
     50-megapixel photo (200 MB) is never whole."""
     h, w = size_hw
@@ -241,81 +192,32 @@ def native_prob(small_prob, size_hw, threshold=0.5):
         hit = np.greater(band, threshold, out=mask[top:bottom])
         area += int(np.count_nonzero(hit))
         inside += float(np.sum(band, where=hit, dtype=np.float64))
-    return _stats(area, inside, h, w), mask
-
-
-def _stats(area, inside, h, w):
-    """A mask's figures: its area in pixels and in % of the photo, the mean probability inside."""
-    return {"area_px": area, "area_percent": 100.0 * area / (h * w) if h * w else 0.0,
-            "mean_prob": inside / area if area else 0.0, "width": int(w), "height": int(h)}
-
-
-def preview_hw(hw, side=PREVIEW_SIDE):
-    """(h, w) scaled down so the long side is at most `side` (never up)."""
-    h, w = hw
-    scale = min(1.0, side / max(h, w))
-    return max(1, round(h * scale)), max(1, round(w * scale))
+    # The mask's figures: its area in pixels and in % of the photo, the mean probability inside.
+    figures = {"area_px": area, "area_percent": 100.0 * area / (h * w) if h * w else 0.0,
+               "mean_prob": inside / area if area else 0.0, "width": int(w), "height": int(h)}
+    return figures, mask
 
 
 def decode_preview(file, native, raw=None):
-    """The photo as uint8 (h, w, 3) at preview_hw(native): a JPEG decodes in draft mode at the
-    smallest scale that still covers it, so full-resolution pixels are never decoded."""
-    hw = preview_hw(native)
+    """The photo as uint8 (h, w, 3), its long side at most PREVIEW_SIDE (never enlarged): a JPEG
+    decodes in draft mode at the smallest scale that still covers it, so full-resolution pixels
+    are never decoded."""
+    scale = min(1.0, PREVIEW_SIDE / max(native))
+    hw = max(1, round(native[0] * scale)), max(1, round(native[1] * scale))
     return data.resize_image(data.load_image(file, min_size=hw, raw=raw), hw)
-
-
-def png_bytes(image, **kw):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", **kw)
-    return buffer.getvalue()
 
 
 def save_mask_png(folder, image_id, pred):
     # ISIC submission format: 8-bit greyscale, 0/255, native size, <id>_segmentation.png.
     image = Image.fromarray(pred.astype(np.uint8) * 255, mode="L")
-    payload = png_bytes(image, compress_level=1)
     common.atomic_write(os.path.join(folder, f"{image_id}_segmentation.png"),
-                        lambda f: f.write(payload))
-
-
-# --- The pipeline: the model never waits for the disk ----------------------------------------
-
-def pipeline(items, decode, finish, predict, batch, timing, problems, bar, workers=None):
-    """While the model predicts batch i, one thread decodes batch i + 1 and a pool finishes
-    (scores, writes) batch i - 1: at most three batches in flight. decode(item) -> (a tuple ending
-    in the model input, or a problem dict; seconds); finish(decoded, prob) runs in the pool.
-    Yields (decoded, finish's result) in item order; problems and times are recorded."""
-    chunks = (items[i:i + batch] for i in range(0, len(items), batch))
-    workers = workers or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(1) as decoder, ThreadPoolExecutor(workers) as pool:
-        submit = lambda chunk: [decoder.submit(decode, item) for item in chunk or ()]
-        decoding, finishing = submit(next(chunks, None)), []
-        while decoding:
-            decoded = []
-            for job in decoding:
-                result, seconds = job.result()
-                timing["decode"] += seconds
-                if isinstance(result, dict):
-                    problems.append(result)
-                    bar.update()
-                else:
-                    decoded.append(result)
-            decoding = submit(next(chunks, None))
-            if decoded:
-                t = time.perf_counter()
-                probs = predict(np.stack([d[-1] for d in decoded]))
-                timing["predict"] += time.perf_counter() - t
-                jobs = [(d, pool.submit(finish, d, prob)) for d, prob in zip(decoded, probs)]
-                for d, job in finishing:  # batch i - 1 has been finishing while batch i predicted
-                    yield d, job.result()
-                finishing = jobs
-        for d, job in finishing:
-            yield d, job.result()
+                        lambda f: image.save(f, format="PNG", compress_level=1))
 
 
 # --- Photos in bulk --------------------------------------------------------------------------
 COLUMNS = ("image_id", "file", "width", "height", "area_px", "area_percent", "mean_prob",
            "uncertainty", "review")
+DECIMALS = {"area_percent": ".4f", "mean_prob": ".6f", "uncertainty": ".6f"}  # in predictions.csv
 OUTPUT_SUFFIXES = ("_segmentation", "_overlay")  # our own outputs, never photos to segment
 HDF5_SUFFIXES = (".hdf5", ".h5")  # an ISIC 2024 archive; its photos are "archive.hdf5:<key>"
 
@@ -326,8 +228,9 @@ def find_photos(source):
     if os.path.isfile(source) and source.lower().endswith(HDF5_SUFFIXES):
         from extras import archive  # h5py, only for an archive
         return archive.find_photos(source)
+    image_id = lambda path: os.path.splitext(os.path.basename(path))[0]
     if os.path.isfile(source):
-        return [(os.path.splitext(os.path.basename(source))[0], source)]
+        return [(image_id(source), source)]
     if not os.path.isdir(source):
         raise common.Error(source, "no such file or folder")
     layout = data.layout_of(source)
@@ -336,14 +239,10 @@ def find_photos(source):
         files = [p for folder in folders for p in data.image_files(folder)]
     else:
         files = [p for p in data.image_files(source)
-                 if not _image_id(p).lower().endswith(OUTPUT_SUFFIXES)]
+                 if not image_id(p).lower().endswith(OUTPUT_SUFFIXES)]
     if not files:
         raise common.Error(source, "no images found")
-    return [(_image_id(p), p) for p in sorted(files)]
-
-
-def _image_id(path):
-    return os.path.splitext(os.path.basename(path))[0]
+    return [(image_id(p), p) for p in sorted(files)]
 
 
 def _decode_photo(reader, image_id, file, size):
@@ -365,10 +264,11 @@ def _decode_photo(reader, image_id, file, size):
 def _write_prediction(folder, image_id, file, native, preview, small_prob, threshold, overlays,
                       review_at):
     """Mask at native size, overlay preview and the CSV row of one photo; a thread runs it."""
+    from extras import review  # each photo's uncertainty and review flag
+
     t = time.perf_counter()
     stats, mask = native_prob(small_prob, native, threshold)
-    stats["uncertainty"] = float(uncertainty(small_prob, threshold))
-    stats["review"] = int(stats["uncertainty"] > review_at)
+    stats.update(review.flag(small_prob, threshold, review_at))
     save_mask_png(folder, image_id, mask)
     if overlays:
         from extras import overlay  # on unless --no-overlay
@@ -376,21 +276,11 @@ def _write_prediction(folder, image_id, file, native, preview, small_prob, thres
     return {"image_id": image_id, "file": file, **stats}, time.perf_counter() - t
 
 
-def csv_line(row):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writerow({**row, "area_percent": f"{row['area_percent']:.4f}",
-                     "mean_prob": f"{row['mean_prob']:.6f}",
-                     "uncertainty": f"{row['uncertainty']:.6f}"})
-    return buffer.getvalue()
-
-
 def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none", overwrite=False,
                    overlays=True, progress=True, workers=None):
     """Segment find_photos' list into `out`: masks, overlays and predictions.csv rows (appended and
     flushed in photo order). Photos an earlier run finished are skipped unless overwrite; a bad
-    file is a problem, skipped. A row's review is 1 when its uncertainty is over the predictor's
-    review_threshold. Returns counts, not rows, so memory stays flat over an archive."""
+    file is a problem, skipped. Returns counts, not rows, so memory stays flat over an archive."""
     os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "predictions.csv")
     finished = set()
@@ -399,15 +289,13 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
     else:  # an earlier run's: keep what it finished
         from extras import archive
         finished = archive.finished(out, csv_path, COLUMNS)
-    problems, seen, todo = [], {}, []
+    problems, seen = [], {}
     for image_id, file in photos:
         if image_id in seen:  # a.jpg and a.png would write the same <id>_segmentation.png
             problem = f"duplicate id {image_id} (already {seen[image_id]}); skipped"
             problems.append({"file": file, "problem": problem})
-            continue
-        seen[image_id] = file
-        if image_id not in finished:
-            todo.append((image_id, file))
+        seen.setdefault(image_id, file)
+    todo = [(image_id, file) for image_id, file in seen.items() if image_id not in finished]
     reader = None
     if todo and todo[0][1].rpartition(":")[0].lower().endswith(HDF5_SUFFIXES):  # one source
         from extras import archive
@@ -415,16 +303,18 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
     timing = dict.fromkeys(("decode", "predict", "write"), 0.0)
     bar = common.Progress(len(todo), "predict", progress)
     done, flagged, started = 0, 0, time.perf_counter()
-    review_at = predictor.review_threshold if predictor.review_threshold is not None else 1.0
+    from extras import pipeline
     try:
         with open(csv_path, "a", newline="") as rows:
-            for _, (row, seconds) in pipeline(
+            writer = csv.DictWriter(rows, COLUMNS, extrasaction="ignore", lineterminator="\n")
+            for _, (row, seconds) in pipeline.overlap(  # decode, predict, write side by side
                     todo, lambda item: _decode_photo(reader, *item, predictor.size),
                     lambda d, prob: _write_prediction(out, *d[:-1], prob, threshold, overlays,
-                                                      review_at),
+                                                      predictor.review_threshold),
                     lambda x: predict_probs(predictor, x, tta, post, threshold), predictor.batch,
                     timing, problems, bar, workers):
-                rows.write(csv_line(row))  # one line, one write: a kill leaves whole rows behind
+                # One line, one write: a kill leaves whole rows behind.
+                writer.writerow({**row, **{k: format(row[k], f) for k, f in DECIMALS.items()}})
                 rows.flush()
                 timing["write"] += seconds
                 done += 1
@@ -435,14 +325,14 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
             reader.close()
     timing["total"] = time.perf_counter() - started
     return {"done": done, "flagged": flagged, "skipped_existing": len(seen) - len(todo),
-            "problems": problems,
-            "seconds": {k: round(v, 3) for k, v in timing.items()}}
+            "problems": problems, "seconds": {k: round(v, 3) for k, v in timing.items()}}
 
 
 # --- Command line ----------------------------------------------------------------------------
-
 def model_parser(description):
     """The flags of running a model, shared with evaluate.py; parse() checks them."""
+    from extras import review  # --review-threshold's default
+
     p = common.ArgumentParser(description=description)
     p.add_argument("--weights", help=".keras file, SavedModel folder, .tflite or .onnx "
                    "(default: models/skin_unet.keras, the released model)")
@@ -453,7 +343,7 @@ def model_parser(description):
     p.add_argument("--size", type=int, default=None, help="input size for a size-agnostic model")
     p.add_argument("--review-threshold", type=float, default=None, metavar="U",
                    help="flag photos whose uncertainty is over U (default: the one stored with "
-                   f"the model, else {REVIEW_THRESHOLD})")
+                   f"the model, else {review.REVIEW_THRESHOLD})")
     p.add_argument("--no-progress", action="store_true")
     return p
 

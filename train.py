@@ -466,9 +466,9 @@ def train(args):
     run_record["result"] = report.summarize(state, paths, t_fit)
     run_record["budget"] = state.get("budget")  # --minutes' decision, or None
     if chief and os.path.exists(paths["best"]):  # stored with the model: predict.py flags by it
-        import predict
-        run_record["review_threshold"] = predict.review_threshold_of(paths["best"],
-                                                                     val_batches.images)
+        from extras import review
+        run_record["review_threshold"] = review.review_threshold_of(paths["best"],
+                                                                    val_batches.images)
     run_record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     if chief:
         write_text(paths["run"], json.dumps(run_record, indent=1))

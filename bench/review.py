@@ -1,5 +1,6 @@
 """Which per-photo uncertainty finds the failed masks best: the measures issue 33 names, compared
-on one scored split, and the review threshold the kept one (predict.uncertainty) gets there.
+on one scored split, and the review threshold the kept one (extras/review.py's uncertainty) gets
+there.
 
     python bench/review.py --data ../shared/data/isic2018 [--weights W] [--split val]
                            [--write models/skin_unet.json]
@@ -7,8 +8,8 @@ on one scored split, and the review threshold the kept one (predict.uncertainty)
 A failure is an image whose Jaccard at native size (evaluate.py's rows) is below 0.65. For each
 measure: the AUROC for failures, and at the top 10 % and 15 % of photos flagged, the failures
 caught and the thresholded Jaccard of the rest. Every measure reads the same model-size maps.
---write stores the threshold train.py's rule (predict.choose_review_threshold: flag at most
-predict.REVIEW_SHARE of the split) picks, for a model without a run.json (the released one).
+--write stores the threshold train.py's rule (review.choose_review_threshold: flag at most
+review.REVIEW_SHARE of the split) picks, for a model without a run.json (the released one).
 Choose on val; score test once. docs/results.md has the figures.
 """
 import argparse
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import evaluate  # noqa: E402
 import predict  # noqa: E402
+from extras import review  # noqa: E402
 
 
 def jaccard(a, b):
@@ -39,13 +41,13 @@ def measures(probs, views, threshold=0.5):
     view_masks = [v > threshold for v in views]
     disagree = [1 - min(jaccard(m, v[i]) for v in view_masks) for i, m in enumerate(masks)]
     return {
-        "1 - soft Jaccard (kept: predict.uncertainty)": predict.uncertainty(probs, threshold),
+        "1 - soft Jaccard (kept: review.uncertainty)": review.uncertainty(probs, threshold),
         "1 - mean foreground probability": np.where(area > 0, 1 - inside / np.maximum(area, 1), 1),
         "uncertain pixels (0.1-0.9) per mask pixel": band / np.maximum(area, 1),
         "flip disagreement (1 - min Jaccard, 3 predictions)": np.array(disagree),
         "mask touches the frame (share of border)": frame.mean(1),
         "1 - soft Jaccard of the 3-view TTA map (3 predictions)":
-            predict.uncertainty((probs + sum(views)) / 3, threshold),
+            review.uncertainty((probs + sum(views)) / 3, threshold),
     }
 
 
@@ -86,13 +88,13 @@ def main(argv=None):
     for name, values in measures(probs, views).items():
         c10, k10 = at_share(values, failed, jac, 0.10)
         c15, k15 = at_share(values, failed, jac, 0.15)
-        print(f"| {name} | {evaluate.auroc(values, failed):.3f} | {c10}/{failed.sum()} | "
+        print(f"| {name} | {review.auroc(values, failed):.3f} | {c10}/{failed.sum()} | "
               f"{k10:.3f} | {c15}/{failed.sum()} | {k15:.3f} |")
-    threshold = predict.choose_review_threshold(predict.uncertainty(probs))
-    print(f"\nreview threshold flagging at most {predict.REVIEW_SHARE:.0%} of this split: "
+    threshold = review.choose_review_threshold(review.uncertainty(probs))
+    print(f"\nreview threshold flagging at most {review.REVIEW_SHARE:.0%} of this split: "
           f"{threshold:.4f}")
     if args.write:
-        record = {"review_threshold": threshold, "review_share": predict.REVIEW_SHARE,
+        record = {"review_threshold": threshold, "review_share": review.REVIEW_SHARE,
                   "chosen_on": f"{os.path.basename(os.path.normpath(args.data))} {args.split}, "
                                f"{len(jac)} images",
                   "command": "python bench/review.py " + " ".join(argv or sys.argv[1:])}

@@ -11,6 +11,7 @@ import os
 import sys
 
 import data
+from extras import review
 
 
 def score_sources(evaluate, predictor, roots, args, run, fractions, progress):
@@ -42,7 +43,7 @@ def together(evaluate, summaries, roots, args, run, fractions, predictor):
     summary = evaluate.summarize(rows)
     review_at = predictor.review_threshold if predictor.review_threshold is not None else 1.0
     summary.update({
-        "review": {**evaluate.review_figures(rows, review_at), "source": predictor.review_source},
+        "review": {**review.review_figures(rows, review_at), "source": predictor.review_source},
         "data": [os.path.abspath(r) for r in roots], "split": args.split,
         "val_fraction": fractions[0], "test_fraction": fractions[1], "run_json": run.get("_path"),
         "model": predictor.path, "model_format": predictor.kind, "size": predictor.size,

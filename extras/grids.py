@@ -16,7 +16,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 import common
 import data
-import predict
 
 GRID_ROWS = 6          # images per comparison grid (best / worst / random)
 TILE = 256             # px per grid tile: large enough to see a lesion border
@@ -124,5 +123,6 @@ class GridPicker:
         """Each grid that has rows, as a PNG in `folder`, whole or not at all."""
         for name, (title, entries) in self.grids().items():
             if entries:
-                png = predict.png_bytes(draw_grid(title, entries), compress_level=1)
-                common.atomic_write(os.path.join(folder, name), lambda f: f.write(png))
+                grid = draw_grid(title, entries)
+                common.atomic_write(os.path.join(folder, name),
+                                    lambda f: grid.save(f, format="PNG", compress_level=1))

@@ -24,7 +24,7 @@ from PIL import Image
 import app
 import data
 import predict
-from extras import synthetic
+from extras import review, synthetic
 
 CHROMIUM = "/usr/bin/chromium"
 USER, PASSWORD = "skin", "unet-test"
@@ -56,7 +56,7 @@ def _uncertainty(text):
 def _reviewing(review_threshold):
     """A FakePredictor with a review threshold set the way load_predictor sets it (its override),
     behind the lock the server puts it in: the threshold must reach the page through it."""
-    return app.LockedPredictor(predict.with_review(FakePredictor(), {}, review_threshold))
+    return app.LockedPredictor(review.with_review(FakePredictor(), {}, review_threshold))
 
 
 def _pixels(path):
@@ -154,7 +154,7 @@ def test_slider_rerenders_without_the_model_and_area_falls_with_threshold(photo,
         area = int(np.count_nonzero(_pixels(mask_path)))
         assert f"({area:,} of" in text and f"threshold {threshold:.2f}" in text
         areas.append(area)
-        unsure = predict.uncertainty(state["small_prob"], threshold)
+        unsure = review.uncertainty(state["small_prob"], threshold)
         assert _uncertainty(text) == pytest.approx(unsure, abs=5e-4)
         uncertainties.append(round(unsure, 3))
     assert predictor.calls == 1  # the model ran once, for the upload
@@ -165,7 +165,7 @@ def test_slider_rerenders_without_the_model_and_area_falls_with_threshold(photo,
 
 def test_status_shows_the_uncertainty_of_the_model_size_map(photo, photos):
     *_, text, _, state = app.analyse(_reviewing(0.2), photo, 0.5, photos)
-    expected = predict.uncertainty(state["small_prob"], 0.5)
+    expected = review.uncertainty(state["small_prob"], 0.5)
     assert 0 < expected < 1 and _uncertainty(text) == pytest.approx(expected, abs=5e-4)
     assert "review suggested over 0.200" in text
 
@@ -183,9 +183,9 @@ def test_review_line_follows_the_slider(photo, photos):
     """A review threshold between two thresholds' uncertainties: one flags the photo, the other
     does not, and the slider moves between them without the model."""
     inner = FakePredictor()
-    low, high = (predict.uncertainty(inner.map, t) for t in (0.2, 0.8))
+    low, high = (review.uncertainty(inner.map, t) for t in (0.2, 0.8))
     assert low != high
-    predictor = app.LockedPredictor(predict.with_review(inner, {}, (low + high) / 2))
+    predictor = app.LockedPredictor(review.with_review(inner, {}, (low + high) / 2))
     *_, text, _, state = app.analyse(predictor, photo, 0.2, photos)
     flagged_first = app.REVIEW_LINE in text
     text = app.rerender(state, 0.8, photos)[2]

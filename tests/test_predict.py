@@ -20,7 +20,7 @@ from PIL import Image
 import data
 import evaluate
 import predict
-from extras import overlay, synthetic
+from extras import overlay, review, synthetic
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def _rows(folder):
         return {r["image_id"]: r for r in csv.DictReader(f)}
 
 
-def _review_ok(rows, threshold=predict.REVIEW_THRESHOLD):
+def _review_ok(rows, threshold=review.REVIEW_THRESHOLD):
     """Every row carries an uncertainty in [0, 1) and review == (uncertainty > threshold)."""
     assert rows
     for row in rows.values():
@@ -87,7 +87,7 @@ def _one_photo(predictor, file, threshold=0.5, tta=False):
     x = predict.model_input(preview, predictor.size)[None]
     small = predict.predict_probs(predictor, x, tta)[0]
     stats, mask = predict.native_prob(small, native, threshold)
-    return {**stats, "uncertainty": float(predict.uncertainty(small, threshold))}, mask
+    return {**stats, "uncertainty": float(review.uncertainty(small, threshold))}, mask
 
 
 def test_native_prob_returns_the_thresholded_mask_at_native_size(model):

@@ -1,6 +1,6 @@
-"""Knowing when it is wrong (issue 33): predict.uncertainty and the review threshold, evaluate.py's
-AUROC and review figures, extras/risk_coverage.py, and where the threshold comes from (run.json,
-models/skin_unet.json, --review-threshold, the default)."""
+"""Knowing when it is wrong (issue 33): extras/review.py (the uncertainty, the review threshold, the
+AUROC and review figures evaluate.py reports), extras/risk_coverage.py, and where the threshold
+comes from (run.json, models/skin_unet.json, --review-threshold, the default)."""
 import csv
 import json
 import os
@@ -15,7 +15,7 @@ from PIL import Image
 
 import evaluate
 import predict
-from extras import risk_coverage
+from extras import review, risk_coverage
 
 maps = arrays(np.float32, st.tuples(st.integers(1, 12), st.integers(1, 12)),
               elements=st.floats(0, 1, width=32))
@@ -27,13 +27,13 @@ thresholds = st.floats(0.01, 0.99)
 @MANY
 @given(arrays(np.bool_, st.tuples(st.integers(1, 12), st.integers(1, 12))), thresholds)
 def test_a_perfectly_confident_map_has_uncertainty_zero(mask, threshold):
-    assert predict.uncertainty(mask.astype(np.float32), threshold) == 0.0
+    assert review.uncertainty(mask.astype(np.float32), threshold) == 0.0
 
 
 @MANY
 @given(maps, thresholds)
 def test_uncertainty_is_in_0_1_and_one_minus_the_soft_jaccard(prob, threshold):
-    u = predict.uncertainty(prob, threshold)
+    u = review.uncertainty(prob, threshold)
     assert 0.0 <= u < 1.0
     p = prob.astype(np.float64)
     mask = p > threshold
@@ -41,7 +41,7 @@ def test_uncertainty_is_in_0_1_and_one_minus_the_soft_jaccard(prob, threshold):
     assert u == pytest.approx(1 - soft, abs=1e-9)
     # A map that is surer (each pixel pushed toward its side of the threshold) is never less sure.
     surer = np.where(mask, np.maximum(p, (1 + p) / 2), p / 2)
-    assert predict.uncertainty(surer, threshold) <= u + 1e-12
+    assert review.uncertainty(surer, threshold) <= u + 1e-12
 
 
 @MANY
@@ -49,28 +49,28 @@ def test_uncertainty_is_in_0_1_and_one_minus_the_soft_jaccard(prob, threshold):
 def test_uncertainty_does_not_change_under_the_tta_symmetries(prob, threshold, k, flip):
     moved = np.rot90(prob, k)
     moved = moved[:, ::-1] if flip else moved
-    assert predict.uncertainty(moved, threshold) == pytest.approx(
-        predict.uncertainty(prob, threshold), abs=1e-12)
+    assert review.uncertainty(moved, threshold) == pytest.approx(
+        review.uncertainty(prob, threshold), abs=1e-12)
 
 
 @MANY
 @given(st.lists(maps, min_size=1, max_size=4), thresholds)
 def test_batched_equals_per_map(probs, threshold):
     assume(len({p.shape for p in probs}) == 1)
-    batch = predict.uncertainty(np.stack(probs), threshold)
-    assert np.allclose(batch, [predict.uncertainty(p, threshold) for p in probs], atol=1e-12)
+    batch = review.uncertainty(np.stack(probs), threshold)
+    assert np.allclose(batch, [review.uncertainty(p, threshold) for p in probs], atol=1e-12)
 
 
 @MANY
 @given(st.lists(st.floats(0, 1), min_size=1, max_size=60), st.floats(0, 0.5))
 def test_the_chosen_threshold_is_the_lowest_that_flags_at_most_the_share(values, share):
-    t = predict.choose_review_threshold(values, share)
+    t = review.choose_review_threshold(values, share)
     values = np.array(values)
     assert t in values and np.mean(values > t) <= share
     lower = values[values < t]
     if len(lower):  # any lower candidate flags too many
         assert np.mean(values > lower.max()) > share
-    assert predict.choose_review_threshold([], share) is None
+    assert review.choose_review_threshold([], share) is None
 
 
 # ---------------------------------------------------------------------------- evaluate's figures
@@ -86,9 +86,9 @@ def brute_force_auroc(scores, positives):
 def test_auroc_agrees_with_a_brute_force_pair_count(cases):
     scores, positives = zip(*cases)
     if all(positives) or not any(positives):
-        assert evaluate.auroc(scores, positives) is None
+        assert review.auroc(scores, positives) is None
     else:
-        assert evaluate.auroc(scores, positives) == pytest.approx(brute_force_auroc(scores, positives))
+        assert review.auroc(scores, positives) == pytest.approx(brute_force_auroc(scores, positives))
 
 
 def _rows(jaccards, uncertainties, threshold):
@@ -100,15 +100,15 @@ def _rows(jaccards, uncertainties, threshold):
 def test_review_figures_by_hand():
     # Two failures (0.3, 0.6); the flag (over 0.5) catches one of them and one good photo.
     rows = _rows([0.9, 0.8, 0.3, 0.6, 0.95], [0.1, 0.6, 0.9, 0.4, 0.05], threshold=0.5)
-    r = evaluate.review_figures(rows, 0.5)
+    r = review.review_figures(rows, 0.5)
     assert r["failures"] == 2 and r["caught"] == 0.5 and r["flagged"] == 0.4 and r["kept"] == 3
     assert r["kept_threshold_jaccard"] == pytest.approx((0.9 + 0.0 + 0.95) / 3)
     assert r["kept_dice"] == pytest.approx(np.mean([2 * j / (1 + j) for j in (0.9, 0.6, 0.95)]))
     assert r["auroc"] == pytest.approx(brute_force_auroc([0.1, 0.6, 0.9, 0.4, 0.05],
                                                          [False, False, True, True, False]))
-    none = evaluate.review_figures(_rows([0.9, 0.8], [0.1, 0.2], 0.5), 0.5)
+    none = review.review_figures(_rows([0.9, 0.8], [0.1, 0.2], 0.5), 0.5)
     assert none["failures"] == 0 and none["caught"] is None and none["auroc"] is None
-    assert "n/a" in evaluate.review_line({**none, "source": "the default"})
+    assert "n/a" in review.review_line({**none, "source": "the default"})
 
 
 @MANY
@@ -138,7 +138,7 @@ def test_threshold_from_run_json_the_flag_or_the_default(tiny_model, tmp_path):
     weights.parent.mkdir()
     shutil.copy(tiny_model["paths"]["keras"], weights)
     p = predict.load_predictor(str(weights))
-    assert (p.review_threshold, p.review_source) == (predict.REVIEW_THRESHOLD, "the default: the model stores none")
+    assert (p.review_threshold, p.review_source) == (review.REVIEW_THRESHOLD, "the default: the model stores none")
     (weights.parent / "run.json").write_text(json.dumps({"size": 32, "review_threshold": 0.31}))
     p = predict.load_predictor(str(weights))
     assert (p.review_threshold, p.review_source) == (0.31, "from run.json")

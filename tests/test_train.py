@@ -52,12 +52,13 @@ def test_two_epochs_write_model_log_and_run_json_then_resume(synthetic_data, tmp
     run = json.load(open(os.path.join(out, "run.json")))
     assert run["size"] == 32 and run["data"] == [synthetic_data] and run["val_fraction"] == 0.1
     assert run["data_summary"]["train"] > 0 and run["result"]["best_epoch"] == s["best_epoch"]
-    # The review threshold stored with the model flags at most predict.REVIEW_SHARE of val.
+    # The review threshold stored with the model flags at most review.REVIEW_SHARE of val.
     import predict
+    from extras import review
     val = data.load_split(synthetic_data, "val", 32, progress=False)
-    u = predict.uncertainty(predict.load_predictor(os.path.join(out, "best.keras")).predict(val.images))
-    assert run["review_threshold"] == predict.choose_review_threshold(u)
-    assert np.mean(u > run["review_threshold"]) <= predict.REVIEW_SHARE
+    u = review.uncertainty(predict.load_predictor(os.path.join(out, "best.keras")).predict(val.images))
+    assert run["review_threshold"] == review.choose_review_threshold(u)
+    assert np.mean(u > run["review_threshold"]) <= review.REVIEW_SHARE
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
     import keras
     best = keras.models.load_model(os.path.join(out, "best.keras"), compile=False)
