@@ -127,11 +127,11 @@ def convert(fixed_saved_model, kind, calibration=None):
 
 
 # --- checks on the written files ------------------------------------------------------------------
-def tflite_info(path, threads=1):
+def tflite_info(path):
     """Interpreter, input/output details and the set of op names of a .tflite file."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interp = Interpreter(model_path=path, num_threads=threads)
+    interp = Interpreter(model_path=path, num_threads=1)
     interp.allocate_tensors()
     # LiteRT has no public call that lists a model's ops (the converter's Analyzer only prints
     # them); the interpreter's own _get_ops_details is the one that reads them from the file.
@@ -179,21 +179,6 @@ def check_tflite(path, kind, size, keras_probs, images):
             "dice_vs_keras": float(np.mean(agree))}
 
 
-def latency_ms(path, threads, runs=20, warmup=3):
-    """Median wall time of one invoke with LiteRT's default XNNPACK delegate. Here rather than in
-    bench/: report.json carries it, and bench/bench_export.py times its files with it too."""
-    interp, inp, _, _ = tflite_info(path, threads)
-    x = np.random.default_rng(0).integers(0, 256, inp["shape"]).astype(inp["dtype"])
-    times = []
-    for i in range(warmup + runs):
-        interp.set_tensor(inp["index"], x)
-        t = time.perf_counter()
-        interp.invoke()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return round(1000 * float(np.median(times)), 2)
-
-
 # --- the whole export -----------------------------------------------------------------------------
 def check_quantize(quantize):
     bad = [k for k in quantize if k not in QUANT_KINDS]
@@ -230,12 +215,13 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
             from extras.qat import run_qat  # tf_keras and tfmot, in a child process
             qat_summary = run_qat(model, images["train"], size, qat, work, images=qat_images)
             files["int8_qat"] = os.path.join(work, "model_int8_qat.tflite")
+        from extras import latency  # LiteRT timing for report.json, shared with bench/
         rows = {}
         for kind, path in files.items():
             log(f"export: checking {os.path.basename(path)}")
             # int8_qat was fine-tuned (different weights): sanity checks only, no closeness bound.
             row = check_tflite(path, kind, size, keras_probs, val.images)
-            row["latency_ms"] = {str(t): latency_ms(path, t, runs=bench_runs) for t in threads}
+            row["latency_ms"] = {str(t): latency.tflite_ms(path, t, bench_runs) for t in threads}
             row["dice_vs_truth"] = dice_vs_truth(predict.load_predictor(path), val.pairs)
             rows[kind] = row
         if onnx:
