@@ -44,8 +44,12 @@ def failed(file, problem):
 
 
 # --- loading and checking the Keras model ---------------------------------------------------------
-def check_weights_path(path):
+def check_args(quantize, path):
     """Before TensorFlow is imported: a typo fails in a moment, with one line."""
+    bad = [k for k in quantize if k not in QUANT_KINDS]
+    if bad:
+        raise common.Error(f"--quantize {','.join(bad)}",
+                           f"unknown (choose from {', '.join(QUANT_KINDS)})")
     if not os.path.isfile(path):
         raise common.Error(path, "model file not found")
     if not path.endswith(".keras"):
@@ -180,18 +184,10 @@ def check_tflite(path, kind, size, keras_probs, images):
 
 
 # --- the whole export -----------------------------------------------------------------------------
-def check_quantize(quantize):
-    bad = [k for k in quantize if k not in QUANT_KINDS]
-    if bad:
-        raise common.Error(f"--quantize {','.join(bad)}",
-                           f"unknown (choose from {', '.join(QUANT_KINDS)})")
-
-
 def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, threads=(1, 2),
            calibration=100, qat_images=None, bench_runs=20, progress=True, onnx=True):
     """Convert, verify, time; publish `out` only when every check passed. Returns the report."""
-    check_quantize(quantize)
-    check_weights_path(weights)  # all before TensorFlow is imported
+    check_args(quantize, weights)
     if onnx:
         from extras import onnx_format
         onnx_format.require("model.onnx", ["tf2onnx", "onnx", "onnxruntime"], ", or --no-onnx")
