@@ -13,8 +13,7 @@ Writes into --out (default export/); each file's contract, and why it is so: doc
     model.onnx              ONNX Runtime: the SavedModel's contract, any batch (--no-onnx: none)
     model_int8.onnx         its static int8 quantization, same contract (with int8 in --quantize)
     report.json             sizes, LiteRT latency, Dice vs the Keras masks and vs the ground truth
-No dynamic-range quantization on its own: on a CPU it runs slower than float32. All is written into
-a temporary folder beside --out, renamed into place only after every check passed (publish).
+All is written into a temporary folder beside --out, renamed into place once every check passed.
 """
 import json
 import os
@@ -44,8 +43,12 @@ def failed(file, problem):
 
 
 # --- loading and checking the Keras model ---------------------------------------------------------
-def check_weights_path(path):
+def check_args(quantize, path):
     """Before TensorFlow is imported: a typo fails in a moment, with one line."""
+    bad = [k for k in quantize if k not in QUANT_KINDS]
+    if bad:
+        raise common.Error(f"--quantize {','.join(bad)}",
+                           f"unknown (choose from {', '.join(QUANT_KINDS)})")
     if not os.path.isfile(path):
         raise common.Error(path, "model file not found")
     if not path.endswith(".keras"):
@@ -53,8 +56,7 @@ def check_weights_path(path):
 
 
 def load_model(path, run):
-    """(the model in float32, its square input size, whether it was rebuilt from mixed precision),
-    checked to be a segmentation model: one (N, S, S, 3) image in, one (N, S, S, 1) mask out."""
+    """(float32 model, square input size, rebuilt from mixed precision?) of a checked U-Net."""
     model = predict.load_keras(path)
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise common.Error(path, f"not a segmentation model ({len(model.inputs)} inputs, "
@@ -97,9 +99,8 @@ def write_saved_model(model, size, path, batch=None):
 
 
 def convert(fixed_saved_model, kind, calibration=None):
-    """TFLite bytes from a batch-1 SavedModel. kind: float32 | float16 | int8 (needs calibration).
-    Converting from concrete functions of a live Keras 3 model keeps its variables as READ_VARIABLE
-    ops that the calibrator cannot run; a SavedModel freezes them."""
+    """TFLite bytes, kind float32 | float16 | int8 (calibrated), from a batch-1 SavedModel: it
+    freezes the variables a live Keras 3 model keeps as READ_VARIABLE ops calibration can't run."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(fixed_saved_model,
@@ -127,14 +128,13 @@ def convert(fixed_saved_model, kind, calibration=None):
 
 
 # --- checks on the written files ------------------------------------------------------------------
-def tflite_info(path, threads=1):
+def tflite_info(path):
     """Interpreter, input/output details and the set of op names of a .tflite file."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interp = Interpreter(model_path=path, num_threads=threads)
+    interp = Interpreter(model_path=path, num_threads=1)
     interp.allocate_tensors()
-    # LiteRT has no public call that lists a model's ops (the converter's Analyzer only prints
-    # them); the interpreter's own _get_ops_details is the one that reads them from the file.
+    # LiteRT has no public call that lists a model's ops (the converter's Analyzer only prints).
     ops = sorted({op["op_name"] for op in interp._get_ops_details()})
     return interp, interp.get_input_details()[0], interp.get_output_details()[0], ops
 
@@ -158,18 +158,16 @@ def check_tflite(path, kind, size, keras_probs, images):
         if tuple(detail["shape"]) != (1, size, size, channels) or detail["dtype"] != want_in:
             raise failed(name, f"{what} is {detail['dtype'].__name__} {tuple(detail['shape'])}, "
                          f"expected {want_in.__name__} (1, {size}, {size}, {channels})")
-    # The same decoding as predict.py and evaluate.py.
-    probs = predict.load_predictor(path).predict(images)
+    probs = predict.load_predictor(path).predict(images)  # decoded as predict.py, evaluate.py do
     if not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
         raise failed(name, f"output is not a probability map (range {probs.min()}..{probs.max()})")
     diff = np.abs(probs - keras_probs)
     if kind == "float32" and diff.max() > FLOAT32_ATOL:
         raise failed(name, f"differs from the Keras model by {diff.max():.2g} (> {FLOAT32_ATOL})")
-    if kind == "float16" and diff.mean() > FLOAT16_MEAN_ATOL:
-        raise failed(name, f"differs from the Keras model by {diff.mean():.2g} on average")
-    if kind == "int8" and diff.mean() > INT8_MEAN_ATOL:
-        raise failed(name, f"differs from the Keras model by {diff.mean():.2g} on average "
-                     "(bad calibration data?)")
+    mean_atol = {"float16": FLOAT16_MEAN_ATOL, "int8": INT8_MEAN_ATOL}.get(kind)
+    if mean_atol and diff.mean() > mean_atol:
+        hint = " (bad calibration data?)" if kind == "int8" else ""
+        raise failed(name, f"differs from the Keras model by {diff.mean():.2g} on average{hint}")
     agree = evaluate.image_scores(keras_probs > THRESHOLD, probs > THRESHOLD)["dice"]
     return {"file": name, "size_mb": round(os.path.getsize(path) / 1e6, 3),
             "input": tensor_contract(inp), "output": tensor_contract(out), "ops": ops,
@@ -179,34 +177,11 @@ def check_tflite(path, kind, size, keras_probs, images):
             "dice_vs_keras": float(np.mean(agree))}
 
 
-def latency_ms(path, threads, runs=20, warmup=3):
-    """Median wall time of one invoke with LiteRT's default XNNPACK delegate. Here rather than in
-    bench/: report.json carries it, and bench/bench_export.py times its files with it too."""
-    interp, inp, _, _ = tflite_info(path, threads)
-    x = np.random.default_rng(0).integers(0, 256, inp["shape"]).astype(inp["dtype"])
-    times = []
-    for i in range(warmup + runs):
-        interp.set_tensor(inp["index"], x)
-        t = time.perf_counter()
-        interp.invoke()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return round(1000 * float(np.median(times)), 2)
-
-
 # --- the whole export -----------------------------------------------------------------------------
-def check_quantize(quantize):
-    bad = [k for k in quantize if k not in QUANT_KINDS]
-    if bad:
-        raise common.Error(f"--quantize {','.join(bad)}",
-                           f"unknown (choose from {', '.join(QUANT_KINDS)})")
-
-
 def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, threads=(1, 2),
            calibration=100, qat_images=None, bench_runs=20, progress=True, onnx=True):
     """Convert, verify, time; publish `out` only when every check passed. Returns the report."""
-    check_quantize(quantize)
-    check_weights_path(weights)  # all before TensorFlow is imported
+    check_args(quantize, weights)
     if onnx:
         from extras import onnx_format
         onnx_format.require("model.onnx", ["tf2onnx", "onnx", "onnxruntime"], ", or --no-onnx")
@@ -230,12 +205,13 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
             from extras.qat import run_qat  # tf_keras and tfmot, in a child process
             qat_summary = run_qat(model, images["train"], size, qat, work, images=qat_images)
             files["int8_qat"] = os.path.join(work, "model_int8_qat.tflite")
+        from extras import latency  # LiteRT timing for report.json, shared with bench/
         rows = {}
         for kind, path in files.items():
             log(f"export: checking {os.path.basename(path)}")
             # int8_qat was fine-tuned (different weights): sanity checks only, no closeness bound.
             row = check_tflite(path, kind, size, keras_probs, val.images)
-            row["latency_ms"] = {str(t): latency_ms(path, t, runs=bench_runs) for t in threads}
+            row["latency_ms"] = {str(t): latency.tflite_ms(path, t, bench_runs) for t in threads}
             row["dice_vs_truth"] = dice_vs_truth(predict.load_predictor(path), val.pairs)
             rows[kind] = row
         if onnx:
@@ -305,8 +281,7 @@ def saved_model_step(model, size, work, images, keras_probs):
 
 
 def tflite_step(model, size, work, quantize, calibration, log):
-    """{kind: path} of the float32 file and each asked-for quantization, converted from a batch-1
-    SavedModel that is removed afterwards."""
+    """{kind: path} of float32 and each asked-for quantization, from a batch-1 SavedModel."""
     fixed = os.path.join(work, ".batch1_saved_model")
     write_saved_model(model, size, fixed, batch=1)
     files = {}

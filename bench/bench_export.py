@@ -22,7 +22,7 @@ from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
 
 import export  # noqa: E402
 import unet  # noqa: E402
-from extras import synthetic  # noqa: E402
+from extras import latency, synthetic  # noqa: E402
 
 # name: (build_unet kwargs, size MB target, ms target)
 PRESETS = {
@@ -63,7 +63,7 @@ def main():
                 f.write(export.convert(os.path.join(work, "sm"), "int8", images))
             convert_s = time.perf_counter() - t
             mb = os.path.getsize(path) / 1e6
-            ms = [export.latency_ms(path, n, runs=args.runs) for n in threads]
+            ms = [latency.tflite_ms(path, n, args.runs) for n in threads]
             if args.onnx:
                 others = float32_and_onnx(model, size, work, threads, args.runs)
         finally:
@@ -87,7 +87,7 @@ def float32_and_onnx(model, size, work, threads, runs):
     onnx_path = os.path.join(work, "model.onnx")
     onnx_format.write_onnx(model, onnx_path)
     return {"float32 .tflite": (os.path.getsize(path) / 1e6,
-                                [export.latency_ms(path, n, runs=runs) for n in threads]),
+                                [latency.tflite_ms(path, n, runs) for n in threads]),
             "float32 .onnx": (os.path.getsize(onnx_path) / 1e6,
                               [onnx_format.latency_ms(onnx_path, size, n, runs) for n in threads])}
 
