@@ -238,7 +238,7 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
     from extras import review  # how well the review flag finds the failures
 
     summary = summarize(rows)
-    figures = review.review_figures(rows, review_at)
+    figures = review.review_figures(rows, review_at, JACCARD_CUTOFF)
     summary["review"] = {**figures, "source": predictor.review_source}
     summary.update(info or {})
     summary.update({"model": predictor.path, "model_format": predictor.kind, "size": size,
@@ -301,7 +301,7 @@ def print_table(summary, file=None):
     print(f"images {summary['images']}   worst: {worst}", file=file)
     from extras import review
 
-    print(review.review_line(summary["review"]), file=file)
+    print(review.review_line(summary["review"], JACCARD_CUTOFF), file=file)
     s = summary["seconds"]
     print(f"time {s['total']:.2f}s wall; stages (decode and scoring overlap prediction): decode "
           f"{s['decode']:.2f}, predict {s['predict']:.2f}, resize-back+score {s['score']:.2f}, "

@@ -43,7 +43,8 @@ def together(evaluate, summaries, roots, args, run, fractions, predictor):
     summary = evaluate.summarize(rows)
     review_at = predictor.review_threshold if predictor.review_threshold is not None else 1.0
     summary.update({
-        "review": {**review.review_figures(rows, review_at), "source": predictor.review_source},
+        "review": {**review.review_figures(rows, review_at, evaluate.JACCARD_CUTOFF),
+                   "source": predictor.review_source},
         "data": [os.path.abspath(r) for r in roots], "split": args.split,
         "val_fraction": fractions[0], "test_fraction": fractions[1], "run_json": run.get("_path"),
         "model": predictor.path, "model_format": predictor.kind, "size": predictor.size,

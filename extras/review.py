@@ -93,15 +93,13 @@ def auroc(scores, positives):
     return float(u / (n_pos * n_neg))
 
 
-def review_figures(rows, threshold):
+def review_figures(rows, threshold, cutoff):
     """How well `review` (uncertainty > threshold) finds the failures, the images whose Jaccard is
-    below evaluate.JACCARD_CUTOFF: what the flag is for, since they score 0 in the challenge's
-    mean. `rows`: evaluate.py's, with the metrics, uncertainty and review."""
-    from evaluate import JACCARD_CUTOFF
-
+    below `cutoff` (evaluate.JACCARD_CUTOFF, passed: evaluate.py may be the running script): what
+    the flag is for, since they score 0 in the challenge's mean. `rows`: evaluate.py's."""
     uncertain = np.array([r["uncertainty"] for r in rows])
     flagged = np.array([bool(r["review"]) for r in rows])
-    failed = np.array([r["jaccard"] < JACCARD_CUTOFF for r in rows])
+    failed = np.array([r["jaccard"] < cutoff for r in rows])
     kept = [r for r, f in zip(rows, flagged) if not f]
     return {"threshold": threshold, "auroc": auroc(uncertain, failed),
             "failures": int(failed.sum()),
@@ -112,15 +110,13 @@ def review_figures(rows, threshold):
                                        if kept else None)}
 
 
-def review_line(r):
+def review_line(r, cutoff):
     """review_figures and its "source" in one line (None prints as n/a: no failures, or nothing
-    kept)."""
-    from evaluate import JACCARD_CUTOFF
-
+    kept); `cutoff` as for review_figures."""
     show = lambda v, form: "n/a" if v is None else format(v, form)
     return (f"review (uncertainty > {r['threshold']:.3f}, {r['source']}): flags "
             f"{r['flagged']:.1%} of images and catches {show(r['caught'], '.0%')} of the "
-            f"{r['failures']} failures (Jaccard < {JACCARD_CUTOFF}); "
+            f"{r['failures']} failures (Jaccard < {cutoff}); "
             f"AUROC {show(r['auroc'], '.3f')}; "
             f"not flagged: Dice {show(r['kept_dice'], '.4f')}, thresholded Jaccard "
             f"{show(r['kept_threshold_jaccard'], '.4f')}")

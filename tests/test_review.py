@@ -100,15 +100,15 @@ def _rows(jaccards, uncertainties, threshold):
 def test_review_figures_by_hand():
     # Two failures (0.3, 0.6); the flag (over 0.5) catches one of them and one good photo.
     rows = _rows([0.9, 0.8, 0.3, 0.6, 0.95], [0.1, 0.6, 0.9, 0.4, 0.05], threshold=0.5)
-    r = review.review_figures(rows, 0.5)
+    r = review.review_figures(rows, 0.5, evaluate.JACCARD_CUTOFF)
     assert r["failures"] == 2 and r["caught"] == 0.5 and r["flagged"] == 0.4 and r["kept"] == 3
     assert r["kept_threshold_jaccard"] == pytest.approx((0.9 + 0.0 + 0.95) / 3)
     assert r["kept_dice"] == pytest.approx(np.mean([2 * j / (1 + j) for j in (0.9, 0.6, 0.95)]))
     assert r["auroc"] == pytest.approx(brute_force_auroc([0.1, 0.6, 0.9, 0.4, 0.05],
                                                          [False, False, True, True, False]))
-    none = review.review_figures(_rows([0.9, 0.8], [0.1, 0.2], 0.5), 0.5)
+    none = review.review_figures(_rows([0.9, 0.8], [0.1, 0.2], 0.5), 0.5, evaluate.JACCARD_CUTOFF)
     assert none["failures"] == 0 and none["caught"] is None and none["auroc"] is None
-    assert "n/a" in review.review_line({**none, "source": "the default"})
+    assert "n/a" in review.review_line({**none, "source": "the default"}, evaluate.JACCARD_CUTOFF)
 
 
 @MANY
