@@ -205,8 +205,9 @@ def save_best(model, cfg, paths, state):
 # --- what an epoch means for the run --------------------------------------------------------------
 def epoch_decision(state, row, cfg):
     """What one epoch's log row means for the run, as the state entries it changes (a pure function:
-    no Keras, no files). A non-finite loss or val_loss: "diverged", and nothing else changes. The
-    score is val Dice, or minus the loss without validation."""
+    no Keras, no files). A non-finite loss or val_loss: "diverged", and nothing else changes. A
+    better score (val Dice, or minus the loss without validation) becomes "best"; else the plateau
+    schedule halves the lr every PLATEAU_PATIENCE epochs, and --patience epochs set "stopped"."""
     if not all(math.isfinite(row[k]) for k in ("loss", "val_loss") if row.get(k) is not None):
         return {"diverged": f"loss {row['loss']} / val_loss {row.get('val_loss')} at epoch "
                             f"{row['epoch']}", "stopped": state["stopped"]}
@@ -239,7 +240,7 @@ def cosine_lr(cfg, epoch, epochs=None):
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
 
 
-# --- the per-epoch jobs: small steps in order, on one Run ------------------------------------
+# --- the per-epoch jobs: small steps in order, on one Run -----------------------------------------
 @dataclass
 class Run:
     """What the jobs at each epoch's end share, and the jobs."""
