@@ -8,7 +8,7 @@ Any model predict.py reads works (.keras, a SavedModel folder, a .tflite, an .on
 same Predictor and the same preprocessing as `predict.py`. The page shows the photo with the lesion
 tinted and outlined, the mask, the lesion's area, and a threshold slider that re-draws all of it
 from the cached probability map without running the model again; the mask downloads as a PNG at
-the photo's native size. It also shows the photo's uncertainty (extras/review.py, at the
+the photo's native size. It also shows the photo's uncertainty (metrics.py, at the
 slider's threshold), a cyan hatch where the model is unsure, and a "review suggested" line when
 the uncertainty is over the model's review threshold (or --review-threshold), as predict.py flags
 a photo in predictions.csv. It serves on 127.0.0.1 only unless --host says otherwise, sends no
@@ -43,9 +43,11 @@ import numpy as np
 from PIL import Image
 
 import common
-import data
-import predict  # the one Predictor and preprocessing path (imports no Keras by itself)
-from extras import overlay, synthetic
+import imaging
+import inference  # the one Predictor and prediction path (imports no Keras by itself)
+import metrics
+import predict  # one photo: its preview, its native-size mask and figures, its overlay
+import synthetic
 
 DEFAULT_THRESHOLD = 0.5
 MAX_MEGAPIXELS = 50  # --max-megapixels: every ISIC photo (at most 30) and a 48 Mpx phone photo
@@ -121,7 +123,7 @@ def read_photo(path, max_pixels):
     covers the display size, the way predict.py reads photos. A PNG decodes whole, and Pillow's
     image, numpy's copy and the resize's are all held for a moment, so photos over BIG_PHOTO
     decode one at a time, not CONCURRENCY at once."""
-    native = data.native_hw(path)  # empty, not an image, broken header, Pillow's bomb limit
+    native = imaging.native_hw(path)  # empty, not an image, broken header, Pillow's bomb limit
     pixels = native[0] * native[1]
     if pixels > max_pixels:
         raise common.Error(path, f"{native[1]} x {native[0]} px ({pixels / 1e6:.1f} megapixels) is "
@@ -219,18 +221,16 @@ def render(state, threshold, photos):
     images by content and rewrites them in place, which broke downloads of identical results under
     concurrency). Renders of this photo older than KEEP_RENDERS are removed. Once `photos` is
     closed (the server is stopping) nothing is written and the status says so."""
-    from extras import review  # the photo's uncertainty
-
     held = dict(state)  # Photos.forget may empty the state while this runs
     if not held:
         return (None, None, "⚠️ This photo was forgotten (the server was busy): upload it again.",
                 None, None)
     image, small_prob = held["image"], held["small_prob"]
-    prob = data.resize_prob(small_prob, image.shape[:2])  # display size: small enough to be whole
+    prob = imaging.resize_prob(small_prob, image.shape[:2])  # display size: small enough to hold
     shown_mask = prob > threshold
-    stats, mask = predict.native_prob(small_prob, held["hw"], threshold)
+    mask, stats = predict.native_mask(small_prob, held["hw"], threshold)
     # From the model-size map, as predict.py's predictions.csv: the same photo, the same number.
-    unsure = float(review.uncertainty(small_prob, threshold))
+    unsure = float(metrics.uncertainty(small_prob, threshold))
     # The native mask's own bytes (0/1) made 0/255 in place: no second native-size array.
     native = mask.view(np.uint8)
     np.multiply(native, 255, out=native)
@@ -239,7 +239,7 @@ def render(state, threshold, photos):
         if not allowed:
             return None, None, "⚠️ The server is stopping.", None, None
         outputs = (_write_png(os.path.join(folder, "overlay.png"),
-                              overlay.draw(image, shown_mask, prob)),
+                              predict.draw_overlay(image, shown_mask, prob)),
                    _write_png(os.path.join(folder, "mask.png"), shown_mask.astype(np.uint8) * 255),
                    _stats_text(stats, threshold, unsure, held["review_at"]),
                    _write_png(os.path.join(folder, f"{held['name']}_segmentation.png"), native))
@@ -258,7 +258,7 @@ def analyse(predictor, path, threshold, photos, state=None, max_pixels=MAX_MEGAP
 
     `path` is the uploaded file (or None); `state` the visitor's previous one, which `photos`
     forgets now, since the page no longer shows it. A file that is not a usable image
-    (data.load_image's checks: empty, not an image, truncated, decompression bomb) or has more
+    (imaging.load_image's checks: empty, not an image, truncated, decompression bomb) or has more
     than max_pixels gives the message in the status and None elsewhere, never an exception. The
     new state, which `photos` holds, keeps what rerender() needs, so the model runs once per
     upload: the photo at display size and the model's probability map, nothing at native size,
@@ -273,8 +273,8 @@ def analyse(predictor, path, threshold, photos, state=None, max_pixels=MAX_MEGAP
     except common.Error as e:
         # The error names the (temporary, server-side) path; the visitor knows the file by its name.
         return None, None, f"⚠️ {shown_name}: {common.one_line(e.problem)}", None, None
-    small_prob = predict.predict_probs(predictor,
-                                       predict.model_input(image, predictor.size)[None])[0]
+    small_prob = inference.predict_probs(predictor,
+                                         predict.model_input(image, predictor.size)[None])[0]
     state = {"folder": os.path.join(photos.folder, uuid.uuid4().hex),
              "name": os.path.splitext(shown_name)[0] or "photo", "hw": native, "image": image,
              "small_prob": small_prob, "renders": [],
@@ -297,9 +297,9 @@ def rerender(state, threshold, photos):
 
 def write_examples(folder, count=3, seed=7):
     """A few synthetic dermoscopy-like photos (synthetic.make_synthetic) to try without any data."""
-    images, _ = synthetic.make_synthetic(count, seed=seed)
+    photos, _ = synthetic.make_synthetic(count, seed=seed)
     paths = []
-    for i, image in enumerate(images):
+    for i, image in enumerate(photos):
         path = os.path.join(folder, f"synthetic_{i + 1}.jpg")
         save = functools.partial(Image.fromarray(image).save, format="JPEG", quality=92)
         common.atomic_write(path, save, durable=False)
@@ -344,8 +344,9 @@ def build_ui(predictor, folder, photos, max_pixels=MAX_MEGAPIXELS * 10**6):
         with gr.Row():
             with gr.Column(scale=1):
                 # A plain file upload, not gr.Image: Gradio would decode (and re-encode) the photo
-                # itself; this way data.load_image sees the visitor's bytes and applies its checks
-                # (empty, not an image, truncated, decompression bomb) and the EXIF orientation.
+                # itself; this way imaging.load_image sees the visitor's bytes and applies its
+                # checks (empty, not an image, truncated, decompression bomb) and the EXIF
+                # orientation.
                 upload = gr.File(label="Dermoscopy photo", file_count="single", elem_id="upload")
                 threshold = gr.Slider(0.05, 0.95, value=DEFAULT_THRESHOLD, step=0.01,
                                       label="Threshold (lesion where probability > threshold)",
@@ -373,8 +374,6 @@ def build_ui(predictor, folder, photos, max_pixels=MAX_MEGAPIXELS * 10**6):
 
 
 def parse_args(argv):
-    from extras import review  # --review-threshold's default
-
     parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=None,
                         help="model: .keras, .tflite, .onnx or SavedModel folder "
@@ -396,7 +395,7 @@ def parse_args(argv):
                              f"counts them (default {MAX_UPLOAD_MB})")
     parser.add_argument("--review-threshold", type=float, default=None, metavar="U",
                         help="suggest review when a photo's uncertainty is over U (default: the "
-                             f"one stored with the model, else {review.REVIEW_THRESHOLD})")
+                             f"one stored with the model, else {metrics.REVIEW_THRESHOLD})")
     args = parser.parse_args(argv)
     if args.weights is not None and not os.path.exists(args.weights):
         raise common.Error(args.weights, "model file not found")
@@ -472,8 +471,8 @@ def main(argv=None):
     return_freed_memory()
     photos, page = Photos(os.path.join(folder, "photos")), None
     try:
-        predictor = LockedPredictor(predict.load_predictor(args.weights, args.size,
-                                                           args.review_threshold))
+        predictor = LockedPredictor(inference.load_predictor(args.weights, args.size,
+                                                             args.review_threshold))
         page = build_ui(predictor, folder, photos, round(args.max_megapixels * 10**6))
         print(f"{model_line(predictor).replace('`', '')}; serving http://{args.host}:{args.port}",
               flush=True)

@@ -1,7 +1,7 @@
 """What every module and command line of this project shares, none of it about lesions: one
-error type and one way for a command to end, atomic writes, a progress bar, and a quiet import of
-Keras. Kept apart from data.py so that each module reads as its own subject; it imports nothing
-heavier than the standard library.
+error type and one way for a command to end, atomic writes, where the project keeps what it makes
+for itself (the cache folder), a progress bar, and a quiet import of Keras. The bottom floor: it
+imports nothing but the standard library.
 """
 import argparse
 import contextlib
@@ -120,6 +120,14 @@ def atomic_write(path, write, durable=True):
     """write(binary file) into a temp file, then rename it onto `path` (see atomic_path)."""
     with atomic_path(path, durable=durable) as tmp, open(tmp, "wb") as f:
         write(f)
+
+
+def cache_dir(cache=None):
+    """Where the project keeps what it makes for itself (the array cache, the built-in synthetic
+    set): `cache` (a --cache flag), else $SKIN_UNET_CACHE, else ~/.cache/skin-unet. Never inside a
+    data folder, which may be read-only."""
+    return (cache or os.environ.get("SKIN_UNET_CACHE")
+            or os.path.join(os.path.expanduser("~"), ".cache", "skin-unet"))
 
 
 def check_writable(out):

@@ -12,8 +12,11 @@ Writes into --out (default export/); each file's contract, and why it is so: doc
     model_int8_qat.tflite   with --qat EPOCHS: quantization-aware fine-tuning (extras/qat.py)
     model.onnx              ONNX Runtime: the SavedModel's contract, any batch (--no-onnx: none)
     model_int8.onnx         its static int8 quantization, same contract (with int8 in --quantize)
-    report.json             sizes, LiteRT latency, Dice vs the Keras masks and vs the ground truth
+    report.json             sizes, latency, Dice vs the Keras masks and vs the ground truth
 All is written into a temporary folder beside --out, renamed into place once every check passed.
+Read top to bottom: the Keras model, SavedModel and TFLite, the checks on the written files, ONNX,
+the whole export, the command line. Every written file is run back through inference.py, the path
+predict.py and evaluate.py take.
 """
 import json
 import os
@@ -21,19 +24,24 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 
 import common
 import data
 import evaluate  # the scorer (Dice against the truth)
-import predict  # the one loader and prediction path for every format (imports no Keras by itself)
+import formats
+import inference
+import layouts
+import metrics
 
 QUANT_KINDS = ("int8", "float16")
 SAVED_MODEL_ATOL = 1e-5    # SavedModel reload vs Keras, max abs difference
 FLOAT32_ATOL = 1e-4        # float32 .tflite vs Keras (XNNPACK reorders sums)
 FLOAT16_MEAN_ATOL = 1e-2   # float16 weights: mean abs probability difference
 INT8_MEAN_ATOL = 0.05      # int8: mean abs probability difference (a broken calibration is ~0.3+)
+ONNX_ATOL = 1e-4           # model.onnx vs Keras, max abs difference (float32 both sides)
 THRESHOLD = 0.5
 
 
@@ -57,7 +65,7 @@ def check_args(quantize, path):
 
 def load_model(path, run):
     """(float32 model, square input size, rebuilt from mixed precision?) of a checked U-Net."""
-    model = predict.load_keras(path)
+    model = inference.load_keras(path)
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise common.Error(path, f"not a segmentation model ({len(model.inputs)} inputs, "
                            f"{len(model.outputs)} outputs; expected 1 image in, 1 mask out)")
@@ -68,7 +76,7 @@ def load_model(path, run):
     if len(shape_out) != 4 or shape_out[-1] != 1 or shape_out[1:3] != shape_in[1:3]:
         raise common.Error(path, f"not a segmentation model (output shape {shape_out} for input "
                            f"{shape_in}, expected one (N, S, S, 1) probability map)")
-    size = predict.square_size(shape_in, path, None, run.get("size"))
+    size = inference.square_size(shape_in, path, None, run.get("size"))
     if not is_mixed(model):
         return model, size, False
     from extras import precision  # only a GPU-trained (mixed-precision) model needs the rebuild
@@ -158,7 +166,7 @@ def check_tflite(path, kind, size, keras_probs, images):
         if tuple(detail["shape"]) != (1, size, size, channels) or detail["dtype"] != want_in:
             raise failed(name, f"{what} is {detail['dtype'].__name__} {tuple(detail['shape'])}, "
                          f"expected {want_in.__name__} (1, {size}, {size}, {channels})")
-    probs = predict.load_predictor(path).predict(images)  # decoded as predict.py, evaluate.py do
+    probs = inference.load_predictor(path).predict(images)  # as predict.py, evaluate.py run it
     if not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
         raise failed(name, f"output is not a probability map (range {probs.min()}..{probs.max()})")
     diff = np.abs(probs - keras_probs)
@@ -168,13 +176,152 @@ def check_tflite(path, kind, size, keras_probs, images):
     if mean_atol and diff.mean() > mean_atol:
         hint = " (bad calibration data?)" if kind == "int8" else ""
         raise failed(name, f"differs from the Keras model by {diff.mean():.2g} on average{hint}")
-    agree = evaluate.image_scores(keras_probs > THRESHOLD, probs > THRESHOLD)["dice"]
-    return {"file": name, "size_mb": round(os.path.getsize(path) / 1e6, 3),
+    return {**file_row(path),
             "input": tensor_contract(inp), "output": tensor_contract(out), "ops": ops,
             "float32_tensors": int(float_tensors),
             "max_abs_diff_vs_keras": float(diff.max()),
             "mean_abs_diff_vs_keras": float(diff.mean()),
-            "dice_vs_keras": float(np.mean(agree))}
+            "dice_vs_keras": dice_vs_keras(keras_probs, probs)}
+
+
+def file_row(path):
+    """What every file's row in report.json starts with: its name and size."""
+    return {"file": os.path.basename(path), "size_mb": round(os.path.getsize(path) / 1e6, 3)}
+
+
+def dice_vs_keras(keras_probs, probs):
+    """Mean Dice of a file's masks against the Keras model's, at the model's size."""
+    return float(np.mean(metrics.image_scores(keras_probs > THRESHOLD, probs > THRESHOLD)["dice"]))
+
+
+def latency_ms(step, runs=20, warmup=3):
+    """Median wall time of step(), a model's one batch-1 run, after `warmup` untimed runs."""
+    times = []
+    for i in range(warmup + runs):
+        t = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return round(1000 * float(np.median(times)), 2)
+
+
+def tflite_ms(path, threads, runs=20):
+    """One invoke of a .tflite file with LiteRT's default XNNPACK delegate, in ms (latency_ms)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=path, num_threads=threads)
+    interp.allocate_tensors()
+    inp = interp.get_input_details()[0]
+    x = np.random.default_rng(0).integers(0, 256, inp["shape"]).astype(inp["dtype"])
+    interp.set_tensor(inp["index"], x)
+    return latency_ms(interp.invoke, runs)
+
+
+def onnx_ms(path, size, threads, runs=20):
+    """One batch-1 run of an .onnx file in ONNX Runtime with `threads` threads, in ms."""
+    session = formats.onnx_session(path, threads)
+    feed = {session.get_inputs()[0].name:
+            np.random.default_rng(0).integers(0, 256, (1, size, size, 3)).astype(np.float32)}
+    return latency_ms(lambda: session.run(None, feed), runs)
+
+
+# --- ONNX: the fourth format, for ONNX Runtime on servers, phones and in the browser --------------
+# The contract is the SavedModel's: input "image", float32 (N, S, S, 3) raw RGB 0..255 with a
+# dynamic batch axis; output "mask", float32 (N, S, S, 1). Keras converts through tf2onnx.
+def write_onnx(model, path):
+    """model.onnx from a float32 Keras model, its output renamed "mask" (tf2onnx names it after
+    the graph's last tensor) so every format answers to the same names."""
+    import onnx
+
+    with warnings.catch_warnings():  # Keras's tf2onnx shim probes np.object: NumPy 2 warns
+        warnings.simplefilter("ignore", FutureWarning)
+        model.export(path, format="onnx", verbose=False)
+    graph_model = onnx.load(path)
+    old = graph_model.graph.output[0].name
+    for node in graph_model.graph.node:
+        node.output[:] = ["mask" if name == old else name for name in node.output]
+    graph_model.graph.output[0].name = "mask"
+    onnx.checker.check_model(graph_model)
+    onnx.save(graph_model, path)
+
+
+def write_onnx_int8(path, calibration):
+    """model_int8.onnx beside `path`: ONNX Runtime's static quantization (QDQ, int8 weights per
+    channel, uint8 activations) calibrated on the images the .tflite is calibrated on. Its input
+    stays float32 0..255, the float file's contract."""
+    from onnxruntime import quantization as q
+
+    class Images(q.CalibrationDataReader):
+        def __init__(self):
+            self.images = iter(np.asarray(calibration, np.float32)[:, None])
+
+        def get_next(self):
+            image = next(self.images, None)
+            return None if image is None else {"image": image}
+
+    out = os.path.join(os.path.dirname(path), "model_int8.onnx")
+    try:
+        q.quantize_static(path, out, Images(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+    except Exception as e:
+        raise failed("model_int8.onnx", f"quantization failed ({common.one_line(e)})") from None
+    return out
+
+
+def check_onnx(path, size, keras_probs, images, threads=(2,), runs=20):
+    """Run model.onnx on `images` (two batch sizes: the batch axis is dynamic) and hold it to the
+    Keras model: max |diff| <= ONNX_ATOL and the same masks. Returns report.json's row."""
+    name = os.path.basename(path)
+    predictor = inference.load_predictor(path)
+    if predictor.size != size:
+        raise failed(name, f"input is {predictor.size} px, expected {size}")
+    probs = predictor.predict(images)  # batches of up to 8
+    one = np.concatenate([predictor.predict(image[None]) for image in images[:2]])
+    diff = float(max(np.abs(probs - keras_probs).max(), np.abs(one - keras_probs[:2]).max()))
+    if not diff <= ONNX_ATOL:
+        raise failed(name, f"differs from the Keras model by {diff:.2g} (> {ONNX_ATOL})")
+    # A pixel within ONNX_ATOL of the threshold may land either side in float32 arithmetic.
+    decided = np.abs(keras_probs - THRESHOLD) > ONNX_ATOL
+    flipped = int(np.sum(((probs > THRESHOLD) != (keras_probs > THRESHOLD)) & decided))
+    if flipped:
+        raise failed(name, f"{flipped} mask pixels differ from the Keras masks")
+    return {**file_row(path),
+            "dice_vs_keras": dice_vs_keras(keras_probs, probs),
+            "input": {"name": "image", "shape": ["N", size, size, 3], "dtype": "float32"},
+            "output": {"name": "mask", "shape": ["N", size, size, 1], "dtype": "float32"},
+            "max_abs_diff_vs_keras": diff, "mask_pixels_differing": flipped,
+            "latency_ms": {str(t): onnx_ms(path, size, t, runs) for t in threads}}
+
+
+def check_onnx_int8(path, size, keras_probs, images, threads, runs):
+    """The int8 file held to Keras as the int8 .tflite is: a mean |probability difference| within
+    INT8_MEAN_ATOL, the masks' Dice reported."""
+    name = os.path.basename(path)
+    probs = inference.load_predictor(path).predict(images)
+    diff = float(np.abs(probs - keras_probs).mean())
+    if not diff <= INT8_MEAN_ATOL:
+        raise failed(name, f"differs from the Keras model by {diff:.2g} on average")
+    return {**file_row(path),
+            "dice_vs_keras": dice_vs_keras(keras_probs, probs), "mean_abs_diff_vs_keras": diff,
+            "latency_ms": {str(t): onnx_ms(path, size, t, runs) for t in threads}}
+
+
+def onnx_step(model, size, work, keras_probs, val, threads, runs, calibration=None):
+    """work/model.onnx and, given calibration images, model_int8.onnx, each checked against Keras
+    on the val images and scored against their truth: report.json's "onnx" entry."""
+    path = os.path.join(work, "model.onnx")
+    try:
+        write_onnx(model, path)
+    except Exception as e:
+        raise failed("model.onnx", f"conversion failed ({common.one_line(e)})") from None
+    rows = {"float32": check_onnx(path, size, keras_probs, val.images, threads, runs)}
+    if calibration is not None:
+        rows["int8"] = check_onnx_int8(write_onnx_int8(path, calibration), size, keras_probs,
+                                       val.images, threads, runs)
+    for row in rows.values():
+        predictor = inference.load_predictor(os.path.join(work, row["file"]))
+        row["dice_vs_truth"] = dice_vs_truth(predictor, val.pairs)  # as every file is scored
+    return rows
 
 
 # --- the whole export -----------------------------------------------------------------------------
@@ -183,11 +330,10 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
     """Convert, verify, time; publish `out` only when every check passed. Returns the report."""
     check_args(quantize, weights)
     if onnx:
-        from extras import onnx_format
-        onnx_format.require("model.onnx", ["tf2onnx", "onnx", "onnxruntime"], ", or --no-onnx")
+        formats.require("model.onnx", ["tf2onnx", "onnx", "onnxruntime"], ", or --no-onnx")
     started = time.perf_counter()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
-    run = predict.read_run_json(weights)
+    run = inference.read_run_json(weights)
     model, size, rebuilt = load_model(weights, run)
     images = choose_images(run, data_dir, size, calibration)
     out = os.path.abspath(out)
@@ -205,21 +351,19 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
             from extras.qat import run_qat  # tf_keras and tfmot, in a child process
             qat_summary = run_qat(model, images["train"], size, qat, work, images=qat_images)
             files["int8_qat"] = os.path.join(work, "model_int8_qat.tflite")
-        from extras import latency  # LiteRT timing for report.json, shared with bench/
         rows = {}
         for kind, path in files.items():
             log(f"export: checking {os.path.basename(path)}")
             # int8_qat was fine-tuned (different weights): sanity checks only, no closeness bound.
             row = check_tflite(path, kind, size, keras_probs, val.images)
-            row["latency_ms"] = {str(t): latency.tflite_ms(path, t, bench_runs) for t in threads}
-            row["dice_vs_truth"] = dice_vs_truth(predict.load_predictor(path), val.pairs)
+            row["latency_ms"] = {str(t): tflite_ms(path, t, bench_runs) for t in threads}
+            row["dice_vs_truth"] = dice_vs_truth(inference.load_predictor(path), val.pairs)
             rows[kind] = row
         if onnx:
             log("export: ONNX")
             int8 = images["calibration"] if "int8" in quantize else None
-            onnx_rows = onnx_format.onnx_step(model, size, work, keras_probs, val, threads,
-                                              bench_runs, int8)
-        keras_predictor = predict.Predictor(
+            onnx_rows = onnx_step(model, size, work, keras_probs, val, threads, bench_runs, int8)
+        keras_predictor = inference.Predictor(
             weights, "keras", size, lambda x: model.predict_on_batch(x.astype(np.float32))[..., 0])
         report = {
             "weights": os.path.abspath(weights), "size": size,
@@ -247,12 +391,9 @@ def choose_images(run, data_dir, size, calibration):
     """One look at the data: the training split (calibration: a fixed, evenly spaced subset of it;
     QAT) and the split Dice is measured on (val; test, then train, when a tiny set has none)."""
     data_dir = data_dir or run.get("data") or None  # one folder, or the list of a multi-source run
-    roots = data.folders_of(data_dir)
-    if not roots:
-        from extras import synthetic  # the default set: no --data
-        roots = [synthetic.synthetic_dir()]
+    roots = layouts.data_folders(data_dir)
     fractions = (float(run.get("val_fraction", 0.1)), float(run.get("test_fraction", 0.1)))
-    pairs = [p for root in roots for p in data.find_pairs(root, *fractions)[0]]
+    pairs = [p for root in roots for p in layouts.find_pairs(root, *fractions)[0]]
     split = lambda name: data.load_arrays([p for p in pairs if p.split == name], size,
                                           progress=False)
     train = split("train")

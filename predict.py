@@ -4,13 +4,13 @@
 
 For each photo: <id>_segmentation.png (0/255 at native size, the ISIC submission format),
 <id>_overlay.jpg (at most 1024 px) and a predictions.csv row, with the photo's uncertainty and
-review flag (extras/review.py). --data is a folder of photos, one photo, a data folder (masks
-ignored) or an ISIC 2024 HDF5 archive (extras/archive.py). Read top to bottom: the Predictor and
-its loaders, predicting, one photo (shared with app.py), photos in bulk (through
-extras/pipeline.py, shared with evaluate.py), the command line. docs/evaluation.md has more.
+review flag (metrics.py). --data is a folder of photos, one photo, a data folder (masks ignored)
+or an ISIC 2024 HDF5 archive (extras/archive.py). Read top to bottom: one photo (its mask at
+native size, its overlay; shared with app.py), photos in bulk, the command line. The model runs
+through inference.py, as everywhere. docs/evaluation.md has more.
 """
 import csv
-import json
+import functools
 import os
 import sys
 import time
@@ -19,168 +19,34 @@ import numpy as np
 from PIL import Image
 
 import common
-import data
+import imaging
+import inference
+import metrics
 
-# --- Predictor: one interface over .keras and the exported formats ---------------------------
-
-class Predictor:
-    """predict(uint8 (N, S, S, 3) raw RGB) -> float32 (N, S, S) foreground probability.
-    review_threshold and review_source: set by load_predictor (extras/review.py's with_review)."""
-    review_threshold, review_source = None, None
-
-    def __init__(self, path, kind, size, run_batch, batch=8):
-        self.path, self.kind, self.size = path, kind, size
-        self.batch = batch  # images per call: amortizes per-call overhead without much memory
-        self._run_batch = run_batch
-
-    def predict(self, images):
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[1:] != (self.size, self.size, 3):
-            raise ValueError(f"expected (N, {self.size}, {self.size}, 3) images, "
-                             f"got {images.shape}")
-        out = [self._run_batch(images[i:i + self.batch])
-               for i in range(0, len(images), self.batch)]
-        probs = np.concatenate(out) if out else np.zeros((0, self.size, self.size), np.float32)
-        return probs.reshape(len(images), self.size, self.size).astype(np.float32, copy=False)
-
-
-def square_size(shape, path, size, default_size=None):
-    """The input size from the shape (N, H, W, 3): `size` must match a fixed one; `size`, else
-    `default_size` (run.json's training size), fills a dynamic one."""
-    if len(shape) != 4 or shape[-1] not in (3, None):
-        raise common.Error(path, f"model input shape {tuple(shape)} is not (N, H, W, 3)")
-    h, w = shape[1], shape[2]
-    if h is None or w is None or h < 0 or w < 0:
-        size = size if size is not None else default_size
-        if size is None:
-            raise common.Error(path, "model accepts any input size; pass --size PX "
-                                     "(or keep run.json beside it)")
-        return int(size)
-    if h != w:
-        raise common.Error(path, f"model input is {h}x{w}, expected a square input")
-    if size is not None and int(size) != h:
-        raise common.Error(path, f"model input is {h}x{w}, --size {size} does not match")
-    return int(h)
-
-
-def load_keras(path):
-    """A .keras file as a Keras model (no compile: a bare session needs nothing of this repo)."""
-    keras = common.import_keras()
-    try:
-        return keras.models.load_model(path, compile=False)
-    except Exception as e:  # corrupt zip, not a model, unknown layer...
-        raise common.Error(path, f"cannot load Keras model ({common.one_line(e)})") from None
-
-
-def _predictor(path, kind, shape, run, size, default_size=None, batch=None):
-    """A Predictor around run, after one dry run: a wrong model fails here in one line."""
-    size = square_size(shape, path, size, default_size)
-    try:
-        y = np.asarray(run(np.zeros((1, size, size, 3), np.uint8)))
-    except Exception as e:
-        raise common.Error(path, f"model failed on a {size}x{size} input "
-                                 f"({common.one_line(e)})") from None
-    if y.size != size * size:
-        raise common.Error(path, f"model output shape {y.shape} is not one {size}x{size} map")
-    return Predictor(path, kind, size, run, batch=batch or 8)
-
-
-def _keras_run(model):
-    def run(x):
-        y = model.predict_on_batch(x.astype(np.float32))
-        if isinstance(y, dict):
-            y = y["mask"] if "mask" in y else next(iter(y.values()))
-        return np.asarray(y, np.float32)
-    return run
-
-
-RELEASED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "skin_unet.keras")
-
-
-def read_run_json(weights):
-    """train.py's run.json beside the weights (or one folder up for an export), else {}; the
-    released model's is models/skin_unet.json (the quick start's run.json here is not its own)."""
-    if os.path.abspath(weights) == RELEASED:
-        candidates = [os.path.splitext(RELEASED)[0] + ".json"]
-    else:
-        here = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
-        candidates = [os.path.join(folder, "run.json") for folder in (here, os.path.dirname(here))]
-    for path in candidates:
-        if os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    run = json.load(f)
-            except (OSError, ValueError) as e:
-                raise common.Error(path, f"unreadable JSON ({common.one_line(e)})") from None
-            return {**run, "_path": path}
-    return {}
-
-
-def load_predictor(path=None, size=None, review_threshold=None):
-    """A Predictor for a .keras file or an export; None: the released model (models/README.md).
-    `size`: only for a model of any input size, which otherwise takes run.json's training size.
-    `review_threshold` overrides the one stored with the model (extras/review.py's with_review)."""
-    from extras import review  # the review flag's threshold
-
-    released = path is None or os.path.abspath(path) == RELEASED
-    path = RELEASED if released else os.fspath(path)
-    try:
-        run = read_run_json(path)
-        predictor = _load(path, size, run.get("size"))
-    except common.Error as e:
-        if not released:
-            raise
-        # The remedy first: a library's message behind it may be long (one_line cuts it).
-        raise common.Error(e.file, "the released model cannot be used: restore it with "
-                                   f"`git checkout models/` ({e.problem})") from None
-    return review.with_review(predictor, run, review_threshold)
-
-
-def _load(path, size, default_size):
-    if not os.path.exists(path):
-        raise common.Error(path, "model file not found")
-    if path.endswith(".keras"):
-        model = load_keras(path)
-        return _predictor(path, "keras", model.input_shape, _keras_run(model), size, default_size)
-    from extras import formats  # the exported formats
-    kind, shape, run, batch = formats.open_exported(path)
-    return _predictor(path, kind, shape, run, size, default_size, batch)
-
-
-# --- Predicting: TTA and post-processing, the one path every prediction takes ---------------
-POST = ("none", "fill", "largest", "fill+largest")
-
-
-def predict_probs(predictor, images, tta=False, post="none", threshold=0.5):
-    """Probabilities (N, S, S) at the model's size, every prediction's one path: with tta the mean
-    of identity, h-flip and v-flip; then --post (extras/postprocess.py)."""
-    probs = predictor.predict(images)
-    if tta:
-        probs = probs + predictor.predict(images[:, :, ::-1])[:, :, ::-1]
-        probs = probs + predictor.predict(images[:, ::-1])[:, ::-1]
-        probs = probs / 3.0
-    if post not in POST:
-        raise ValueError(f"post {post!r} is not one of {', '.join(POST)}")
-    if post == "none":
-        return probs
-    from extras import postprocess  # --post
-    return np.stack([postprocess.postprocess(p, threshold, post) for p in probs])
-
-
-# --- One photo: the functions the bulk path below, evaluate.py and the web app share ---------
+# --- One photo: the functions the bulk path below and the web app share --------------------------
 PREVIEW_SIDE = 1024  # px, long side of overlays and of what the web page shows
-BAND_ROWS = 256  # rows of a native-size map worked out at a time (see native_prob)
+BAND_ROWS = 256  # rows of a native-size map worked out at a time (see native_mask)
 
 
 def model_input(image, size):
     """The size x size squash the model sees (the one evaluate.py's scores are measured on)."""
-    return data.resize_image(image, (size, size))
+    return imaging.resize_image(image, (size, size))
 
 
-def native_prob(small_prob, size_hw, threshold=0.5):
-    """(figures, bool mask at size_hw) of the model-size map, resized (bilinear) a band of rows
-    at a time from the whole map's sampling grid: one resize's mask, but the float32 map of a
-    50-megapixel photo (200 MB) is never whole."""
+def decode_preview(file, native, raw=None):
+    """The photo as uint8 (h, w, 3), its long side at most PREVIEW_SIDE (never enlarged): a JPEG
+    decodes in draft mode at the smallest scale that still covers it, so full-resolution pixels
+    are never decoded."""
+    scale = min(1.0, PREVIEW_SIDE / max(native))
+    hw = max(1, round(native[0] * scale)), max(1, round(native[1] * scale))
+    return imaging.resize_image(imaging.load_image(file, min_size=hw, raw=raw), hw)
+
+
+def native_mask(small_prob, size_hw, threshold=0.5):
+    """(bool mask at size_hw, its figures) from the model-size map, resized (bilinear) a band of
+    rows at a time from the whole map's sampling grid: one resize's mask, but the float32 map of a
+    50-megapixel photo (200 MB) is never whole. The figures: the lesion's area in pixels and in %
+    of the photo, the mean probability inside it, the photo's width and height."""
     h, w = size_hw
     source = Image.fromarray(np.asarray(small_prob, np.float32))
     mask = np.empty((h, w), bool)
@@ -192,29 +58,81 @@ def native_prob(small_prob, size_hw, threshold=0.5):
         hit = np.greater(band, threshold, out=mask[top:bottom])
         area += int(np.count_nonzero(hit))
         inside += float(np.sum(band, where=hit, dtype=np.float64))
-    # The mask's figures: its area in pixels and in % of the photo, the mean probability inside.
     figures = {"area_px": area, "area_percent": 100.0 * area / (h * w) if h * w else 0.0,
                "mean_prob": inside / area if area else 0.0, "width": int(w), "height": int(h)}
-    return figures, mask
+    return mask, figures
 
 
-def decode_preview(file, native, raw=None):
-    """The photo as uint8 (h, w, 3), its long side at most PREVIEW_SIDE (never enlarged): a JPEG
-    decodes in draft mode at the smallest scale that still covers it, so full-resolution pixels
-    are never decoded."""
-    scale = min(1.0, PREVIEW_SIDE / max(native))
-    hw = max(1, round(native[0] * scale)), max(1, round(native[1] * scale))
-    return data.resize_image(data.load_image(file, min_size=hw, raw=raw), hw)
+# The overlay a person looks at: the photo with the lesion tinted and outlined, and, where the
+# model is unsure, a sparse cyan hatch.
+TINT, OUTLINE = (255, 200, 0), (255, 0, 0)  # amber wash and a red border: visible on any skin tone
+HATCH = (0, 200, 255)  # cyan: far from the amber and the red, and from any skin tone
+# The unsure band: a pixel the model gives at least one chance in four of either answer. A slider
+# move of 0.25 from the default 0.5 flips it, so it is the part of the mask a reader should doubt.
+UNSURE_LOW, UNSURE_HIGH = 0.25, 0.75
+HATCH_EVERY = 8  # px between the hatch's 1-px diagonal lines: 1 pixel in 8 is drawn, the skin shows
 
 
-def save_mask_png(folder, image_id, pred):
-    # ISIC submission format: 8-bit greyscale, 0/255, native size, <id>_segmentation.png.
-    image = Image.fromarray(pred.astype(np.uint8) * 255, mode="L")
-    common.atomic_write(os.path.join(folder, f"{image_id}_segmentation.png"),
-                        lambda f: image.save(f, format="PNG", compress_level=1))
+def _erode(mask):
+    # 4-neighbour erosion; pixels beyond the border count as background, so the frame is an edge.
+    inner = np.zeros_like(mask)
+    inner[1:-1, 1:-1] = (mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1]
+                         & mask[1:-1, :-2] & mask[1:-1, 2:])
+    return inner
 
 
-# --- Photos in bulk --------------------------------------------------------------------------
+def unsure_band(prob):
+    """bool (H, W): the pixels whose probability is within [UNSURE_LOW, UNSURE_HIGH]."""
+    prob = np.asarray(prob, np.float32)
+    return (prob >= UNSURE_LOW) & (prob <= UNSURE_HIGH)
+
+
+@functools.lru_cache(maxsize=8)  # photos in bulk share a few preview sizes: made once per size
+def hatch_pattern(shape):
+    """bool (H, W), read-only: 1-px diagonal lines HATCH_EVERY px apart, from the image's corner."""
+    h, w = shape
+    pattern = (np.arange(h)[:, None] + np.arange(w)[None, :]) % HATCH_EVERY == 0
+    pattern.flags.writeable = False
+    return pattern
+
+
+def draw_overlay(image, mask, prob=None, unsure=True):
+    """uint8 (H, W, 3): the photo with the lesion tinted (stronger where the model is surer, if
+    prob is given) and its boundary drawn. Without the hatch only mask pixels change, so the
+    outline never hides the skin around the lesion that a reader compares it with. With prob and
+    `unsure`, pixels in the unsure band (inside the mask or not) also get a sparse hatch: a wide
+    band is where the mask's edge could as well be elsewhere. The outline goes on top of it."""
+    image, mask = np.asarray(image, np.uint8), np.asarray(mask, bool)
+    if image.ndim != 3 or image.shape[2] != 3 or mask.shape != image.shape[:2]:
+        raise ValueError(f"image {image.shape} and mask {mask.shape} do not match")
+    if prob is not None and np.shape(prob) != mask.shape:
+        raise ValueError(f"prob {np.shape(prob)} and mask {mask.shape} do not match")
+    out = image.copy()
+    if prob is None:
+        alpha = np.full(mask.shape, 0.4, np.float32)
+    else:
+        alpha = np.clip(np.asarray(prob, np.float32), 0.0, 1.0) * 0.5
+    a = alpha[mask][:, None]
+    out[mask] = np.round(image[mask] * (1 - a) + np.asarray(TINT, np.float32) * a).astype(np.uint8)
+    if prob is not None and unsure:
+        out[unsure_band(prob) & hatch_pattern(tuple(mask.shape))] = HATCH
+    # About 3 px on a 1000 px photo: thick enough to see, thin enough not to hide the border.
+    inner = mask
+    for _ in range(max(1, round(max(mask.shape) / 350))):
+        inner = _erode(inner)
+    out[mask & ~inner] = OUTLINE
+    return out
+
+
+def write_overlay(folder, image_id, preview, small_prob, threshold):
+    """<id>_overlay.jpg in folder: the model-size map resized whole (a preview is small)."""
+    prob = imaging.resize_prob(small_prob, preview.shape[:2])
+    tinted = Image.fromarray(draw_overlay(preview, prob > threshold, prob))
+    common.atomic_write(os.path.join(folder, f"{image_id}_overlay.jpg"),
+                        lambda f: tinted.save(f, "JPEG", quality=90))
+
+
+# --- Photos in bulk -------------------------------------------------------------------------------
 COLUMNS = ("image_id", "file", "width", "height", "area_px", "area_percent", "mean_prob",
            "uncertainty", "review")
 DECIMALS = {"area_percent": ".4f", "mean_prob": ".6f", "uncertainty": ".6f"}  # in predictions.csv
@@ -224,7 +142,7 @@ HDF5_SUFFIXES = (".hdf5", ".h5")  # an ISIC 2024 archive; its photos are "archiv
 
 def find_photos(source):
     """[(image_id, file)]: one photo, a folder of photos (not recursive, not our own outputs), a
-    data folder (every image, masks ignored) or an archive."""
+    data folder (its image folders, masks ignored) or an archive."""
     if os.path.isfile(source) and source.lower().endswith(HDF5_SUFFIXES):
         from extras import archive  # h5py, only for an archive
         return archive.find_photos(source)
@@ -233,13 +151,14 @@ def find_photos(source):
         return [(image_id(source), source)]
     if not os.path.isdir(source):
         raise common.Error(source, "no such file or folder")
-    layout = data.layout_of(source)
-    if layout:
-        folders = [os.path.join(source, folder) for _, folder, _ in data.LAYOUTS[layout]]
-        files = [p for folder in folders for p in data.image_files(folder)]
-    else:
-        files = [p for p in data.image_files(source)
-                 if not image_id(p).lower().endswith(OUTPUT_SUFFIXES)]
+    files = [p for p in imaging.image_files(source)
+             if not image_id(p).lower().endswith(OUTPUT_SUFFIXES)]
+    if not files:  # no photos at the top: a data folder keeps them in its layout's image folders
+        import layouts
+
+        layout = layouts.layout_of(source)
+        folders = [os.path.join(source, f) for _, f, _ in layouts.LAYOUTS.get(layout, [])]
+        files = [p for folder in folders for p in imaging.image_files(folder)]
     if not files:
         raise common.Error(source, "no images found")
     return [(image_id(p), p) for p in sorted(files)]
@@ -251,7 +170,7 @@ def _decode_photo(reader, image_id, file, size):
     t = time.perf_counter()
     try:
         raw = reader.raw(file) if reader else None  # an archive's photo: bytes from it
-        native = data.native_hw(file, raw)  # a bad file fails here, as one line naming it
+        native = imaging.native_hw(file, raw)  # a bad file fails here, as one line naming it
         preview = decode_preview(file, native, raw)
     except common.Error as e:
         return {"file": e.file, "problem": e.problem}, time.perf_counter() - t
@@ -264,16 +183,14 @@ def _decode_photo(reader, image_id, file, size):
 def _write_prediction(folder, image_id, file, native, preview, small_prob, threshold, overlays,
                       review_at):
     """Mask at native size, overlay preview and the CSV row of one photo; a thread runs it."""
-    from extras import review  # each photo's uncertainty and review flag
-
     t = time.perf_counter()
-    stats, mask = native_prob(small_prob, native, threshold)
-    stats.update(review.flag(small_prob, threshold, review_at))
-    save_mask_png(folder, image_id, mask)
+    mask, figures = native_mask(small_prob, native, threshold)
+    imaging.save_mask_png(folder, image_id, mask)
     if overlays:
-        from extras import overlay  # on unless --no-overlay
-        overlay.write(folder, image_id, preview, small_prob, threshold)
-    return {"image_id": image_id, "file": file, **stats}, time.perf_counter() - t
+        write_overlay(folder, image_id, preview, small_prob, threshold)
+    row = {"image_id": image_id, "file": file, **figures,
+           **metrics.flag(small_prob, threshold, review_at)}
+    return row, time.perf_counter() - t
 
 
 def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none", overwrite=False,
@@ -303,16 +220,16 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
     timing = dict.fromkeys(("decode", "predict", "write"), 0.0)
     bar = common.Progress(len(todo), "predict", progress)
     done, flagged, started = 0, 0, time.perf_counter()
-    from extras import pipeline
+    decode = lambda item: _decode_photo(reader, *item, predictor.size)
+    write = lambda d, prob: _write_prediction(out, *d[:-1], prob, threshold, overlays,
+                                              predictor.review_threshold)
+    predict = lambda x: inference.predict_probs(predictor, x, tta, post, threshold)
     try:
         with open(csv_path, "a", newline="") as rows:
             writer = csv.DictWriter(rows, COLUMNS, extrasaction="ignore", lineterminator="\n")
-            for _, (row, seconds) in pipeline.overlap(  # decode, predict, write side by side
-                    todo, lambda item: _decode_photo(reader, *item, predictor.size),
-                    lambda d, prob: _write_prediction(out, *d[:-1], prob, threshold, overlays,
-                                                      predictor.review_threshold),
-                    lambda x: predict_probs(predictor, x, tta, post, threshold), predictor.batch,
-                    timing, problems, bar, workers):
+            for _, (row, seconds) in inference.overlap(todo, decode, write, predict,
+                                                       predictor.batch, timing, problems, bar,
+                                                       workers):
                 # One line, one write: a kill leaves whole rows behind.
                 writer.writerow({**row, **{k: format(row[k], f) for k, f in DECIMALS.items()}})
                 rows.flush()
@@ -328,38 +245,10 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
             "problems": problems, "seconds": {k: round(v, 3) for k, v in timing.items()}}
 
 
-# --- Command line ----------------------------------------------------------------------------
-def model_parser(description):
-    """The flags of running a model, shared with evaluate.py; parse() checks them."""
-    from extras import review  # --review-threshold's default
-
-    p = common.ArgumentParser(description=description)
-    p.add_argument("--weights", help=".keras file, SavedModel folder, .tflite or .onnx "
-                   "(default: models/skin_unet.keras, the released model)")
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--tta", action="store_true", help="average identity, h-flip and v-flip")
-    p.add_argument("--post", choices=POST, default="none",
-                   help="fill holes and/or keep the largest lesion (docs/results.md measures them)")
-    p.add_argument("--size", type=int, default=None, help="input size for a size-agnostic model")
-    p.add_argument("--review-threshold", type=float, default=None, metavar="U",
-                   help="flag photos whose uncertainty is over U (default: the one stored with "
-                   f"the model, else {review.REVIEW_THRESHOLD})")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def parse(parser, argv):
-    args = parser.parse_args(argv)
-    for flag in ("threshold", "review_threshold"):
-        value = getattr(args, flag)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise common.Error(f"--{flag.replace('_', '-')} {value}", "must be within [0, 1]")
-    return args
-
-
+# --- Command line ---------------------------------------------------------------------------------
 @common.command
 def main(argv=None):
-    p = model_parser(__doc__.split("\n\n")[0])
+    p = inference.model_parser(__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="a folder of photos, one photo, a data folder "
                    "(every image, masks ignored) or an ISIC 2024 HDF5 archive")
     p.add_argument("--out", required=True,
@@ -367,9 +256,9 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="redo photos an earlier run finished")
     p.add_argument("--no-overlay", dest="overlays", action="store_false",
                    help="masks and rows only")
-    args = parse(p, argv)
+    args = inference.parse(p, argv)
     photos = find_photos(args.data)
-    predictor = load_predictor(args.weights, args.size, args.review_threshold)
+    predictor = inference.load_predictor(args.weights, args.size, args.review_threshold)
     print(f"model {predictor.path} ({predictor.kind}, {predictor.size}px)   data {args.data} "
           f"({len(photos)} photos)", file=sys.stderr)
     result = predict_photos(predictor, photos, args.out, args.threshold, args.tta, args.post,

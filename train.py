@@ -5,27 +5,38 @@
 
 Writes in --out: best.keras, last.keras (model, optimizer and resume state), log.csv, curves.png,
 run.json and state.json (README). Kill it at any moment and rerun the same command: it resumes
-after the last finished epoch. Read top to bottom: the settings (Config), the files, the jobs at
-each epoch's end, then train(). Optional parts live in extras/ (docs/training.md).
+after the last finished epoch. Read top to bottom: the settings (Config), the machine the run
+lands on, the files and the resume state, what an epoch means, what a run says, the callbacks
+around each epoch, then train(). Options live in extras/, each named at one line below (an `if`
+on its flag); docs/training.md says what each does.
 """
-import argparse
+import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 import time
 import zipfile
 from dataclasses import dataclass, fields
 
+import numpy as np
+
 import common
+import curves
 import data
+import layouts
+import metrics
 
 STATE_ENTRY = "skin_unet_state.json"  # extra entry inside last.keras; Keras ignores unknown entries
 MIN_LR_FACTOR = 0.01  # cosine decays to 1% of --lr; plateau never goes below it either
 PLATEAU_PATIENCE, PLATEAU_FACTOR = 3, 0.5
+XLA_PROBE_MIN_STEPS = 500  # a shorter run would spend too much of itself on the probe
+XLA_PROBE_STEPS, XLA_PROBE_ROUNDS, XLA_PROBE_MARGIN = 3, 2, 1.05
 CLUSTER_VARS = ("KERAS_DISTRIBUTION_NUM_PROCESSES", "SLURM_NTASKS")  # extras/cluster.py reads them
 
 
@@ -109,11 +120,10 @@ def parser():
 
 
 def config_of(args):
-    """A validated Config from an argv list or parser()'s Namespace; common.Error: exit 2."""
+    """A validated Config from an argv list or parser()'s Namespace; common.Error: exit 2. Every
+    check runs before Keras is imported, so a typo fails in a moment."""
     if isinstance(args, (list, tuple)):
         args = parser().parse_args(list(args))
-    if not isinstance(args, argparse.Namespace):
-        raise TypeError(f"config_of takes an argv list or an argparse.Namespace, not {args!r}")
     cfg = Config(**vars(args))
     for key in ("epochs", "batch", "filters", "depth"):
         if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
@@ -140,19 +150,24 @@ def config_of(args):
     if cfg.balance and len(cfg.data or []) < 2:
         raise common.Error("--balance", "needs two or more --data folders")
     if cfg.init is not None:
-        from extras import warm_start
-        cfg.init = warm_start.check(cfg.init)
+        if not os.path.isfile(cfg.init):
+            raise common.Error(f"--init {cfg.init}", "file not found")
+        cfg.init = os.path.abspath(cfg.init)
     cfg.out = os.path.abspath(cfg.out or ".")
-    if cfg.tensorboard:
-        from extras import curves
-        cfg.tensorboard = curves.check_tensorboard(cfg.tensorboard)
+    if cfg.tensorboard:  # never a failure mid-run for a missing package
+        missing = [m for m in ("tensorboard", "tensorflow") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise common.Error("--tensorboard", f"needs {' and '.join(missing)} (pip install "
+                               f"{' '.join(missing)}); TensorFlow writes the event files on every "
+                               "Keras backend")
+        cfg.tensorboard = os.path.abspath(cfg.tensorboard)
     return cfg
 
 
 def data_value(value):
     """--data as stored: None (synthetic) or a list of absolute paths."""
     folders = []
-    for folder in data.folders_of(value):
+    for folder in layouts.folders_of(value):
         if not os.path.isdir(folder):
             raise common.Error(folder, "data folder not found")
         folder = os.path.abspath(folder)
@@ -162,7 +177,178 @@ def data_value(value):
     return folders or None
 
 
-# --- files, always written to a temp file beside the target and renamed into place -------------
+# --- the machine: backend, accelerator, precision, XLA, distribution, where augmentation runs -----
+@dataclass(frozen=True)
+class Runtime:
+    """The machine a run lands on, resolved once (setup); run.json records it (record)."""
+    backend: str  # "jax", "tensorflow" or "torch"
+    accelerator: str  # "gpu", "tpu" or "cpu"
+    cpu: dict  # cpu_info()
+    precision: str  # the Keras dtype policy
+    jit: bool  # XLA; None until settle_jit where only a probe can tell
+    jit_reason: str
+    distribute: str  # "none", "mirrored" or "data_parallel"
+    replicas: int  # devices the global batch is split over
+    processes: int  # processes (hosts) of the run; 1 on one host
+    process: int  # this one's index
+    augment_on: str  # "host", "device", or None without augmentation
+    jit_probe: dict = None  # the probe's images/s, when it ran
+
+    def record(self):
+        """The settings as run.json holds them (jit_probe only when the probe ran)."""
+        record = dataclasses.asdict(self)
+        return {k: v for k, v in record.items() if v is not None or k != "jit_probe"}
+
+
+def accelerator():
+    """'gpu' / 'tpu' when the active backend sees one, else 'cpu' (never imports another
+    backend)."""
+    import keras
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+        return jax.default_backend() if jax.default_backend() in ("gpu", "tpu") else "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf  # TF backend only
+        return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+    if backend == "torch":
+        import torch
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def cpu_info():
+    """The host CPU as run.json and every benchmark record it: {"model", "flags" (of avx2, avx512f,
+    avx512_bf16, amx_tile), "cores"}. Whether XLA helps a CPU step depends on it."""
+    try:
+        with open("/proc/cpuinfo") as f:  # one block per core, all alike: the last one is kept
+            info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in f)}
+    except OSError:  # not Linux
+        info = {}
+    flags = set(info.get("flags", "").split())
+    return {"model": info.get("model name") or platform.processor() or platform.machine(),
+            "flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags],
+            "cores": os.cpu_count()}
+
+
+def jit_rule(cfg, accel, mode):
+    """(XLA on?, why) for this backend and machine; (None, why) where only a timed probe can
+    tell."""
+    import keras
+    if cfg.jit != "auto":
+        return cfg.jit == "on", f"--jit {cfg.jit}"
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return True, "JAX runs op by op without it"
+    if backend != "tensorflow":
+        return False, f"{backend}: Keras's default"
+    if mode == "mirrored":
+        return False, "XLA cannot reach MirroredStrategy's per-device variables"
+    if accel != "cpu":
+        return True, "on an accelerator XLA fuses batch norm and ReLU into the convolutions"
+    return None, "TensorFlow on a CPU: XLA helps on some CPUs and hurts on others"
+
+
+def distribution_mode(cfg, backend, accel, place):
+    """--distribute auto: data_parallel for JAX with several devices (or processes), mirrored for
+    TensorFlow with several GPUs, else none."""
+    if cfg.distribute != "auto":
+        return cfg.distribute
+    if backend == "jax":
+        import keras
+        devices = [d for d in keras.distribution.list_devices() if not d.lower().startswith("cpu")]
+        return "data_parallel" if len(devices) > 1 or place else "none"
+    if backend == "tensorflow" and accel == "gpu":
+        import tensorflow as tf  # TF backend only
+        return "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "none"
+    return "none"
+
+
+def setup(cfg, place=None):
+    """Set precision and distribution for this machine: (strategy scope, Runtime). The scope is
+    MirroredStrategy's, else a null context. Runtime.jit is None where settle_jit must probe.
+    place: this process's place in a run over several (extras/cluster.py), whose devices all take
+    part."""
+    import keras
+    accel, backend = accelerator(), keras.backend.backend()
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "mixed_bfloat16" if accel != "cpu" else "float32"
+    keras.mixed_precision.set_global_policy(precision)
+    mode = distribution_mode(cfg, backend, accel, place)
+    scope, replicas = contextlib.nullcontext, 1
+    if mode != "none":  # several devices or processes: extras/distribute.py
+        from extras import distribute
+        scope, replicas = distribute.setup(mode, backend, cfg.batch)
+    # Pillow threads feed a CPU-bound step easily but cap a GPU (docs/training.md): there keras.ops.
+    augment_on = cfg.augment_on
+    if augment_on == "auto":
+        augment_on = "host" if accel == "cpu" else "device"
+    jit, why = jit_rule(cfg, accel, mode)
+    return scope, Runtime(
+        backend=backend, accelerator=accel, cpu=cpu_info(), precision=precision, jit=jit,
+        jit_reason=why, distribute=mode, replicas=replicas,
+        processes=place.processes if place else 1, process=place.index if place else 0,
+        augment_on=augment_on if cfg.augment else None)
+
+
+def reset(runtime):
+    """Undo setup's global settings (a second run in the same process starts clean)."""
+    import keras
+    if runtime.distribute == "data_parallel":
+        keras.distribution.set_distribution(None)
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def settle_jit(runtime, cfg, planned_steps, x, y):
+    """Where jit_rule leaves XLA to a probe: time XLA against TensorFlow's own kernels on this
+    machine, for a run long enough to pay for it (else off). A throwaway model per setting, one
+    warm-up step (which compiles), then XLA_PROBE_STEPS steps on the training batch (x, y), in
+    XLA_PROBE_ROUNDS interleaved rounds, best of each; XLA only where it wins by XLA_PROBE_MARGIN.
+    Returns the new Runtime, the probe's images/s in it."""
+    if runtime.jit is not None:
+        return runtime
+    if planned_steps < XLA_PROBE_MIN_STEPS:
+        why = f"Keras's CPU default (a run of {planned_steps} steps is too short to probe)"
+        return dataclasses.replace(runtime, jit=False, jit_reason=why)
+    models = {jit: compiled_model(cfg, jit) for jit in (True, False)}
+    for model in models.values():
+        model.train_on_batch(x, y)
+    rates = {True: 0.0, False: 0.0}
+    for _ in range(XLA_PROBE_ROUNDS):
+        for jit, model in models.items():
+            t = time.perf_counter()
+            for _ in range(XLA_PROBE_STEPS):
+                model.train_on_batch(x, y)  # synchronous: returns host numbers
+            rates[jit] = max(rates[jit], XLA_PROBE_STEPS * len(x) / (time.perf_counter() - t))
+    import keras
+    keras.utils.set_random_seed(cfg.seed)  # the real model starts where it would have without it
+    jit = rates[True] > XLA_PROBE_MARGIN * rates[False]
+    why = f"probe on this CPU: XLA {rates[True]:.1f} vs {rates[False]:.1f} images/s without"
+    return dataclasses.replace(runtime, jit=jit, jit_reason=why,
+                               jit_probe={"xla": round(rates[True], 2),
+                                          "no_xla": round(rates[False], 2)})
+
+
+# --- the model ------------------------------------------------------------------------------------
+def compiled_model(cfg, jit):
+    """The network --encoder / --upsample / --pool ask for, compiled with --loss, --lr and --ema."""
+    import unet
+    if cfg.encoder != "none":  # a keras.applications backbone as the encoder
+        from extras import encoders
+        weights = None if cfg.encoder_weights == "none" else cfg.encoder_weights
+        model = encoders.build_encoder_unet(cfg.size, cfg.filters, cfg.encoder, weights,
+                                            cfg.upsample)
+    else:
+        model = unet.build_unet(cfg.size, cfg.filters, cfg.depth, cfg.upsample, cfg.pool)
+    loss = cfg.loss
+    if loss == "bce_lovasz":  # the Lovász loss, a Keras loss function
+        from extras import lovasz
+        loss = lovasz.bce_lovasz
+    return unet.compile_model(model, loss, cfg.lr, jit, ema=cfg.ema)
+
+
+# --- the files, and the resume state inside last.keras --------------------------------------------
 def run_paths(out):
     return {k: os.path.join(out, f) for k, f in
             [("best", "best.keras"), ("last", "last.keras"), ("log", "log.csv"),
@@ -193,7 +379,7 @@ def read_state(path):
 
 def save_best(model, cfg, paths, state):
     """best.keras holds the weights validated: last.keras as committed, or --ema's average."""
-    if cfg.ema:
+    if cfg.ema:  # the optimizer's moving average, swapped in while it is saved
         from extras import ema
         with ema.averaged(model):
             save_model(model, paths["best"], state)
@@ -202,12 +388,40 @@ def save_best(model, cfg, paths, state):
             shutil.copyfile(paths["last"], tmp)
 
 
+def resume_or_start(cfg, paths, chief=True):
+    """The state of the run in --out when it has this configuration (extras/resume.py), else a
+    fresh one. --fresh deletes the old run's files (process 0 only; the others ignore them;
+    run.json is rewritten before fit)."""
+    if cfg.fresh and chief:
+        for k in ("last", "state", "log", "best", "curves"):
+            if os.path.exists(paths[k]):
+                os.remove(paths[k])
+    state = None if cfg.fresh else read_state(paths["last"])
+    if state is not None:  # an earlier run: resumed only under the configuration that made it
+        from extras import resume
+        resume.check_same_run(state, cfg.identity(), Config().identity(), paths["last"])
+    else:
+        state = {"version": 1, "config": cfg.identity(), "epoch": 0, "best": None, "wait": 0,
+                 "plateau_wait": 0, "lr": cfg.lr, "history": [], "stopped": None}
+    state["diverged"] = None
+    return state
+
+
+def write_logs(paths, state, draw=True):
+    """state.json, log.csv and (if `draw`) curves.png from the state; whether curves.png can
+    still be drawn (after a failure, no matplotlib or a full disk, it is not tried again)."""
+    write_text(paths["state"], json.dumps(state, indent=1))
+    curves.write_log(paths["log"], state["history"])
+    return draw and curves.redraw(paths["curves"], state["history"])
+
+
 # --- what an epoch means for the run --------------------------------------------------------------
 def epoch_decision(state, row, cfg):
     """What one epoch's log row means for the run, as the state entries it changes (a pure function:
     no Keras, no files). A non-finite loss or val_loss: "diverged", and nothing else changes. A
     better score (val Dice, or minus the loss without validation) becomes "best"; else the plateau
-    schedule halves the lr every PLATEAU_PATIENCE epochs, and --patience epochs set "stopped"."""
+    schedule halves the lr every PLATEAU_PATIENCE epochs, and --patience epochs set "stopped"; so
+    does the end of a --minutes budget (state["budget"], extras/budget.py)."""
     if not all(math.isfinite(row[k]) for k in ("loss", "val_loss") if row.get(k) is not None):
         return {"diverged": f"loss {row['loss']} / val_loss {row.get('val_loss')} at epoch "
                             f"{row['epoch']}", "stopped": state["stopped"]}
@@ -224,7 +438,7 @@ def epoch_decision(state, row, cfg):
         new["plateau_wait"] = 0
     if cfg.patience and new["wait"] >= cfg.patience:
         new["stopped"] = f"early stopping: no val Dice gain for {new['wait']} epochs"
-    budget = state.get("budget")  # --minutes (extras/budget.py)
+    budget = state.get("budget")
     if budget and new["epoch"] >= budget["epochs"] and not new["stopped"]:
         new["stopped"] = f"the --minutes {budget['minutes']:g} budget: {budget['epochs']} epochs"
     return new
@@ -240,115 +454,162 @@ def cosine_lr(cfg, epoch, epochs=None):
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
 
 
-# --- the per-epoch jobs: small steps in order, on one Run -----------------------------------------
-@dataclass
-class Run:
-    """What the jobs at each epoch's end share, and the jobs."""
-    cfg: Config
-    state: dict  # the resume state, committed inside last.keras
-    paths: dict  # where this process writes (a cluster's processes 1..: a scratch folder)
-    model: object
-    chief: bool = True  # the process that prints and writes the run's files: one of one, or 0
-    per_source: object = None  # extras.sources.PerSource with 2+ --data sources, else None
-    row: dict = None  # this epoch's log row
-    improved: bool = False  # this epoch is the best so far
-    draw: bool = True  # curves.png (off after the first failure)
-    started: float = 0.0  # time.time() as fit starts: --minutes counts from there
-
-    def decide(self):
-        """The schedule's, early stopping's and the NaN guard's decision (epoch_decision)."""
-        decided = epoch_decision(self.state, self.row, self.cfg)
-        self.state.update(decided)
-        if decided["diverged"] or decided["stopped"]:
-            self.model.stop_training = True
-        best = self.state["best"]
-        self.improved = best is not None and best["epoch"] == self.row["epoch"]
-
-    def checkpoint(self):
-        """The commit point: last.keras holds weights, optimizer and state together. A kill before
-        it replays the epoch; after it, the files the later jobs write are repaired on resume."""
-        save_model(self.model, self.paths["last"], self.state)
-        if self.improved:
-            save_best(self.model, self.cfg, self.paths, self.state)
-
-    def write_logs(self):
-        from extras import curves  # log.csv is written beside where it is read and drawn
-        write_text(self.paths["state"], json.dumps(self.state, indent=1))
-        curves.write_log(self.paths["log"], self.state["history"])
-        if self.draw:  # curves.png; after a failure (no matplotlib, a full disk) no more
-            self.draw = curves.redraw(self.paths["curves"], self.state["history"])
+# --- what a run says: its start, each epoch, its end, and run.json's account ---------------------
+def start_line(cfg, r, model, summary):
+    hosts = f" on {r.processes} processes, {r.replicas} devices" if r.processes > 1 else ""
+    notes = [f"augmenting on the {r.augment_on}" if r.augment_on else "",
+             "sources balanced" if cfg.balance else "",
+             f"weights averaged, EMA {cfg.ema}" if cfg.ema else "",
+             f"starting from {cfg.init}" if cfg.init else ""]
+    return (f"training {model.name} ({model.count_params() / 1e6:.2f} M params){hosts} on "
+            f"{summary['train']} images, validating on {summary['val']}, {cfg.size} px, batch "
+            f"{cfg.batch}; {r.backend} {r.accelerator} {r.precision} jit={r.jit} ({r.jit_reason}) "
+            f"distribute={r.distribute}" + "".join(f"; {n}" for n in notes if n))
 
 
-def epoch_end(run, steps):
-    """The Keras callback around every epoch: the lr at its start, its clock, then the jobs."""
+def epoch_line(row, epochs, improved):
+    names = ("loss", "val_loss", "val_dice", "val_iou", *(k for k in row if "val_dice_" in k))
+    scores = "  ".join(f"{k} {row[k]:.4f}" for k in names if row[k] is not None)
+    return (f"epoch {row['epoch']}/{epochs}: {scores}  lr {row['lr']:.2e}  "
+            f"{row['images_per_sec']:.1f} img/s{'  *best' if improved else ''}")
+
+
+def data_summary(cfg, train_set, val_set, seconds):
+    """run.json's "data_summary": the folders, the split sizes, each source, what was skipped."""
+    problems = train_set.problems + [p for p in val_set.problems if p not in train_set.problems]
+    names = layouts.source_names([s["path"] for s in val_set.sources])
+    return {"path": cfg.data or val_set.sources[0]["path"], "synthetic": cfg.data is None,
+            "train": len(train_set.pairs), "val": len(val_set.pairs), "problems": problems,
+            "load_seconds": round(seconds, 1),
+            "sources": [{"name": name, "path": tr["path"], "layout": tr["layout"],
+                         "train": tr["stop"] - tr["start"], "val": va["stop"] - va["start"]}
+                        for name, tr, va in zip(names, train_set.sources, val_set.sources)]}
+
+
+def summarize(state, paths, t_fit):
+    """run.json's "result"."""
+    rates = [r["images_per_sec"] for r in state["history"]]
+    best = state["best"] or {}
+    return {"epochs_done": state["epoch"], "best_epoch": best.get("epoch"),
+            "val_dice": best.get("val_dice"), "val_iou": best.get("val_iou"),
+            "images_per_sec": float(np.median(rates[1:] or rates)) if rates else None,
+            "train_seconds": round(time.time() - t_fit, 1), "stopped": state["stopped"],
+            "diverged": state["diverged"], "files": [paths[k] for k in
+                                                     ("best", "last", "log", "curves", "run")]}
+
+
+def finish(s):
+    """Process 0 says how the run ended; the exit code (1: diverged, a failure during the run)."""
+    if not s["chief"]:
+        return 1 if s["diverged"] else 0
+    if s["diverged"]:
+        print(f"stopped: training diverged ({s['diverged']}); the last good epoch is kept",
+              flush=True)
+    elif s["stopped"]:
+        print(f"stopped: {s['stopped']}", flush=True)
+    if s["best_epoch"]:
+        print(f"best epoch {s['best_epoch']} of {s['epochs_done']}: val Dice {s['val_dice']:.4f}, "
+              f"val IoU {s['val_iou']:.4f}; {s['images_per_sec']:.1f} images/s (training batches)",
+              flush=True)
+    print("files: " + ", ".join(f for f in s["files"] if os.path.exists(f)), flush=True)
+    return 1 if s["diverged"] else 0
+
+
+def review_threshold(path, images, batch):
+    """The threshold stored in run.json, with the model: the one that flags metrics.REVIEW_SHARE
+    of the val photos, by the uncertainty of best.keras's maps (as predict.py will compute it)."""
+    import keras
+    probs = keras.models.load_model(path, compile=False).predict(images, batch_size=batch,
+                                                                 verbose=0)
+    return metrics.choose_review_threshold(metrics.uncertainty(probs[..., 0]))
+
+
+# --- the callbacks around each epoch --------------------------------------------------------------
+# Keras calls them in list order: the clock first (it measures), then the options' callbacks, then
+# the epoch's jobs, which read what the others put in the epoch's logs.
+CLOCK_KEYS = ("images_per_sec", "train_seconds", "steady_train_seconds")
+
+
+def clock(steps, batch):
+    """A Keras callback that puts the epoch's training speed into its logs: images_per_sec from the
+    second step (the first includes compiling and the feed's start-up), the seconds of the training
+    batches, and what they would have taken at that speed. Fed from epoch-level hooks and
+    on_train_batch_begin only, so it adds no per-step host sync."""
     import keras
 
-    from extras import report
-    cfg = run.cfg
-
-    class EpochEnd(keras.callbacks.Callback):
+    class Clock(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            self.lr = run.state["lr"]
-            if cfg.schedule == "cosine":
-                self.lr = cosine_lr(cfg, epoch, planned_epochs(cfg, run.state))
-            self.model.optimizer.learning_rate = self.lr
-            self.clock = report.EpochClock()
+            self.begin, self.second, self.end, self.calls = time.perf_counter(), None, None, 0
 
-        def on_train_batch_begin(self, batch, logs=None):
-            self.clock.batch_begins(batch)
+        def on_train_batch_begin(self, index, logs=None):
+            self.calls += 1
+            if self.calls == 2:
+                self.second = time.perf_counter(), index
 
         def on_test_begin(self, logs=None):
-            self.clock.validation_begins()
+            if self.end is None:  # fit's validation starts: training batches are done (synced)
+                self.end = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
-            trained, ips = self.clock.training(steps, cfg.batch)
-            run.row = {"epoch": epoch + 1, "lr": float(self.lr), "images_per_sec": round(ips, 2),
-                       "seconds": self.clock.seconds()}
-            for k in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou"):
-                run.row[k] = float(logs[k]) if k in logs else None
-            if run.per_source:  # fit did not validate: validate all and per source (extras)
-                from extras import sources
-                run.row.update(sources.validate(self.model, cfg, run.per_source))
-                run.row["seconds"] = self.clock.seconds()
-            if cfg.minutes and "budget" not in run.state:
-                from extras import budget
-                budget.plan_once(run, trained, steps * cfg.batch / ips)
-            run.decide()
-            if run.state["diverged"]:  # NaN guard: keep the last good checkpoint, commit nothing
-                return
-            run.checkpoint()
-            if run.chief:  # saving a model is collective (above); the rest is process 0's alone
-                run.write_logs()
-                print(report.epoch_line(run.row, cfg.epochs, run.improved), flush=True)
-            # TensorBoard (after this callback) logs what fit put in logs; add what only this knows.
-            logs.update({k: v for k, v in run.row.items() if "val_" in k and v is not None})
+            end = self.end or time.perf_counter()
+            if self.second is not None and steps > self.second[1]:
+                ips = (steps - self.second[1]) * batch / max(end - self.second[0], 1e-9)
+            else:
+                ips = steps * batch / max(end - self.begin, 1e-9)
+            logs.update(zip(CLOCK_KEYS, (ips, end - self.begin, steps * batch / ips)))
 
-    return EpochEnd()
+    return Clock()
+
+
+def epoch_jobs(cfg, state, paths, chief=True):
+    """The Keras callback that runs the schedule and, after every epoch, in order: the log row,
+    the decision (epoch_decision), the commit point (last.keras, best.keras), the logs and the
+    epoch's line. state: the resume state, committed inside last.keras; paths: where this process
+    writes (a cluster's processes 1..: a scratch folder); chief: the process that prints and
+    writes the run's files (one of one, or process 0)."""
+    import keras
+
+    class EpochJobs(keras.callbacks.Callback):
+        draw = True  # curves.png can still be drawn (False after a failure to)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.begin, self.lr = time.perf_counter(), state["lr"]
+            if cfg.schedule == "cosine":
+                self.lr = cosine_lr(cfg, epoch, planned_epochs(cfg, state))
+            self.model.optimizer.learning_rate = self.lr
+
+        def on_epoch_end(self, epoch, logs=None):
+            measured = {k: logs.pop(k) for k in CLOCK_KEYS}  # (kept out of Keras's own logs)
+            if "budget" in logs:  # --minutes' plan (extras/budget.py), kept in the resume state
+                state["budget"] = logs.pop("budget")
+            row = {"epoch": epoch + 1, "lr": float(self.lr),
+                   "images_per_sec": round(measured["images_per_sec"], 2),
+                   "seconds": round(time.perf_counter() - self.begin, 2)}
+            for k in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou"):
+                row[k] = float(logs[k]) if k in logs else None
+            row.update({k: v for k, v in logs.items() if k.startswith("val_dice_")})
+            decided = epoch_decision(state, row, cfg)
+            state.update(decided)
+            if decided["diverged"] or decided["stopped"]:
+                self.model.stop_training = True
+            if decided["diverged"]:  # NaN guard: keep the last good checkpoint, commit nothing
+                return
+            # The commit point: last.keras holds weights, optimizer and state together. A kill
+            # before it replays the epoch; after it, the files written next are repaired on resume.
+            improved = state["best"]["epoch"] == row["epoch"]
+            save_model(self.model, paths["last"], state)
+            if improved:
+                save_best(self.model, cfg, paths, state)
+            if chief:  # saving a model is collective (above); the rest is process 0's alone
+                self.draw = write_logs(paths, state, self.draw)
+                print(epoch_line(row, cfg.epochs, improved), flush=True)
+
+    return EpochJobs()
 
 
 # --- train(): resume or start, data, model, fit ---------------------------------------------------
-def resume_or_start(cfg, identity, paths, chief=True):
-    """The state of the run in --out when it has this configuration (extras/resume.py), else a
-    fresh one. --fresh deletes the old run's files (process 0 only; the others ignore them)."""
-    if cfg.fresh and chief:
-        from extras import resume
-        resume.discard(paths)
-    state = None if cfg.fresh else read_state(paths["last"])
-    if state is not None:
-        from extras import resume
-        resume.check_same_run(state, identity, Config().identity(), paths["last"])
-    else:
-        state = {"version": 1, "config": identity, "epoch": 0, "best": None, "wait": 0,
-                 "plateau_wait": 0, "lr": cfg.lr, "history": [], "stopped": None}
-    state["diverged"] = None
-    return state
-
-
 def load_data(cfg, runtime, epoch):
-    """(training batches, validation batches, run.json's data summary, PerSource or None)."""
-    from extras import runtime as rt
-
+    """(training batches, validation batches, the validation set, run.json's data summary)."""
     t0 = time.time()
     kw = {"size": cfg.size, "cache": cfg.cache, "progress": sys.stderr.isatty(),
           "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction}
@@ -357,85 +618,72 @@ def load_data(cfg, runtime, epoch):
     # part: over several processes, each one's Batches give it its part of every batch
     batches = {"augment": cfg.augment, "seed": cfg.seed, "epoch": epoch, "drop_remainder": True,
                "steps": cfg.steps_per_epoch, "part": (runtime.process, runtime.processes)}
-    if cfg.balance:
+    if cfg.balance:  # every source drawn as often as the largest
         from extras import sources
         spans = [(s["start"], s["stop"]) for s in train_set.sources]
         train = sources.Balanced(train_set.images, train_set.masks, cfg.batch, spans, **batches)
     else:
         train = data.Batches(train_set.images, train_set.masks, cfg.batch, **batches)
-    val_images, val_masks = rt.split_evenly(val_set.images, val_set.masks, runtime.replicas)
-    val = data.Batches(val_images, val_masks, cfg.batch, augment=False, shuffle=False,
+    summary = data_summary(cfg, train_set, val_set, time.time() - t0)
+    if runtime.replicas > 1:  # every validation batch must split evenly over the devices
+        from extras import distribute
+        val_set = distribute.split_evenly(val_set, runtime.replicas)
+    val = data.Batches(val_set.images, val_set.masks, cfg.batch, augment=False, shuffle=False,
                        part=batches["part"])
-    from extras import report  # run.json's account of the data
-    summary = report.data_summary(cfg, train_set, val_set, time.time() - t0)
-    per_source = None
-    if len(val_set.sources) > 1:
-        from extras import sources
-        per_source = sources.per_source(val_set, val_images, val_masks)
-    return train, val, summary, per_source
+    return train, val, val_set, summary
 
 
-def new_model(cfg):
-    import unet
-    return unet.build_unet(cfg.size, cfg.filters, cfg.depth, upsample=cfg.upsample, pool=cfg.pool,
-                           encoder=None if cfg.encoder == "none" else cfg.encoder,
-                           encoder_weights=None if cfg.encoder_weights == "none"
-                           else cfg.encoder_weights)
-
-
-def build_model(cfg, jit, state, paths, writes):
-    """The compiled U-Net; on resume, with last.keras's weights and optimizer (extras/resume.py)."""
-    import unet
-    model = unet.compile_model(new_model(cfg), cfg.loss, cfg.lr, jit, ema=cfg.ema)
-    if cfg.init and not state["epoch"]:  # weights only: fine-tuning starts a fresh optimizer
+def build_model(cfg, jit, state, paths, writes, chief):
+    """The compiled U-Net; on resume, with last.keras's weights and optimizer, and the files a
+    kill may have left one epoch behind written again from its state."""
+    model = compiled_model(cfg, jit)
+    if cfg.init and not state["epoch"]:  # --init: weights only; a fresh optimizer fine-tunes
         from extras import warm_start
         warm_start.load_weights(model, cfg.init)
     if state["epoch"]:
         from extras import resume
         resume.load_weights(model, paths["last"])
-        if resume.repair(state, writes, read_state(paths["best"])):
+        write_logs(writes, state, draw=False)
+        if resume.best_behind(state, read_state(paths["best"])):
             save_best(model, cfg, writes, state)
+        if chief:
+            print(f"resuming {cfg.out} after epoch {state['epoch']}", flush=True)
     return model
 
 
 def cluster_place():
     """This process's place in a run over several processes (extras/cluster.py), or None."""
-    if not any(name in os.environ for name in CLUSTER_VARS):
-        return None
-    from extras import cluster
-    return cluster.cluster_of()
+    if any(name in os.environ for name in CLUSTER_VARS):
+        from extras import cluster
+        return cluster.cluster_of()
 
 
 def train(args):
     """Train with an argv list or parser()'s Namespace; returns the summary (also in run.json)."""
     cfg = config_of(args)
-    place = cluster_place()
+    place = cluster_place()  # None on one host
     chief = place is None or place.index == 0
     if chief:
         common.check_writable(cfg.out)
     paths = run_paths(cfg.out)
     keras = common.import_keras()  # after the flag checks, so bad input fails fast
-    from extras import report, runtime as rt
-    if place:
+    scratch = None
+    if place:  # join the others; processes 1.. write into a scratch folder of their own
         from extras import cluster
-        cluster.join(cfg, place, keras.backend.backend())
+        scratch = cluster.join(cfg, place, keras.backend.backend())
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.seed)
-    scope, runtime = rt.setup(cfg, place)
-    scratch = cluster.scratch(place) if place else None  # processes 1.. of a cluster write there
+    scope, runtime = setup(cfg, place)
     writes = run_paths(scratch) if scratch else paths
     try:
         cfg = dataclasses.replace(cfg, precision=runtime.precision)
-        state = resume_or_start(cfg, cfg.identity(), paths, chief)
-        train_batches, val_batches, data_summary, per_source = load_data(cfg, runtime,
-                                                                         state["epoch"])
+        state = resume_or_start(cfg, paths, chief)
+        train_batches, val_batches, val_set, summary = load_data(cfg, runtime, state["epoch"])
         planned = max(planned_epochs(cfg, state) - state["epoch"], 0) * len(train_batches)
-        runtime = rt.settle_jit(runtime, cfg, planned, train_batches[0], lambda: new_model(cfg))
+        runtime = settle_jit(runtime, cfg, planned, *train_batches[0])
         with scope():
-            model = build_model(cfg, runtime.jit, state, paths, writes)
-        if state["epoch"] and chief:
-            print(f"resuming {cfg.out} after epoch {state['epoch']}", flush=True)
-        run_record = {**dataclasses.asdict(cfg), "data_summary": data_summary, **runtime.record(),
+            model = build_model(cfg, runtime.jit, state, paths, writes, chief)
+        run_record = {**dataclasses.asdict(cfg), "data_summary": summary, **runtime.record(),
                       "params": model.count_params(), "model": model.name,
                       "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": None}
         write_text(writes["run"], json.dumps(run_record, indent=1))
@@ -443,33 +691,44 @@ def train(args):
         t_fit = time.time()
         if not (state["epoch"] >= cfg.epochs or state["stopped"]):
             if chief:
-                print(report.start_line(cfg, runtime, model, data_summary), flush=True)
-            run = Run(cfg, state, writes, model, chief, per_source, started=t_fit)
-            callbacks = [epoch_end(run, len(train_batches))]
-            if cfg.ema and not per_source:  # fit validates the average (per source: sources.py)
-                callbacks.insert(0, keras.callbacks.SwapEMAWeights())
-            if cfg.tensorboard and chief:
-                from extras import curves
-                callbacks.append(curves.tensorboard(cfg.tensorboard))
+                print(start_line(cfg, runtime, model, summary), flush=True)
+            callbacks = [clock(len(train_batches), cfg.batch)]
+            several = len(val_set.sources) > 1  # validated per source, by its own callback
+            if several:
+                from extras import sources
+                callbacks.append(sources.validation(val_set, cfg.loss, cfg.batch, cfg.ema))
+            elif cfg.ema:  # fit validates the average
+                callbacks.append(keras.callbacks.SwapEMAWeights())
+            if cfg.minutes:  # the run's length, fitted to the budget after its first epoch
+                from extras import budget
+                callbacks.append(budget.callback(cfg.minutes, cfg.epochs, t_fit, chief,
+                                                 state.get("budget")))
+            callbacks.append(epoch_jobs(cfg, state, writes, chief))
+            if cfg.tensorboard and chief:  # scalars once per epoch, no graph, no profiling
+                callbacks.append(keras.callbacks.TensorBoard(
+                    cfg.tensorboard, histogram_freq=0, write_graph=False, update_freq="epoch",
+                    profile_batch=0))
             verbose = cfg.verbose if cfg.verbose is not None else int(sys.stdout.isatty())
             workers = cfg.workers or os.cpu_count() or 1
-            train_feed = rt.feed(train_batches, workers, rt.device_batches(runtime, train_batches))
+            get = None
+            if runtime.augment_on == "device":  # warped on the accelerator, drawn on the host
+                from extras import device_augment
+                get = device_augment.device_batches(train_batches)
             with scope():
-                model.fit(train_feed,
-                          validation_data=None if per_source else rt.feed(val_batches, workers),
+                model.fit(data.feed(train_batches, workers, get),
+                          validation_data=None if several else data.feed(val_batches, workers),
                           epochs=cfg.epochs, initial_epoch=state["epoch"],
                           verbose=verbose if chief else 0, callbacks=callbacks)
     finally:
-        rt.reset(runtime)
+        reset(runtime)
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    run_record["result"] = report.summarize(state, paths, t_fit)
+    run_record["result"] = summarize(state, paths, t_fit)
     run_record["budget"] = state.get("budget")  # --minutes' decision, or None
     if chief and os.path.exists(paths["best"]):  # stored with the model: predict.py flags by it
-        from extras import review
-        run_record["review_threshold"] = review.review_threshold_of(paths["best"],
-                                                                    val_batches.images)
+        run_record["review_threshold"] = review_threshold(paths["best"], val_batches.images,
+                                                          cfg.batch)
     run_record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     if chief:
         write_text(paths["run"], json.dumps(run_record, indent=1))
@@ -479,18 +738,17 @@ def train(args):
 @functools.partial(common.command, interrupted="interrupted: rerun the same command to resume "
                                                "after the last finished epoch")
 def main(argv=None):
-    from extras import report  # how the run ended, and the exit code
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
-    if args.plot:
-        from extras import curves
-        return curves.plot_command(args)
+    if args.plot:  # only draw curves.png again, from log.csv files
+        from extras import plot
+        return plot.plot_runs(args.plot, args.out)
     place = cluster_place()
     if place:  # one of several processes: it supervises a child that trains (extras/cluster.py)
         from extras import cluster
-        return cluster.main(lambda: report.finish(train(args)), __file__, argv, place,
+        return cluster.main(lambda: finish(train(args)), __file__, argv, place,
                             args.cluster_timeout)
-    return report.finish(train(args))
+    return finish(train(args))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@
 The U-Net of Ronneberger et al. (2015) with batch norm: (Conv3x3-BN-ReLU) x2 per level, 2x2
 max-pooling down, 2x2 stride-2 transposed convolution up, skip connections by concatenation and a
 1x1 sigmoid head. Base 12 filters (1.10 M parameters) is the widest that trains the README's CPU
-protocol in time; filters=32 is the paper's size, the PyTorch peer's (docs/training.md). Optional
-forms are in extras/: a pretrained encoder (encoders.py), the step in other forms (step_forms.py).
+protocol in time; filters=32 is the paper's size, the PyTorch peer's (docs/training.md). Options
+that build on these pieces live in extras/: the step in other forms (step_forms.py, named below at
+up() and down()), a pretrained encoder (encoders.py) and the Lovász loss (lovasz.py), both named by
+train.py where it builds and compiles the model.
 
 The model normalizes its own input (a Rescaling layer), so every saved or exported model takes
 camera bytes directly: no preprocessing contract for a phone app to get wrong. Only built-in layers
@@ -70,14 +72,9 @@ def head(x):
     return layers.Activation("sigmoid", dtype="float32", name="mask")(x)
 
 
-def build_unet(size=256, filters=12, depth=4, upsample="transpose", encoder=None,
-               encoder_weights=None, pool="max"):
+def build_unet(size=256, filters=12, depth=4, upsample="transpose", pool="max"):
     """Input "image" (size, size, 3) raw RGB 0..255, output "mask" (size, size, 1) float32 in 0..1.
-    size=None accepts any multiple of 2**depth (with the default step forms). encoder: None, "none"
-    or a name in extras/encoders.py's ENCODERS (a keras.applications backbone as the encoder)."""
-    if encoder not in (None, "none"):
-        from extras import encoders  # only a run with --encoder needs keras.applications
-        return encoders.build_encoder_unet(size, filters, encoder, encoder_weights, upsample)
+    size=None accepts any multiple of 2**depth (with the default step forms)."""
     check_size(size, depth)
     image = keras.Input((size, size, 3), name="image")  # float32: the step casts uint8 batches
     x = layers.Rescaling(1 / 127.5, offset=-1.0, name="normalize")(image)  # 0..255 -> -1..1
@@ -144,14 +141,7 @@ def bce_dice(y_true, y_pred):
     return bce(y_true, y_pred) + dice(y_true, y_pred)
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE)
-def bce_lovasz(y_true, y_pred):
-    """BCE (every pixel gets a gradient) + Lovász (the per-image Jaccard itself)."""
-    from extras import lovasz  # only --loss bce_lovasz needs it
-    return bce(y_true, y_pred) + lovasz.lovasz(y_true, y_pred)
-
-
-LOSSES = {"bce_dice": bce_dice, "dice": dice, "bce": bce, "bce_lovasz": bce_lovasz}
+LOSSES = {"bce_dice": bce_dice, "dice": dice, "bce": bce}  # --loss bce_lovasz: extras/lovasz.py
 
 
 # --- metrics --------------------------------------------------------------------------------------
@@ -217,14 +207,15 @@ class IoUScore(PerImageScore):
 
 # --- compile --------------------------------------------------------------------------------------
 def compile_model(model, loss="bce_dice", lr=1e-3, jit_compile="auto", ema=0.0):
-    """Adam + the chosen loss + per-image Dice / IoU. jit_compile "auto" is Keras's own choice (XLA
-    on JAX, and on TensorFlow only with an accelerator); train.py decides for itself (jit_rule).
-    ema > 0: the optimizer also keeps a moving average of the weights with this momentum (on the
-    device, inside the train step); train.py validates and saves best.keras with it."""
-    if loss not in LOSSES:
+    """Adam + the loss (a name in LOSSES, or a loss function) + per-image Dice / IoU. jit_compile
+    "auto" is Keras's own choice (XLA on JAX, and on TensorFlow only with an accelerator); train.py
+    decides for itself (jit_rule). ema > 0: the optimizer also keeps a moving average of the
+    weights with this momentum (on the device, inside the train step); train.py validates and
+    saves best.keras with it."""
+    if isinstance(loss, str) and loss not in LOSSES:
         raise ValueError(f"loss {loss!r} is not one of {', '.join(LOSSES)}")
     # ema_momentum is read only when use_ema
     optimizer = keras.optimizers.Adam(lr, use_ema=ema > 0, ema_momentum=ema)
-    model.compile(optimizer=optimizer, loss=LOSSES[loss],
+    model.compile(optimizer=optimizer, loss=LOSSES.get(loss, loss),
                   metrics=[DiceScore(), IoUScore()], jit_compile=jit_compile)
     return model

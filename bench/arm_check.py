@@ -33,7 +33,8 @@ from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
 
 import common  # noqa: E402
 import data  # noqa: E402
-from extras import synthetic  # noqa: E402
+import layouts  # noqa: E402
+import synthetic  # noqa: E402
 
 # QEMU CPU models, each standing for a family of XNNPACK kernels a phone may get.
 CPUS = {
@@ -186,7 +187,7 @@ def check_images(size, data_dir=None, count=4):
     the built-in synthetic dermoscopy images (not those training draws: another seed) and one image
     of uniform noise, which drives every activation through its whole range."""
     if data_dir:
-        pairs, _, _ = data.find_pairs(data_dir)
+        pairs, _, _ = layouts.find_pairs(data_dir)
         if not pairs:
             raise common.Error(data_dir, "no images found")
         split = next(s for s in ("val", "test", "train") if any(p.split == s for p in pairs))

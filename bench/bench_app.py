@@ -45,8 +45,9 @@ from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
 
 import app  # noqa: E402
 import common  # noqa: E402
-import data  # noqa: E402
-from extras import synthetic  # noqa: E402
+import imaging  # noqa: E402
+import inference  # noqa: E402
+import synthetic  # noqa: E402
 
 
 def median_ms(fn, runs):
@@ -120,9 +121,7 @@ def export(weights, out):
 
 
 def latency(args, weights, photo, work):
-    import predict
-
-    h, w = data.native_hw(photo)
+    h, w = imaging.native_hw(photo)
     models = [(os.path.basename(weights), weights)]
     if not args.no_export:
         try:
@@ -131,7 +130,7 @@ def latency(args, weights, photo, work):
             print(f"export.py failed ({e}); timing the .keras only", file=sys.stderr)
     rows = []
     for name, path in models:
-        predictor = app.LockedPredictor(predict.load_predictor(path))
+        predictor = app.LockedPredictor(inference.load_predictor(path))
         photos = app.Photos(os.path.join(work, "photos"), limit=1)  # each call forgets the last
         analyse = median_ms(lambda: app.analyse(predictor, photo, 0.5, photos), args.runs)
         state = app.analyse(predictor, photo, 0.5, photos)[4]
@@ -239,7 +238,7 @@ def load(args, weights, photo, work):
         proc.wait(timeout=60)
     left = os.listdir(server_tmp)
 
-    h, w = data.native_hw(photo)
+    h, w = imaging.native_hw(photo)
     calls = len(times["analyse"]) + len(times["slider"]) + len(errors)
     print(f"\n{cpu_line()}; {os.path.basename(weights)}; photo {w} x {h} px "
           f"({os.path.getsize(photo) / 1e6:.1f} MB); {args.clients} clients, {calls} calls in "

@@ -23,7 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import common  # noqa: E402
 import data  # noqa: E402
-from extras import augment  # noqa: E402
+import imaging  # noqa: E402
+import layouts  # noqa: E402
 
 
 def feed_rate(arrays, batch, n_batches, workers):
@@ -43,7 +44,7 @@ def single_thread_rate(arrays, batch, seconds):
     n = len(arrays.images)
     while time.perf_counter() - start < seconds:
         idx = rng.integers(0, n, batch)
-        augment.augment_batch(arrays.images[idx], arrays.masks[idx], rng)
+        data.augment_batch(arrays.images[idx], arrays.masks[idx], rng)
         done += batch
     return done / (time.perf_counter() - start)
 
@@ -68,7 +69,7 @@ def host_feed_rate(images, masks, batch=64, seconds=5.0, threads=1):
 
 
 def bench(root, args):
-    pairs, problems, layout = data.find_pairs(root)
+    pairs, problems, layout = layouts.find_pairs(root)
     print(f"\n{root}: {layout}, {len(pairs)} pairs, {len(problems)} problems")
     cache = tempfile.mkdtemp(prefix="bench-data-cache-", dir="/tmp")
     try:
@@ -80,7 +81,7 @@ def bench(root, args):
         warm = time.perf_counter() - t
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    sizes = np.array([data.native_hw(p.image) for p in pairs])
+    sizes = np.array([imaging.native_hw(p.image) for p in pairs])
     print(f"  native sizes {sizes[:, 1].min()}x{sizes[:, 0].min()} .. "
           f"{sizes[:, 1].max()}x{sizes[:, 0].max()} (WxH), cached at {args.size}x{args.size}")
     print(f"  cache build cold: {cold:6.2f} s  ({len(pairs) / cold:6.1f} pairs/s)")

@@ -22,8 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
 
-import data  # noqa: E402
 import evaluate  # noqa: E402
+import imaging  # noqa: E402
+import inference  # noqa: E402
+import layouts  # noqa: E402
 import predict  # noqa: E402
 import unet  # noqa: E402
 
@@ -45,16 +47,16 @@ def main():
     if not os.path.isdir(args.data):
         sys.exit(f"error: {args.data}: not found (the default is the development data in ../shared/data; "
                  "give --data DIR)")
-    pairs, problems, layout = data.find_pairs(args.data)
+    pairs, problems, layout = layouts.find_pairs(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "model.keras")
         unet.build_unet(size=args.size, filters=args.filters).save(weights)
-        predictor = predict.load_predictor(weights)
+        predictor = inference.load_predictor(weights)
         predictor.batch = args.batch or predictor.batch
 
         # The model's own time: the same images, already decoded and resized, same batching.
-        images = np.stack([data.resize_image(data.load_image(q.image, min_size=(args.size,) * 2),
-                                             (args.size,) * 2) for q in pairs])
+        images = np.stack([imaging.resize_image(imaging.load_image(q.image, min_size=(args.size,) * 2),
+                                                (args.size,) * 2) for q in pairs])
         predictor.predict(images)  # warm-up: traces the predict function for both batch shapes
 
         def run(selected, i):

@@ -4,8 +4,9 @@
     python bench/bench_export.py --onnx --presets default,f12_128   # + float32 .tflite and model.onnx
 
 Size and latency do not depend on the trained weights, so each preset is built with random weights
-(unet.build_unet) and calibrated on 8 synthetic images; the accuracy side of the targets (int8 within
-0.5 Dice points of float, mobile within 1.5 of default) needs trained models: export.py's report.json.
+(unet.build_unet, or extras/encoders.py's build_encoder_unet for mnv3s) and calibrated on 8
+synthetic images; the accuracy side of the targets (int8 within 0.5 Dice points of float, mobile
+within 1.5 of default) needs trained models: export.py's report.json.
 Targets: default (base 12, 256 px; f32 = the paper-sized base 32) <= 8 MB and <= 15 ms; mobile <= 2 MB
 and <= 5 ms, 2 threads.
 """
@@ -21,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
 
 import export  # noqa: E402
+import synthetic  # noqa: E402
 import unet  # noqa: E402
-from extras import latency, synthetic  # noqa: E402
 
 # name: (build_unet kwargs, size MB target, ms target)
 PRESETS = {
@@ -51,7 +52,7 @@ def main():
           "".join(f"{f'ms@{t}thr':>10}" for t in threads) + f"{'target':>8}  verdict")
     for name in args.presets.split(","):
         kwargs, mb_target, ms_target = PRESETS[name]
-        model = unet.build_unet(**kwargs)
+        model = build(kwargs)
         size = kwargs["size"]
         images, _ = synthetic.make_synthetic(8, seed=0, size_wh=(size, size))
         work = tempfile.mkdtemp(prefix="bench_export-")
@@ -63,7 +64,7 @@ def main():
                 f.write(export.convert(os.path.join(work, "sm"), "int8", images))
             convert_s = time.perf_counter() - t
             mb = os.path.getsize(path) / 1e6
-            ms = [latency.tflite_ms(path, n, args.runs) for n in threads]
+            ms = [export.tflite_ms(path, n, args.runs) for n in threads]
             if args.onnx:
                 others = float32_and_onnx(model, size, work, threads, args.runs)
         finally:
@@ -77,19 +78,26 @@ def main():
                   flush=True)
 
 
+def build(kwargs):
+    """A preset's model, random weights: with an encoder, extras/encoders.py's backbone U-Net
+    (unet.build_unet no longer takes encoder=), else unet.build_unet."""
+    if "encoder" in kwargs:
+        from extras import encoders  # keras.applications: only a preset with an encoder needs it
+        return encoders.build_encoder_unet(**kwargs)
+    return unet.build_unet(**kwargs)
+
+
 def float32_and_onnx(model, size, work, threads, runs):
     """{label: (MB, [ms per thread count])} of the float32 .tflite and model.onnx, batch 1."""
-    from extras import onnx_format
-
     path = os.path.join(work, "float32.tflite")
     with open(path, "wb") as f:
         f.write(export.convert(os.path.join(work, "sm"), "float32"))
     onnx_path = os.path.join(work, "model.onnx")
-    onnx_format.write_onnx(model, onnx_path)
+    export.write_onnx(model, onnx_path)
     return {"float32 .tflite": (os.path.getsize(path) / 1e6,
-                                [latency.tflite_ms(path, n, runs) for n in threads]),
+                                [export.tflite_ms(path, n, runs) for n in threads]),
             "float32 .onnx": (os.path.getsize(onnx_path) / 1e6,
-                              [onnx_format.latency_ms(onnx_path, size, n, runs) for n in threads])}
+                              [export.onnx_ms(onnx_path, size, n, runs) for n in threads])}
 
 
 if __name__ == "__main__":

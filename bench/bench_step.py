@@ -28,6 +28,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
+import train  # noqa: E402
 
 # name: (upsample, pool, metrics)
 VARIANTS = {"stock": ("transpose", "max", True), "matmul": ("matmul", "max", True),
@@ -40,15 +41,13 @@ def build(variant, size, depth, filters, batch, jit=None):
     jit None: train.py's choice for this machine."""
     import keras
 
-    import train
     import unet
-    from extras import runtime
 
     upsample, pool, metrics = VARIANTS[variant]
     keras.backend.clear_session()
     cfg = train.config_of(["--size", str(size), "--depth", str(depth), "--filters", str(filters),
                            "--batch", str(batch)])
-    _, rt = runtime.setup(cfg)
+    _, rt = train.setup(cfg)
     info = rt.record()
     info["jit"] = info["jit"] if jit is None else jit
     if info["jit"] is None:  # where train.py would probe a long run: Keras's default here (--jit both times both)
@@ -168,8 +167,7 @@ def main():
     keras = common.import_keras()
     from machine import cpu_line
 
-    from extras import runtime
-    print(f"{cpu_line()}; {keras.backend.backend()} {runtime.accelerator()}, Keras {keras.__version__}; "
+    print(f"{cpu_line()}; {keras.backend.backend()} {train.accelerator()}, Keras {keras.__version__}; "
           f"{args.size} px, base {args.filters}, depth {args.depth}, batch {args.batch}, {args.steps} steps x "
           f"{args.epochs} epochs", flush=True)
     shape = (args.size, args.depth, args.filters, args.batch, args.steps, args.epochs)
@@ -197,7 +195,7 @@ def main():
         for op in ops:
             print(f"  {op['ms']:9.3f} ms/step  {op['share']:6.1%}  {op['op']}")
     if args.json:
-        common.atomic_write(args.json, lambda f: f.write(json.dumps({"cpu": runtime.cpu_info(), **results}, indent=1).encode()))
+        common.atomic_write(args.json, lambda f: f.write(json.dumps({"cpu": train.cpu_info(), **results}, indent=1).encode()))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from machine import cpu_line  # noqa: E402
 
 import data  # noqa: E402
 import train  # noqa: E402
-from extras import runtime  # noqa: E402
 
 
 def bare_fit(images, masks, size, batch, filters, epochs, steps):
@@ -61,7 +60,7 @@ def bare_fit(images, masks, size, batch, filters, epochs, steps):
 
 
 def train_py(args, out):
-    runtime.XLA_PROBE_MIN_STEPS = 0  # decide XLA as a long run of this shape would
+    train.XLA_PROBE_MIN_STEPS = 0  # decide XLA as a long run of this shape would
     train.train(["--data", args.data, "--size", str(args.size), "--batch", str(args.batch),
                  "--filters", str(args.filters), "--epochs", str(args.epochs),
                  "--steps-per-epoch", str(args.steps), "--val-fraction", str(args.val_fraction),

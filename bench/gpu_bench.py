@@ -34,7 +34,10 @@ from PIL import Image  # noqa: E402
 
 import common  # noqa: E402
 import data  # noqa: E402
-from extras import synthetic  # noqa: E402
+import imaging  # noqa: E402
+import layouts  # noqa: E402
+import synthetic  # noqa: E402
+import train  # noqa: E402
 
 # Plain, visible settings. GPU: the real check, planned for 8 minutes on one H200 (stages past their
 # share are cut short, and the last one, the converged model, gets what is left). TINY: the same
@@ -62,14 +65,14 @@ def log(msg):
 
 def prepare_data(src, dst, size):
     """Copy an ISIC-layout folder with every image and mask squash-resized to size x size (JPEG q85,
-    PNG 0/255) through data.py's own loaders and resizers, so the copy reads as the original does."""
-    pairs, problems, layout = data.find_pairs(src)
+    PNG 0/255) through imaging.py's own loaders and resizers, so the copy reads as the original does."""
+    pairs, problems, layout = layouts.find_pairs(src)
     for problem in problems:
         log(f"skipped: {problem['file']}: {problem['problem']}")
 
     def one(pair):
-        image = data.resize_image(data.load_image(pair.image, min_size=(size, size)), (size, size))
-        mask = data.resize_mask(data.load_mask(pair.mask), (size, size))
+        image = imaging.resize_image(imaging.load_image(pair.image, min_size=(size, size)), (size, size))
+        mask = imaging.resize_mask(imaging.load_mask(pair.mask), (size, size))
         for path, array, fmt in ((pair.image, image, "JPEG"), (pair.mask, mask.astype(np.uint8) * 255, "PNG")):
             out = os.path.join(dst, os.path.relpath(path, src))
             if fmt == "JPEG":
@@ -86,11 +89,11 @@ def smoke_data(folder):
     """Stand-ins for the real sets: 48 synthetic pairs in the ISIC 2018 layout, resized the way
     prepare-data does, and 3 larger pairs in the ISIC 2017 layout as the 'full-resolution' set."""
     raw = os.path.join(folder, "raw")
-    synthetic.write_synthetic(raw, 48, seed=1, size_wh=(96, 72))
+    layouts.write_synthetic(raw, 48, seed=1, size_wh=(96, 72))
     prepare_data(raw, os.path.join(folder, "isic2018"), 64)
     fullres = os.path.join(folder, "isic2017-fullres")
     images, masks = synthetic.make_synthetic(3, seed=2, size_wh=(200, 150))
-    _, img_dir, mask_dir = data.LAYOUTS["isic2017"][1]
+    _, img_dir, mask_dir = layouts.LAYOUTS["isic2017"][1]
     for i, (image, mask) in enumerate(zip(images, masks)):
         common.atomic_write(os.path.join(fullres, img_dir, f"ISIC_{i:07d}.jpg"),
                           lambda f: Image.fromarray(image).save(f, "JPEG", quality=92))
@@ -132,7 +135,6 @@ def train_py_rate(data_dir, p, epochs, out):
     cmd = ["--data", data_dir, "--size", str(p["size"]), "--depth", str(p["depth"]), "--filters", str(p["filters"]),
            "--batch", str(p["batch"]), "--epochs", str(epochs), "--patience", "0", "--out", out, "--fresh",
            "--verbose", "0"]
-    import train
     rc = train.main(cmd)
     if rc:
         raise SystemExit(f"train.py {' '.join(cmd)} failed (exit {rc})")
@@ -229,9 +231,8 @@ def run(args):
     import keras
     from machine import cpu_line
 
-    from extras import runtime
     report = {"command": " ".join(sys.argv), "tiny": args.tiny, "backend": keras.backend.backend(),
-              "accelerator": runtime.accelerator(), "cpu": cpu_line(), "settings": p, "seconds": {}}
+              "accelerator": train.accelerator(), "cpu": cpu_line(), "settings": p, "seconds": {}}
     if keras.backend.backend() == "jax":
         import jax
         report["devices"] = [f"{d.platform}:{d.device_kind}" for d in jax.devices()]

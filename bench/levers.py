@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
 import evaluate  # noqa: E402
-import predict  # noqa: E402
+import inference  # noqa: E402
 
 
 def dihedral(run, views):
@@ -40,7 +40,7 @@ def dihedral(run, views):
 
 
 def averaged_model(paths):
-    models = [predict.load_keras(p) for p in paths]
+    models = [inference.load_keras(p) for p in paths]
     weights = [np.mean(ws, axis=0) for ws in zip(*(m.get_weights() for m in models))]
     models[0].set_weights(weights)
     return models[0]
@@ -55,11 +55,11 @@ def main(argv=None):
     p.add_argument("--average", action="store_true")
     p.add_argument("--split", default="val", choices=("val", "test"))
     args = p.parse_args(argv)
-    run = predict.read_run_json(args.weights[0])
+    run = inference.read_run_json(args.weights[0])
     pairs, _, _ = evaluate.find_inputs(args.data, run.get("val_fraction", 0.1),
                                        run.get("test_fraction", 0.1))
     chosen = [q for q in pairs if q.split == args.split]
-    models = [(w, predict.load_keras(w)) for w in args.weights]
+    models = [(w, inference.load_keras(w)) for w in args.weights]
     if args.average:
         models.append((f"mean of {len(args.weights)}", averaged_model(args.weights)))
     print(f"{args.data} {args.split}: {len(chosen)} images\n")
@@ -68,8 +68,8 @@ def main(argv=None):
     for name, model in models:
         size = model.input_shape[1]
         for views in args.views:
-            run_batch = dihedral(predict._keras_run(model), views)
-            predictor = predict.Predictor(name, "keras", size, run_batch)
+            run_batch = dihedral(inference.keras_run(model), views)
+            predictor = inference.Predictor(name, "keras", size, run_batch)
             s = evaluate.evaluate(predictor, chosen, progress=False)
             print(f"| {name} | {views} | {s['dice']:.4f} | {s['threshold_jaccard']:.4f} | "
                   f"{s['jaccard']:.4f} |", flush=True)

@@ -1,5 +1,5 @@
 """The machine line every benchmark prints first: CPU model, its vector flags and cores."""
-from extras.runtime import cpu_info
+from train import cpu_info
 
 
 def cpu_line():

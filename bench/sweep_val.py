@@ -2,7 +2,7 @@
 
     python bench/sweep_val.py --weights best.keras [--data DIR] [--split val]
 
-Predicts every image once without and once with TTA (predict.predict_probs, the one prediction
+Predicts every image once without and once with TTA (inference.predict_probs, the one prediction
 path), then applies each post-processing (extras/postprocess.py) and threshold to the model-size
 probabilities, resizes back to the mask's native size and scores as evaluate.py does (per-image
 Dice and the challenge's thresholded Jaccard, mean over images). Choose on val; read test once.
@@ -16,8 +16,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
-import data  # noqa: E402
-import evaluate  # noqa: E402
+import imaging  # noqa: E402
+import inference  # noqa: E402
+import layouts  # noqa: E402
+import metrics  # noqa: E402
 import predict  # noqa: E402
 from extras import postprocess  # noqa: E402
 
@@ -31,28 +33,28 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="default: run.json's training data")
     p.add_argument("--split", default="val", choices=("val", "test"))
     args = p.parse_args(argv)
-    run = predict.read_run_json(args.weights)
-    roots = [args.data] if args.data else data.folders_of(run.get("data"))  # a multi-source run: all of them
+    run = inference.read_run_json(args.weights)
+    roots = [args.data] if args.data else layouts.folders_of(run.get("data"))  # a multi-source run: all of them
     if not roots:
         sys.exit(f"error: {args.weights}: no run.json with the training data beside it; give --data DIR")
     root = ", ".join(roots)
-    predictor = predict.load_predictor(args.weights)
-    pairs = [q for r in roots for q in data.find_pairs(r, run.get("val_fraction", 0.1), run.get("test_fraction", 0.1))[0]
+    predictor = inference.load_predictor(args.weights)
+    pairs = [q for r in roots for q in layouts.find_pairs(r, run.get("val_fraction", 0.1), run.get("test_fraction", 0.1))[0]
              if q.split == args.split]
     size = predictor.size
-    images = np.stack([predict.model_input(data.load_image(q.image, min_size=(size, size)), size)
+    images = np.stack([predict.model_input(imaging.load_image(q.image, min_size=(size, size)), size)
                        for q in pairs])
-    truths = [data.load_mask(q.mask) for q in pairs]
+    truths = [imaging.load_mask(q.mask) for q in pairs]
     scores = {}
     for tta in (False, True):
-        probs = predict.predict_probs(predictor, images, tta=tta)
-        for post in predict.POST:
+        probs = inference.predict_probs(predictor, images, tta=tta)
+        for post in inference.POST:
             for threshold in THRESHOLDS:
                 rows = []
                 for prob, truth in zip(probs, truths):
                     small = postprocess.postprocess(prob, threshold, post)
-                    pred = data.resize_prob(small, truth.shape) > threshold
-                    rows.append(evaluate.image_scores(truth, pred))
+                    pred = imaging.resize_prob(small, truth.shape) > threshold
+                    rows.append(metrics.image_scores(truth, pred))
                 scores[tta, post, threshold] = {k: float(np.mean([r[k] for r in rows]))
                                                 for k in ("dice", "threshold_jaccard")}
     base = scores[False, "none", 0.5]

@@ -1,2 +1,4 @@
-"""Optional capabilities, each in a module of its own, imported only when a flag or an input asks
-for it. The core (data, unet, train, evaluate, export, predict, common) reads without them."""
+"""Options: each capability in a module of its own, off unless a flag or an input asks for it.
+The core names each at one line, where its option is read; an extras module imports only the core
+below the module that names it (never a command), so no import ever runs back up.
+"""

@@ -1,10 +1,10 @@
 """--minutes M: fit the whole schedule into a wall-clock budget, counted from the start of training
-(after the start-up: imports, loading the data, building the model). After the first epoch,
-train.py knows what an epoch costs on this machine (its steady-state time: the first step's
+(after the start-up: imports, loading the data, building the model). After the first epoch, the
+callback knows what an epoch costs on this machine (its steady-state time: the first step's
 compilation left out) and how much of the budget that epoch took; the epochs that fit in what is
-left become the run's length, so the cosine schedule reaches its low point as the
-budget runs out. --epochs stays the most. The decision is kept in the resume state (a resumed run
-keeps its budget), printed, and written to run.json ("budget").
+left become the run's length, so the cosine schedule reaches its low point as the budget runs
+out. --epochs stays the most. train.py keeps the decision in the resume state (a resumed run keeps
+its budget, handed back as `plan`), stops there and writes it to run.json ("budget").
 """
 import time
 
@@ -18,14 +18,29 @@ def plan(minutes, spent, epoch_seconds, most):
             "epoch_seconds": round(epoch_seconds, 2), "spent_seconds": round(spent, 1)}
 
 
-def plan_once(run, trained, steady_trained):
-    """After a --minutes run's first epoch: plan, keep the decision in run.state["budget"] and say
-    it (process 0). trained: the seconds that epoch's training batches took; steady_trained: the
-    same at the images/s measured from the second step, so without the first step's compile."""
-    cfg = run.cfg
-    steady = run.row["seconds"] - trained + steady_trained
-    run.state["budget"] = plan(cfg.minutes, time.time() - run.started, steady, cfg.epochs)
-    if run.chief:
-        b = run.state["budget"]
-        print(f"--minutes {cfg.minutes:g}: {b['epochs']} epochs of about "
-              f"{b['epoch_seconds']:.1f} s fit the budget", flush=True)
+def callback(minutes, most, started, say=True, earlier=None):
+    """A Keras callback that plans after the first epoch and hands the plan on in every epoch's
+    logs as "budget" (train.py's epoch jobs keep it). started: time.time() as fit began; say: print
+    the decision (process 0); earlier: a resumed run's plan, kept as it is. It reads the epoch's
+    train_seconds and steady_train_seconds, which train.py's clock puts in the logs before it."""
+    import keras
+
+    class Budget(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.plan = earlier
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.begin = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.plan is None:
+                seconds = time.perf_counter() - self.begin
+                steady = seconds - logs["train_seconds"] + logs["steady_train_seconds"]
+                self.plan = plan(minutes, time.time() - started, steady, most)
+                if say:
+                    print(f"--minutes {minutes:g}: {self.plan['epochs']} epochs of about "
+                          f"{self.plan['epoch_seconds']:.1f} s fit the budget", flush=True)
+            logs["budget"] = self.plan
+
+    return Budget()

@@ -88,15 +88,17 @@ def join_cluster(cluster, timeout):
 
 
 def join(cfg, cluster, backend):
-    """check_cluster, then join_cluster: train() calls it before JAX computes anything."""
+    """check_cluster, then join_cluster: train() calls it before JAX computes anything. Returns
+    where this process writes: None for process 0 (it writes the run in --out); for 1.. a scratch
+    folder of its own (train() deletes it at the end). They take every step process 0 takes, since
+    saving a model is a collective step, and read the run from the shared --out."""
     check_cluster(cfg, cluster, backend)
     join_cluster(cluster, cfg.cluster_timeout)
+    return scratch(cluster)
 
 
 def scratch(cluster):
-    """Where this process writes: None for process 0 (it writes the run in --out); for 1.. a scratch
-    folder of its own (train() deletes it at the end). They take every step process 0 takes, since
-    saving a model is a collective step, and read the run from the shared --out."""
+    """A scratch folder of this process's own, or None for process 0."""
     if cluster.index == 0:
         return None
     return tempfile.mkdtemp(prefix=f"skin-unet-process{cluster.index}-")

@@ -1,15 +1,15 @@
 """Augmentation's pixel work on the accelerator: `train.py --augment-on device` (the default on a
 GPU or TPU, where Pillow threads cannot keep up: docs/training.md).
 
-The random draws are extras/augment.py's (augment_params), the same as the host path's; only the
-pixel work moves from Pillow (augment.warp_pillow) to keras.ops, compiled for the device. The
-feed's threads then only gather and draw (data.Batches.draw), and fit takes the device arrays the
-warp returns as they are. The ranges have one definition, in extras/augment.py.
+The random draws are data.py's (augment_params), the same as the host path's; only the pixel work
+moves from Pillow (data.warp_pillow) to keras.ops, compiled for the device. The feed's threads
+then only gather and draw (data.Batches.draw), and fit takes the device arrays the warp returns as
+they are. The ranges have one definition, in data.py.
 """
 
 
 def warp_device(images, masks, colour, affine):
-    """augment.warp_pillow in keras.ops: the same draws give the same pixels to within one grey
+    """data.warp_pillow in keras.ops: the same draws give the same pixels to within one grey
     level (float32 here, double in Pillow) and the same masks. images uint8 (B, H, W, 3), masks
     (B, H, W, 1) 0/1, colour (B, 12), affine (B, 6); returns uint8 images and masks, as the host
     path does. Pillow's arithmetic, step by step: the colour matrix rounds half up and clips; the
@@ -77,7 +77,7 @@ def device_warp(batches):
 
 
 def device_batches(batches):
-    """The feed's device path for runtime.feed: batch `index` drawn on the host (a gather and a
+    """The feed's device path for data.feed: batch `index` drawn on the host (a gather and a
     few hundred numbers) and warped on the accelerator."""
     warp = device_warp(batches)
     return lambda index: warp(*batches.draw(index))

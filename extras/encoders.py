@@ -1,5 +1,6 @@
-"""Pretrained keras.applications backbones as the U-Net's encoder. train.py --encoder NAME (that is,
-unet.build_unet(encoder=NAME)) brings this module in; the plain U-Net never imports it.
+"""Pretrained keras.applications backbones as the U-Net's encoder: train.py --encoder NAME builds
+its model with build_encoder_unet instead of unet.build_unet. It reuses unet.py's decoder and head;
+the plain U-Net never imports it.
 
 Each backbone has 5 feature levels (strides 2..32). The skips are the deepest layer at each stride,
 found by output resolution rather than by name because MobileNetV3's activation layers get

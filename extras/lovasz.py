@@ -1,7 +1,12 @@
-"""The Lovász loss (Berman et al., CVPR 2018), the second half of train.py --loss bce_lovasz.
-unet.bce_lovasz, the registered loss that saved models name, brings this module in when it is
-first called; the default loss (bce_dice) never imports it.
+"""--loss bce_lovasz: BCE plus the Lovász loss (Berman et al., CVPR 2018), the per-image Jaccard
+itself made differentiable. train.py hands bce_lovasz to unet.compile_model in place of a loss name
+when --loss asks for it; the default loss (bce_dice) never imports this module.
+
+Registered under the project's package, so a model saved with it names "skin_unet>bce_lovasz";
+loading such a model with compile=True needs `import extras.lovasz` (with compile=False, as every
+command loads, nothing).
 """
+import keras
 from keras import ops
 
 import unet
@@ -23,3 +28,9 @@ def lovasz(y_true, y_pred):
     jaccard = 1.0 - missed / (lesion + ops.cumsum(1.0 - truth, axis=-1))
     steps = ops.concatenate([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], axis=-1)
     return ops.sum(errors * steps, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package=unet.PACKAGE)
+def bce_lovasz(y_true, y_pred):
+    """BCE (every pixel gets a gradient) + Lovász (the per-image Jaccard itself)."""
+    return unet.bce(y_true, y_pred) + lovasz(y_true, y_pred)

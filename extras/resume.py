@@ -1,23 +1,13 @@
-"""Resuming a run: what train.py does when --out already holds a last.keras (and no --fresh), and
-what --fresh does instead.
+"""Resuming a run: what train.py does when --out already holds a last.keras (and no --fresh).
 
 The resume state (epoch, best score, schedule and early-stopping counters, the log rows) is an
 extra entry inside last.keras itself (train.save_model / train.read_state), so weights and state
 cannot disagree. A run resumes only under the configuration that made it: a changed setting that
 defines the run (the weights' shape, the data stream) is one line naming it; --fresh starts over.
+train.py names this module where it reads an earlier run's state, and where it loads its weights.
 """
-import json
-import os
-
 import common
-import data
-
-
-def discard(paths):
-    """--fresh: the earlier run's files go (run.json is rewritten before fit)."""
-    for k in ("last", "state", "log", "best", "curves"):
-        if os.path.exists(paths[k]):
-            os.remove(paths[k])
+import layouts
 
 
 def check_same_run(state, identity, defaults, path):
@@ -26,7 +16,7 @@ def check_same_run(state, identity, defaults, path):
     earlier = {k: state.get("config", {}).get(k, default) for k, default in defaults.items()}
     # "data" compared as a list: a run stored as one path resumes from the same single --data.
     changed = [k for k in defaults if (
-        data.folders_of(earlier[k]) != data.folders_of(identity[k]) if k == "data"
+        layouts.folders_of(earlier[k]) != layouts.folders_of(identity[k]) if k == "data"
         else earlier[k] != identity[k])]
     if changed:
         diff = "; ".join(f"{k} {earlier[k]!r} -> {identity[k]!r}" for k in changed)
@@ -44,13 +34,9 @@ def load_weights(model, path):
                            "rerun with --fresh to start over") from None
 
 
-def repair(state, writes, best):
-    """A kill between the commit (last.keras) and the end of the epoch's jobs can leave state.json,
-    log.csv or best.keras one epoch behind: rewrite the first two in `writes` from last.keras's
-    state; True where best.keras (whose stored state is `best`) must be saved again."""
-    from extras import curves
-    text = json.dumps(state, indent=1)
-    common.atomic_write(writes["state"], lambda f: f.write(text.encode()))
-    curves.write_log(writes["log"], state["history"])
+def best_behind(state, best):
+    """Whether best.keras (whose stored state is `best`, None if it has none) missed the last
+    epoch's improvement: a kill between the commit (last.keras) and the end of the epoch's jobs.
+    (state.json and log.csv are rewritten from the state on every resume.)"""
     improved = state["best"] is not None and state["best"]["epoch"] == state["epoch"]
     return improved and (best is None or best["epoch"] != state["epoch"])

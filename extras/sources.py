@@ -1,66 +1,59 @@
 """Training on several data sets at once: `train.py --data A --data B [--balance]`.
 
 data.load_split already loads several folders into one array, each split by its own rules, and
-says which rows came from which folder. What several sources add to training lives here:
-validation scores per source (val_dice_<name> in log.csv, run.json and curves.png), and
---balance, which draws every source as often as the largest one. docs/training.md.
+says which rows came from which folder. What several sources add to training lives here: a
+validation callback that scores each source (val_dice_<name> in log.csv, run.json and curves.png),
+and --balance, which draws every source as often as the largest one. docs/training.md.
 """
 import contextlib
-from typing import NamedTuple
 
 import numpy as np
 
 import data
+import layouts
+import unet
 
 
-class PerSource(NamedTuple):
-    """The validation set and each source's rows in it."""
-    images: np.ndarray
-    masks: np.ndarray
-    spans: dict  # {source name: (start, stop)}
-
-
-def per_source(val_set, images, masks):
-    """PerSource of a validation split with 2+ sources (images, masks: the rows validated, which
-    may be fewer than val_set's: runtime.split_evenly), else None: fit validates one source."""
-    if len(val_set.sources) < 2:
-        return None
-    names = data.source_names([s["path"] for s in val_set.sources])
-    spans = {name: (min(s["start"], len(images)), min(s["stop"], len(images)))
-             for name, s in zip(names, val_set.sources)}
-    return PerSource(images, masks, spans)
-
-
-def validate(model, cfg, per_source, chunk=256):
-    """fit's three validation figures from one prediction pass, plus each source's Dice:
-    {"val_loss", "val_dice", "val_iou", "val_dice_<name>", ...}, per image and averaged as the
-    compiled loss and metrics are. With 2+ sources this replaces fit's own validation, which cannot
-    split its scores by source (a second pass for them would cost as much again). Predicted in
-    chunks, so a large validation set never holds all its probabilities at once. With --ema the
-    moving average is what is scored, as fit's SwapEMAWeights would have it."""
+def validation(val_set, loss, batch, ema=False, chunk=256):
+    """A Keras callback that replaces fit's validation when the val set has 2+ sources (fit cannot
+    split its scores by source, and a second pass for them would cost as much again): at each
+    epoch's end, one prediction pass gives fit's three figures and each source's Dice, into the
+    epoch's logs: val_loss, val_dice, val_iou and val_dice_<name> (a source with no rows left is
+    left out). Per image and averaged as the compiled loss and metrics are; predicted in chunks, so
+    a large set never holds all its probabilities at once. loss: --loss's name; ema: score the
+    moving average, as fit's SwapEMAWeights would."""
+    import keras
     from keras import ops
 
-    import unet
+    names = layouts.source_names([s["path"] for s in val_set.sources])
+    spans = {name: (s["start"], s["stop"]) for name, s in zip(names, val_set.sources)}
+    if loss == "bce_lovasz":
+        from extras import lovasz
+        loss_fn = lovasz.bce_lovasz
+    else:
+        loss_fn = unet.LOSSES[loss]
+    measures = (("loss", loss_fn), ("dice", unet.dice_per_image), ("iou", unet.iou_per_image))
 
-    images, masks, spans = per_source
-    measures = (("loss", unet.LOSSES[cfg.loss]), ("dice", unet.dice_per_image),
-                ("iou", unet.iou_per_image))
-    scores = {"loss": [], "dice": [], "iou": []}
-    weights = contextlib.nullcontext()
-    if cfg.ema:
-        from extras import ema
-        weights = ema.averaged(model)
-    with weights:
-        for i in range(0, len(images), chunk):
-            truth = masks[i:i + chunk]
-            probs = model.predict(images[i:i + chunk], batch_size=cfg.batch, verbose=0)
-            for k, fn in measures:
-                scores[k].append(ops.convert_to_numpy(fn(truth, probs)))
-    scores = {k: np.concatenate(v) for k, v in scores.items()}
-    row = {f"val_{k}": float(v.mean()) for k, v in scores.items()}
-    row.update({f"val_dice_{name}": float(scores["dice"][a:b].mean()) if b > a else None
-                for name, (a, b) in spans.items()})
-    return row
+    class PerSource(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            scores = {"loss": [], "dice": [], "iou": []}
+            weights = contextlib.nullcontext()
+            if ema:
+                from extras import ema as average
+                weights = average.averaged(self.model)
+            with weights:
+                for i in range(0, len(val_set.images), chunk):
+                    truth = val_set.masks[i:i + chunk]
+                    probs = self.model.predict(val_set.images[i:i + chunk], batch_size=batch,
+                                               verbose=0)
+                    for k, fn in measures:
+                        scores[k].append(ops.convert_to_numpy(fn(truth, probs)))
+            scores = {k: np.concatenate(v) for k, v in scores.items()}
+            logs.update({f"val_{k}": float(v.mean()) for k, v in scores.items()})
+            logs.update({f"val_dice_{name}": float(scores["dice"][a:b].mean())
+                         for name, (a, b) in spans.items() if b > a})
+
+    return PerSource()
 
 
 class Balanced(data.Batches):

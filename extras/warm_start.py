@@ -1,19 +1,11 @@
 """--init FILE: start a run from the weights of another .keras (pre-train on one set, fine-tune on
 another), with a fresh optimizer and schedule.
 
-train.py imports it only with --init: check() before anything runs, load_weights() into the new
-model at epoch 0 (a resumed run reads last.keras instead). docs/training.md.
+train.py checks that the file exists with the other flags, and names this module only with
+--init, to load the weights into the new model at epoch 0 (a resumed run reads last.keras
+instead). docs/training.md.
 """
-import os
-
 import common
-
-
-def check(path):
-    """--init's file as an absolute path; one line (exit 2) if there is none."""
-    if not os.path.isfile(path):
-        raise common.Error(f"--init {path}", "file not found")
-    return os.path.abspath(path)
 
 
 def load_weights(model, path):

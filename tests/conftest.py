@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
 import data  # noqa: E402  (needs the path above)
-from extras import synthetic  # noqa: E402
+import layouts  # noqa: E402
 
 # Hypothesis: FAST for properties whose examples cost real work (images, files), MANY for cheap
 # arithmetic checked against a reference (the metrics against the official scorer).
@@ -50,7 +50,7 @@ def synthetic_data(tmp_path_factory):
     """A tiny synthetic set: 24 pairs of 128x96 images in the ISIC 2018 layout (Training only,
     so find_pairs splits it by hash: 20 train, 1 val, 3 test)."""
     root = tmp_path_factory.mktemp("synthetic")
-    synthetic.write_synthetic(str(root), count=24, seed=0, size_wh=(128, 96))
+    layouts.write_synthetic(str(root), count=24, seed=0, size_wh=(128, 96))
     return str(root)
 
 

@@ -22,9 +22,11 @@ from conftest import ROOT, free_port
 from PIL import Image
 
 import app
-import data
+import imaging
+import inference
+import metrics
 import predict
-from extras import review, synthetic
+import synthetic
 
 CHROMIUM = "/usr/bin/chromium"
 USER, PASSWORD = "skin", "unet-test"
@@ -53,10 +55,16 @@ def _uncertainty(text):
     return float(text.split("Uncertainty: ")[1].split(" ")[0])
 
 
+def with_review(predictor, threshold):
+    """The predictor with a review threshold, as load_predictor's --review-threshold sets it."""
+    predictor.review_threshold, predictor.review_source = float(threshold), "--review-threshold"
+    return predictor
+
+
 def _reviewing(review_threshold):
     """A FakePredictor with a review threshold set the way load_predictor sets it (its override),
     behind the lock the server puts it in: the threshold must reach the page through it."""
-    return app.LockedPredictor(review.with_review(FakePredictor(), {}, review_threshold))
+    return app.LockedPredictor(with_review(FakePredictor(), review_threshold))
 
 
 def _pixels(path):
@@ -124,7 +132,7 @@ def test_analyse_native_size_and_area_match_the_mask(photo, photos):
     assert 0 < area < saved.size
     assert f"({area:,} of {saved.size:,} px" in text
     assert _area_percent(text) == pytest.approx(100 * area / saved.size, abs=0.05)
-    _, expected = predict.native_prob(state["small_prob"], (288, 384), 0.5)
+    expected, _ = predict.native_mask(state["small_prob"], (288, 384), 0.5)
     assert np.array_equal(saved > 0, expected)
 
 
@@ -154,7 +162,7 @@ def test_slider_rerenders_without_the_model_and_area_falls_with_threshold(photo,
         area = int(np.count_nonzero(_pixels(mask_path)))
         assert f"({area:,} of" in text and f"threshold {threshold:.2f}" in text
         areas.append(area)
-        unsure = review.uncertainty(state["small_prob"], threshold)
+        unsure = metrics.uncertainty(state["small_prob"], threshold)
         assert _uncertainty(text) == pytest.approx(unsure, abs=5e-4)
         uncertainties.append(round(unsure, 3))
     assert predictor.calls == 1  # the model ran once, for the upload
@@ -165,7 +173,7 @@ def test_slider_rerenders_without_the_model_and_area_falls_with_threshold(photo,
 
 def test_status_shows_the_uncertainty_of_the_model_size_map(photo, photos):
     *_, text, _, state = app.analyse(_reviewing(0.2), photo, 0.5, photos)
-    expected = review.uncertainty(state["small_prob"], 0.5)
+    expected = metrics.uncertainty(state["small_prob"], 0.5)
     assert 0 < expected < 1 and _uncertainty(text) == pytest.approx(expected, abs=5e-4)
     assert "review suggested over 0.200" in text
 
@@ -183,9 +191,9 @@ def test_review_line_follows_the_slider(photo, photos):
     """A review threshold between two thresholds' uncertainties: one flags the photo, the other
     does not, and the slider moves between them without the model."""
     inner = FakePredictor()
-    low, high = (review.uncertainty(inner.map, t) for t in (0.2, 0.8))
+    low, high = (metrics.uncertainty(inner.map, t) for t in (0.2, 0.8))
     assert low != high
-    predictor = app.LockedPredictor(review.with_review(inner, {}, (low + high) / 2))
+    predictor = app.LockedPredictor(with_review(inner, (low + high) / 2))
     *_, text, _, state = app.analyse(predictor, photo, 0.2, photos)
     flagged_first = app.REVIEW_LINE in text
     text = app.rerender(state, 0.8, photos)[2]
@@ -291,7 +299,7 @@ def test_large_photos_decode_one_at_a_time(tmp_path, photos, monkeypatch):
     visitors' large photos decode in turn: the peak is one photo's, not CONCURRENCY photos'."""
     path = tmp_path / "five.png"
     Image.new("L", (2500, 2000), 140).save(path)  # 5 Mpx, over BIG_PHOTO
-    inside, overlaps, load_image = [0], [], data.load_image
+    inside, overlaps, load_image = [0], [], imaging.load_image
 
     def counting_load_image(*args, **kwargs):
         inside[0] += 1
@@ -302,7 +310,7 @@ def test_large_photos_decode_one_at_a_time(tmp_path, photos, monkeypatch):
         finally:
             inside[0] -= 1
 
-    monkeypatch.setattr(data, "load_image", counting_load_image)
+    monkeypatch.setattr(imaging, "load_image", counting_load_image)
     with ThreadPoolExecutor(4) as pool:
         texts = [r[2] for r in pool.map(
             lambda _: app.analyse(FakePredictor(), str(path), 0.5, photos), range(4))]
@@ -365,7 +373,7 @@ def test_no_weights_and_no_released_model_is_one_error_line_and_exit_2(tmp_path,
     """Without --weights the app serves the released model (tests/test_release.py); without that
     file too, one line naming it and how to restore it, before gradio or TensorFlow load."""
     missing = str(tmp_path / "models" / "skin_unet.keras")
-    monkeypatch.setattr(predict, "RELEASED", missing)
+    monkeypatch.setattr(inference, "RELEASED", missing)
     monkeypatch.setattr(app.signal, "signal", lambda *a: None)  # leave pytest's handlers alone
     started = time.monotonic()
     assert app.main([]) == 2
@@ -398,7 +406,7 @@ def test_review_threshold_flag_reaches_load_predictor(monkeypatch, capsys):
         asked.append(review_threshold)
         raise app.common.Error(path, "stop here")  # before gradio: the test needs no server
 
-    monkeypatch.setattr(predict, "load_predictor", load_predictor)
+    monkeypatch.setattr(inference, "load_predictor", load_predictor)
     monkeypatch.setattr(app.signal, "signal", lambda *a: None)  # leave pytest's handlers alone
     assert app.main(["--weights", __file__, "--review-threshold", "0.3"]) == 2
     assert app.main(["--weights", __file__]) == 2
@@ -604,7 +612,7 @@ def test_browser_end_to_end(server, photo, bad_files, tmp_path):
 
 FAKE_APP = """import os, sys, time, numpy as np
 sys.path.insert(0, sys.argv[1])
-import app, predict
+import app, inference
 BUSY = float(os.environ.get("FAKE_MODEL_BUSY_S", "0"))
 class Model:
     size, kind, path = 32, "keras", app.__file__
@@ -615,7 +623,7 @@ class Model:
             while time.monotonic() < end:
                 sum(range(10000))
         return np.full((len(images), 32, 32), 0.7, np.float32)
-predict.load_predictor = lambda *args, **kwargs: Model()
+inference.load_predictor = lambda *args, **kwargs: Model()
 sys.exit(app.main(sys.argv[2:]))
 """
 

@@ -4,7 +4,8 @@ import numpy as np
 from conftest import FAST
 from hypothesis import given, strategies as st
 
-from extras import augment, synthetic
+import data
+import synthetic
 
 
 def blob(h, w, cy=0.5, cx=0.5, ry=0.3, rx=0.3):
@@ -28,9 +29,9 @@ def mask_batches(draw):
 def test_augment_keeps_image_and_mask_aligned(batch):
     masks, seed = batch
     images = np.repeat(masks[..., None], 3, axis=3).astype(np.uint8) * 255  # image made FROM the mask
-    x, y = augment.augment_batch(images, masks, np.random.default_rng(seed), photometric=False)
+    x, y = data.augment_batch(images, masks, np.random.default_rng(seed), photometric=False)
     assert np.array_equal(x[..., 0] > 127, y)  # geometry is identical, to the pixel
-    x, y = augment.augment_batch(images, masks.astype(np.uint8), np.random.default_rng(seed))
+    x, y = data.augment_batch(images, masks.astype(np.uint8), np.random.default_rng(seed))
     assert x.shape == images.shape and x.dtype == np.uint8
     assert y.shape == masks.shape and y.dtype == np.uint8 and set(np.unique(y)) <= {0, 1}
     for xi, yi in zip(x.mean(axis=3), y.astype(bool)):
@@ -46,7 +47,7 @@ def test_augment_photometric_only_touches_colour(seed):
     gray = rng.integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
     images = np.repeat(gray, 3, axis=3)
     masks = rng.random((3, 16, 16)) > 0.5
-    x, y = augment.augment_batch(images, masks, np.random.default_rng(seed), geometric=False)
+    x, y = data.augment_batch(images, masks, np.random.default_rng(seed), geometric=False)
     assert np.array_equal(y, masks) and y.dtype == bool
     # hue and saturation act on chroma only: gray pixels stay gray (up to rounding)
     assert np.abs(x.astype(int) - x[..., :1]).max() <= 1
@@ -55,8 +56,8 @@ def test_augment_photometric_only_touches_colour(seed):
 
 def test_augment_is_reproducible_and_varies():
     images, masks = synthetic.make_synthetic(4, seed=0, size_wh=(64, 64))
-    a = augment.augment_batch(images, masks, np.random.default_rng(7))
-    b = augment.augment_batch(images, masks, np.random.default_rng(7))
-    c = augment.augment_batch(images, masks, np.random.default_rng(8))
+    a = data.augment_batch(images, masks, np.random.default_rng(7))
+    b = data.augment_batch(images, masks, np.random.default_rng(7))
+    c = data.augment_batch(images, masks, np.random.default_rng(8))
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert not np.array_equal(a[0], c[0])

@@ -13,7 +13,9 @@ from PIL import Image
 
 import common
 import data
-from extras import cache, synthetic
+import imaging
+import layouts
+import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,14 +62,14 @@ def test_isic2018_official_folders_define_splits(tmp_path):
     make_isic(tmp_path, "ISIC2018_Task1-2_Validation_Input", "ISIC2018_Task1_Validation_GroundTruth",
               ["ISIC_1000000", "ISIC_1000001"])
     (tmp_path / "ISIC2018_Task1-2_Training_Input" / "LICENSE.txt").write_text("not an image")
-    pairs, problems, layout = data.find_pairs(tmp_path)
+    pairs, problems, layout = layouts.find_pairs(tmp_path)
     assert layout == "isic2018" and problems == []
     assert [p.id for p in pairs] == sorted(p.id for p in pairs) and len(pairs) == 32
     assert {p.id for p in pairs if p.split == "val"} == {"ISIC_1000000", "ISIC_1000001"}
     # no Test folder: test is carved out of Training by hash, val is not (official val exists)
     for p in pairs:
         if p.id.startswith("ISIC_00"):
-            assert p.split == data.split_of(p.id, 0.0, 0.1)
+            assert p.split == layouts.split_of(p.id, 0.0, 0.1)
             assert p.mask.endswith(p.id + "_segmentation.png")
 
 
@@ -76,7 +78,7 @@ def test_isic2017_ignores_superpixels(tmp_path):
     make_isic(tmp_path, "ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part1_GroundTruth", ["ISIC_0000002"])
     make_isic(tmp_path, "ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth", ["ISIC_0000003"])
     save_image(str(tmp_path / "ISIC-2017_Training_Data" / "ISIC_0000001_superpixels.png"))
-    pairs, problems, layout = data.find_pairs(tmp_path)
+    pairs, problems, layout = layouts.find_pairs(tmp_path)
     assert layout == "isic2017" and problems == []
     assert [(p.id, p.split) for p in pairs] == [
         ("ISIC_0000001", "train"), ("ISIC_0000002", "val"), ("ISIC_0000003", "test")]
@@ -88,7 +90,7 @@ def test_isic2016_capitalised_mask_suffix(tmp_path):
               ids, suffix="_Segmentation")
     make_isic(tmp_path, "ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth",
               ["ISIC_0009999"], suffix="_Segmentation")
-    pairs, problems, layout = data.find_pairs(tmp_path, val_fraction=0.3)
+    pairs, problems, layout = layouts.find_pairs(tmp_path, val_fraction=0.3)
     assert layout == "isic2016" and problems == [] and len(pairs) == 21
     assert [p.id for p in pairs if p.split == "test"] == ["ISIC_0009999"]
     assert {p.split for p in pairs if p.id in ids} <= {"train", "val"}
@@ -101,7 +103,7 @@ def test_generic_layout_same_stem_any_extension(tmp_path):
     save_mask(str(tmp_path / "masks" / "a.png"))
     save_mask(str(tmp_path / "masks" / "b.bmp"))
     save_mask(str(tmp_path / "masks" / "c_mask.png"))
-    pairs, problems, layout = data.find_pairs(tmp_path)
+    pairs, problems, layout = layouts.find_pairs(tmp_path)
     assert layout == "generic" and problems == []
     assert [p.id for p in pairs] == ["a", "b", "c"]
     arrays = data.load_arrays(pairs, 16, progress=False)
@@ -110,13 +112,13 @@ def test_generic_layout_same_stem_any_extension(tmp_path):
 
 def test_missing_and_empty_folders_raise(tmp_path):
     with pytest.raises(common.Error, match="no such folder"):
-        data.find_pairs(tmp_path / "nope")
+        layouts.find_pairs(tmp_path / "nope")
     with pytest.raises(common.Error, match="no known layout"):
-        data.find_pairs(tmp_path)
+        layouts.find_pairs(tmp_path)
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
     with pytest.raises(common.Error, match="no images"):
-        data.find_pairs(tmp_path)
+        layouts.find_pairs(tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def bad_folder(tmp_path):
 
 def test_every_bad_input_is_one_named_problem(bad_folder):
     img, msk = bad_folder / "images", bad_folder / "masks"
-    pairs, problems, _ = data.find_pairs(bad_folder)
+    pairs, problems, _ = layouts.find_pairs(bad_folder)
     assert "duplicate id dup" in problem_for(problems, img / "dup.png")
     assert "no mask" in problem_for(problems, img / "nomask.jpg")
     assert "orphan mask" in problem_for(problems, msk / "orphan.png")
@@ -166,7 +168,7 @@ def test_every_bad_input_is_one_named_problem(bad_folder):
 def test_decompression_bomb_is_a_problem(tmp_path, monkeypatch):
     save_image(str(tmp_path / "images" / "big.png"), h=40, w=40)
     save_mask(str(tmp_path / "masks" / "big.png"), h=40, w=40)
-    pairs, _, _ = data.find_pairs(tmp_path)
+    pairs, _, _ = layouts.find_pairs(tmp_path)
     for limit in (1000, 500):  # over the warning limit, and over Pillow's own error limit (2x)
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
         arrays = data.load_arrays(pairs, 8, cache=False, progress=False)
@@ -198,7 +200,7 @@ def test_load_mask_variants(tmp_path, kind):
            "la": lambda: Image.fromarray(np.dstack([u8 * 255, np.full_like(u8, 255)]), "LA"),
            "bilevel": lambda: Image.fromarray(u8 * 255).convert("1")}[kind]()
     img.save(tmp_path / "m.png")
-    mask = data.load_mask(str(tmp_path / "m.png"))
+    mask = imaging.load_mask(str(tmp_path / "m.png"))
     assert mask.dtype == bool and np.array_equal(mask, truth)
 
 
@@ -208,17 +210,17 @@ def test_load_image_exif_rotation_and_draft(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise for display
     Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif)
-    assert data.load_image(str(tmp_path / "r.jpg")).shape == (60, 40, 3)
+    assert imaging.load_image(str(tmp_path / "r.jpg")).shape == (60, 40, 3)
     Image.fromarray(np.zeros((800, 1200, 3), np.uint8)).convert("L").save(tmp_path / "g.jpg")
-    full = data.load_image(str(tmp_path / "g.jpg"))
-    small = data.load_image(str(tmp_path / "g.jpg"), min_size=(64, 64))
+    full = imaging.load_image(str(tmp_path / "g.jpg"))
+    small = imaging.load_image(str(tmp_path / "g.jpg"), min_size=(64, 64))
     assert full.shape == (800, 1200, 3) and full.dtype == np.uint8
     assert small.shape == (100, 150, 3)  # 1/8 scale: still >= 64 on both sides
 
 
 def test_resize_prob_shape_and_range():
     prob = np.random.default_rng(0).random((30, 50)).astype(np.float32)
-    out = data.resize_prob(prob, (61, 17))
+    out = imaging.resize_prob(prob, (61, 17))
     assert out.shape == (61, 17) and out.dtype == np.float32
     assert 0 <= out.min() and out.max() <= 1
 
@@ -228,8 +230,8 @@ def test_resize_prob_shape_and_range():
        cy=st.floats(0.35, 0.65), cx=st.floats(0.35, 0.65), r=st.floats(0.15, 0.3))
 def test_resize_mask_round_trip_keeps_area(h, w, size, cy, cx, r):
     mask = blob(h, w, cy, cx, r, r * 1.2)
-    small = data.resize_mask(mask, (size, size))
-    back = data.resize_mask(small, (h, w))
+    small = imaging.resize_mask(mask, (size, size))
+    back = imaging.resize_mask(small, (h, w))
     assert small.dtype == bool and back.shape == (h, w)
     assert abs(small.mean() - mask.mean()) < 0.02
     assert abs(back.mean() - mask.mean()) < 0.03
@@ -249,40 +251,40 @@ def test_split_deterministic_and_leak_free_under_permutation(tmp_path_factory, i
     splits = []
     for order in (ids, shuffled):
         root = tmp_path_factory.mktemp("split")
-        make_isic(str(root), *data.LAYOUTS["generic"][0][1:], order)
-        pairs, problems, _ = data.find_pairs(str(root))
+        make_isic(str(root), *layouts.LAYOUTS["generic"][0][1:], order)
+        pairs, problems, _ = layouts.find_pairs(str(root))
         assert not problems and sorted(p.id for p in pairs) == sorted(order)
         splits.append({p.id: p.split for p in pairs})
     full, part = splits
     assert all(part[i] == full[i] for i in keep) and set(full.values()) <= {"train", "val", "test"}
-    assert full == {i: data.split_of(i) for i in ids}
+    assert full == {i: layouts.split_of(i) for i in ids}
     # more validation never moves an image into or out of test
-    assert all((data.split_of(i, 0.3, 0.1) == "test") == (full[i] == "test") for i in ids)
+    assert all((layouts.split_of(i, 0.3, 0.1) == "test") == (full[i] == "test") for i in ids)
 
 
 def test_split_fractions_and_folder_order(tmp_path):
     ids = [f"ISIC_{i:07d}" for i in range(3000)]
-    counts = {s: sum(data.split_of(i, 0.15, 0.1) == s for i in ids) for s in ("val", "test")}
+    counts = {s: sum(layouts.split_of(i, 0.15, 0.1) == s for i in ids) for s in ("val", "test")}
     assert abs(counts["val"] / 3000 - 0.15) < 0.03 and abs(counts["test"] / 3000 - 0.1) < 0.03
     names = ["z9", "a1", "m5", "b2", "q7", "c3"]  # files created in a scrambled order
     for name in names:
         save_image(str(tmp_path / "images" / f"{name}.png"), 4, 4)
         save_mask(str(tmp_path / "masks" / f"{name}.png"), 4, 4)
-    pairs, _, _ = data.find_pairs(tmp_path, 0.3, 0.3)
-    assert [(p.id, p.split) for p in pairs] == [(n, data.split_of(n, 0.3, 0.3)) for n in sorted(names)]
+    pairs, _, _ = layouts.find_pairs(tmp_path, 0.3, 0.3)
+    assert [(p.id, p.split) for p in pairs] == [(n, layouts.split_of(n, 0.3, 0.3)) for n in sorted(names)]
 
 
 # -----------------------------------------------------------------------------
 # cache
 
 def test_cache_second_run_decodes_nothing(synthetic_data, tmp_path, monkeypatch):
-    pairs, _, _ = data.find_pairs(synthetic_data)
+    pairs, _, _ = layouts.find_pairs(synthetic_data)
     first = data.load_arrays(pairs, 32, cache=str(tmp_path), progress=False)
     assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if f.startswith(".tmp")]
 
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded although cached")
-    monkeypatch.setattr(data, "_read_image", no_decode)
+    monkeypatch.setattr(imaging, "read_image", no_decode)
     second = data.load_arrays(pairs, 32, cache=str(tmp_path), progress=False)
     assert np.array_equal(first.images, second.images) and np.array_equal(first.masks, second.masks)
     assert first.pairs == second.pairs
@@ -291,7 +293,7 @@ def test_cache_second_run_decodes_nothing(synthetic_data, tmp_path, monkeypatch)
 
 
 def test_damaged_cache_entry_is_rebuilt(synthetic_data, tmp_path):
-    pairs, _, _ = data.find_pairs(synthetic_data)
+    pairs, _, _ = layouts.find_pairs(synthetic_data)
     first = data.load_arrays(pairs[:2], 16, cache=str(tmp_path), progress=False)
     entries = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
     assert len(entries) == 2 and all(e.endswith(".npy") for e in entries)
@@ -304,16 +306,16 @@ def test_damaged_cache_entry_is_rebuilt(synthetic_data, tmp_path):
 def test_cache_key_follows_file_identity(tmp_path):
     save_image(str(tmp_path / "images" / "a.png"), 8, 8)
     save_mask(str(tmp_path / "masks" / "a.png"), 8, 8)
-    pair = data.find_pairs(tmp_path)[0][0]
-    key = cache.key(pair, 32)
-    assert key == cache.key(pair, 32) and key != cache.key(pair, 64)
+    pair = layouts.find_pairs(tmp_path)[0][0]
+    key = data.cache_entry(pair, 32, "cache")
+    assert key == data.cache_entry(pair, 32, "cache") and key != data.cache_entry(pair, 64, "cache")
     st_ = os.stat(pair.image)
     os.utime(pair.image, ns=(st_.st_atime_ns, st_.st_mtime_ns + 10**9))
-    assert cache.key(pair, 32) != key
+    assert data.cache_entry(pair, 32, "cache") != key
 
 
 def test_read_only_cache_still_loads(synthetic_data, tmp_path):
-    pairs, _, _ = data.find_pairs(synthetic_data)
+    pairs, _, _ = layouts.find_pairs(synthetic_data)
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
@@ -329,9 +331,9 @@ def test_load_split_default_is_synthetic():
     # data=None: the built-in synthetic set (200 pairs, seed 0, 384x288), written once into the cache
     # folder, here the per-session temp folder that conftest puts in $SKIN_UNET_CACHE.
     arrays = data.load_split(None, "train", size=32, progress=False)
-    root = synthetic.synthetic_dir()
+    root = layouts.synthetic_dir()
     assert os.path.dirname(root) == os.environ["SKIN_UNET_CACHE"] and os.path.isdir(root)
-    assert cache.cache_dir() == os.environ["SKIN_UNET_CACHE"]  # so nothing went to ~/.cache
+    assert common.cache_dir() == os.environ["SKIN_UNET_CACHE"]  # so nothing went to ~/.cache
     assert arrays.images.dtype == np.uint8 and arrays.images.shape[1:] == (32, 32, 3)
     assert arrays.masks.dtype == np.uint8 and set(np.unique(arrays.masks)) <= {0, 1}
     assert arrays.problems == [] and all(p.split == "train" for p in arrays.pairs)
@@ -341,11 +343,11 @@ def test_load_split_default_is_synthetic():
     assert np.array_equal(arrays.images, explicit.images) and np.array_equal(arrays.masks, explicit.masks)
     everything = data.load_split(None, "all", size=32, progress=False)
     assert len(everything.pairs) == 200 and everything.pairs[0].id == "ISIC_0000000"
-    assert len(arrays.pairs) == sum(data.split_of(p.id) == "train" for p in everything.pairs)
+    assert len(arrays.pairs) == sum(layouts.split_of(p.id) == "train" for p in everything.pairs)
     # and it is make_synthetic(seed=0) at 384x288: pair 0's mask is the generator's mask 0
     _, masks = synthetic.make_synthetic(1, seed=0)
-    assert np.array_equal(data.load_mask(everything.pairs[0].mask), masks[0])
-    assert np.array_equal(everything.masks[0], data.resize_mask(masks[0], (32, 32)).astype(np.uint8))
+    assert np.array_equal(imaging.load_mask(everything.pairs[0].mask), masks[0])
+    assert np.array_equal(everything.masks[0], imaging.resize_mask(masks[0], (32, 32)).astype(np.uint8))
 
 
 def test_atomic_path_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
@@ -398,12 +400,12 @@ def test_synthetic_lesion_inside_and_non_empty_any_size(w, h, seed):
 
 
 def test_synthetic_dir_written_once(tmp_path):
-    path = synthetic.synthetic_dir(count=3, seed=1, cache=str(tmp_path))
-    assert path == synthetic.synthetic_dir(count=3, seed=1, cache=str(tmp_path))
-    pairs, problems, layout = data.find_pairs(path)
+    path = layouts.synthetic_dir(count=3, seed=1, cache=str(tmp_path))
+    assert path == layouts.synthetic_dir(count=3, seed=1, cache=str(tmp_path))
+    pairs, problems, layout = layouts.find_pairs(path)
     assert layout == "isic2018" and len(pairs) == 3 and problems == []
     assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp")] == []
-    mask = data.load_mask(pairs[0].mask)
+    mask = imaging.load_mask(pairs[0].mask)
     images, masks = synthetic.make_synthetic(1, seed=1)
     assert np.array_equal(mask, masks[0])
 
@@ -466,24 +468,24 @@ def test_batches_resume_at_an_epoch_continues_the_stream():
 
 def test_batches_feed_model_fit():
     keras = common.import_keras()
-    from extras import runtime
 
     images, masks = synthetic.make_synthetic(6, seed=0, size_wh=(16, 16))
     model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255),
                               keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")])
     model.compile("adam", "binary_crossentropy")
     batches = data.Batches(images, masks.astype(np.uint8), batch_size=4)
-    history = model.fit(runtime.feed(batches, workers=2), epochs=2, verbose=0)
+    history = model.fit(data.feed(batches, workers=2), epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2 and batches.epoch >= 1
 
 
 def test_data_imports_no_keras():
     code = "import data, sys; data.Batches; assert 'keras' not in sys.modules, 'keras imported'"
-    # and no extras module that only a flag or an input asks for: no augmentation without augment,
-    # no lesion metadata reader without the file, no command line without the command
+    # and no extras module, which only a flag or an input asks for: no lesion metadata reader
+    # without the file, no command line without the command; no synthetic set drawn
     code += ("; import numpy as np; data.Batches(np.zeros((2, 4, 4, 3), np.uint8),"
              " np.zeros((2, 4, 4), np.uint8), 2, augment=False)[0]"
-             "; assert not {'extras.augment', 'extras.lesions', 'extras.data_check'} & set(sys.modules)")
+             "; loaded = [m for m in sys.modules if m.startswith('extras') or m == 'synthetic']"
+             "; assert not loaded, loaded")
     env = dict(os.environ, KERAS_BACKEND="jax")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120)

@@ -6,7 +6,8 @@ from hypothesis import given, strategies as st
 
 import common
 import data
-from extras import augment, device_augment, synthetic
+import synthetic
+from extras import device_augment
 
 
 @st.composite
@@ -35,8 +36,8 @@ def iou(a, b):
 @given(batch=photo_batches())
 def test_device_warp_matches_pillow_on_the_same_draws(batch):
     images, masks, seed = batch
-    colour, affine = augment.augment_params(images.shape[:3], augment.mean_luma(images), np.random.default_rng(seed))
-    xp, yp = augment.warp_pillow(images, masks, colour, affine)
+    colour, affine = data.augment_params(images.shape[:3], data.mean_luma(images), np.random.default_rng(seed))
+    xp, yp = data.warp_pillow(images, masks, colour, affine)
     xd, yd = device_warp(images, masks, colour, affine)
     assert xd.dtype == np.uint8 and xd.shape == images.shape and yd.dtype == np.uint8 and yd.shape == masks.shape
     diff = np.abs(xd.astype(int) - xp)
@@ -49,14 +50,14 @@ def test_device_warp_matches_pillow_on_the_same_draws(batch):
 @given(batch=photo_batches(), photometric=st.booleans())
 def test_device_warp_switched_off_parts_are_the_identity(batch, photometric):
     images, masks, seed = batch
-    colour, affine = augment.augment_params(images.shape[:3], augment.mean_luma(images), np.random.default_rng(seed),
+    colour, affine = data.augment_params(images.shape[:3], data.mean_luma(images), np.random.default_rng(seed),
                                             geometric=False, photometric=photometric)
     x, y = device_warp(images, masks, colour, affine)
     assert np.array_equal(y, masks)  # no geometry: the mask is untouched, to the pixel
     if not photometric:
         assert np.array_equal(x, images)
     else:  # colour only: each pixel's new value depends on that pixel alone, as in Pillow
-        assert np.abs(x.astype(int) - augment.warp_pillow(images, masks, colour, affine)[0]).max() <= 1
+        assert np.abs(x.astype(int) - data.warp_pillow(images, masks, colour, affine)[0]).max() <= 1
 
 
 def test_device_warp_is_deterministic_for_a_seed_epoch_and_batch():

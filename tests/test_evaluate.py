@@ -15,12 +15,13 @@ from isic_challenge_scoring.confusion import create_binary_confusion_matrix
 from isic_challenge_scoring.segmentation import SegmentationScore
 from PIL import Image
 
-import data
 import evaluate
-import predict
-from extras import grids
+import imaging
+import inference
+import layouts
+import metrics
 
-METRICS = evaluate.METRICS
+METRICS = metrics.METRICS
 
 
 # ---------------------------------------------------------------------------- mask strategies
@@ -80,9 +81,9 @@ def official_scores(truth, pred):
 @given(mask_pairs())
 def test_metrics_equal_brute_force_and_official_scorer(masks):
     truth, pred = masks
-    ours = evaluate.image_scores(truth, pred)
+    ours = metrics.image_scores(truth, pred)
     reference, counts = brute_force(truth, pred)
-    assert tuple(int(c) for c in evaluate.confusion(truth, pred)) == counts
+    assert tuple(int(c) for c in metrics.confusion(truth, pred)) == counts
     theirs = official_scores(truth, pred)
     for k in METRICS:
         assert ours[k] == pytest.approx(reference[k], abs=1e-9), k
@@ -94,13 +95,13 @@ def test_metrics_equal_brute_force_and_official_scorer(masks):
 @given(mask_pairs())
 def test_dice_jaccard_relation_symmetry_and_complement(masks):
     truth, pred = masks
-    s = evaluate.image_scores(truth, pred)
+    s = metrics.image_scores(truth, pred)
     assert s["dice"] == pytest.approx(2 * s["jaccard"] / (1 + s["jaccard"]), abs=1e-12)
-    swapped = evaluate.image_scores(pred, truth)
+    swapped = metrics.image_scores(pred, truth)
     for k in ("dice", "jaccard", "threshold_jaccard", "accuracy"):
         assert swapped[k] == s[k]
     # Swapping the roles of foreground and background turns sensitivity into specificity.
-    flipped = evaluate.image_scores(~truth, ~pred)
+    flipped = metrics.image_scores(~truth, ~pred)
     assert flipped["sensitivity"] == s["specificity"]
     assert flipped["specificity"] == s["sensitivity"]
     assert flipped["accuracy"] == s["accuracy"]
@@ -112,9 +113,9 @@ def test_dice_jaccard_relation_symmetry_and_complement(masks):
 def test_batched_equals_per_image(pairs):
     truth = np.stack([t for t, _ in pairs])
     pred = np.stack([p for _, p in pairs])
-    batched = evaluate.image_scores(truth, pred)
+    batched = metrics.image_scores(truth, pred)
     for i, (t, p) in enumerate(pairs):
-        single = evaluate.image_scores(t, p)
+        single = metrics.image_scores(t, p)
         for k in METRICS:
             assert batched[k][i] == single[k]
 
@@ -123,17 +124,17 @@ def test_batched_equals_per_image(pairs):
 @given(mask_pairs())
 def test_invariant_to_array_encoding(masks):
     truth, pred = masks
-    expected = evaluate.image_scores(truth, pred)
+    expected = metrics.image_scores(truth, pred)
     for encode in (lambda m: m.astype(np.uint8), lambda m: m.astype(np.uint8) * 255,
                    lambda m: m.astype(np.uint16) * 65535):
-        assert evaluate.image_scores(encode(truth), encode(pred)) == expected
+        assert metrics.image_scores(encode(truth), encode(pred)) == expected
 
 
 @settings(max_examples=25, deadline=None)
 @given(mask_pairs())
 def test_invariant_to_file_encoding(tmp_path_factory, masks):
     truth, pred = masks
-    expected = evaluate.image_scores(truth, pred)
+    expected = metrics.image_scores(truth, pred)
     folder = tmp_path_factory.mktemp("enc")
     files = {"bool": Image.fromarray(truth), "01": Image.fromarray(truth.astype(np.uint8)),
              "0255": Image.fromarray(truth.astype(np.uint8) * 255),
@@ -141,9 +142,9 @@ def test_invariant_to_file_encoding(tmp_path_factory, masks):
     for name, image in files.items():
         path = folder / f"{name}.png"
         image.save(path)
-        loaded = data.load_mask(str(path))
+        loaded = imaging.load_mask(str(path))
         assert loaded.dtype == bool and loaded.shape == truth.shape, name
-        assert evaluate.image_scores(loaded, pred) == expected, name
+        assert metrics.image_scores(loaded, pred) == expected, name
 
 
 @MANY
@@ -151,8 +152,8 @@ def test_invariant_to_file_encoding(tmp_path_factory, masks):
 def test_macro_average_is_order_invariant_and_is_the_mean(pairs, rnd):
     rows = []
     for i, (t, p) in enumerate(pairs):
-        counts = evaluate.confusion(t, p)
-        rows.append({"image_id": f"ISIC_{i:07d}", **evaluate.image_scores(t, p),
+        counts = metrics.confusion(t, p)
+        rows.append({"image_id": f"ISIC_{i:07d}", **metrics.image_scores(t, p),
                      **dict(zip(("tp", "fp", "fn", "tn"), counts))})
     summary = evaluate.summarize(rows)
     shuffled = rows[:]
@@ -165,13 +166,13 @@ def test_macro_average_is_order_invariant_and_is_the_mean(pairs, rnd):
     # Pooled = the metric of all pixels together (images side by side).
     flat_t = np.concatenate([t.ravel() for t, _ in pairs])[None]
     flat_p = np.concatenate([p.ravel() for _, p in pairs])[None]
-    assert summary["pooled"]["dice"] == pytest.approx(evaluate.image_scores(flat_t, flat_p)["dice"])
+    assert summary["pooled"]["dice"] == pytest.approx(metrics.image_scores(flat_t, flat_p)["dice"])
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 9), st.integers(1, 9), st.integers(0, 2**32 - 1))
 def test_load_mask_matches_official_binarization(tmp_path_factory, h, w, seed):
-    """data.load_mask binarizes greyscale exactly as the official scorer (> 128), for any 8-bit
+    """imaging.load_mask binarizes greyscale exactly as the official scorer (> 128), for any 8-bit
     file whose maximum is above 1 (0/1 masks are our one extension: read as > 0)."""
     rng = np.random.default_rng(seed)
     values = rng.choice([0, 127, 128, 129, 255, *range(256)], size=(h, w)).astype(np.uint8)
@@ -179,7 +180,7 @@ def test_load_mask_matches_official_binarization(tmp_path_factory, h, w, seed):
     path = tmp_path_factory.mktemp("bin") / "ISIC_0000000_segmentation.png"
     Image.fromarray(values, mode="L").save(path)
     from isic_challenge_scoring.load_image import load_segmentation_image
-    assert np.array_equal(data.load_mask(str(path)), load_segmentation_image(path) > 128)
+    assert np.array_equal(imaging.load_mask(str(path)), load_segmentation_image(path) > 128)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -196,11 +197,11 @@ def test_official_segmentation_score_on_files(tmp_path):
         pred = truth ^ (rng.random((h, w)) < 0.15) if i != 3 else np.zeros((h, w), bool)
         image_id = f"ISIC_{i:07d}"
         Image.fromarray(truth.astype(np.uint8) * 255).save(truth_dir / f"{image_id}_segmentation.png")
-        predict.save_mask_png(str(pred_dir), image_id, pred)
-        t = data.load_mask(str(truth_dir / f"{image_id}_segmentation.png"))
-        p = data.load_mask(str(pred_dir / f"{image_id}_segmentation.png"))
-        counts = evaluate.confusion(t, p)
-        rows.append({"image_id": image_id, **evaluate.scores_from_confusion(*counts),
+        imaging.save_mask_png(str(pred_dir), image_id, pred)
+        t = imaging.load_mask(str(truth_dir / f"{image_id}_segmentation.png"))
+        p = imaging.load_mask(str(pred_dir / f"{image_id}_segmentation.png"))
+        counts = metrics.confusion(t, p)
+        rows.append({"image_id": image_id, **metrics.scores_from_confusion(*counts),
                      **dict(zip(("tp", "fp", "fn", "tn"), counts))})
     ours = evaluate.summarize(rows)
     theirs = SegmentationScore.from_dir(truth_dir, pred_dir).macro_average
@@ -219,7 +220,7 @@ def test_resize_then_threshold_equals_nearest_except_near_boundary(s, extra_h, e
     prob = np.where(rng.random((s, s)) < 0.5, rng.uniform(0.0, 0.45, (s, s)),
                     rng.uniform(0.55, 1.0, (s, s))).astype(np.float32)
     h, w = s + extra_h, s + extra_w
-    resized = data.resize_prob(prob, (h, w)) > 0.5
+    resized = imaging.resize_prob(prob, (h, w)) > 0.5
     small = prob > 0.5
     rows = np.minimum((np.arange(h) + 0.5) * s / h, s - 1).astype(int)
     cols = np.minimum((np.arange(w) + 0.5) * s / w, s - 1).astype(int)
@@ -243,7 +244,7 @@ def test_keras_metrics_agree_with_image_scores():
     probs[0] = 0.1
     probs[1] = 0.9   # full prediction
     probs[2, :4] = 0.5  # exactly the threshold: both sides count only prob > 0.5 as lesion
-    expected = evaluate.image_scores(truth, probs > 0.5)
+    expected = metrics.image_scores(truth, probs > 0.5)
     for cls, key in ((unet.DiceScore, "dice"), (unet.IoUScore, "jaccard")):
         metric = cls()
         metric.update_state(keras.ops.convert_to_tensor(truth[..., None].astype("float32")),
@@ -256,15 +257,15 @@ def test_keras_metrics_agree_with_image_scores():
 def test_tta_averages_identity_and_flips():
     ramp = np.add.outer(np.arange(8), 10 * np.arange(8)).astype(np.float32) / 80
     # A model that ignores its input and outputs a fixed ramp shows each flip being undone.
-    fixed = predict.Predictor("ramp", "fake", 8, lambda x: np.repeat(ramp[None], len(x), 0))
+    fixed = inference.Predictor("ramp", "fake", 8, lambda x: np.repeat(ramp[None], len(x), 0))
     images = np.zeros((2, 8, 8, 3), np.uint8)
     expected = (ramp + ramp[:, ::-1] + ramp[::-1]) / 3
-    assert np.allclose(predict.predict_probs(fixed, images, tta=True), expected)
+    assert np.allclose(inference.predict_probs(fixed, images, tta=True), expected)
     # A pointwise model commutes with flips: TTA changes nothing.
-    pointwise = predict.Predictor("mean", "fake", 8, lambda x: x.mean(-1) / 255)
+    pointwise = inference.Predictor("mean", "fake", 8, lambda x: x.mean(-1) / 255)
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-    assert np.allclose(predict.predict_probs(pointwise, images, tta=True),
-                       predict.predict_probs(pointwise, images))
+    assert np.allclose(inference.predict_probs(pointwise, images, tta=True),
+                       inference.predict_probs(pointwise, images))
 
 
 # ---------------------------------------------------------------------------- models end to end
@@ -278,13 +279,16 @@ def models(tiny_model):
 def test_every_model_format_predicts_the_same(models):
     paths, images, expected = models
     for kind, atol in (("keras", 1e-6), ("saved_model", 1e-5), ("tflite", 1e-4), ("int8", 0.06)):
-        predictor = predict.load_predictor(paths[kind])
+        predictor = inference.load_predictor(paths[kind])
         assert predictor.size == 32
         probs = predictor.predict(images)
         assert probs.shape == (3, 32, 32) and probs.dtype == np.float32
         assert np.abs(probs - expected).max() <= atol, kind
-    tta = predict.predict_probs(predict.load_predictor(paths["keras"]), images, tta=True)
-    assert tta.shape == (3, 32, 32) and np.all((tta >= 0) & (tta <= 1))
+    predictor = inference.load_predictor(paths["keras"])
+    tta = inference.predict_probs(predictor, images, tta=True)
+    views = (predictor.predict(images) + predictor.predict(images[:, :, ::-1])[:, :, ::-1]
+             + predictor.predict(images[:, ::-1])[:, ::-1]) / 3  # identity, h-flip, v-flip
+    np.testing.assert_allclose(tta, views, atol=1e-6)
 
 
 def _run(argv, capsys):
@@ -308,7 +312,7 @@ def test_cli_end_to_end_matches_official_scorer(models, synthetic_data, tmp_path
     assert {"pooled", "median", "worst", "model", "data"} <= set(summary)
     for name in ("grid_best.png", "grid_worst.png", "grid_random.png"):
         with Image.open(out / name) as grid:
-            assert grid.width == 4 * grids.TILE and grid.height > grids.TILE
+            assert grid.width == 4 * evaluate.TILE and grid.height > evaluate.TILE
     saved = sorted(os.listdir(masks))
     assert saved == sorted(f"{r['image_id']}_segmentation.png" for r in rows)
     with Image.open(masks / saved[0]) as m:
@@ -339,7 +343,7 @@ def test_cli_split_follows_run_json_and_formats_share_one_path(models, synthetic
     code, _, _ = _run(["--weights", str(weights), "--out", str(tmp_path / "a")], capsys)
     assert code == 0
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
-    pairs, _, _ = data.find_pairs(synthetic_data, 0.5, 0.1)
+    pairs, _, _ = layouts.find_pairs(synthetic_data, 0.5, 0.1)
     assert summary["images"] == sum(p.split == "val" for p in pairs) > 1
     assert summary["val_fraction"] == 0.5 and summary["split"] == "val"
     # The same split through the SavedModel and both .tflite files.
@@ -408,7 +412,7 @@ def test_bad_image_is_reported_and_skipped(models, synthetic_data, tmp_path, cap
     paths, _, _ = models
     root = tmp_path / "data"
     shutil.copytree(synthetic_data, root)
-    pairs, _, _ = data.find_pairs(str(root))
+    pairs, _, _ = layouts.find_pairs(str(root))
     broken_image, broken_mask, wrong_size = pairs[0], pairs[1], pairs[2]
     with open(broken_image.image, "r+b") as f:
         f.truncate(200)

@@ -13,6 +13,10 @@ from hypothesis import given, settings, strategies as st
 
 import data
 import export
+import imaging
+import inference
+import layouts
+import metrics
 import unet
 
 pytestmark = pytest.mark.slow  # a module of minutes: the full suite runs it, the inner loop does not
@@ -43,7 +47,7 @@ def all_images(root):
 
 def native_dice(truth, prob):
     """NumPy reference of the challenge Dice: the probability map resized to the mask's native size."""
-    pred = data.resize_prob(prob, truth.shape) > 0.5
+    pred = imaging.resize_prob(prob, truth.shape) > 0.5
     tp, total = np.count_nonzero(truth & pred), np.count_nonzero(truth) + np.count_nonzero(pred)
     return 1.0 if total == 0 else 2 * tp / total
 
@@ -58,7 +62,7 @@ def test_files_and_report(exported, trained, synthetic_data):
     assert not [n for n in os.listdir(os.path.dirname(out)) if n != "export"]  # no temp folder left
 
     # What was exported and on which images: the fixture's 20 train / 1 val / 3 test split.
-    pairs, _, _ = data.find_pairs(synthetic_data)
+    pairs, _, _ = layouts.find_pairs(synthetic_data)
     val_pairs = [p for p in pairs if p.split == "val"]
     assert len(val_pairs) == 1 and sum(p.split == "train" for p in pairs) == 20
     assert report["weights"] == os.path.abspath(trained[0]) and report["size"] == SIZE
@@ -79,7 +83,7 @@ def test_files_and_report(exported, trained, synthetic_data):
     # Dice against the truth, recomputed here at the mask's native resolution (not at 32 px).
     image = data.load_split(synthetic_data, "val", SIZE, progress=False).images
     prob = trained[1].predict(image.astype(np.float32), verbose=0)[0, ..., 0]
-    want = native_dice(data.load_mask(val_pairs[0].mask), prob)
+    want = native_dice(imaging.load_mask(val_pairs[0].mask), prob)
     assert 0 < want < 1
     assert report["keras"]["dice_vs_truth"] == pytest.approx(want, abs=1e-6)
     # float32 LiteRT is the Keras model up to summation order: the same masks, the same score.
@@ -133,14 +137,12 @@ def test_tflite_dtypes_and_builtin_ops_only(exported, name, dtype):
 
 
 def test_int8_masks_agree_with_keras(exported, trained, synthetic_data):
-    import evaluate
-    import predict
 
     images = all_images(synthetic_data)
     keras_masks = trained[1].predict(images.astype(np.float32), verbose=0)[..., 0] > 0.5
     assert keras_masks.mean() > 0.05  # the model found lesions; agreement is not "both empty"
-    probs = predict.load_predictor(os.path.join(exported[0], "model_int8.tflite")).predict(images)
-    assert np.mean(evaluate.image_scores(keras_masks, probs > 0.5)["dice"]) >= 0.98
+    probs = inference.load_predictor(os.path.join(exported[0], "model_int8.tflite")).predict(images)
+    assert np.mean(metrics.image_scores(keras_masks, probs > 0.5)["dice"]) >= 0.98
     assert exported[1]["tflite"]["int8"]["dice_vs_keras"] >= 0.98
 
 

@@ -2,7 +2,7 @@
 for the rows it keeps. The grids evaluate.py writes are checked end to end in tests/test_evaluate.py."""
 import random
 
-from extras.grids import GridPicker
+from evaluate import GridPicker
 
 
 def test_grid_picker_keeps_best_worst_and_sample():

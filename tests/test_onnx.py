@@ -12,8 +12,9 @@ import common
 import data
 import evaluate
 import export
+import formats
+import inference
 import predict
-from extras import onnx_format
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tf2onnx")
@@ -27,44 +28,44 @@ def onnx_model(train_unet, synthetic_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")
     paths = {"keras": str(folder / "model.keras"), "onnx": str(folder / "model.onnx")}
     model.save(paths["keras"])
-    onnx_format.write_onnx(model, paths["onnx"])
+    export.write_onnx(model, paths["onnx"])
     images = data.load_split(synthetic_data, "all", 32, progress=False).images
     return paths, images, model.predict(images.astype(np.float32), verbose=0)[..., 0]
 
 
 def test_onnx_runtime_gives_the_keras_probabilities_and_masks(onnx_model):
     paths, images, expected = onnx_model
-    predictor = predict.load_predictor(paths["onnx"])
+    predictor = inference.load_predictor(paths["onnx"])
     assert (predictor.kind, predictor.size) == ("onnx", 32)
     probs = predictor.predict(images)
-    assert np.abs(probs - expected).max() <= onnx_format.ATOL
+    assert np.abs(probs - expected).max() <= export.ONNX_ATOL
     assert np.array_equal(probs > 0.5, expected > 0.5)
     assert 0 < (expected > 0.5).mean() < 1  # a trained model: masks that can disagree
 
 
 def test_the_batch_axis_is_dynamic_two_sizes_in_one_session(onnx_model):
     paths, images, expected = onnx_model
-    predictor = predict.load_predictor(paths["onnx"])
+    predictor = inference.load_predictor(paths["onnx"])
     one = predictor.predict(images[:1])
     many = predictor.predict(images[:7])  # one session: a batch of 7 after a batch of 1
     assert one.shape == (1, 32, 32) and many.shape == (7, 32, 32)
-    assert np.abs(one - expected[:1]).max() <= onnx_format.ATOL
-    assert np.abs(many - expected[:7]).max() <= onnx_format.ATOL
+    assert np.abs(one - expected[:1]).max() <= export.ONNX_ATOL
+    assert np.abs(many - expected[:7]).max() <= export.ONNX_ATOL
 
 
 def test_the_contract_names_and_the_check_report(onnx_model):
     paths, images, expected = onnx_model
-    session = onnx_format.session(paths["onnx"])
+    session = formats.onnx_session(paths["onnx"])
     (inp,), (out,) = session.get_inputs(), session.get_outputs()
     assert (inp.name, inp.type, inp.shape[1:]) == ("image", "tensor(float)", [32, 32, 3])
     assert (out.name, out.shape[1:]) == ("mask", [32, 32, 1])
     assert not isinstance(inp.shape[0], int)  # dynamic batch
-    row = onnx_format.check_onnx(paths["onnx"], 32, expected, images, threads=(2,), runs=3)
-    assert row["mask_pixels_differing"] == 0 and row["max_abs_diff_vs_keras"] <= onnx_format.ATOL
+    row = export.check_onnx(paths["onnx"], 32, expected, images, threads=(2,), runs=3)
+    assert row["mask_pixels_differing"] == 0 and row["max_abs_diff_vs_keras"] <= export.ONNX_ATOL
     assert row["latency_ms"]["2"] > 0 and row["size_mb"] > 0
     # A model that disagrees fails the check, naming the file.
     with pytest.raises(common.Error, match="model.onnx: differs from the Keras model"):
-        onnx_format.check_onnx(paths["onnx"], 32, 1 - expected, images, runs=1)
+        export.check_onnx(paths["onnx"], 32, 1 - expected, images, runs=1)
 
 
 def test_evaluate_scores_an_onnx_as_it_scores_the_keras_model(onnx_model, synthetic_data, tmp_path,
@@ -104,7 +105,7 @@ def test_a_foreign_onnx_is_one_line(tmp_path):
     path = str(tmp_path / "foreign.onnx")
     onnx.save(helper.make_model(graph), path)
     with pytest.raises(common.Error, match="expected one float32 image") as e:
-        predict.load_predictor(path)
+        inference.load_predictor(path)
     assert e.value.file == path
 
 
@@ -116,7 +117,7 @@ def test_a_missing_package_says_what_to_install(monkeypatch, tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(b"x")
     with pytest.raises(common.Error, match=r"pip install onnxruntime==\d"):
-        predict.load_predictor(str(path))
+        inference.load_predictor(str(path))
     assert os.path.exists(path)
 
 
@@ -135,11 +136,11 @@ def test_export_without_an_onnx_package_stops_first_in_one_line(onnx_model, monk
 
 def test_the_int8_onnx_keeps_the_masks_and_its_float_contract(onnx_model):
     paths, images, expected = onnx_model
-    path = onnx_format.write_int8(paths["onnx"], images[:8])
+    path = export.write_onnx_int8(paths["onnx"], images[:8])
     assert path.endswith("model_int8.onnx")
-    predictor = predict.load_predictor(path)  # float32 0..255 in, as the float file
+    predictor = inference.load_predictor(path)  # float32 0..255 in, as the float file
     assert (predictor.kind, predictor.size) == ("onnx", 32)
-    row = onnx_format.check_int8(path, 32, expected, images, threads=(1,), runs=2)
+    row = export.check_onnx_int8(path, 32, expected, images, threads=(1,), runs=2)
     assert row["mean_abs_diff_vs_keras"] <= 0.05 and row["dice_vs_keras"] >= 0.9
     with pytest.raises(common.Error, match="model_int8.onnx: differs from the Keras model"):
-        onnx_format.check_int8(path, 32, 1 - expected, images, threads=(1,), runs=1)
+        export.check_onnx_int8(path, 32, 1 - expected, images, threads=(1,), runs=1)

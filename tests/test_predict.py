@@ -17,17 +17,20 @@ from conftest import MANY, ROOT, run_cli
 from hypothesis import given, strategies as st
 from PIL import Image
 
-import data
 import evaluate
+import imaging
+import inference
+import layouts
+import metrics
 import predict
-from extras import overlay, review, synthetic
+import synthetic
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model):
     """conftest's tiny untrained U-Net as .keras and its Predictor: shapes, not skill, count here."""
     path = tiny_model["paths"]["keras"]
-    return path, predict.load_predictor(path)
+    return path, inference.load_predictor(path)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,7 @@ def _rows(folder):
         return {r["image_id"]: r for r in csv.DictReader(f)}
 
 
-def _review_ok(rows, threshold=review.REVIEW_THRESHOLD):
+def _review_ok(rows, threshold=metrics.REVIEW_THRESHOLD):
     """Every row carries an uncertainty in [0, 1) and review == (uncertainty > threshold)."""
     assert rows
     for row in rows.values():
@@ -82,31 +85,34 @@ def _reference_stats(mask, prob):
 def _one_photo(predictor, file, threshold=0.5, tta=False):
     """(stats, native mask) of one photo the way predict.py and app.py make it: the draft decode at
     preview size, the model on its squash, the map resized back to the native size."""
-    native = data.native_hw(file)
+    native = imaging.native_hw(file)
     preview = predict.decode_preview(file, native)
     x = predict.model_input(preview, predictor.size)[None]
-    small = predict.predict_probs(predictor, x, tta)[0]
-    stats, mask = predict.native_prob(small, native, threshold)
-    return {**stats, "uncertainty": float(review.uncertainty(small, threshold))}, mask
+    small = inference.predict_probs(predictor, x, tta)[0]
+    mask, stats = predict.native_mask(small, native, threshold)
+    return {**stats, "uncertainty": float(metrics.uncertainty(small, threshold))}, mask
 
 
 def test_native_prob_returns_the_thresholded_mask_at_native_size(model):
     _, predictor = model
     image = synthetic.make_synthetic(1, size_wh=(70, 45))[0][0]
-    small = predict.predict_probs(predictor, predict.model_input(image, predictor.size)[None])[0]
-    prob = data.resize_prob(small, (45, 70))
-    stats, mask = predict.native_prob(small, (45, 70), threshold=0.5)
+    small = inference.predict_probs(predictor, predict.model_input(image, predictor.size)[None])[0]
+    prob = imaging.resize_prob(small, (45, 70))
+    mask, stats = predict.native_mask(small, (45, 70), threshold=0.5)
     assert prob.shape == mask.shape == (45, 70)
     assert prob.dtype == np.float32 and mask.dtype == bool
     assert np.array_equal(mask, prob > 0.5)
     assert stats == _reference_stats(mask, prob)
-    _, low = predict.native_prob(small, (45, 70), threshold=0.0)
+    low, _ = predict.native_mask(small, (45, 70), threshold=0.0)
     assert np.array_equal(low, prob > 0.0)
-    flips = predict.predict_probs(predictor, predict.model_input(image, predictor.size)[None], tta=True)
-    tta_prob = data.resize_prob(flips[0], (45, 70))
-    assert tta_prob.shape == (45, 70) and np.all((tta_prob >= 0) & (tta_prob <= 1))
+    x = predict.model_input(image, predictor.size)[None]
+    flips = inference.predict_probs(predictor, x, tta=True)
+    by_hand = (predictor.predict(x) + predictor.predict(x[:, :, ::-1])[:, :, ::-1]
+               + predictor.predict(x[:, ::-1])[:, ::-1]) / 3
+    np.testing.assert_allclose(flips, by_hand, atol=1e-6)
+    assert imaging.resize_prob(flips[0], (45, 70)).shape == (45, 70)
     with pytest.raises(ValueError):
-        predict.predict_probs(predictor, predict.model_input(image[..., 0], predictor.size)[None])
+        inference.predict_probs(predictor, predict.model_input(image[..., 0], predictor.size)[None])
 
 
 @pytest.mark.parametrize("hw", [(288, 384), (1000, 700), (97, 131), (20, 20), (513, 3)])
@@ -115,8 +121,8 @@ def test_native_prob_in_bands_matches_one_resize(hw):
     map is 200 MB): the mask is one whole resize's but for rounding at the threshold itself."""
     rng = np.random.default_rng(hw[0])
     small = rng.random((32, 32)).astype(np.float32)
-    stats, mask = predict.native_prob(small, hw, 0.5)
-    prob = data.resize_prob(small, hw)
+    mask, stats = predict.native_mask(small, hw, 0.5)
+    prob = imaging.resize_prob(small, hw)
     expected = prob > 0.5
     differ = mask != expected
     assert np.all(np.abs(prob[differ] - 0.5) < 1e-4)  # only rounding, at the threshold itself
@@ -151,7 +157,7 @@ def masks_and_probs(draw):
 def test_native_prob_stats_invariants(case):
     """At the model's own size the resize is the identity: the mask is prob > threshold exactly."""
     _, prob, mask, threshold = case
-    stats, native = predict.native_prob(prob, prob.shape, threshold)
+    native, stats = predict.native_mask(prob, prob.shape, threshold)
     assert np.array_equal(native, mask)
     assert set(stats) == {"area_px", "area_percent", "mean_prob", "width", "height"}
     assert stats["area_px"] == int(mask.sum()) and isinstance(stats["area_px"], int)
@@ -169,14 +175,14 @@ def test_native_prob_stats_invariants(case):
 @given(masks_and_probs(), st.booleans())
 def test_overlay_changes_only_the_lesion_and_outlines_it(case, with_prob):
     image, prob, mask, _ = case
-    out = overlay.draw(image, mask, prob if with_prob else None, unsure=False)  # no hatch: below
+    out = predict.draw_overlay(image, mask, prob if with_prob else None, unsure=False)  # no hatch: below
     assert out.shape == image.shape and out.dtype == np.uint8
     # Outside the mask (so also outside any dilation of it) the photo is untouched.
     assert np.array_equal(out[~mask], image[~mask])
     # Every mask pixel touching the background or the frame is drawn in the outline colour.
     padded = np.pad(mask, 1)
     edge = mask & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
-    assert np.all(out[edge] == overlay.OUTLINE)
+    assert np.all(out[edge] == predict.OUTLINE)
 
 
 @MANY
@@ -186,33 +192,33 @@ def test_overlay_hatches_only_where_the_model_is_unsure(case):
     pixels whose probability is in the unsure band (inside the mask or not), never over the
     outline; a map of only 0 and 1 gets none."""
     image, prob, mask, _ = case
-    plain = overlay.draw(image, mask, prob, unsure=False)
-    out = overlay.draw(image, mask, prob)  # the hatch is on by default
+    plain = predict.draw_overlay(image, mask, prob, unsure=False)
+    out = predict.draw_overlay(image, mask, prob)  # the hatch is on by default
     changed = np.any(out != plain, axis=-1)
-    band = (prob >= overlay.UNSURE_LOW) & (prob <= overlay.UNSURE_HIGH)
+    band = (prob >= predict.UNSURE_LOW) & (prob <= predict.UNSURE_HIGH)
     assert not changed[~band].any()
-    assert np.all(out[changed] == overlay.HATCH)
-    assert np.all(out[mask & (plain == overlay.OUTLINE).all(-1)] == overlay.OUTLINE)
+    assert np.all(out[changed] == predict.HATCH)
+    assert np.all(out[mask & (plain == predict.OUTLINE).all(-1)] == predict.OUTLINE)
     sure = (prob > 0.5).astype(np.float32)
-    assert np.array_equal(overlay.draw(image, mask, sure),
-                          overlay.draw(image, mask, sure, unsure=False))
-    assert np.array_equal(overlay.draw(image, mask), overlay.draw(image, mask, unsure=False))
+    assert np.array_equal(predict.draw_overlay(image, mask, sure),
+                          predict.draw_overlay(image, mask, sure, unsure=False))
+    assert np.array_equal(predict.draw_overlay(image, mask), predict.draw_overlay(image, mask, unsure=False))
 
 
 def test_overlay_hatch_is_sparse_and_covers_the_band():
     """A map of 0.5 everywhere and no mask: the hatch is on 1 pixel in HATCH_EVERY, spread over the
     whole photo (every row has some), and the rest of the photo is untouched."""
     image = np.full((64, 48, 3), 120, np.uint8)
-    out = overlay.draw(image, np.zeros((64, 48), bool), np.full((64, 48), 0.5, np.float32))
-    hatched = np.all(out == overlay.HATCH, axis=-1)
-    assert hatched.sum() == 64 * 48 // overlay.HATCH_EVERY
+    out = predict.draw_overlay(image, np.zeros((64, 48), bool), np.full((64, 48), 0.5, np.float32))
+    hatched = np.all(out == predict.HATCH, axis=-1)
+    assert hatched.sum() == 64 * 48 // predict.HATCH_EVERY
     assert hatched.any(axis=1).all() and hatched.any(axis=0).all()
     assert np.all(out[~hatched] == 120)
 
 
 def test_overlay_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
-        overlay.draw(np.zeros((4, 5, 3), np.uint8), np.zeros((5, 4), bool))
+        predict.draw_overlay(np.zeros((4, 5, 3), np.uint8), np.zeros((5, 4), bool))
 
 
 # ---------------------------------------------------------------------------- the command line
@@ -378,7 +384,7 @@ def test_data_folders_predict_every_image_and_evaluate_skips_the_maskless(model,
     weights, _ = model
     root = tmp_path / "data"
     shutil.copytree(synthetic_data, root)
-    pairs, _, _ = data.find_pairs(str(root))
+    pairs, _, _ = layouts.find_pairs(str(root))
     lone = pairs[:3]
     for pair in lone:
         os.remove(pair.mask)
@@ -439,10 +445,10 @@ def test_saved_model_and_tflite_share_the_path(tiny_model, photos, tmp_path, cap
 
 def test_extras_load_only_when_asked_for(model, photos, tmp_path, capsys, monkeypatch):
     """`import predict` loads no optional library and no extras module; a first run of a .keras
-    model over a folder needs neither extras/archive.py nor extras/formats.py; a rerun into the
+    model over a folder needs neither extras/archive.py nor formats.py; a rerun into the
     same --out brings in archive (to resume) and nothing else."""
     probe = ("import sys, predict; print(sorted(m for m in ('h5py', 'gradio', 'matplotlib', "
-             "'keras', 'tensorflow', 'extras.archive', 'extras.formats') if m in sys.modules))")
+             "'keras', 'tensorflow', 'extras.archive', 'formats') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
@@ -450,14 +456,13 @@ def test_extras_load_only_when_asked_for(model, photos, tmp_path, capsys, monkey
     folder, _ = photos
     argv = ["--weights", weights, "--data", folder, "--out", str(tmp_path / "out")]
     import extras
-    with monkeypatch.context() as blocked:
-        for name in ("archive", "formats"):  # any `from extras import <name>` now fails
-            blocked.delattr(extras, name, raising=False)
-            blocked.setitem(sys.modules, f"extras.{name}", None)
+    with monkeypatch.context() as blocked:  # importing either now fails
+        blocked.delattr(extras, "archive", raising=False)
+        blocked.setitem(sys.modules, "extras.archive", None)
+        blocked.setitem(sys.modules, "formats", None)
         code, stdout, err = _run(argv, capsys)
     assert code == 0 and "predicted 3 (0 skipped)" in stdout, err
     with monkeypatch.context() as blocked:
-        blocked.delattr(extras, "formats", raising=False)
-        blocked.setitem(sys.modules, "extras.formats", None)
+        blocked.setitem(sys.modules, "formats", None)
         code, stdout, err = _run(argv, capsys)
     assert code == 0 and "3 photos already done" in stdout, err

@@ -12,8 +12,9 @@ from PIL import Image
 
 import app
 import evaluate
+import inference
 import predict
-from extras import synthetic
+import synthetic
 
 MODELS = os.path.join(ROOT, "models")
 
@@ -27,14 +28,14 @@ def test_the_released_files_load_in_a_bare_session(tmp_path):
             "from ai_edge_litert.interpreter import Interpreter\n"
             "i = Interpreter(model_path=r'{}'); i.allocate_tensors()\n"
             "d = i.get_input_details()[0]; print(d['dtype'].__name__, d['shape'].tolist())\n")
-    code = code.format(predict.RELEASED, os.path.join(MODELS, "skin_unet_int8.tflite"))
+    code = code.format(inference.RELEASED, os.path.join(MODELS, "skin_unet_int8.tflite"))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr[-2000:]
     keras_line, tflite_line = result.stdout.strip().splitlines()[-2:]
     assert keras_line == "(None, 128, 128, 3) (1, 128, 128, 1) True True"
     assert tflite_line == "uint8 [1, 128, 128, 3]"
-    assert os.path.getsize(predict.RELEASED) < 10 * 2**20  # the card's promise: under 10 MB
+    assert os.path.getsize(inference.RELEASED) < 10 * 2**20  # the card's promise: under 10 MB
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def photos(tmp_path_factory):
 def test_predict_without_weights_uses_the_released_model(photos, tmp_path, capsys):
     out = tmp_path / "masks"
     code, _, err = run_cli(predict, ["--data", photos, "--out", str(out), "--no-progress"], capsys)
-    assert code == 0 and f"model {predict.RELEASED} (keras, 128px)" in err
+    assert code == 0 and f"model {inference.RELEASED} (keras, 128px)" in err
     mask = np.asarray(Image.open(out / "photo_0_segmentation.png"))
     assert mask.shape == (200, 300) and set(np.unique(mask)) <= {0, 255}
     assert 0 < (mask > 0).mean() < 1  # a trained model finds the lesion, not all or nothing
@@ -58,21 +59,21 @@ def test_predict_without_weights_uses_the_released_model(photos, tmp_path, capsy
 def test_evaluate_without_weights_scores_the_released_model(synthetic_data, tmp_path, capsys):
     code, out, err = run_cli(evaluate, ["--data", synthetic_data, "--split", "all", "--out",
                                         str(tmp_path / "eval"), "--no-progress"], capsys)
-    assert code == 0 and f"model {predict.RELEASED}" in err
+    assert code == 0 and f"model {inference.RELEASED}" in err
     assert (tmp_path / "eval" / "summary.json").exists()
 
 
 def test_app_without_weights_analyses_a_photo_with_the_released_model(photos, tmp_path):
     args = app.parse_args([])
     assert args.weights is None  # the default: load_predictor(None) is the released model
-    predictor = app.LockedPredictor(predict.load_predictor(args.weights, args.size,
+    predictor = app.LockedPredictor(inference.load_predictor(args.weights, args.size,
                                                            args.review_threshold))
-    assert predictor.path == predict.RELEASED and predictor.size == 128
+    assert predictor.path == inference.RELEASED and predictor.size == 128
     result = app.analyse(predictor, os.path.join(photos, "photo_0.jpg"), 0.5,
                          app.Photos(str(tmp_path / "app")))
     assert result[4] is not None  # a state: the photo was analysed
     # with the review threshold stored with the release (models/skin_unet.json)
-    assert result[4]["review_at"] == predict.read_run_json(predict.RELEASED)["review_threshold"]
+    assert result[4]["review_at"] == inference.read_run_json(inference.RELEASED)["review_threshold"]
     assert "Uncertainty: " in result[2]
 
 
@@ -86,10 +87,10 @@ def test_a_missing_or_damaged_release_is_one_line_saying_how_to_restore_it(
     if damage == "corrupt":
         fake.write_bytes(b"PK\x03\x04 not the model any more")
     if damage == "corrupt threshold file":  # models/skin_unet.json, the review threshold
-        shutil.copyfile(predict.RELEASED, fake)
+        shutil.copyfile(inference.RELEASED, fake)
         named = tmp_path / "models" / "skin_unet.json"
         named.write_text('{"review_threshold": 0.2')
-    monkeypatch.setattr(predict, "RELEASED", str(fake))
+    monkeypatch.setattr(inference, "RELEASED", str(fake))
     code, _, err = run_cli(predict, ["--data", photos, "--out", str(tmp_path / "m")], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1
@@ -104,8 +105,8 @@ def test_the_release_reads_no_run_json_beside_or_above_it(tmp_path, monkeypatch)
     import shutil
     fake = tmp_path / "models" / "skin_unet.keras"
     fake.parent.mkdir()
-    shutil.copyfile(predict.RELEASED, fake)
+    shutil.copyfile(inference.RELEASED, fake)
     (tmp_path / "run.json").write_text(json.dumps({"size": 64, "data": "/nowhere"}))
-    monkeypatch.setattr(predict, "RELEASED", str(fake))
-    assert predict.read_run_json(str(fake)) == {}
-    assert predict.load_predictor(str(fake)).size == 128
+    monkeypatch.setattr(inference, "RELEASED", str(fake))
+    assert inference.read_run_json(str(fake)) == {}
+    assert inference.load_predictor(str(fake)).size == 128

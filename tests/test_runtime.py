@@ -1,18 +1,18 @@
-"""extras/runtime.py: the run's machine settings resolved once into a frozen Runtime (what run.json
+"""train.py's machine section: the run's machine settings resolved once into a frozen Runtime (what run.json
 records), the XLA rule and the short-run decision that skips the probe."""
+import contextlib
 import dataclasses
 
 import pytest
 
 import common
 import train
-from extras import runtime
 
 
 def test_setup_resolves_one_frozen_runtime_that_run_json_records_as_before():
     keras = common.import_keras()
     cfg = train.config_of(["--jit", "off", "--distribute", "none", "--precision", "float32"])
-    scope, rt = runtime.setup(cfg)
+    scope, rt = train.setup(cfg)
     try:
         with pytest.raises(dataclasses.FrozenInstanceError):
             rt.jit = True
@@ -22,22 +22,21 @@ def test_setup_resolves_one_frozen_runtime_that_run_json_records_as_before():
         assert rt.record()["backend"] == keras.backend.backend() and rt.jit is False
         assert (rt.replicas, rt.processes, rt.process, rt.distribute) == (1, 1, 0, "none")
         assert set(rt.cpu) == {"model", "flags", "cores"}
-        with scope():  # no strategy: a null context
-            pass
+        assert scope is contextlib.nullcontext  # no strategy on one device
     finally:
-        runtime.reset(rt)
+        train.reset(rt)
 
 
 def test_settle_jit_gives_a_new_runtime_and_leaves_the_old_one_alone():
-    rt = runtime.Runtime(backend="tensorflow", accelerator="cpu", cpu={}, precision="float32", jit=None,
+    rt = train.Runtime(backend="tensorflow", accelerator="cpu", cpu={}, precision="float32", jit=None,
                          jit_reason="TensorFlow on a CPU", distribute="none", replicas=1, processes=1,
                          process=0, augment_on="host")
     cfg = train.config_of([])
-    short = runtime.settle_jit(rt, cfg, runtime.XLA_PROBE_MIN_STEPS - 1, None, None)
+    short = train.settle_jit(rt, cfg, train.XLA_PROBE_MIN_STEPS - 1, None, None)
     assert short.jit is False and "too short to probe" in short.jit_reason and short.jit_probe is None
     assert rt.jit is None  # a new value, not the old one changed
     decided = dataclasses.replace(rt, jit=True, jit_reason="--jit on")
-    assert runtime.settle_jit(decided, cfg, 10 ** 6, None, None) is decided  # nothing to probe
+    assert train.settle_jit(decided, cfg, 10 ** 6, None, None) is decided  # nothing to probe
     probed = dataclasses.replace(rt, jit=False, jit_probe={"xla": 1.0, "no_xla": 2.0})
     assert probed.record()["jit_probe"] == {"xla": 1.0, "no_xla": 2.0}
 
@@ -45,4 +44,4 @@ def test_settle_jit_gives_a_new_runtime_and_leaves_the_old_one_alone():
 @pytest.mark.parametrize("flag, want", [("on", True), ("off", False)])
 def test_jit_flag_decides_alone(flag, want):
     cfg = train.config_of(["--jit", flag])
-    assert runtime.jit_rule(cfg, "cpu", "none") == (want, f"--jit {flag}")
+    assert train.jit_rule(cfg, "cpu", "none") == (want, f"--jit {flag}")

@@ -13,11 +13,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import common
+import curves
 import data
+import layouts
 import train
-from extras import curves, sources as extra_sources, synthetic
+from extras import sources as extra_sources
 
-HAM = data.LAYOUTS["ham10000"]
+HAM = layouts.LAYOUTS["ham10000"]
 PART_1, PART_2, MASKS = HAM[0][1], HAM[1][1], HAM[0][2]
 TINY = [*conftest.TINY, "--jit", "off", "--no-augment", "--verbose", "0", "--val-fraction", "0.3"]
 
@@ -38,12 +40,12 @@ def make_ham_names(root, lesions, missing=()):
         touch(os.path.join(root, MASKS, image_id + "_segmentation.png"))
         if i not in missing:
             rows.append(f"HAM_{lesion:07d},{image_id},nv,histo,50.0,male,back,vidir_modern")
-    with open(os.path.join(root, data.LESION_METADATA), "w") as f:
+    with open(os.path.join(root, layouts.LESION_METADATA), "w") as f:
         f.write("lesion_id,image_id,dx,dx_type,age,sex,localization,dataset\n" + "\n".join(rows) + "\n")
 
 
 def lesion_of(root):
-    with open(os.path.join(root, data.LESION_METADATA)) as f:
+    with open(os.path.join(root, layouts.LESION_METADATA)) as f:
         return {r["image_id"]: r["lesion_id"] for r in csv.DictReader(f)}
 
 
@@ -53,7 +55,7 @@ def test_ham_two_image_folders_share_one_mask_folder(tmp_path):
     make_ham_names(tmp_path, [0, 1, 2, 3, 4, 5])
     touch(str(tmp_path / PART_1 / "ISIC_0000099.jpg"))  # no mask
     touch(str(tmp_path / MASKS / "ISIC_0000077_segmentation.png"))  # no image
-    pairs, problems, layout = data.find_pairs(tmp_path)
+    pairs, problems, layout = layouts.find_pairs(tmp_path)
     assert layout == "ham10000"
     assert [p.id for p in pairs] == [f"ISIC_{i:07d}" for i in range(6)]
     assert {os.path.basename(os.path.dirname(p.image)) for p in pairs} == {PART_1, PART_2}
@@ -68,18 +70,18 @@ def test_every_image_of_a_lesion_lands_in_one_split(tmp_path):
     # test fails if the grouping is dropped); hashing lesion ids splits none.
     lesions = [i % 60 for i in range(300)]
     make_ham_names(tmp_path, lesions)
-    pairs, problems, _ = data.find_pairs(tmp_path, 0.2, 0.2)
+    pairs, problems, _ = layouts.find_pairs(tmp_path, 0.2, 0.2)
     assert problems == [] and len(pairs) == 300
     lesion = lesion_of(tmp_path)
     splits = collections.defaultdict(set)
     for p in pairs:
         splits[lesion[p.id]].add(p.split)
-        assert p.split == data.split_of(lesion[p.id], 0.2, 0.2)
+        assert p.split == layouts.split_of(lesion[p.id], 0.2, 0.2)
     assert all(len(s) == 1 for s in splits.values())
     assert {s for v in splits.values() for s in v} == {"train", "val", "test"}
     by_image = collections.defaultdict(set)
     for p in pairs:
-        by_image[lesion[p.id]].add(data.split_of(p.id, 0.2, 0.2))
+        by_image[lesion[p.id]].add(layouts.split_of(p.id, 0.2, 0.2))
     assert sum(len(s) > 1 for s in by_image.values()) > 10
 
 
@@ -91,14 +93,14 @@ def test_no_lesion_in_two_splits_and_unlisted_images_fall_back_to_their_id(lesio
     root = tempfile.mkdtemp(prefix="ham-")
     try:
         make_ham_names(root, lesions, missing)
-        pairs, problems, _ = data.find_pairs(root, val, test)
+        pairs, problems, _ = layouts.find_pairs(root, val, test)
         lesion = lesion_of(root)
         assert problems == [] and len(pairs) == len(lesions)
         splits = collections.defaultdict(set)
         for p in pairs:
             group = lesion.get(p.id, p.id)
             splits[group].add(p.split)
-            assert p.split == data.split_of(group, val, test)
+            assert p.split == layouts.split_of(group, val, test)
         assert all(len(s) == 1 for s in splits.values())
     finally:
         shutil.rmtree(root)
@@ -110,19 +112,19 @@ def test_no_lesion_in_two_splits_and_unlisted_images_fall_back_to_their_id(lesio
 ])
 def test_metadata_without_the_columns_is_one_error(tmp_path, text, needle):
     make_ham_names(tmp_path, [0, 1])
-    (tmp_path / data.LESION_METADATA).write_text(text)
+    (tmp_path / layouts.LESION_METADATA).write_text(text)
     with pytest.raises(common.Error, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        data.find_pairs(tmp_path)
+        layouts.find_pairs(tmp_path)
 
 
 def synthetic_ham(root, count, seed):
     """A synthetic set moved into the HAM10000 layout, two images per lesion."""
-    synthetic.write_synthetic(root, count, seed, size_wh=(48, 36))
-    images, masks = (os.path.join(root, f) for f in data.LAYOUTS["isic2018"][0][1:])
+    layouts.write_synthetic(root, count, seed, size_wh=(48, 36))
+    images, masks = (os.path.join(root, f) for f in layouts.LAYOUTS["isic2018"][0][1:])
     for i, name in enumerate(sorted(os.listdir(images))):
         os.renames(os.path.join(images, name), os.path.join(root, PART_1 if i % 2 else PART_2, name))
     os.renames(masks, os.path.join(root, MASKS))
-    with open(os.path.join(root, data.LESION_METADATA), "w") as f:
+    with open(os.path.join(root, layouts.LESION_METADATA), "w") as f:
         f.write("lesion_id,image_id\n" + "".join(f"HAM_{i // 2:07d},ISIC_{i:07d}\n" for i in range(count)))
     return root
 
@@ -131,7 +133,7 @@ def synthetic_ham(root, count, seed):
 def sources(tmp_path_factory):
     base = tmp_path_factory.mktemp("sources")
     isic = str(base / "isic")
-    synthetic.write_synthetic(isic, 16, seed=1, size_wh=(48, 36))
+    layouts.write_synthetic(isic, 16, seed=1, size_wh=(48, 36))
     return [isic, synthetic_ham(str(base / "ham"), 20, seed=2)]
 
 
@@ -162,7 +164,7 @@ def test_two_sources_train_resume_refuse_and_evaluate_per_source(sources, tmp_pa
     assert train.train([*args, "--epochs", "1"])["epochs_done"] == 1
     run = json.load(open(os.path.join(out, "run.json")))
     assert run["data"] == sources
-    counts = {name: data.find_pairs(s, 0.3)[0] for name, s in zip(("isic", "ham"), sources)}
+    counts = {name: layouts.find_pairs(s, 0.3)[0] for name, s in zip(("isic", "ham"), sources)}
     assert [(s["name"], s["path"], s["train"], s["val"]) for s in run["data_summary"]["sources"]] == [
         (name, path, sum(p.split == "train" for p in counts[name]), sum(p.split == "val" for p in counts[name]))
         for name, path in zip(("isic", "ham"), sources)]
@@ -227,8 +229,13 @@ def test_data_is_stored_as_a_list_and_an_old_run_with_one_string_resumes(sources
     state = train.read_state(paths["last"])
     assert state["config"]["data"] == [sources[0]]
     # A run from before several folders were possible stored its one folder as a string: it resumes.
-    old = {**state["config"], "data": sources[0]}
-    assert train.resume_or_start(train.config_of(args), old, paths)["epoch"] == 1
+    from extras import resume
+    now, defaults = {**state["config"], "data": [sources[0]]}, train.Config().identity()
+    resume.check_same_run({"config": {**state["config"], "data": sources[0]}}, now, defaults,
+                          paths["last"])  # no error: the same single folder
+    with pytest.raises(common.Error, match="another configuration"):
+        resume.check_same_run({"config": {**state["config"], "data": sources[1]}}, now, defaults,
+                              paths["last"])
     assert train.train([*args, "--epochs", "2"])["epochs_done"] == 2
 
 

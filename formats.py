@@ -1,16 +1,20 @@
 """Running the exported formats: a TensorFlow SavedModel folder, a LiteRT (.tflite) file and an
-ONNX (.onnx) file.
+ONNX (.onnx) file, each in its own runtime.
 
-predict.load_predictor imports this module only when --weights (of predict.py, evaluate.py, app.py
-or export.py's checks) names an exported model; a .keras file never needs it.
-Each opener returns the model's input shape and run(uint8 (N, S, S, 3)) -> float32 probabilities;
-predict.py checks the shape and wraps run in its Predictor, the same for every format.
+inference.py opens every model file that is not a .keras through open_exported: export.py's checks
+of the files it writes, and any --weights naming an export. Each opener returns the model's input
+shape and run(uint8 (N, S, S, 3)) -> float32 probabilities; inference.py checks the shape and wraps
+run in its Predictor, the same for every format.
 """
+import importlib.util
 import os
 
 import numpy as np
 
 import common
+
+# ONNX's packages are optional: a missing one is one line saying what to install.
+PINS = {"tf2onnx": "tf2onnx==1.17.0", "onnx": "onnx==1.23.2", "onnxruntime": "onnxruntime==1.32.0"}
 
 
 def open_exported(path):
@@ -89,14 +93,31 @@ def open_tflite(path):
     return list(inp["shape"]), run
 
 
-def open_onnx(path):
-    """(input shape, run) of an .onnx file in ONNX Runtime (extras/onnx_format.py has the contract:
-    float32 raw RGB 0..255 in, the probability out, any batch)."""
-    from extras import onnx_format
+def require(what, modules, hint=""):
+    """One line naming what to install when a package ONNX needs is missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pins = " ".join(PINS[m] for m in missing)
+        raise common.Error(what, f"ONNX needs {', '.join(missing)} (pip install {pins}){hint}")
 
-    onnx_format.require(path, ["onnxruntime"])
+
+def onnx_session(path, threads=None):
+    """An ONNX Runtime session on the CPU, errors only in its log."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings are about graph rewrites, not faults
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def open_onnx(path):
+    """(input shape, run) of an .onnx file in ONNX Runtime (the contract, docs/mobile.md: float32
+    raw RGB 0..255 in, the probability out, any batch)."""
+    require(path, ["onnxruntime"])
     try:
-        session = onnx_format.session(path)
+        session = onnx_session(path)
     except Exception as e:  # not a protobuf, not a model, an op it does not know...
         raise common.Error(path, f"cannot load ONNX model ({common.one_line(e)})") from None
     inputs = session.get_inputs()

@@ -1,13 +1,10 @@
-"""A training run's log: log.csv (written after every epoch, read back by --plot), its pictures
-(curves.png, drawn after every epoch, and by `python train.py --plot RUN [RUN ...]` from log.csv
-files alone) and --tensorboard's event files.
+"""A training run's log and its picture: log.csv (a row per epoch) and curves.png (loss,
+validation scores and learning rate per epoch), both written after every epoch. `train.py --plot`
+draws the picture again from log.csv files alone (extras/plot.py reads them back).
 
-matplotlib is imported only to draw; TensorFlow's tensorboard package only with --tensorboard.
+matplotlib is imported only to draw, inside the function that draws.
 """
-import csv
-import importlib.util
 import json
-import os
 import sys
 
 import common
@@ -26,27 +23,6 @@ def write_log(path, rows):
     lines = [",".join(names)] + [",".join(cell(r.get(k)) for k in names) for r in rows]
     text = "\n".join(lines) + "\n"
     common.atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def read_log(path):
-    """log.csv as rows of numbers (None where a cell is empty), as state["history"] holds them."""
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if "epoch" not in (reader.fieldnames or ()):
-                raise ValueError("no epoch column")
-            rows = []
-            for row in reader:
-                if None in row:  # DictReader files a row's extra cells under the key None
-                    raise ValueError(f"line {reader.line_num}: more cells than the header")
-                rows.append({k: None if v in ("", None) else int(v) if k == "epoch" else float(v)
-                             for k, v in row.items()})
-            return rows
-    except FileNotFoundError:
-        raise common.Error(path, "not found (a run folder holds log.csv after its first "
-                           "epoch)") from None
-    except (ValueError, csv.Error) as e:
-        raise common.Error(path, f"not a train.py log ({common.one_line(e)})") from None
 
 
 def draw_curves(path, runs):
@@ -110,37 +86,3 @@ def redraw(path, rows):
     except (OSError, ImportError) as e:
         print(f"note: {path}: not drawn ({common.one_line(e)})", file=sys.stderr)
         return False
-
-
-def plot_command(cfg):
-    """--plot RUN [RUN ...]: draw from log.csv files alone (no Keras): RUN/curves.png for one run,
-    else curves.png in --out (default: here), a line set per run named by its folder."""
-    folders = [os.path.abspath(f) for f in cfg.plot]
-    runs = [(os.path.basename(f) or f, read_log(os.path.join(f, "log.csv"))) for f in folders]
-    out = cfg.out or (folders[0] if len(folders) == 1 else ".")
-    path = os.path.join(out, "curves.png")
-    try:
-        drawn = draw_curves(path, runs)
-    except ImportError:
-        raise common.Error("--plot", "needs matplotlib (pip install matplotlib)") from None
-    print(f"wrote {path} ({', '.join(f'{k}: {n} epochs' for k, n in drawn.items())})")
-    return 0
-
-
-def check_tensorboard(folder):
-    """--tensorboard DIR as an absolute path, checked before anything runs: never a failure
-    mid-run for a missing package."""
-    missing = [m for m in ("tensorboard", "tensorflow") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise common.Error("--tensorboard", f"needs {' and '.join(missing)} (pip install "
-                           f"{' '.join(missing)}); TensorFlow writes the event files on every "
-                           "Keras backend")
-    return os.path.abspath(folder)
-
-
-def tensorboard(folder):
-    """keras.callbacks.TensorBoard for --tensorboard: scalars once per epoch (the loss, Dice and
-    IoU, their val_ forms and each source's val Dice, the learning rate), no graph, no profiling."""
-    import keras
-    return keras.callbacks.TensorBoard(folder, histogram_freq=0, write_graph=False,
-                                       update_freq="epoch", profile_batch=0)

@@ -1,18 +1,15 @@
-"""The built-in synthetic dermoscopy set: what train.py, evaluate.py and export.py use when no
---data is given, and what the tests and the web app's examples are made of. Each image is a pure
-function of (seed, index): skin tone and texture, a lesion with an irregular Fourier boundary,
-vignetting, hairs, ruler marks and bubbles. `python data.py --synthetic OUT` writes a set to a
-folder.
+"""The built-in synthetic dermoscopy set: the data of every command run without --data (the quick
+start), and what the tests and the web app's examples are made of. Each image is a pure function of
+(seed, index): skin tone and texture, a lesion with an irregular Fourier boundary, vignetting,
+hairs, ruler marks and bubbles. Where a set lives on disk, and in which layout, is layouts.py's
+(synthetic_dir, write_synthetic); this module only draws.
 """
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 import common
-import data
 
 
 def _smooth_noise(rng, h, w, cells):
@@ -88,38 +85,15 @@ def make_synthetic(count, seed=0, size_wh=(384, 288)):
     return images, masks
 
 
-def write_synthetic(out, count, seed=0, size_wh=(384, 288)):
-    """Write a synthetic set in the ISIC 2018 layout (JPEG images, PNG 0/255 masks)."""
-    img_dir = os.path.join(out, data.LAYOUTS["isic2018"][0][1])
-    mask_dir = os.path.join(out, data.LAYOUTS["isic2018"][0][2])
-    os.makedirs(img_dir, exist_ok=True)
+def write_pairs(image_dir, mask_dir, count, seed=0, size_wh=(384, 288)):
+    """Images i = 0 .. count - 1 as ISIC_<i>.jpg in image_dir, their masks as
+    ISIC_<i>_segmentation.png (0/255) in mask_dir."""
+    os.makedirs(image_dir, exist_ok=True)
     os.makedirs(mask_dir, exist_ok=True)
     for i in range(count):
         image, mask = _synthetic_one(np.random.default_rng([seed, i]), *size_wh)
         name = f"ISIC_{i:07d}"
-        common.atomic_write(os.path.join(img_dir, name + ".jpg"),
-                      lambda f: Image.fromarray(image).save(f, "JPEG", quality=92))
+        common.atomic_write(os.path.join(image_dir, name + ".jpg"),
+                            lambda f: Image.fromarray(image).save(f, "JPEG", quality=92))
         common.atomic_write(os.path.join(mask_dir, name + "_segmentation.png"),
-                      lambda f: Image.fromarray(mask.astype(np.uint8) * 255).save(f, "PNG"))
-
-
-def synthetic_dir(count=200, seed=0, cache=None):
-    """Path of the built-in synthetic set, written once under the cache dir: into a temp folder
-    first, then renamed, so an interrupted run never leaves half a data set behind."""
-    from extras import cache as disk  # the synthetic set lives in the array cache's folder
-
-    base = cache or disk.cache_dir()
-    path = os.path.join(base, f"synthetic-v{disk.VERSION}-{count}-seed{seed}-384x288")
-    if os.path.isdir(path):
-        return path
-    os.makedirs(base, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=base, prefix=".tmp-synthetic-")
-    try:
-        write_synthetic(tmp, count, seed)
-        os.rename(tmp, path)
-    except OSError:
-        if not os.path.isdir(path):  # not just a concurrent writer that won the race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+                            lambda f: Image.fromarray(mask.astype(np.uint8) * 255).save(f, "PNG"))
