@@ -257,7 +257,7 @@ def _draft_ok(image_hw, mask_hw):
 
 
 class Decoded(NamedTuple):
-    """One image read for the model. The pipeline feeds the last field to the model."""
+    """One image read for the model. inference.overlap feeds the last field to the model."""
     pair: "layouts.Pair"
     hw: tuple        # the decoded image's (height, width): JPEG draft mode may shrink it
     image: object    # uint8 (size, size, 3), squashed to the model's input size
