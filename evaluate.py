@@ -71,6 +71,74 @@ def review_figures(rows, threshold):
             "kept_dice": mean_of("dice"), "kept_threshold_jaccard": mean_of("threshold_jaccard")}
 
 
+# --- intervals: how far each mean could move on another draw of photos ---------------------------
+RESAMPLES, SEED = 10_000, 0  # the percentile bootstrap over images: how many draws, and their seed
+FEW = 5  # with fewer failures (or successes), the review flag's AUROC and "caught" are n/a
+
+
+def bootstrap(n, statistics, resamples=RESAMPLES, seed=SEED, chunk=1000):
+    """{name: [lo, hi]}: the 95 % percentile interval of each statistic over `resamples` draws of
+    n photos with replacement, every statistic on the same draws (so a paired difference is one
+    more statistic). statistic(idx) takes the draws' row indices (k, n) and returns k values, NaN
+    where a draw leaves it undefined; those draws are left out (None if no draw is left)."""
+    rng = np.random.default_rng(seed)
+    values = {name: [] for name in statistics}
+    for start in range(0, resamples, chunk):
+        idx = rng.integers(0, n, (min(chunk, resamples - start), n))
+        for name, statistic in statistics.items():
+            values[name].append(statistic(idx))
+    out = {}
+    for name, drawn in values.items():
+        drawn = np.concatenate(drawn).astype(np.float64)
+        drawn = drawn[np.isfinite(drawn)]
+        out[name] = [float(np.percentile(drawn, 2.5)), float(np.percentile(drawn, 97.5))] \
+            if len(drawn) else None
+    return out
+
+
+def mean_of(values):
+    """The statistic "mean over the drawn photos" of one value per photo."""
+    values = np.asarray(values, np.float64)
+    return lambda idx: values[idx].mean(axis=1)
+
+
+def intervals(rows):
+    """(the means' {metric: [lo, hi]}, the review flag's {"flagged", "caught", "auroc": [lo, hi]})
+    by bootstrap(): "caught" and "auroc" are None (n/a) where fewer than FEW failures or successes
+    leave nothing to say, and draws without a failure are left out of them."""
+    failed = np.array([r["jaccard"] < metrics.JACCARD_CUTOFF for r in rows])
+    flagged = np.array([bool(r["review"]) for r in rows])
+    unsure = np.array([r["uncertainty"] for r in rows], np.float64)
+    statistics = {k: mean_of([r[k] for r in rows]) for k in metrics.METRICS}
+    statistics["flagged"] = mean_of(flagged)
+    if FEW <= failed.sum() <= len(rows) - FEW:
+        def caught(idx):
+            fails = failed[idx].sum(axis=1)
+            return np.where(fails > 0, (flagged & failed)[idx].sum(axis=1) / np.maximum(fails, 1),
+                            np.nan)
+
+        def auroc(idx):
+            found = (metrics.auroc(unsure[i], failed[i]) for i in idx)
+            return np.array([np.nan if a is None else a for a in found])
+
+        statistics.update(caught=caught, auroc=auroc)
+    ci = bootstrap(len(rows), statistics)
+    return ci, {k: ci.pop(k, None) for k in ("flagged", "caught", "auroc")}
+
+
+def compare(rows, theirs):
+    """This model's means minus another's, photo by photo on the photos both scored, each with the
+    95 % interval of the paired difference: {"images", "difference": {metric: d}, "ci95"}."""
+    by_id = {r["image_id"]: r for r in theirs}
+    both = [(r, by_id[r["image_id"]]) for r in rows if r["image_id"] in by_id]
+    if not both:
+        raise common.Error("--compare", "the two models scored no photo in common")
+    differences = {k: [a[k] - b[k] for a, b in both] for k in metrics.METRICS}
+    return {"images": len(both), "difference": {k: float(np.mean(v))
+                                                for k, v in differences.items()},
+            "ci95": bootstrap(len(both), {k: mean_of(v) for k, v in differences.items()})}
+
+
 def write_json(path, summary):
     text = json.dumps(summary, indent=2) + "\n"
     common.atomic_write(path, lambda f: f.write(text.encode()))
@@ -347,8 +415,10 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
         bar.update()
 
     summary = summarize(rows)
-    summary["review"] = {**review_figures(rows, review_at),
-                         "source": predictor.review_source}
+    summary["ci95"], review_ci = intervals(rows)
+    summary["bootstrap"] = {"resamples": RESAMPLES, "seed": SEED, "over": "images, percentile"}
+    summary["review"] = {**review_figures(rows, review_at), "source": predictor.review_source,
+                         "ci95": review_ci}
     summary.update(info or {})
     summary.update({"model": predictor.path, "model_format": predictor.kind, "size": size,
                     "threshold": threshold, "tta": tta, "post": post, "problems": problems})
@@ -383,28 +453,46 @@ def find_inputs(root, val_fraction=0.1, test_fraction=0.1):
                    for p in problems], layout
 
 
+def with_ci(value, ci, form):
+    """A figure and its interval as printed: `0.812 (95% CI 0.774-0.851)`, n/a where either is
+    missing."""
+    if value is None or ci is None:
+        return "n/a" if value is None else f"{value:{form}} (95% CI n/a)"
+    return f"{value:{form}} (95% CI {ci[0]:{form}}-{ci[1]:{form}})"
+
+
 def review_line(r):
     """The summary's review figures and their "source" in one line (None prints as n/a: no
     failures, or nothing kept)."""
     show = lambda v, form: "n/a" if v is None else format(v, form)
+    ci = r.get("ci95") or {}
     threshold = 1.0 if r["threshold"] is None else r["threshold"]
     return (f"review (uncertainty > {threshold:.3f}, {r['source']}): flags "
-            f"{r['flagged']:.1%} of images and catches {show(r['caught'], '.0%')} of the "
+            f"{with_ci(r['flagged'], ci.get('flagged'), '.1%')} of images and catches "
+            f"{with_ci(r['caught'], ci.get('caught'), '.0%')} of the "
             f"{r['failures']} failures (Jaccard < {metrics.JACCARD_CUTOFF}); "
-            f"AUROC {show(r['auroc'], '.3f')}; "
+            f"AUROC {with_ci(r['auroc'], ci.get('auroc'), '.3f')}; "
             f"not flagged: Dice {show(r['kept_dice'], '.4f')}, thresholded Jaccard "
             f"{show(r['kept_threshold_jaccard'], '.4f')}")
 
 
 def print_table(summary, file=None):
+    """The means with their 95 % intervals (a bootstrap over the images), medians, pooled scores,
+    the worst images, the review flag, the time."""
     file = file or sys.stdout
-    print(f"\n{'metric':<18}{'mean':>9}{'median':>9}", file=file)
+    print(f"\n{'metric':<18}{'mean':>9}{'95% CI':>16}{'median':>9}", file=file)
     for k in metrics.METRICS:
-        print(f"{k:<18}{summary[k]:>9.4f}{summary['median'][k]:>9.4f}", file=file)
+        lo, hi = summary["ci95"][k]
+        print(f"{k:<18}{summary[k]:>9.4f}{f'{lo:.4f}-{hi:.4f}':>16}{summary['median'][k]:>9.4f}",
+              file=file)
     print(f"{'pooled dice':<18}{summary['pooled']['dice']:>9.4f}", file=file)
     print(f"{'pooled jaccard':<18}{summary['pooled']['jaccard']:>9.4f}", file=file)
     worst = ", ".join(f"{w['image_id']} {w['dice']:.3f}" for w in summary["worst"][:3])
     print(f"images {summary['images']}   worst: {worst}", file=file)
+    print(f"Dice {with_ci(summary['dice'], summary['ci95']['dice'], '.3f')}, thresholded Jaccard "
+          f"{with_ci(summary['threshold_jaccard'], summary['ci95']['threshold_jaccard'], '.3f')} "
+          f"(percentile bootstrap over the {summary['images']} images, {RESAMPLES} draws)",
+          file=file)
     print(review_line(summary["review"]), file=file)
     s = summary["seconds"]
     print(f"time {s['total']:.2f}s wall; stages (decode and scoring overlap prediction): decode "
@@ -412,14 +500,25 @@ def print_table(summary, file=None):
           f"write {s['write']:.2f}", file=file)
 
 
+def print_comparison(c, ours, theirs, file=None):
+    """--compare: each mean's paired difference and its interval, and what the interval says."""
+    print(f"\n{ours} minus {theirs}, photo by photo on {c['images']} images (95% CI):",
+          file=file or sys.stdout)
+    for k in metrics.METRICS:
+        lo, hi = c["ci95"][k]
+        says = "higher" if lo > 0 else "lower" if hi < 0 else "no difference shown"
+        print(f"{k:<18}{c['difference'][k]:>+9.4f}  ({lo:+.4f} to {hi:+.4f}): {says}",
+              file=file or sys.stdout)
+
+
 def print_problems(problems):
     for problem in problems:
         print(f"skipped: {problem['file']}: {problem['problem']}", file=sys.stderr)
 
 
-def score_folder(predictor, root, args, run, fractions, out, progress, **info):
-    """evaluate() of one data folder's chosen split into `out`, with its header, its skipped files
-    and its table printed."""
+def score_folder(predictor, root, args, run, fractions, out, progress, other=None, **info):
+    """evaluate() of one data folder's chosen split into `out`, with its header and its skipped
+    files printed; with `other` (--compare's predictor), also the paired comparison with it."""
     pairs, problems, layout = find_inputs(root, *fractions)
     chosen = [q for q in pairs if args.split == "all" or q.split == args.split]
     if not chosen:
@@ -434,6 +533,13 @@ def score_folder(predictor, root, args, run, fractions, out, progress, **info):
     summary = evaluate(predictor, chosen, args.threshold, args.tta, out, args.save_masks,
                        progress=progress, problems=problems, info=info, post=args.post)
     print_problems(summary["problems"][len(problems):])
+    if other is not None:  # --compare: the other model on the same photos, paired
+        theirs = evaluate(other, chosen, args.threshold, args.tta, progress=progress,
+                          post=args.post)
+        summary["compare"] = {"model": other.path, **compare(summary["rows"], theirs["rows"])}
+        if out:
+            write_json(os.path.join(out, "summary.json"),
+                       {k: v for k, v in summary.items() if k != "rows"})
     return summary
 
 
@@ -441,20 +547,21 @@ def score_sources(predictor, roots, args, run, fractions, progress):
     """A model trained on several --data folders: each into <out>/<name>/ as one folder is, then all
     the images together (aggregated from the per-source rows: one prediction per image) into
     <out>/summary.json, each source's headline inside. Returns the summaries."""
-    summaries = {}
-    for name, root in zip(layouts.source_names(roots), roots):
+    summaries, names = {}, layouts.source_names(roots)
+    for name, root in zip(names, roots):
         summaries[name] = score_folder(predictor, root, args, run, fractions,
                                        os.path.join(args.out, name), progress, source=name)
         print(f"\n{name}: {root}")
         print_table(summaries[name])
     every = summaries.values()
     rows = [row for s in every for row in s["rows"]]
-    headline = ("data", "layout", "images", *metrics.METRICS, "median", "pooled", "worst")
+    headline = ("data", "layout", "images", *metrics.METRICS, "ci95", "median", "pooled", "worst")
     stages = ("decode", "predict", "score", "write", "total")
+    ci, review_ci = intervals(rows)
     together = {
-        **summarize(rows),
+        **summarize(rows), "ci95": ci, "bootstrap": summaries[names[0]]["bootstrap"],
         "review": {**review_figures(rows, predictor.review_threshold),
-                   "source": predictor.review_source},
+                   "source": predictor.review_source, "ci95": review_ci},
         "data": [os.path.abspath(r) for r in roots], "split": args.split,
         "val_fraction": fractions[0], "test_fraction": fractions[1], "run_json": run.get("_path"),
         "model": predictor.path, "model_format": predictor.kind, "size": predictor.size,
@@ -479,6 +586,8 @@ def main(argv=None):
     p.add_argument("--save-masks", default=None, metavar="DIR",
                    help="also write the scored images' <id>_segmentation.png masks "
                    "(ISIC submission format)")
+    p.add_argument("--compare", metavar="OTHER", help="also score this model on the same "
+                   "photos: the paired difference of every mean, with its 95%% interval")
     p.add_argument("--val-fraction", type=float, default=None)
     p.add_argument("--test-fraction", type=float, default=None)
     args = inference.parse(p, argv)
@@ -498,6 +607,11 @@ def main(argv=None):
                                    "is gone; pass --data DIR")
         roots = layouts.data_folders(run.get("data"), cache=run.get("cache"))
     predictor = inference.load_predictor(args.weights, args.size, args.review_threshold)
+    other = None
+    if args.compare:
+        if len(roots) > 1:
+            raise common.Error("--compare", "give one --data folder to compare two models on")
+        other = inference.load_predictor(args.compare, args.size, args.review_threshold)
     progress = not args.no_progress and sys.stderr.isatty()
     if len(roots) > 1:
         summaries = list(score_sources(predictor, roots, args, run, fractions, progress).values())
@@ -505,8 +619,11 @@ def main(argv=None):
                  f"({', '.join(layouts.source_names(roots))}) <name>/metrics.csv, summary.json, "
                  "grid_best/worst/random.png")
     else:
-        summaries = [score_folder(predictor, roots[0], args, run, fractions, args.out, progress)]
+        summaries = [score_folder(predictor, roots[0], args, run, fractions, args.out, progress,
+                                  other)]
         print_table(summaries[0])
+        if other is not None:
+            print_comparison(summaries[0]["compare"], predictor.path, other.path)
         wrote = "metrics.csv, summary.json, grid_best/worst/random.png, risk_coverage.png"
     masks = (f"; {sum(s['images'] for s in summaries)} masks in {args.save_masks}"
              if args.save_masks else "")
