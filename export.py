@@ -13,6 +13,8 @@ Writes into --out (default export/); each file's contract, and why it is so: doc
     model.onnx              ONNX Runtime: the SavedModel's contract, any batch (--no-onnx: none)
     model_int8.onnx         its static int8 quantization, same contract (with int8 in --quantize)
     report.json             sizes, latency, Dice vs the Keras masks and vs the ground truth
+    model.json              what predict.py needs beside any file above: the training size, data and
+                            split, and the run's review threshold (one threshold for every format)
 All is written into a temporary folder beside --out, renamed into place once every check passed.
 Read top to bottom: the Keras model, SavedModel and TFLite, the checks on the written files, ONNX,
 the whole export, the command line. Every written file is run back through inference.py, the path
@@ -380,6 +382,13 @@ def export(weights, data_dir=None, out="export", quantize=("int8",), qat=0, thre
         }
         with open(os.path.join(work, "report.json"), "w") as f:
             json.dump(report, f, indent=2)
+        # What predict.py and evaluate.py need to know of every file here, wherever it is copied
+        # with it (inference.read_run_json): the training size, data and split, review threshold.
+        known = {"size": size, "exported_from": os.path.abspath(weights),
+                 **{k: run[k] for k in ("data", "val_fraction", "test_fraction", "review_threshold")
+                    if run.get(k) is not None}}
+        with open(os.path.join(work, "model.json"), "w") as f:
+            json.dump(known, f, indent=2)
         publish(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

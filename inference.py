@@ -10,6 +10,7 @@ probabilities to each of them. No Keras at import: a .tflite never loads it.
 """
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -96,13 +97,18 @@ def open_model(path):
 
 
 def read_run_json(weights):
-    """train.py's run.json beside the weights (or one folder up for an export), else {}; the
-    released model's is models/skin_unet.json (the quick start's run.json here is not its own)."""
-    if os.path.abspath(weights) == RELEASED:
-        candidates = [os.path.splitext(RELEASED)[0] + ".json"]
-    else:
-        here = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
-        candidates = [os.path.join(folder, "run.json") for folder in (here, os.path.dirname(here))]
+    """What is known of a model besides its weights (training size, data, split, review threshold):
+    <stem>.json beside its file, else that of the model it was exported from, as export.py writes it
+    (model_int8.tflite -> model.json; the released skin_unet_int8.tflite -> skin_unet.json, so the
+    released pair flags by one threshold); then, outside models/, train.py's run.json beside the
+    weights or one folder up (an export inside its run folder); else {}. The quick start's run.json
+    above models/ is not the released model's."""
+    path = os.path.abspath(weights)
+    stem = os.path.splitext(path)[0]
+    candidates = [stem + ".json", re.sub(r"_(int8|float16|float32)(_qat)?$", "", stem) + ".json"]
+    if os.path.dirname(path) != os.path.dirname(RELEASED):
+        here = path if os.path.isdir(path) else os.path.dirname(path)
+        candidates += [os.path.join(folder, "run.json") for folder in (here, os.path.dirname(here))]
     for path in candidates:
         if os.path.isfile(path):
             try:

@@ -56,7 +56,8 @@ def test_files_and_report(exported, trained, synthetic_data):
     out, report = exported
     assert sorted(os.listdir(out)) == ["model.onnx", "model_float16.tflite", "model_float32.tflite",
                                        "model_int8.onnx", "model_int8.tflite",
-                                       "model_int8_qat.tflite", "report.json", "saved_model"]
+                                       "model_int8_qat.tflite", "model.json", "report.json",
+                                       "saved_model"]
     with open(os.path.join(out, "report.json")) as f:
         assert json.load(f) == json.loads(json.dumps(report))  # the file is the returned report
     assert not [n for n in os.listdir(os.path.dirname(out)) if n != "export"]  # no temp folder left
@@ -110,6 +111,28 @@ def test_files_and_report(exported, trained, synthetic_data):
     assert float32["max_abs_diff_vs_keras"] <= export.FLOAT32_ATOL and float32["dice_vs_keras"] >= 0.999
     assert report["tflite"]["float16"]["mean_abs_diff_vs_keras"] <= export.FLOAT16_MEAN_ATOL
     assert report["tflite"]["int8"]["mean_abs_diff_vs_keras"] <= export.INT8_MEAN_ATOL
+
+
+def test_every_exported_file_flags_by_the_runs_review_threshold(trained, synthetic_data, tmp_path):
+    """model.json carries the run's size, data and review threshold beside every exported file, so
+    an int8 file copied elsewhere with it flags photos as the .keras it came from does."""
+    import shutil
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copyfile(trained[0], run / "best.keras")
+    (run / "run.json").write_text(json.dumps({"size": SIZE, "review_threshold": 0.123,
+                                              "data": synthetic_data}))
+    out = tmp_path / "export"
+    export.export(str(run / "best.keras"), None, str(out), quantize=("int8",), threads=(1,),
+                  calibration=8, bench_runs=1, progress=False, onnx=False)
+    known = json.loads((out / "model.json").read_text())
+    assert (known["size"], known["review_threshold"], known["data"]) == (SIZE, 0.123, synthetic_data)
+    alone = tmp_path / "elsewhere"
+    alone.mkdir()
+    for name in ("model_int8.tflite", "model.json"):
+        shutil.copyfile(out / name, alone / name)
+    predictor = inference.load_predictor(str(alone / "model_int8.tflite"))
+    assert (predictor.review_threshold, predictor.review_source) == (0.123, "from model.json")
 
 
 def test_saved_model_reload_matches_keras(exported, trained, synthetic_data):

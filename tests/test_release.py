@@ -98,6 +98,14 @@ def test_a_missing_or_damaged_release_is_one_line_saying_how_to_restore_it(
                                "with `git checkout models/` (")
 
 
+def test_the_released_pair_flags_by_one_threshold():
+    """The int8 file reads skin_unet.json, the .keras file's: the same photos are flagged."""
+    released = inference.load_predictor()
+    int8 = inference.load_predictor(os.path.join(MODELS, "skin_unet_int8.tflite"))
+    assert int8.review_threshold == released.review_threshold
+    assert int8.review_source == released.review_source == "from skin_unet.json"
+
+
 def test_the_release_reads_no_run_json_beside_or_above_it(tmp_path, monkeypatch):
     """A quick start leaves a run.json in the repository, one folder above models/: it is another
     run's, and must not lend the released model its data, split or size."""
