@@ -54,9 +54,9 @@ def native_dice(truth, prob):
 
 def test_files_and_report(exported, trained, synthetic_data):
     out, report = exported
-    assert sorted(os.listdir(out)) == ["model.onnx", "model_float16.tflite", "model_float32.tflite",
-                                       "model_int8.onnx", "model_int8.tflite",
-                                       "model_int8_qat.tflite", "model.json", "report.json",
+    assert sorted(os.listdir(out)) == ["model.json", "model.onnx", "model_float16.tflite",
+                                       "model_float32.tflite", "model_int8.onnx",
+                                       "model_int8.tflite", "model_int8_qat.tflite", "report.json",
                                        "saved_model"]
     with open(os.path.join(out, "report.json")) as f:
         assert json.load(f) == json.loads(json.dumps(report))  # the file is the returned report
