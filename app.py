@@ -47,7 +47,7 @@ import imaging
 import inference  # the one Predictor and prediction path (imports no Keras by itself)
 import metrics
 import predict  # one photo: its preview, its native-size mask and figures, its overlay
-import synthetic
+from extras import synthetic
 
 DEFAULT_THRESHOLD = 0.5
 MAX_MEGAPIXELS = 50  # --max-megapixels: every ISIC photo (at most 30) and a 48 Mpx phone photo

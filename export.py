@@ -33,10 +33,10 @@ import numpy as np
 import common
 import data
 import evaluate  # the scorer (Dice against the truth)
-import formats
 import inference
 import layouts
 import metrics
+from extras import formats  # the exported formats run in their own runtimes
 
 QUANT_KINDS = ("int8", "float16")
 SAVED_MODEL_ATOL = 1e-5    # SavedModel reload vs Keras, max abs difference

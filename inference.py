@@ -91,7 +91,7 @@ def open_model(path):
     if path.endswith(".keras"):
         model = load_keras(path)
         return "keras", model.input_shape, keras_run(model), None
-    import formats  # SavedModel, .tflite, .onnx: each in its own runtime
+    from extras import formats  # SavedModel, .tflite, .onnx: each in its own runtime
 
     return formats.open_exported(path)
 

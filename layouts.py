@@ -169,7 +169,7 @@ def source_names(folders):
 # --- The built-in synthetic set, in the ISIC 2018 layout ------------------------------------------
 def write_synthetic(out, count, seed=0, size_wh=(384, 288)):
     """A synthetic set of `count` pairs in `out`, in the ISIC 2018 training layout."""
-    import synthetic  # only a run without --data draws the set
+    from extras import synthetic  # only a run without --data draws the set
 
     _, image_dir, mask_dir = LAYOUTS["isic2018"][0]
     synthetic.write_pairs(os.path.join(out, image_dir), os.path.join(out, mask_dir), count, seed,

@@ -34,7 +34,7 @@ from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
 import common  # noqa: E402
 import data  # noqa: E402
 import layouts  # noqa: E402
-import synthetic  # noqa: E402
+from extras import synthetic  # noqa: E402
 
 # QEMU CPU models, each standing for a family of XNNPACK kernels a phone may get.
 CPUS = {

@@ -47,7 +47,7 @@ import app  # noqa: E402
 import common  # noqa: E402
 import imaging  # noqa: E402
 import inference  # noqa: E402
-import synthetic  # noqa: E402
+from extras import synthetic  # noqa: E402
 
 
 def median_ms(fn, runs):

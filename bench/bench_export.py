@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
 
 import export  # noqa: E402
-import synthetic  # noqa: E402
 import unet  # noqa: E402
+from extras import synthetic  # noqa: E402
 
 # name: (build_unet kwargs, size MB target, ms target)
 PRESETS = {

@@ -36,8 +36,8 @@ import common  # noqa: E402
 import data  # noqa: E402
 import imaging  # noqa: E402
 import layouts  # noqa: E402
-import synthetic  # noqa: E402
 import train  # noqa: E402
+from extras import synthetic  # noqa: E402
 
 # Plain, visible settings. GPU: the real check, planned for 8 minutes on one H200 (stages past their
 # share are cut short, and the last one, the converged model, gets what is left). TINY: the same

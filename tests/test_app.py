@@ -26,7 +26,7 @@ import imaging
 import inference
 import metrics
 import predict
-import synthetic
+from extras import synthetic
 
 CHROMIUM = "/usr/bin/chromium"
 USER, PASSWORD = "skin", "unet-test"

@@ -5,7 +5,7 @@ from conftest import FAST
 from hypothesis import given, strategies as st
 
 import data
-import synthetic
+from extras import synthetic
 
 
 def blob(h, w, cy=0.5, cx=0.5, ry=0.3, rx=0.3):

@@ -15,7 +15,7 @@ import common
 import data
 import imaging
 import layouts
-import synthetic
+from extras import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,8 +6,7 @@ from hypothesis import given, strategies as st
 
 import common
 import data
-import synthetic
-from extras import device_augment
+from extras import device_augment, synthetic
 
 
 @st.composite

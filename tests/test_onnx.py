@@ -12,9 +12,9 @@ import common
 import data
 import evaluate
 import export
-import formats
 import inference
 import predict
+from extras import formats
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tf2onnx")

@@ -23,7 +23,7 @@ import inference
 import layouts
 import metrics
 import predict
-import synthetic
+from extras import synthetic
 
 
 @pytest.fixture(scope="module")
@@ -445,10 +445,10 @@ def test_saved_model_and_tflite_share_the_path(tiny_model, photos, tmp_path, cap
 
 def test_extras_load_only_when_asked_for(model, photos, tmp_path, capsys, monkeypatch):
     """`import predict` loads no optional library and no extras module; a first run of a .keras
-    model over a folder needs neither extras/archive.py nor formats.py; a rerun into the
+    model over a folder needs neither extras/archive.py nor extras/formats.py; a rerun into the
     same --out brings in archive (to resume) and nothing else."""
     probe = ("import sys, predict; print(sorted(m for m in ('h5py', 'gradio', 'matplotlib', "
-             "'keras', 'tensorflow', 'extras.archive', 'formats') if m in sys.modules))")
+             "'keras', 'tensorflow', 'extras.archive', 'extras.formats') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
@@ -456,13 +456,14 @@ def test_extras_load_only_when_asked_for(model, photos, tmp_path, capsys, monkey
     folder, _ = photos
     argv = ["--weights", weights, "--data", folder, "--out", str(tmp_path / "out")]
     import extras
-    with monkeypatch.context() as blocked:  # importing either now fails
-        blocked.delattr(extras, "archive", raising=False)
-        blocked.setitem(sys.modules, "extras.archive", None)
-        blocked.setitem(sys.modules, "formats", None)
+    with monkeypatch.context() as blocked:  # any `from extras import <name>` now fails
+        for name in ("archive", "formats"):
+            blocked.delattr(extras, name, raising=False)
+            blocked.setitem(sys.modules, f"extras.{name}", None)
         code, stdout, err = _run(argv, capsys)
     assert code == 0 and "predicted 3 (0 skipped)" in stdout, err
     with monkeypatch.context() as blocked:
-        blocked.setitem(sys.modules, "formats", None)
+        blocked.delattr(extras, "formats", raising=False)
+        blocked.setitem(sys.modules, "extras.formats", None)
         code, stdout, err = _run(argv, capsys)
     assert code == 0 and "3 photos already done" in stdout, err

@@ -14,7 +14,7 @@ import app
 import evaluate
 import inference
 import predict
-import synthetic
+from extras import synthetic
 
 MODELS = os.path.join(ROOT, "models")
 

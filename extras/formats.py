@@ -1,8 +1,9 @@
 """Running the exported formats: a TensorFlow SavedModel folder, a LiteRT (.tflite) file and an
 ONNX (.onnx) file, each in its own runtime.
 
-inference.py opens every model file that is not a .keras through open_exported: export.py's checks
-of the files it writes, and any --weights naming an export. Each opener returns the model's input
+An input asks for it: inference.open_model names this module, at one line, for any model file that
+is not a .keras (a --weights naming an export; export.py's checks of the files it writes, and
+export.py's ONNX timing, which imports it at its top). Each opener returns the model's input
 shape and run(uint8 (N, S, S, 3)) -> float32 probabilities; inference.py checks the shape and wraps
 run in its Predictor, the same for every format.
 """

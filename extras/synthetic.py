@@ -2,7 +2,8 @@
 start), and what the tests and the web app's examples are made of. Each image is a pure function of
 (seed, index): skin tone and texture, a lesion with an irregular Fourier boundary, vignetting,
 hairs, ruler marks and bubbles. Where a set lives on disk, and in which layout, is layouts.py's
-(synthetic_dir, write_synthetic); this module only draws.
+(synthetic_dir, write_synthetic), which names this module at one line when no --data names a
+folder; this module only draws, and imports nothing of the project but common.
 """
 import os
 
