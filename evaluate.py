@@ -379,13 +379,14 @@ def _score(decoded, prob, threshold, save_masks, grids=False, review_at=None):
 
 
 def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=None,
-             progress=True, problems=None, info=None, workers=None, post="none"):
+             progress=True, problems=None, info=None, workers=None, post="none", against=None):
     """Score `pairs` (layouts.Pair list) with `predictor`; returns the summary dict.
 
     Writes metrics.csv, summary.json, grid_*.png and risk_coverage.png into `out` (if given) and
     the predicted masks into `save_masks` (if given). Unreadable pairs are reported and skipped,
     listed in summary["problems"] after the given `problems` (from layouts.find_pairs). A row is
-    flagged for review over the predictor's review_threshold."""
+    flagged for review over the predictor's review_threshold. against: another model's summary of
+    the same pairs (--compare), compared photo by photo into summary["compare"]."""
     size, review_at = predictor.size, predictor.review_threshold
     problems = list(problems or [])
     timing = dict.fromkeys(("decode", "predict", "score", "write"), 0.0)
@@ -422,6 +423,8 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
     summary.update(info or {})
     summary.update({"model": predictor.path, "model_format": predictor.kind, "size": size,
                     "threshold": threshold, "tta": tta, "post": post, "problems": problems})
+    if against is not None:
+        summary["compare"] = {"model": against["model"], **compare(rows, against["rows"])}
     t = time.perf_counter()
     if out:
         write_csv(os.path.join(out, "metrics.csv"), rows)
@@ -530,16 +533,14 @@ def score_folder(predictor, root, args, run, fractions, out, progress, other=Non
     info = {**info, "data": os.path.abspath(root), "layout": layout, "split": args.split,
             "val_fraction": fractions[0], "test_fraction": fractions[1],
             "run_json": run.get("_path")}
-    summary = evaluate(predictor, chosen, args.threshold, args.tta, out, args.save_masks,
-                       progress=progress, problems=problems, info=info, post=args.post)
-    print_problems(summary["problems"][len(problems):])
-    if other is not None:  # --compare: the other model on the same photos, paired
+    theirs = None
+    if other is not None:  # --compare: the other model on the same photos, first, then paired
         theirs = evaluate(other, chosen, args.threshold, args.tta, progress=progress,
                           post=args.post)
-        summary["compare"] = {"model": other.path, **compare(summary["rows"], theirs["rows"])}
-        if out:
-            write_json(os.path.join(out, "summary.json"),
-                       {k: v for k, v in summary.items() if k != "rows"})
+    summary = evaluate(predictor, chosen, args.threshold, args.tta, out, args.save_masks,
+                       progress=progress, problems=problems, info=info, post=args.post,
+                       against=theirs)
+    print_problems(summary["problems"][len(problems):])
     return summary
 
 

@@ -14,7 +14,8 @@ import common
 import imaging
 import layouts
 
-DESCRIPTION = "Everything between a folder on disk and batches a U-Net can train on."  # (as ever)
+# --help's first line, as data.py's has always read (data.py's docstring was it)
+DESCRIPTION = "Everything between a folder on disk and batches a U-Net can train on."
 
 
 def parse(argv):
