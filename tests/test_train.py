@@ -469,8 +469,8 @@ def test_jax_fit_with_device_augmentation_keeps_batches_on_the_device(synthetic_
     out = str(tmp_path / "run")
     code = f"""
 import sys; sys.path.insert(0, {ROOT!r})
-import numpy as np, jax, keras, data, synthetic, train, unet
-from extras import device_augment
+import numpy as np, jax, keras, data, train, unet
+from extras import device_augment, synthetic
 rc = train.main({[*TINY, "--data", synthetic_data, "--epochs", "2", "--out", out, "--augment-on", "device",
                   "--upsample", "matmul", "--verbose", "0"]!r})
 assert rc == 0, rc
