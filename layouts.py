@@ -7,10 +7,8 @@ the built-in synthetic set that stands in when there is no data folder.
 Files only, no pixels (imaging.py decodes; data.py makes training arrays): evaluate.py and
 export.py find their pairs here, predict.py a data folder's photos.
 """
-import contextlib
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 
 import common
@@ -82,7 +80,10 @@ def folders_of(value):
 def data_folders(value, cache=None):
     """folders_of(value), or for None the built-in synthetic set (made on first use): every
     command's data when no --data names any."""
-    return folders_of(value) or [synthetic_dir(cache=cache)]
+    if folders_of(value):
+        return folders_of(value)
+    from extras import synthetic  # only a command without --data draws the set (once)
+    return [synthetic.synthetic_dir(write_synthetic, cache=cache)]
 
 
 def find_pairs(root, val_fraction=0.1, test_fraction=0.1):
@@ -168,27 +169,10 @@ def source_names(folders):
 
 # --- The built-in synthetic set, in the ISIC 2018 layout ------------------------------------------
 def write_synthetic(out, count, seed=0, size_wh=(384, 288)):
-    """A synthetic set of `count` pairs in `out`, in the ISIC 2018 training layout."""
+    """A synthetic set of `count` pairs in `out`, in the ISIC 2018 training layout (the set every
+    command uses without --data: extras/synthetic.py's synthetic_dir)."""
     from extras import synthetic  # only a run without --data draws the set
 
     _, image_dir, mask_dir = LAYOUTS["isic2018"][0]
     synthetic.write_pairs(os.path.join(out, image_dir), os.path.join(out, mask_dir), count, seed,
                           size_wh)
-
-
-def synthetic_dir(count=200, seed=0, cache=None):
-    """Path of the built-in synthetic set, written once under the cache folder: into a temp folder
-    first, then renamed, so an interrupted run never leaves half a data set behind. ("v2": the
-    name it has had since the array cache's version 2, kept so that an existing set is reused.)"""
-    base = common.cache_dir(cache)
-    path = os.path.join(base, f"synthetic-v2-{count}-seed{seed}-384x288")
-    if not os.path.isdir(path):
-        os.makedirs(base, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=base, prefix=".tmp-synthetic-",
-                                         ignore_cleanup_errors=True) as tmp:
-            write_synthetic(tmp, count, seed)
-            with contextlib.suppress(OSError):  # another process may have won the race
-                os.rename(tmp, path)
-        if not os.path.isdir(path):
-            raise common.Error(path, "the synthetic set could not be written")
-    return path

@@ -13,7 +13,6 @@ on its flag); docs/training.md says what each does.
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -35,8 +34,9 @@ import metrics
 STATE_ENTRY = "skin_unet_state.json"  # extra entry inside last.keras; Keras ignores unknown entries
 MIN_LR_FACTOR = 0.01  # cosine decays to 1% of --lr; plateau never goes below it either
 PLATEAU_PATIENCE, PLATEAU_FACTOR = 3, 0.5
-XLA_PROBE_MIN_STEPS = 500  # a shorter run would spend too much of itself on the probe
-XLA_PROBE_STEPS, XLA_PROBE_ROUNDS, XLA_PROBE_MARGIN = 3, 2, 1.05
+PRECISIONS = ("float32", "mixed_bfloat16")  # what auto probes on a CPU, the default first
+PROBE_MIN_STEPS = 500  # a shorter run would spend too much of itself on the probe
+PROBE_STEPS, PROBE_ROUNDS, PROBE_MARGIN = 3, 2, 1.05
 CLUSTER_VARS = ("KERAS_DISTRIBUTION_NUM_PROCESSES", "SLURM_NTASKS")  # extras/cluster.py reads them
 
 
@@ -75,7 +75,8 @@ class Config:
     encoder: str = setting("none", run=True, choices=["none", "mobilenetv3", "mobilenetv3small",
                                                       "efficientnetb0", "resnet50"])
     encoder_weights: str = setting("none", run=True, choices=["imagenet", "none"])
-    precision: str = setting("auto", "auto: mixed_bfloat16 on a GPU/TPU, float32 on CPU", run=True,
+    precision: str = setting("auto", "auto: mixed_bfloat16 on a GPU/TPU, and on a CPU with "
+                             "bfloat16 arithmetic where a probe finds it faster", run=True,
                              choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"])
     jit: str = setting("auto", "XLA", choices=["auto", "on", "off"])
     distribute: str = setting("auto", "over several devices or processes",
@@ -155,12 +156,8 @@ def config_of(args):
         cfg.init = os.path.abspath(cfg.init)
     cfg.out = os.path.abspath(cfg.out or ".")
     if cfg.tensorboard:  # never a failure mid-run for a missing package
-        missing = [m for m in ("tensorboard", "tensorflow") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise common.Error("--tensorboard", f"needs {' and '.join(missing)} (pip install "
-                               f"{' '.join(missing)}); TensorFlow writes the event files on every "
-                               "Keras backend")
-        cfg.tensorboard = os.path.abspath(cfg.tensorboard)
+        from extras import tensorboard
+        cfg.tensorboard = tensorboard.checked(cfg.tensorboard)
     return cfg
 
 
@@ -180,24 +177,20 @@ def data_value(value):
 # --- the machine: backend, accelerator, precision, XLA, distribution, where augmentation runs -----
 @dataclass(frozen=True)
 class Runtime:
-    """The machine a run lands on, resolved once (setup); run.json records it (record)."""
+    """The machine a run lands on, resolved once (setup, then settle); run.json records it."""
     backend: str  # "jax", "tensorflow" or "torch"
     accelerator: str  # "gpu", "tpu" or "cpu"
     cpu: dict  # cpu_info()
-    precision: str  # the Keras dtype policy
-    jit: bool  # XLA; None until settle_jit where only a probe can tell
+    precision: str  # the Keras dtype policy; None until settle where only a probe can tell
+    precision_reason: str
+    jit: bool  # XLA; None until settle where only a probe can tell
     jit_reason: str
     distribute: str  # "none", "mirrored" or "data_parallel"
     replicas: int  # devices the global batch is split over
     processes: int  # processes (hosts) of the run; 1 on one host
     process: int  # this one's index
     augment_on: str  # "host", "device", or None without augmentation
-    jit_probe: dict = None  # the probe's images/s, when it ran
-
-    def record(self):
-        """The settings as run.json holds them (jit_probe only when the probe ran)."""
-        record = dataclasses.asdict(self)
-        return {k: v for k, v in record.items() if v is not None or k != "jit_probe"}
+    probe: dict = None  # the probe's images/s per setting; None where it did not run
 
 
 def accelerator():
@@ -229,6 +222,17 @@ def cpu_info():
     return {"model": info.get("model name") or platform.processor() or platform.machine(),
             "flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags],
             "cores": os.cpu_count()}
+
+
+def precision_rule(cfg, accel, cpu_flags):
+    """(Keras dtype policy, why); (None, why) where only a timed probe can tell."""
+    if cfg.precision != "auto":
+        return cfg.precision, f"--precision {cfg.precision}"
+    if accel != "cpu":
+        return "mixed_bfloat16", "an accelerator computes bfloat16 natively"
+    if {"avx512_bf16", "amx_tile"} & set(cpu_flags):
+        return None, "this CPU has bfloat16 arithmetic (avx512_bf16 or AMX)"
+    return "float32", "this CPU has no bfloat16 arithmetic (avx512_bf16 or AMX)"
 
 
 def jit_rule(cfg, accel, mode):
@@ -266,15 +270,14 @@ def distribution_mode(cfg, backend, accel, place):
 
 def setup(cfg, place=None):
     """Set precision and distribution for this machine: (strategy scope, Runtime). The scope is
-    MirroredStrategy's, else a null context. Runtime.jit is None where settle_jit must probe.
+    MirroredStrategy's, else a null context. Runtime.precision / .jit are None where settle must
+    probe.
     place: this process's place in a run over several (extras/cluster.py), whose devices all take
     part."""
     import keras
-    accel, backend = accelerator(), keras.backend.backend()
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "mixed_bfloat16" if accel != "cpu" else "float32"
-    keras.mixed_precision.set_global_policy(precision)
+    accel, backend, cpu = accelerator(), keras.backend.backend(), cpu_info()
+    precision, precision_why = precision_rule(cfg, accel, cpu["flags"])
+    keras.mixed_precision.set_global_policy(precision or "float32")
     mode = distribution_mode(cfg, backend, accel, place)
     scope, replicas = contextlib.nullcontext, 1
     if mode != "none":  # several devices or processes: extras/distribute.py
@@ -286,8 +289,8 @@ def setup(cfg, place=None):
         augment_on = "host" if accel == "cpu" else "device"
     jit, why = jit_rule(cfg, accel, mode)
     return scope, Runtime(
-        backend=backend, accelerator=accel, cpu=cpu_info(), precision=precision, jit=jit,
-        jit_reason=why, distribute=mode, replicas=replicas,
+        backend=backend, accelerator=accel, cpu=cpu, precision=precision,
+        precision_reason=precision_why, jit=jit, jit_reason=why, distribute=mode, replicas=replicas,
         processes=place.processes if place else 1, process=place.index if place else 0,
         augment_on=augment_on if cfg.augment else None)
 
@@ -300,34 +303,45 @@ def reset(runtime):
     keras.mixed_precision.set_global_policy("float32")
 
 
-def settle_jit(runtime, cfg, planned_steps, x, y):
-    """Where jit_rule leaves XLA to a probe: time XLA against TensorFlow's own kernels on this
-    machine, for a run long enough to pay for it (else off). A throwaway model per setting, one
-    warm-up step (which compiles), then XLA_PROBE_STEPS steps on the training batch (x, y), in
-    XLA_PROBE_ROUNDS interleaved rounds, best of each; XLA only where it wins by XLA_PROBE_MARGIN.
+def settle(runtime, cfg, planned_steps, x, y, state):
+    """Where the rules leave bfloat16 or XLA to a probe, time each (precision, XLA) setting on this
+    machine for a run long enough to pay for it; else the first: float32 without XLA, Keras's CPU
+    default. A resumed run keeps the precision it began with. A throwaway model per setting, one
+    warm-up step (which compiles), then PROBE_STEPS steps on the training batch (x, y) in
+    PROBE_ROUNDS interleaved rounds, best of each; another setting wins only by PROBE_MARGIN.
     Returns the new Runtime, the probe's images/s in it."""
-    if runtime.jit is not None:
-        return runtime
-    if planned_steps < XLA_PROBE_MIN_STEPS:
-        why = f"Keras's CPU default (a run of {planned_steps} steps is too short to probe)"
-        return dataclasses.replace(runtime, jit=False, jit_reason=why)
-    models = {jit: compiled_model(cfg, jit) for jit in (True, False)}
-    for model in models.values():
-        model.train_on_batch(x, y)
-    rates = {True: 0.0, False: 0.0}
-    for _ in range(XLA_PROBE_ROUNDS):
-        for jit, model in models.items():
-            t = time.perf_counter()
-            for _ in range(XLA_PROBE_STEPS):
-                model.train_on_batch(x, y)  # synchronous: returns host numbers
-            rates[jit] = max(rates[jit], XLA_PROBE_STEPS * len(x) / (time.perf_counter() - t))
     import keras
-    keras.utils.set_random_seed(cfg.seed)  # the real model starts where it would have without it
-    jit = rates[True] > XLA_PROBE_MARGIN * rates[False]
-    why = f"probe on this CPU: XLA {rates[True]:.1f} vs {rates[False]:.1f} images/s without"
-    return dataclasses.replace(runtime, jit=jit, jit_reason=why,
-                               jit_probe={"xla": round(rates[True], 2),
-                                          "no_xla": round(rates[False], 2)})
+    if runtime.precision is None and state["epoch"]:
+        runtime = dataclasses.replace(runtime, precision=state["config"]["precision"],
+                                      precision_reason="as the run in --out began")
+    options = [(p, j) for p in ([runtime.precision] if runtime.precision else PRECISIONS)
+               for j in ([runtime.jit] if runtime.jit is not None else (False, True))]
+    rates, choice = None, options[0]
+    why = f"Keras's CPU default (a run of {planned_steps} steps is too short to probe)"
+    if len(options) > 1 and planned_steps >= PROBE_MIN_STEPS:
+        models = {}
+        for precision, jit in options:
+            keras.mixed_precision.set_global_policy(precision)
+            models[precision, jit] = compiled_model(cfg, jit)
+            models[precision, jit].train_on_batch(x, y)
+        rates = dict.fromkeys(options, 0.0)
+        for _ in range(PROBE_ROUNDS):
+            for option, model in models.items():
+                t = time.perf_counter()
+                for _ in range(PROBE_STEPS):
+                    model.train_on_batch(x, y)  # synchronous: returns host numbers
+                rates[option] = max(rates[option], PROBE_STEPS * len(x) / (time.perf_counter() - t))
+        keras.utils.set_random_seed(cfg.seed)  # the real model starts as it would without it
+        best = max(rates, key=rates.get)
+        choice = best if rates[best] > PROBE_MARGIN * rates[options[0]] else options[0]
+        rates = {f"{p}{'+xla' if j else ''}": round(r, 2) for (p, j), r in rates.items()}
+        why = "probe on this CPU: " + ", ".join(f"{k} {r:.1f}" for k, r in rates.items()) + " img/s"
+    precision, jit = choice
+    keras.mixed_precision.set_global_policy(precision)
+    return dataclasses.replace(
+        runtime, precision=precision, jit=jit, probe=rates,
+        precision_reason=runtime.precision_reason if runtime.precision else why,
+        jit_reason=runtime.jit_reason if runtime.jit is not None else why)
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -461,9 +475,11 @@ def start_line(cfg, r, model, summary):
              "sources balanced" if cfg.balance else "",
              f"weights averaged, EMA {cfg.ema}" if cfg.ema else "",
              f"starting from {cfg.init}" if cfg.init else ""]
+    machine = f"{r.precision} jit={r.jit} ({r.jit_reason})" if r.jit_reason == r.precision_reason \
+        else f"{r.precision} ({r.precision_reason}) jit={r.jit} ({r.jit_reason})"
     return (f"training {model.name} ({model.count_params() / 1e6:.2f} M params){hosts} on "
             f"{summary['train']} images, validating on {summary['val']}, {cfg.size} px, batch "
-            f"{cfg.batch}; {r.backend} {r.accelerator} {r.precision} jit={r.jit} ({r.jit_reason}) "
+            f"{cfg.batch}; {r.backend} {r.accelerator} {machine} "
             f"distribute={r.distribute}" + "".join(f"; {n}" for n in notes if n))
 
 
@@ -676,16 +692,17 @@ def train(args):
     scope, runtime = setup(cfg, place)
     writes = run_paths(scratch) if scratch else paths
     try:
-        cfg = dataclasses.replace(cfg, precision=runtime.precision)
-        state = resume_or_start(cfg, paths, chief)
+        state = resume_or_start(dataclasses.replace(cfg, precision=runtime.precision), paths, chief)
         train_batches, val_batches, val_set, summary = load_data(cfg, runtime, state["epoch"])
         planned = max(planned_epochs(cfg, state) - state["epoch"], 0) * len(train_batches)
-        runtime = settle_jit(runtime, cfg, planned, *train_batches[0])
+        runtime = settle(runtime, cfg, planned, *train_batches[0], state)
+        state["config"]["precision"] = runtime.precision  # a fresh run's: the probe's choice
         with scope():
             model = build_model(cfg, runtime.jit, state, paths, writes, chief)
-        run_record = {**dataclasses.asdict(cfg), "data_summary": summary, **runtime.record(),
-                      "params": model.count_params(), "model": model.name,
-                      "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": None}
+        run_record = {**dataclasses.asdict(cfg), "data_summary": summary,
+                      **dataclasses.asdict(runtime), "params": model.count_params(),
+                      "model": model.name, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      "result": None}
         write_text(writes["run"], json.dumps(run_record, indent=1))
 
         t_fit = time.time()
@@ -704,10 +721,9 @@ def train(args):
                 callbacks.append(budget.callback(cfg.minutes, cfg.epochs, t_fit, chief,
                                                  state.get("budget")))
             callbacks.append(epoch_jobs(cfg, state, writes, chief))
-            if cfg.tensorboard and chief:  # scalars once per epoch, no graph, no profiling
-                callbacks.append(keras.callbacks.TensorBoard(
-                    cfg.tensorboard, histogram_freq=0, write_graph=False, update_freq="epoch",
-                    profile_batch=0))
+            if cfg.tensorboard and chief:  # TensorBoard's scalars, once per epoch
+                from extras import tensorboard
+                callbacks.append(tensorboard.callback(cfg.tensorboard))
             verbose = cfg.verbose if cfg.verbose is not None else int(sys.stdout.isatty())
             workers = cfg.workers or os.cpu_count() or 1
             get = None

@@ -14,6 +14,7 @@ the first epoch's excess over that. Precision is train.py's choice for this mach
 printed first: a figure without its machine says little.
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -48,7 +49,8 @@ def build(variant, size, depth, filters, batch, jit=None):
     cfg = train.config_of(["--size", str(size), "--depth", str(depth), "--filters", str(filters),
                            "--batch", str(batch)])
     _, rt = train.setup(cfg)
-    info = rt.record()
+    info = dataclasses.asdict(rt)
+    info["precision"] = info["precision"] or "float32"  # where train.py would probe: its default
     info["jit"] = info["jit"] if jit is None else jit
     if info["jit"] is None:  # where train.py would probe a long run: Keras's default here (--jit both times both)
         info["jit"] = False

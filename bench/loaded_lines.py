@@ -105,8 +105,8 @@ def main():
         data = args.data or (SHARED if os.path.isdir(SHARED) else None)
         if data is None:
             sys.path.insert(0, ROOT)
-            from layouts import synthetic_dir
-            data = synthetic_dir()
+            from layouts import data_folders
+            data = data_folders(None)[0]
         result = {}
         for name, (script, argv) in commands(data, work).items():
             if args.only and name not in args.only:

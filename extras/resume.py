@@ -15,7 +15,8 @@ def check_same_run(state, identity, defaults, path):
     # A key that a run from before it existed lacks had its default value then.
     earlier = {k: state.get("config", {}).get(k, default) for k, default in defaults.items()}
     # "data" compared as a list: a run stored as one path resumes from the same single --data.
-    changed = [k for k in defaults if (
+    # precision None: --precision auto left to train.py's probe, which keeps the earlier run's.
+    changed = [k for k in defaults if (k != "precision" or identity[k] is not None) and (
         layouts.folders_of(earlier[k]) != layouts.folders_of(identity[k]) if k == "data"
         else earlier[k] != identity[k])]
     if changed:

@@ -1,11 +1,13 @@
 """The built-in synthetic dermoscopy set: the data of every command run without --data (the quick
 start), and what the tests and the web app's examples are made of. Each image is a pure function of
 (seed, index): skin tone and texture, a lesion with an irregular Fourier boundary, vignetting,
-hairs, ruler marks and bubbles. Where a set lives on disk, and in which layout, is layouts.py's
-(synthetic_dir, write_synthetic), which names this module at one line when no --data names a
-folder; this module only draws, and imports nothing of the project but common.
+hairs, ruler marks and bubbles. The layout a set is written in is layouts.py's (write_synthetic);
+layouts.data_folders names this module at one line when no --data names a folder, for
+synthetic_dir, the set kept under the cache folder. Imports nothing of the project but common.
 """
+import contextlib
 import os
+import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -98,3 +100,22 @@ def write_pairs(image_dir, mask_dir, count, seed=0, size_wh=(384, 288)):
                             lambda f: Image.fromarray(image).save(f, "JPEG", quality=92))
         common.atomic_write(os.path.join(mask_dir, name + "_segmentation.png"),
                             lambda f: Image.fromarray(mask.astype(np.uint8) * 255).save(f, "PNG"))
+
+
+def synthetic_dir(write, count=200, seed=0, cache=None):
+    """Path of the built-in synthetic set, written once under the cache folder by write(folder,
+    count, seed) (layouts.write_synthetic): into a temp folder first, then renamed, so an
+    interrupted run never leaves half a data set behind. ("v2": the name it has had since the
+    array cache's version 2, kept so that an existing set is reused.)"""
+    base = common.cache_dir(cache)
+    path = os.path.join(base, f"synthetic-v2-{count}-seed{seed}-384x288")
+    if not os.path.isdir(path):
+        os.makedirs(base, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=base, prefix=".tmp-synthetic-",
+                                         ignore_cleanup_errors=True) as tmp:
+            write(tmp, count, seed)
+            with contextlib.suppress(OSError):  # another process may have won the race
+                os.rename(tmp, path)
+        if not os.path.isdir(path):
+            raise common.Error(path, "the synthetic set could not be written")
+    return path

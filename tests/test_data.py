@@ -331,7 +331,7 @@ def test_load_split_default_is_synthetic():
     # data=None: the built-in synthetic set (200 pairs, seed 0, 384x288), written once into the cache
     # folder, here the per-session temp folder that conftest puts in $SKIN_UNET_CACHE.
     arrays = data.load_split(None, "train", size=32, progress=False)
-    root = layouts.synthetic_dir()
+    root = layouts.data_folders(None)[0]
     assert os.path.dirname(root) == os.environ["SKIN_UNET_CACHE"] and os.path.isdir(root)
     assert common.cache_dir() == os.environ["SKIN_UNET_CACHE"]  # so nothing went to ~/.cache
     assert arrays.images.dtype == np.uint8 and arrays.images.shape[1:] == (32, 32, 3)
@@ -400,8 +400,8 @@ def test_synthetic_lesion_inside_and_non_empty_any_size(w, h, seed):
 
 
 def test_synthetic_dir_written_once(tmp_path):
-    path = layouts.synthetic_dir(count=3, seed=1, cache=str(tmp_path))
-    assert path == layouts.synthetic_dir(count=3, seed=1, cache=str(tmp_path))
+    path = synthetic.synthetic_dir(layouts.write_synthetic, count=3, seed=1, cache=str(tmp_path))
+    assert path == synthetic.synthetic_dir(layouts.write_synthetic, count=3, seed=1, cache=str(tmp_path))
     pairs, problems, layout = layouts.find_pairs(path)
     assert layout == "isic2018" and len(pairs) == 3 and problems == []
     assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp")] == []

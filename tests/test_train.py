@@ -392,32 +392,41 @@ def test_tensorboard_without_its_packages_stops_at_the_start_in_one_line(synthet
 
 
 @pytest.mark.slow
-def test_xla_on_a_cpu_is_timed_on_long_runs_reported_and_overridden(synthetic_data, tmp_path, monkeypatch, capsys):
+def test_xla_and_bfloat16_on_a_cpu_are_timed_on_long_runs_reported_and_overridden(synthetic_data, tmp_path, monkeypatch, capsys):
     import keras
 
     if keras.backend.backend() != "tensorflow" or train.accelerator() != "cpu":
         pytest.skip("the probe is for TensorFlow on a CPU")
+    native_bf16 = train.precision_rule(train.config_of([]), "cpu", train.cpu_info()["flags"])[0] is None
     base = ["--data", synthetic_data, *TINY, "--no-augment", "--verbose", "0", "--epochs", "2"]
     # A short run does not pay for the probe: Keras's CPU default, said in the start line and run.json.
     train.train([*base, "--out", str(tmp_path / "short")])
     run = run_json(str(tmp_path / "short"))
-    assert run["jit"] is False and "too short to probe" in run["jit_reason"] and "jit_probe" not in run
-    assert "jit=False (Keras's CPU default" in capsys.readouterr().out
+    assert run["jit"] is False and "too short to probe" in run["jit_reason"] and run["probe"] is None
+    assert run["precision"] == "float32"
+    assert "float32 jit=False (Keras's CPU default" in capsys.readouterr().out
     assert set(run["cpu"]) == {"model", "flags", "cores"} and run["cpu"]["cores"] == os.cpu_count()
-    # A long run (made so here) times both and keeps the faster, by the margin.
-    monkeypatch.setattr(train, "XLA_PROBE_MIN_STEPS", 1)
+    # A long run (made so here) times every open setting and keeps the fastest, by the margin.
+    monkeypatch.setattr(train, "PROBE_MIN_STEPS", 1)
     train.train([*base, "--out", str(tmp_path / "long")])
     run = run_json(str(tmp_path / "long"))
-    rates = run["jit_probe"]
-    assert rates["xla"] > 0 and rates["no_xla"] > 0
-    assert run["jit"] is (rates["xla"] > train.XLA_PROBE_MARGIN * rates["no_xla"])
-    assert run["jit_reason"].startswith("probe on this CPU: XLA")
-    assert f"jit={run['jit']} (probe on this CPU" in capsys.readouterr().out
-    # --jit decides alone, with no probe.
+    rates = run["probe"]
+    want = ["float32", "float32+xla"] + ["mixed_bfloat16", "mixed_bfloat16+xla"] * native_bf16
+    assert list(rates) == want and all(r > 0 for r in rates.values())
+    best = max(rates, key=rates.get)
+    if rates[best] <= train.PROBE_MARGIN * rates["float32"]:
+        best = "float32"
+    assert (run["precision"], run["jit"]) == (best.split("+")[0], best.endswith("+xla"))
+    assert run["jit_reason"].startswith("probe on this CPU: float32 ")
+    assert f"{run['precision']} jit={run['jit']} (probe on this CPU" in capsys.readouterr().out
+    last = train.read_state(str(tmp_path / "long" / "last.keras"))
+    assert last["config"]["precision"] == run["precision"]  # a resumed run keeps it
+    # --jit and --precision decide alone, with no probe.
     for flag, want in (("on", True), ("off", False)):
-        train.train([*base, "--out", str(tmp_path / flag), "--jit", flag])
+        train.train([*base, "--out", str(tmp_path / flag), "--jit", flag, "--precision", "float32"])
         run = run_json(str(tmp_path / flag))
-        assert run["jit"] is want and run["jit_reason"] == f"--jit {flag}" and "jit_probe" not in run
+        assert run["jit"] is want and run["jit_reason"] == f"--jit {flag}" and run["probe"] is None
+        assert run["precision_reason"] == "--precision float32"
 
 
 @pytest.mark.slow
