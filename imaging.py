@@ -151,9 +151,14 @@ def resize_prob(prob, size_hw):
     return np.asarray(Image.fromarray(prob).resize((w, h), Image.BILINEAR), dtype=np.float32)
 
 
+def mask_png(mask, file):
+    """A bool mask as the ISIC submission's PNG, 8-bit greyscale 0/255, into a file object."""
+    Image.fromarray(np.asarray(mask).astype(np.uint8) * 255, mode="L").save(
+        file, format="PNG", compress_level=1)
+
+
 def save_mask_png(folder, image_id, mask):
-    """<id>_segmentation.png in folder: the ISIC submission format, 8-bit greyscale 0/255 at the
-    photo's native size, written whole or not at all."""
-    image = Image.fromarray(np.asarray(mask).astype(np.uint8) * 255, mode="L")
+    """<id>_segmentation.png in folder (mask_png) at the photo's native size, written whole or not
+    at all."""
     common.atomic_write(os.path.join(folder, f"{image_id}_segmentation.png"),
-                        lambda f: image.save(f, format="PNG", compress_level=1))
+                        lambda f: mask_png(mask, f))

@@ -138,6 +138,7 @@ COLUMNS = ("image_id", "file", "width", "height", "area_px", "area_percent", "me
 DECIMALS = {"area_percent": ".4f", "mean_prob": ".6f", "uncertainty": ".6f"}  # in predictions.csv
 OUTPUT_SUFFIXES = ("_segmentation", "_overlay")  # our own outputs, never photos to segment
 HDF5_SUFFIXES = (".hdf5", ".h5")  # an ISIC 2024 archive; its photos are "archive.hdf5:<key>"
+MASK_FILES = {False: "<id>_segmentation.png", True: "masks.hdf5"}  # photos, an archive's photos
 
 
 def find_photos(source):
@@ -181,31 +182,38 @@ def _decode_photo(reader, image_id, file, size):
 
 
 def _write_prediction(folder, image_id, file, native, preview, small_prob, threshold, overlays,
-                      review_at):
-    """Mask at native size, overlay preview and the CSV row of one photo; a thread runs it."""
+                      review_at, masks=None):
+    """Mask at native size, overlay preview and the CSV row of one photo; a thread runs it. The
+    mask: its own file, or for an archive's photo, PNG bytes in the row for `masks` to commit."""
     t = time.perf_counter()
     mask, figures = native_mask(small_prob, native, threshold)
-    imaging.save_mask_png(folder, image_id, mask)
+    row = {"image_id": image_id, "file": file, **figures,
+           "png": masks.encode(mask) if masks else imaging.save_mask_png(folder, image_id, mask),
+           **metrics.flag(small_prob, threshold, review_at)}
     if overlays:
         write_overlay(folder, image_id, preview, small_prob, threshold)
-    row = {"image_id": image_id, "file": file, **figures,
-           **metrics.flag(small_prob, threshold, review_at)}
     return row, time.perf_counter() - t
 
 
 def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none", overwrite=False,
-                   overlays=True, progress=True, workers=None):
-    """Segment find_photos' list into `out`: masks, overlays and predictions.csv rows (appended and
-    flushed in photo order). Photos an earlier run finished are skipped unless overwrite; a bad
-    file is a problem, skipped. Returns counts, not rows, so memory stays flat over an archive."""
+                   overlays=None, progress=True, workers=None):
+    """Segment find_photos' list into `out`: masks, overlays (None: not for an archive) and
+    predictions.csv rows (appended in photo order). An archive's masks go into one file
+    (extras/archive.py). Photos an earlier run finished are skipped unless overwrite; a bad file
+    is a problem, skipped. Returns counts, not rows, so memory stays flat over an archive."""
     os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "predictions.csv")
+    archived = photos[0][1].rpartition(":")[0].lower().endswith(HDF5_SUFFIXES) if photos else False
+    overlays, reader, masks = not archived if overlays is None else overlays, None, None
+    if archived:  # one source: its photos' bytes, and one file for its masks
+        from extras import archive
+        reader, masks = archive.Reader(), archive.MaskArchive(out, csv_path, COLUMNS, overwrite)
     finished = set()
     if overwrite or not os.path.exists(csv_path):
         common.atomic_write(csv_path, lambda f: f.write(",".join(COLUMNS).encode() + b"\n"))
     else:  # an earlier run's: keep what it finished
         from extras import archive
-        finished = archive.finished(out, csv_path, COLUMNS)
+        finished = archive.finished(out, csv_path, COLUMNS, masks)
     problems, seen = [], {}
     for image_id, file in photos:
         if image_id in seen:  # a.jpg and a.png would write the same <id>_segmentation.png
@@ -213,16 +221,12 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
             problems.append({"file": file, "problem": problem})
         seen.setdefault(image_id, file)
     todo = [(image_id, file) for image_id, file in seen.items() if image_id not in finished]
-    reader = None
-    if todo and todo[0][1].rpartition(":")[0].lower().endswith(HDF5_SUFFIXES):  # one source
-        from extras import archive
-        reader = archive.Reader()
     timing = dict.fromkeys(("decode", "predict", "write"), 0.0)
     bar = common.Progress(len(todo), "predict", progress)
     done, flagged, started = 0, 0, time.perf_counter()
     decode = lambda item: _decode_photo(reader, *item, predictor.size)
     write = lambda d, prob: _write_prediction(out, *d[:-1], prob, threshold, overlays,
-                                              predictor.review_threshold)
+                                              predictor.review_threshold, masks)
     predict = lambda x: inference.predict_probs(predictor, x, tta, post, threshold)
     try:
         with open(csv_path, "a", newline="") as rows:
@@ -230,19 +234,26 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
             for _, (row, seconds) in inference.overlap(todo, decode, write, predict,
                                                        predictor.batch, timing, problems, bar,
                                                        workers):
-                # One line, one write: a kill leaves whole rows behind.
-                writer.writerow({**row, **{k: format(row[k], f) for k, f in DECIMALS.items()}})
-                rows.flush()
+                cells = {**row, **{k: format(row[k], f) for k, f in DECIMALS.items()}}
+                if archived:  # a part's masks at a time, then its rows
+                    masks.add(row["image_id"], row["png"], cells)
+                else:  # one line, one write: a kill leaves whole rows behind
+                    writer.writerow(cells)
+                    rows.flush()
                 timing["write"] += seconds
                 done += 1
                 flagged += row["review"]
                 bar.update()
+        if archived:
+            masks.close()
     finally:
         if reader:
             reader.close()
     timing["total"] = time.perf_counter() - started
+    outputs = [MASK_FILES[archived]] + ["<id>_overlay.jpg"] * overlays
     return {"done": done, "flagged": flagged, "skipped_existing": len(seen) - len(todo),
-            "problems": problems, "seconds": {k: round(v, 3) for k, v in timing.items()}}
+            "problems": problems, "seconds": {k: round(v, 3) for k, v in timing.items()},
+            "outputs": [*outputs, "predictions.csv"]}
 
 
 # --- Command line ---------------------------------------------------------------------------------
@@ -251,9 +262,10 @@ def main(argv=None):
     p = inference.model_parser(__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="a folder of photos, one photo, a data folder "
                    "(every image, masks ignored) or an ISIC 2024 HDF5 archive")
-    p.add_argument("--out", required=True,
-                   help="folder for the masks, overlays and predictions.csv")
+    p.add_argument("--out", required=True, help="folder for masks, overlays and predictions.csv")
     p.add_argument("--overwrite", action="store_true", help="redo photos an earlier run finished")
+    p.add_argument("--overlay", dest="overlays", action="store_true", default=None,
+                   help="also <id>_overlay.jpg (the default, except for an archive)")
     p.add_argument("--no-overlay", dest="overlays", action="store_false",
                    help="masks and rows only")
     args = inference.parse(p, argv)
@@ -278,8 +290,7 @@ def main(argv=None):
     print(f"review: {result['flagged']} of {result['done']} photos flagged, uncertainty over "
           f"{predictor.review_threshold:.3f} ({predictor.review_source}); predictions.csv has "
           "each photo's uncertainty and review (1: flagged)")
-    overlays = ", <id>_overlay.jpg" if args.overlays else ""
-    print(f"wrote {args.out}/: <id>_segmentation.png{overlays}, predictions.csv", file=sys.stderr)
+    print(f"wrote {args.out}/: {', '.join(result['outputs'])}", file=sys.stderr)
     return 0
 
 

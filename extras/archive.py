@@ -1,19 +1,26 @@
 """Photo archives for predict.py: the ISIC 2024 (SLICE-3D) HDF5 file, and resuming a long run.
 
-    python predict.py --weights best.keras --data isic2024/train-image.hdf5 --out masks/
+    python predict.py --weights models/skin_unet_int8.tflite --data train-image.hdf5 --out out/
 
 An --data ending in .hdf5 or .h5 brings in find_photos and Reader: the archive holds one dataset of
 JPEG bytes per isic_id, and each photo is named "<archive>:<isic_id>" in predictions.csv and in
-error lines. A rerun into an --out that already holds a predictions.csv (without --overwrite)
-brings in finished: it keeps the rows an earlier run finished, so that run's photos are skipped.
-h5py comes with TensorFlow; only an archive imports it.
+error lines. Its masks go into one file, not 400,000 (MaskArchive): out/masks.hdf5, laid out as
+the photos' archive, one dataset of PNG bytes per isic_id. A rerun into an --out that already holds
+a predictions.csv (without --overwrite) brings in finished: it keeps the rows an earlier run
+finished, so that run's photos are skipped. h5py comes with TensorFlow; only an archive imports it.
 """
 import csv
+import io
 import os
+import shutil
 
 import numpy as np
 
 import common
+import imaging
+
+MASKS, PARTS = "masks.hdf5", "masks.parts"
+PART_PHOTOS = 2000  # masks per part: what a kill can cost, a few seconds of work
 
 
 def find_photos(source):
@@ -54,9 +61,10 @@ class Reader:
             f.close()
 
 
-def finished(out, csv_path, columns):
+def finished(out, csv_path, columns, masks=None):
     """The ids an earlier run finished (mask written and row in predictions.csv), after dropping the
-    rows it cannot vouch for: a last line cut short by a kill, and rows whose mask is gone."""
+    rows it cannot vouch for: a last line cut short by a kill, and rows whose mask is gone (its
+    <id>_segmentation.png in out, or for an archive's run, its mask in `masks`, a MaskArchive)."""
     try:
         with open(csv_path, newline="") as f:
             lines = f.readlines()
@@ -69,13 +77,96 @@ def finished(out, csv_path, columns):
     if header != list(columns):
         raise common.Error(csv_path, "not a predictions.csv of this command; choose another "
                                      "--out, or --overwrite")
+    has_mask = masks.ids().__contains__ if masks else \
+        (lambda i: os.path.exists(os.path.join(out, f"{i}_segmentation.png")))
     kept, done = [lines[0]], set()
     for line in lines[1:]:
         image_id = next(csv.reader([line]), [""])[0]
-        mask = os.path.join(out, f"{image_id}_segmentation.png")
-        if line.endswith("\n") and os.path.exists(mask):
+        if line.endswith("\n") and has_mask(image_id):
             kept.append(line)
             done.add(image_id)
     if len(kept) < len(lines):
         common.atomic_write(csv_path, lambda f: f.write("".join(kept).encode()))
     return done
+
+
+class MaskArchive:
+    """An archive's masks in one HDF5 file, out/masks.hdf5: per isic_id one scalar of PNG bytes
+    (imaging.mask_png: 0/255 at the photo's native size), the layout of the photos' own archive.
+
+    Crash-safe as a folder of files is: masks are committed PART_PHOTOS at a time, each part a
+    whole file (out/masks.parts/NNNNNN.hdf5, written to a temp file and renamed), and a part's
+    predictions.csv rows are written only once it is; close() merges masks.hdf5 and the parts
+    into a new masks.hdf5 (temp file, rename), then removes the parts. A kill loses at most the
+    part in progress; a kill during the merge leaves the parts, merged again by the next run."""
+
+    def __init__(self, out, csv_path, columns, overwrite=False):
+        self.path, self.parts = os.path.join(out, MASKS), os.path.join(out, PARTS)
+        self.csv_path, self.columns = csv_path, columns
+        if overwrite:
+            shutil.rmtree(self.parts, ignore_errors=True)
+            if os.path.exists(self.path):
+                os.remove(self.path)
+        os.makedirs(self.parts, exist_ok=True)
+        self.pending, self.rows = [], []
+
+    def files(self):
+        """masks.hdf5 (if there is one) and the committed parts, oldest first."""
+        parts = sorted(os.path.join(self.parts, n) for n in os.listdir(self.parts)
+                       if n.endswith(".hdf5") and not n.startswith(".tmp-"))
+        return [self.path] * os.path.exists(self.path) + parts
+
+    def ids(self):
+        """Every id with a committed mask."""
+        import h5py
+
+        ids = set()
+        for file in self.files():
+            with h5py.File(file, "r") as f:
+                ids.update(f.keys())
+        return ids
+
+    @staticmethod
+    def encode(mask):
+        """The mask's PNG bytes."""
+        buffer = io.BytesIO()
+        imaging.mask_png(mask, buffer)
+        return buffer.getvalue()
+
+    def add(self, image_id, png, row):
+        """One photo's mask (PNG bytes) and its predictions.csv row; every PART_PHOTOS, a commit."""
+        self.pending.append((image_id, png))
+        self.rows.append(row)
+        if len(self.pending) >= PART_PHOTOS:
+            self.commit()
+
+    def commit(self):
+        import h5py
+
+        if not self.pending:
+            return
+        number = len(self.files()) + 1
+        while os.path.exists(name := os.path.join(self.parts, f"{number:06d}.hdf5")):
+            number += 1
+        with common.atomic_path(name) as tmp, h5py.File(tmp, "w") as f:
+            for image_id, png in self.pending:
+                f.create_dataset(image_id, data=np.void(png))
+        with open(self.csv_path, "a", newline="") as f:  # the rows after their masks
+            csv.DictWriter(f, self.columns, extrasaction="ignore",
+                           lineterminator="\n").writerows(self.rows)
+        self.pending, self.rows = [], []
+
+    def close(self):
+        """Commit what is left, then merge the parts into masks.hdf5."""
+        import h5py
+
+        self.commit()
+        files = self.files()
+        if len(files) > os.path.exists(self.path):  # parts to merge (an id twice: kept once)
+            with common.atomic_path(self.path) as tmp, h5py.File(tmp, "w") as merged:
+                for file in files:
+                    with h5py.File(file, "r") as f:
+                        for image_id in f:
+                            if image_id not in merged:
+                                f.copy(f[image_id], merged)
+        shutil.rmtree(self.parts, ignore_errors=True)

@@ -366,17 +366,36 @@ def test_isic_2024_hdf5_archive(model, tmp_path, capsys):
     skipped = [line for line in err.splitlines() if line.startswith("skipped:")]
     assert skipped[0] == f"skipped: {archive}:ISIC_9999998: the dataset holds no image bytes"
     assert len(skipped) == 2 and skipped[1].startswith(f"skipped: {archive}:ISIC_9999999: ")
+    assert f"wrote {out}/: masks.hdf5, predictions.csv" in err
+    # The archive form: every mask in one HDF5 file laid out as the photos' (PNG bytes per isic_id),
+    # no file per photo, no overlays unless asked for, nothing left of the parts.
+    assert sorted(os.listdir(out)) == ["masks.hdf5", "predictions.csv"]
     rows = _rows(out)
     assert sorted(rows) == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
     _review_ok(rows)
+    with h5py.File(out / "masks.hdf5", "r") as f:
+        assert sorted(f) == sorted(rows)
+        stored = {k: f[k][()].tobytes() for k in f}
     for i in range(len(images)):
         image_id = f"ISIC_{i:07d}"
         assert rows[image_id]["file"] == f"{archive}:{image_id}"
-        mask = _mask(out, image_id)
-        assert mask.shape == (127, 133)
+        with Image.open(io.BytesIO(stored[image_id])) as m:
+            assert m.format == "PNG" and m.mode == "L"
+            mask = np.asarray(m)
+        assert mask.shape == (127, 133) and set(np.unique(mask)) <= {0, 255}
         decoded = tmp_path / f"{image_id}.jpg"
         decoded.write_bytes(h5py.File(archive)[image_id][()].tobytes())
         assert np.array_equal(mask == 255, _one_photo(predictor, str(decoded))[1])
+        assert int(rows[image_id]["area_px"]) == int(np.count_nonzero(mask))
+    # A rerun has nothing left to do and leaves the file as it was; --overlay adds the pictures.
+    code, stdout, _ = _run(["--weights", weights, "--data", str(archive), "--out", str(out)], capsys)
+    assert code == 0 and "3 photos already done" in stdout
+    with h5py.File(out / "masks.hdf5", "r") as f:
+        assert {k: f[k][()].tobytes() for k in f} == stored
+    code, stdout, err = _run(["--weights", weights, "--data", str(archive), "--out", str(tmp_path / "o2"),
+                              "--overlay"], capsys)
+    assert code == 0 and f"wrote {tmp_path / 'o2'}/: masks.hdf5, <id>_overlay.jpg, predictions.csv" in err
+    assert len(list((tmp_path / "o2").glob("*_overlay.jpg"))) == 3
     assert _run(["--weights", weights, "--data", str(tmp_path / "missing.hdf5"), "--out", str(out)], capsys)[0] == 2
 
 
