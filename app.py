@@ -258,7 +258,7 @@ def analyse(predictor, path, threshold, photos, state=None, max_pixels=MAX_MEGAP
 
     `path` is the uploaded file (or None); `state` the visitor's previous one, which `photos`
     forgets now, since the page no longer shows it. A file that is not a usable image
-    (imaging.load_image's checks: empty, not an image, truncated, decompression bomb) or has more
+    (imaging.read_image's checks: empty, not an image, truncated, decompression bomb) or has more
     than max_pixels gives the message in the status and None elsewhere, never an exception. The
     new state, which `photos` holds, keeps what rerender() needs, so the model runs once per
     upload: the photo at display size and the model's probability map, nothing at native size,
@@ -273,8 +273,8 @@ def analyse(predictor, path, threshold, photos, state=None, max_pixels=MAX_MEGAP
     except common.Error as e:
         # The error names the (temporary, server-side) path; the visitor knows the file by its name.
         return None, None, f"⚠️ {shown_name}: {common.one_line(e.problem)}", None, None
-    small_prob = inference.predict_probs(predictor,
-                                         predict.model_input(image, predictor.size)[None])[0]
+    square = imaging.resize_image(image, (predictor.size, predictor.size))  # what the model sees
+    small_prob = inference.predict_probs(predictor, square[None])[0]
     state = {"folder": os.path.join(photos.folder, uuid.uuid4().hex),
              "name": os.path.splitext(shown_name)[0] or "photo", "hw": native, "image": image,
              "small_prob": small_prob, "renders": [],
@@ -344,7 +344,7 @@ def build_ui(predictor, folder, photos, max_pixels=MAX_MEGAPIXELS * 10**6):
         with gr.Row():
             with gr.Column(scale=1):
                 # A plain file upload, not gr.Image: Gradio would decode (and re-encode) the photo
-                # itself; this way imaging.load_image sees the visitor's bytes and applies its
+                # itself; this way imaging.read_image sees the visitor's bytes and applies its
                 # checks (empty, not an image, truncated, decompression bomb) and the EXIF
                 # orientation.
                 upload = gr.File(label="Dermoscopy photo", file_count="single", elem_id="upload")

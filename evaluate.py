@@ -345,7 +345,7 @@ def _decode(pair, size):
     t = time.perf_counter()
     try:
         # Draft mode: a 4288x2848 JPEG decodes at 1/8 scale straight to >= size x size.
-        image = imaging.load_image(pair.image, min_size=(size, size))
+        image = imaging.read_image(pair.image, min_size=(size, size))[0]
     except common.Error as e:
         return {"file": e.file, "problem": e.problem}, time.perf_counter() - t
     decoded = Decoded(pair, image.shape[:2], imaging.resize_image(image, (size, size)))
@@ -403,7 +403,7 @@ def evaluate(predictor, pairs, threshold=0.5, tta=False, out=None, save_masks=No
                                           review_at)
     # In image order, so rows, problems and the grid sample are the same on every run.
     for decoded, scored in inference.overlap(pairs, decode, finish, predict, predictor.batch,
-                                             timing, problems, bar, workers):
+                                             timing, problems, bar, workers, predictor.lanes):
         timing["score"] += scored.score_s
         timing["write"] += scored.write_s
         if "problem" in scored.row:

@@ -88,11 +88,6 @@ def read_image(path, min_size=None, raw=None):
     return np.asarray(img), ((w, h) if rotated else (h, w))
 
 
-def load_image(path, min_size=None, raw=None):
-    """uint8 (H, W, 3) RGB with EXIF orientation applied (see read_image for min_size and raw)."""
-    return read_image(path, min_size, raw)[0]
-
-
 def native_hw(path, raw=None):
     """(h, w) as displayed (EXIF rotation applied), from the header only: no decode. A bad file
     is a one-line Error (open_image)."""
@@ -153,8 +148,7 @@ def resize_prob(prob, size_hw):
 
 def mask_png(mask, file):
     """A bool mask as the ISIC submission's PNG, 8-bit greyscale 0/255, into a file object."""
-    Image.fromarray(np.asarray(mask).astype(np.uint8) * 255, mode="L").save(
-        file, format="PNG", compress_level=1)
+    Image.fromarray(np.uint8(mask) * 255, mode="L").save(file, format="PNG", compress_level=1)
 
 
 def save_mask_png(folder, image_id, mask):

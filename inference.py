@@ -8,10 +8,12 @@ threshold a model carries, and the loop that keeps the model busy while threads 
 predict.py, evaluate.py, export.py and app.py all predict through here, so a model means the same
 probabilities to each of them. No Keras at import: a .tflite never loads it.
 """
+import itertools
 import json
 import os
 import re
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -34,6 +36,7 @@ class Predictor:
         self.batch = batch  # images per call: amortizes per-call overhead without much memory
         self.review_threshold, self.review_source = review_threshold, review_source
         self._run_batch = run_batch
+        self.lanes = getattr(run_batch, "lanes", 1)  # calls that may run at once (overlap)
 
     def predict(self, images):
         images = np.asarray(images)
@@ -175,37 +178,41 @@ def predict_probs(predictor, images, tta=False, post="none", threshold=0.5):
     return np.stack([postprocess.postprocess(p, threshold, post) for p in probs])
 
 
-def overlap(items, decode, finish, predict, batch, timing, problems, bar, workers=None):
-    """The model never waits for the disk: while it predicts batch i, one thread decodes batch
-    i + 1 and a pool finishes (scores, writes) batch i - 1, at most three batches in flight.
-    Pillow's decoding and PNG writes release the GIL, so the threads run beside the model.
+def overlap(items, decode, finish, predict, batch, timing, problems, bar, workers=None, lanes=1):
+    """The model never waits for the disk: one thread decodes batches ahead, `lanes` threads run
+    the model on one batch each (a .tflite: one interpreter per core, Predictor.lanes; else one
+    thread), and a pool finishes (scores, writes) the batch before, at most lanes + 2 batches in
+    flight. Pillow, LiteRT and PNG writes let go of the GIL, so the threads share the cores.
     decode(item) -> (a tuple ending in the model input, or a problem dict; seconds); finish(decoded,
     prob) runs in the pool. Yields (decoded, finish's result) in item order; problems and times are
     recorded (`python bench/bench_evaluate.py --photos` measures it against the model alone)."""
     chunks = (items[i:i + batch] for i in range(0, len(items), batch))
+
+    def model_step(jobs):  # on a model thread: its batch's photos as they decode, then the model
+        results = [job.result() for job in jobs]
+        decoded = [r for r, _ in results if not isinstance(r, dict)]
+        t = time.perf_counter()
+        probs = predict(np.stack([d[-1] for d in decoded])) if decoded else []
+        return results, decoded, probs, time.perf_counter() - t
+
     workers = workers or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(1) as decoder, ThreadPoolExecutor(workers) as pool:
-        submit = lambda chunk: [decoder.submit(decode, item) for item in chunk or ()]
-        decoding, finishing = submit(next(chunks, None)), []
-        while decoding:
-            decoded = []
-            for job in decoding:
-                result, seconds = job.result()
+    with ThreadPoolExecutor(1) as decoder, ThreadPoolExecutor(lanes) as model, \
+            ThreadPoolExecutor(workers) as pool:
+        submit = lambda chunk: model.submit(model_step, [decoder.submit(decode, i) for i in chunk])
+        stepping, finishing = deque(submit(c) for c in itertools.islice(chunks, lanes + 1)), []
+        while stepping:
+            results, decoded, probs, seconds = stepping.popleft().result()
+            stepping.extend(submit(c) for c in itertools.islice(chunks, 1))
+            timing["predict"] += seconds
+            for result, seconds in results:
                 timing["decode"] += seconds
                 if isinstance(result, dict):
                     problems.append(result)
                     bar.update()
-                else:
-                    decoded.append(result)
-            decoding = submit(next(chunks, None))
-            if decoded:
-                t = time.perf_counter()
-                probs = predict(np.stack([d[-1] for d in decoded]))
-                timing["predict"] += time.perf_counter() - t
-                jobs = [(d, pool.submit(finish, d, prob)) for d, prob in zip(decoded, probs)]
-                for d, job in finishing:  # batch i - 1 has been finishing while batch i predicted
-                    yield d, job.result()
-                finishing = jobs
+            jobs = [(d, pool.submit(finish, d, prob)) for d, prob in zip(decoded, probs)]
+            for d, job in finishing:  # the batch before has been finishing while this one ran
+                yield d, job.result()
+            finishing = jobs
         for d, job in finishing:
             yield d, job.result()
 

@@ -28,18 +28,13 @@ PREVIEW_SIDE = 1024  # px, long side of overlays and of what the web page shows
 BAND_ROWS = 256  # rows of a native-size map worked out at a time (see native_mask)
 
 
-def model_input(image, size):
-    """The size x size squash the model sees (the one evaluate.py's scores are measured on)."""
-    return imaging.resize_image(image, (size, size))
-
-
 def decode_preview(file, native, raw=None):
     """The photo as uint8 (h, w, 3), its long side at most PREVIEW_SIDE (never enlarged): a JPEG
     decodes in draft mode at the smallest scale that still covers it, so full-resolution pixels
     are never decoded."""
     scale = min(1.0, PREVIEW_SIDE / max(native))
     hw = max(1, round(native[0] * scale)), max(1, round(native[1] * scale))
-    return imaging.resize_image(imaging.load_image(file, min_size=hw, raw=raw), hw)
+    return imaging.resize_image(imaging.read_image(file, min_size=hw, raw=raw)[0], hw)
 
 
 def native_mask(small_prob, size_hw, threshold=0.5):
@@ -178,7 +173,8 @@ def _decode_photo(reader, image_id, file, size):
     except (OSError, KeyError) as e:
         problem = f"cannot read ({common.one_line(e)})"
         return {"file": file, "problem": problem}, time.perf_counter() - t
-    return (image_id, file, native, preview, model_input(preview, size)), time.perf_counter() - t
+    model_input = imaging.resize_image(preview, (size, size))  # the squash evaluate.py scores
+    return (image_id, file, native, preview, model_input), time.perf_counter() - t
 
 
 def _write_prediction(folder, image_id, file, native, preview, small_prob, threshold, overlays,
@@ -233,7 +229,7 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
             writer = csv.DictWriter(rows, COLUMNS, extrasaction="ignore", lineterminator="\n")
             for _, (row, seconds) in inference.overlap(todo, decode, write, predict,
                                                        predictor.batch, timing, problems, bar,
-                                                       workers):
+                                                       workers, predictor.lanes):
                 cells = {**row, **{k: format(row[k], f) for k, f in DECIMALS.items()}}
                 if archived:  # a part's masks at a time, then its rows
                     masks.add(row["image_id"], row["png"], cells)

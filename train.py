@@ -276,8 +276,7 @@ def setup(cfg, place=None):
     part."""
     import keras
     accel, backend, cpu = accelerator(), keras.backend.backend(), cpu_info()
-    precision, precision_why = precision_rule(cfg, accel, cpu["flags"])
-    keras.mixed_precision.set_global_policy(precision or "float32")
+    precision, precision_why = precision_rule(cfg, accel, cpu["flags"])  # the policy: settle's
     mode = distribution_mode(cfg, backend, accel, place)
     scope, replicas = contextlib.nullcontext, 1
     if mode != "none":  # several devices or processes: extras/distribute.py

@@ -50,8 +50,8 @@ def main(argv=None):
     natives = stage("header", lambda fr: imaging.native_hw(*fr), list(zip(files, raws)))
     previews = stage("decode (draft)", lambda a: predict.decode_preview(*a),
                      list(zip(files, natives, raws)))
-    inputs = stage("squash to model size", lambda im: predict.model_input(im, predictor.size),
-                   previews)
+    side = (predictor.size, predictor.size)
+    inputs = stage("squash to model size", lambda im: imaging.resize_image(im, side), previews)
     probs = stage("model", lambda x: predictor.predict(x[None])[0], inputs)
     masks = stage("mask at native size", lambda a: predict.native_mask(*a)[0],
                   list(zip(probs, natives)))

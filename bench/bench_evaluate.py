@@ -55,7 +55,7 @@ def main():
         predictor.batch = args.batch or predictor.batch
 
         # The model's own time: the same images, already decoded and resized, same batching.
-        images = np.stack([imaging.resize_image(imaging.load_image(q.image, min_size=(args.size,) * 2),
+        images = np.stack([imaging.resize_image(imaging.read_image(q.image, min_size=(args.size,) * 2)[0],
                                                 (args.size,) * 2) for q in pairs])
         predictor.predict(images)  # warm-up: traces the predict function for both batch shapes
 

@@ -51,6 +51,7 @@ def build(variant, size, depth, filters, batch, jit=None):
     _, rt = train.setup(cfg)
     info = dataclasses.asdict(rt)
     info["precision"] = info["precision"] or "float32"  # where train.py would probe: its default
+    keras.mixed_precision.set_global_policy(info["precision"])
     info["jit"] = info["jit"] if jit is None else jit
     if info["jit"] is None:  # where train.py would probe a long run: Keras's default here (--jit both times both)
         info["jit"] = False

@@ -71,7 +71,7 @@ def prepare_data(src, dst, size):
         log(f"skipped: {problem['file']}: {problem['problem']}")
 
     def one(pair):
-        image = imaging.resize_image(imaging.load_image(pair.image, min_size=(size, size)), (size, size))
+        image = imaging.resize_image(imaging.read_image(pair.image, min_size=(size, size))[0], (size, size))
         mask = imaging.resize_mask(imaging.load_mask(pair.mask), (size, size))
         for path, array, fmt in ((pair.image, image, "JPEG"), (pair.mask, mask.astype(np.uint8) * 255, "PNG")):
             out = os.path.join(dst, os.path.relpath(path, src))

@@ -20,7 +20,6 @@ import imaging  # noqa: E402
 import inference  # noqa: E402
 import layouts  # noqa: E402
 import metrics  # noqa: E402
-import predict  # noqa: E402
 from extras import postprocess  # noqa: E402
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -42,7 +41,7 @@ def main(argv=None):
     pairs = [q for r in roots for q in layouts.find_pairs(r, run.get("val_fraction", 0.1), run.get("test_fraction", 0.1))[0]
              if q.split == args.split]
     size = predictor.size
-    images = np.stack([predict.model_input(imaging.load_image(q.image, min_size=(size, size)), size)
+    images = np.stack([imaging.resize_image(imaging.read_image(q.image, min_size=(size, size))[0], (size, size))
                        for q in pairs])
     truths = [imaging.load_mask(q.mask) for q in pairs]
     scores = {}

@@ -45,11 +45,21 @@ class Reader:
         self.archives = {}
 
     def raw(self, file):
+        import h5py
+
         archive, _, key = file.rpartition(":")
         if archive not in self.archives:
-            import h5py
             self.archives[archive] = h5py.File(archive, "r")
-        value = self.archives[archive][key][()]
+        f = self.archives[archive]
+        try:  # h5py's low-level read: a third of the high-level one's time, per photo
+            dataset = h5py.h5d.open(f.id, key.encode())
+            if dataset.dtype.kind in "VuS" and dataset.shape is not None:  # bytes, as stored
+                value = np.empty(dataset.shape, dataset.dtype)
+                dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, value)
+                return value.tobytes()
+        except KeyError:
+            pass  # not a dataset's name: the lookup below says so
+        value = f[key][()]
         if isinstance(value, bytes):
             return value
         if isinstance(value, (np.ndarray, np.generic)):  # uint8 arrays, opaque (np.void) scalars
@@ -149,8 +159,11 @@ class MaskArchive:
         while os.path.exists(name := os.path.join(self.parts, f"{number:06d}.hdf5")):
             number += 1
         with common.atomic_path(name) as tmp, h5py.File(tmp, "w") as f:
-            for image_id, png in self.pending:
-                f.create_dataset(image_id, data=np.void(png))
+            for image_id, png in self.pending:  # h5py's low-level calls: a third of the time
+                value = np.void(png)
+                dataset = h5py.h5d.create(f.id, image_id.encode(), h5py.h5t.py_create(value.dtype),
+                                          h5py.h5s.create(h5py.h5s.SCALAR))
+                dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, np.asarray(value))
         with open(self.csv_path, "a", newline="") as f:  # the rows after their masks
             csv.DictWriter(f, self.columns, extrasaction="ignore",
                            lineterminator="\n").writerows(self.rows)
@@ -164,9 +177,10 @@ class MaskArchive:
         files = self.files()
         if len(files) > os.path.exists(self.path):  # parts to merge (an id twice: kept once)
             with common.atomic_path(self.path) as tmp, h5py.File(tmp, "w") as merged:
+                done = set()
                 for file in files:
                     with h5py.File(file, "r") as f:
-                        for image_id in f:
-                            if image_id not in merged:
-                                f.copy(f[image_id], merged)
+                        for image_id in (f.keys() - done):
+                            h5py.h5o.copy(f.id, image_id.encode(), merged.id, image_id.encode())
+                            done.add(image_id)
         shutil.rmtree(self.parts, ignore_errors=True)

@@ -299,18 +299,18 @@ def test_large_photos_decode_one_at_a_time(tmp_path, photos, monkeypatch):
     visitors' large photos decode in turn: the peak is one photo's, not CONCURRENCY photos'."""
     path = tmp_path / "five.png"
     Image.new("L", (2500, 2000), 140).save(path)  # 5 Mpx, over BIG_PHOTO
-    inside, overlaps, load_image = [0], [], imaging.load_image
+    inside, overlaps, read_image = [0], [], imaging.read_image
 
-    def counting_load_image(*args, **kwargs):
+    def counting_read_image(*args, **kwargs):
         inside[0] += 1
         overlaps.append(inside[0])
         time.sleep(0.05)
         try:
-            return load_image(*args, **kwargs)
+            return read_image(*args, **kwargs)
         finally:
             inside[0] -= 1
 
-    monkeypatch.setattr(imaging, "load_image", counting_load_image)
+    monkeypatch.setattr(imaging, "read_image", counting_read_image)
     with ThreadPoolExecutor(4) as pool:
         texts = [r[2] for r in pool.map(
             lambda _: app.analyse(FakePredictor(), str(path), 0.5, photos), range(4))]

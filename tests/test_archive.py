@@ -1,7 +1,7 @@
 """extras/archive.py's archive form and the LiteRT lanes (extras/formats.py) that run it: an HDF5
 archive's masks in one file, committed a part at a time so that a kill -9 loses at most a part and
-a rerun finishes the archive with every photo once; parts merged even when an id is in two; lanes
-give the same numbers as one interpreter."""
+a rerun finishes the archive with every photo once; parts merged even when an id is in two; LiteRT
+lanes called from several threads at once give the numbers of one interpreter."""
 import csv
 import io
 import os
@@ -108,13 +108,31 @@ def test_kill_9_mid_archive_then_rerun_finishes_it_once(tmp_path):
     assert all(masks[k] == first[ids[i % 4]] for i, k in enumerate(ids))
 
 
-@pytest.mark.parametrize("lanes, count", [(2, 1), (2, 5), (3, 7)])
-def test_lanes_give_the_numbers_of_one_interpreter(lanes, count):
+@pytest.mark.parametrize("lanes, callers", [(1, 3), (2, 2), (2, 5)])
+def test_lanes_run_at_once_and_give_the_numbers_of_one_interpreter(lanes, callers):
+    from concurrent.futures import ThreadPoolExecutor
+
     from extras import formats
 
     pytest.importorskip("ai_edge_litert")
-    x = np.random.default_rng(count).integers(0, 256, (count, 128, 128, 3), dtype=np.uint8)
+    from ai_edge_litert.interpreter import Interpreter  # as a phone runs it
+
+    batches = [np.random.default_rng(i).integers(0, 256, (1 + i % 3, 128, 128, 3), dtype=np.uint8)
+               for i in range(6)]
     shape, one = formats.open_tflite(RELEASED_INT8, lanes=1)
-    _, split = formats.open_tflite(RELEASED_INT8, lanes=lanes)
-    assert shape == [1, 128, 128, 3]
-    assert np.array_equal(one(x), split(x)) and split(x).shape == (count, 128, 128)
+    _, run = formats.open_tflite(RELEASED_INT8, lanes=lanes)
+    assert shape == [1, 128, 128, 3] and run.lanes == lanes
+    alone = [one(x) for x in batches]
+    phone = Interpreter(model_path=RELEASED_INT8, num_threads=1)
+    phone.allocate_tensors()
+    (i,), (o,) = phone.get_input_details(), phone.get_output_details()
+    for x, probs in zip(batches, alone):
+        for image, prob in zip(x, probs):
+            phone.set_tensor(i["index"], image[None])
+            phone.invoke()
+            y = phone.get_tensor(o["index"])[0, ..., 0]  # uint8: the mask is y > 128
+            assert np.array_equal(prob, (y.astype(np.float32) - o["quantization"][1]) * o["quantization"][0])
+    with ThreadPoolExecutor(callers) as pool:  # more callers than lanes wait for a free one
+        together = list(pool.map(run, batches))
+    assert all(np.array_equal(a, b) and a.shape == (len(x), 128, 128)
+               for a, b, x in zip(alone, together, batches))

@@ -210,10 +210,10 @@ def test_load_image_exif_rotation_and_draft(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise for display
     Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif)
-    assert imaging.load_image(str(tmp_path / "r.jpg")).shape == (60, 40, 3)
+    assert imaging.read_image(str(tmp_path / "r.jpg"))[0].shape == (60, 40, 3)
     Image.fromarray(np.zeros((800, 1200, 3), np.uint8)).convert("L").save(tmp_path / "g.jpg")
-    full = imaging.load_image(str(tmp_path / "g.jpg"))
-    small = imaging.load_image(str(tmp_path / "g.jpg"), min_size=(64, 64))
+    full = imaging.read_image(str(tmp_path / "g.jpg"))[0]
+    small = imaging.read_image(str(tmp_path / "g.jpg"), min_size=(64, 64))[0]
     assert full.shape == (800, 1200, 3) and full.dtype == np.uint8
     assert small.shape == (100, 150, 3)  # 1/8 scale: still >= 64 on both sides
 

@@ -87,7 +87,7 @@ def _one_photo(predictor, file, threshold=0.5, tta=False):
     preview size, the model on its squash, the map resized back to the native size."""
     native = imaging.native_hw(file)
     preview = predict.decode_preview(file, native)
-    x = predict.model_input(preview, predictor.size)[None]
+    x = imaging.resize_image(preview, (predictor.size, predictor.size))[None]
     small = inference.predict_probs(predictor, x, tta)[0]
     mask, stats = predict.native_mask(small, native, threshold)
     return {**stats, "uncertainty": float(metrics.uncertainty(small, threshold))}, mask
@@ -96,7 +96,7 @@ def _one_photo(predictor, file, threshold=0.5, tta=False):
 def test_native_prob_returns_the_thresholded_mask_at_native_size(model):
     _, predictor = model
     image = synthetic.make_synthetic(1, size_wh=(70, 45))[0][0]
-    small = inference.predict_probs(predictor, predict.model_input(image, predictor.size)[None])[0]
+    small = inference.predict_probs(predictor, imaging.resize_image(image, (predictor.size, predictor.size))[None])[0]
     prob = imaging.resize_prob(small, (45, 70))
     mask, stats = predict.native_mask(small, (45, 70), threshold=0.5)
     assert prob.shape == mask.shape == (45, 70)
@@ -105,14 +105,14 @@ def test_native_prob_returns_the_thresholded_mask_at_native_size(model):
     assert stats == _reference_stats(mask, prob)
     low, _ = predict.native_mask(small, (45, 70), threshold=0.0)
     assert np.array_equal(low, prob > 0.0)
-    x = predict.model_input(image, predictor.size)[None]
+    x = imaging.resize_image(image, (predictor.size, predictor.size))[None]
     flips = inference.predict_probs(predictor, x, tta=True)
     by_hand = (predictor.predict(x) + predictor.predict(x[:, :, ::-1])[:, :, ::-1]
                + predictor.predict(x[:, ::-1])[:, ::-1]) / 3
     np.testing.assert_allclose(flips, by_hand, atol=1e-6)
     assert imaging.resize_prob(flips[0], (45, 70)).shape == (45, 70)
     with pytest.raises(ValueError):
-        inference.predict_probs(predictor, predict.model_input(image[..., 0], predictor.size)[None])
+        inference.predict_probs(predictor, imaging.resize_image(image[..., 0], (predictor.size, predictor.size))[None])
 
 
 @pytest.mark.parametrize("hw", [(288, 384), (1000, 700), (97, 131), (20, 20), (513, 3)])
