@@ -168,11 +168,9 @@ def _decode_photo(reader, image_id, file, size):
         raw = reader.raw(file) if reader else None  # an archive's photo: bytes from it
         native = imaging.native_hw(file, raw)  # a bad file fails here, as one line naming it
         preview = decode_preview(file, native, raw)
-    except common.Error as e:
-        return {"file": e.file, "problem": e.problem}, time.perf_counter() - t
-    except (OSError, KeyError) as e:
-        problem = f"cannot read ({common.one_line(e)})"
-        return {"file": file, "problem": problem}, time.perf_counter() - t
+    except (common.Error, OSError, KeyError) as e:  # common.Error names the file and the problem
+        why = e.problem if isinstance(e, common.Error) else f"cannot read ({common.one_line(e)})"
+        return {"file": getattr(e, "file", file), "problem": why}, time.perf_counter() - t
     model_input = imaging.resize_image(preview, (size, size))  # the squash evaluate.py scores
     return (image_id, file, native, preview, model_input), time.perf_counter() - t
 
@@ -197,7 +195,6 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
     predictions.csv rows (appended in photo order). An archive's masks go into one file
     (extras/archive.py). Photos an earlier run finished are skipped unless overwrite; a bad file
     is a problem, skipped. Returns counts, not rows, so memory stays flat over an archive."""
-    os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "predictions.csv")
     archived = photos[0][1].rpartition(":")[0].lower().endswith(HDF5_SUFFIXES) if photos else False
     overlays, reader, masks = not archived if overlays is None else overlays, None, None
@@ -224,12 +221,15 @@ def predict_photos(predictor, photos, out, threshold=0.5, tta=False, post="none"
     write = lambda d, prob: _write_prediction(out, *d[:-1], prob, threshold, overlays,
                                               predictor.review_threshold, masks)
     predict = lambda x: inference.predict_probs(predictor, x, tta, post, threshold)
+    steps = inference.overlap  # an archive and a .tflite: whole photos in worker processes
+    if archived and predictor.lanes > 1:
+        settings = (_decode_photo, _write_prediction, out, threshold, overlays, tta, post)
+        steps = functools.partial(archive.in_processes, predictor, settings)
     try:
         with open(csv_path, "a", newline="") as rows:
             writer = csv.DictWriter(rows, COLUMNS, extrasaction="ignore", lineterminator="\n")
-            for _, (row, seconds) in inference.overlap(todo, decode, write, predict,
-                                                       predictor.batch, timing, problems, bar,
-                                                       workers, predictor.lanes):
+            for _, (row, seconds) in steps(todo, decode, write, predict, predictor.batch, timing,
+                                           problems, bar, workers, predictor.lanes):
                 cells = {**row, **{k: format(row[k], f) for k, f in DECIMALS.items()}}
                 if archived:  # a part's masks at a time, then its rows
                     masks.add(row["image_id"], row["png"], cells)
@@ -281,8 +281,7 @@ def main(argv=None):
         raise common.Error(args.data, "no photo could be segmented", exit_code=1)
     s = result["seconds"]
     print(f"predicted {result['done']} ({len(result['problems'])} skipped) in {s['total']:.2f}s "
-          f"(predict {s['predict']:.2f}, decode {s['decode']:.2f}, "
-          f"resize-back+write {s['write']:.2f})")
+          f"(predict {s['predict']:.2f}, decode {s['decode']:.2f}, masks+write {s['write']:.2f})")
     print(f"review: {result['flagged']} of {result['done']} photos flagged, uncertainty over "
           f"{predictor.review_threshold:.3f} ({predictor.review_source}); predictions.csv has "
           "each photo's uncertainty and review (1: flagged)")

@@ -4,15 +4,21 @@
 
 An --data ending in .hdf5 or .h5 brings in find_photos and Reader: the archive holds one dataset of
 JPEG bytes per isic_id, and each photo is named "<archive>:<isic_id>" in predictions.csv and in
-error lines. Its masks go into one file, not 400,000 (MaskArchive): out/masks.hdf5, laid out as
+error lines. With a .tflite on several cores, whole photos run in worker processes (in_processes).
+Its masks go into one file, not 400,000 (MaskArchive): out/masks.hdf5, laid out as
 the photos' archive, one dataset of PNG bytes per isic_id. A rerun into an --out that already holds
 a predictions.csv (without --overwrite) brings in finished: it keeps the rows an earlier run
 finished, so that run's photos are skipped. h5py comes with TensorFlow; only an archive imports it.
 """
 import csv
 import io
+import itertools
+import multiprocessing
 import os
 import shutil
+import signal
+import time
+from collections import deque
 
 import numpy as np
 
@@ -184,3 +190,61 @@ class MaskArchive:
                             h5py.h5o.copy(f.id, image_id.encode(), merged.id, image_id.encode())
                             done.add(image_id)
         shutil.rmtree(self.parts, ignore_errors=True)
+
+
+# --- Whole photos in worker processes ----------------------------------------------------------
+WORKER = {}  # in each worker process: its own Predictor (one LiteRT interpreter) and Reader
+
+
+def in_processes(predictor, settings, items, decode, finish, predict, batch, timing, problems, bar,
+                 workers=None, lanes=1):
+    """inference.overlap's contract (yields (None, (row, seconds)) in item order; problems and
+    times recorded) for an archive and a .tflite: each batch runs whole (read, decode, model, mask,
+    PNG) in one of `lanes` worker processes, each with its own model and archive reader. Threads
+    in one process share the GIL and wait for each other; processes do not (docs/benchmarks.md).
+    settings: predict_photos' (its decode_photo and write_prediction functions, out, threshold,
+    overlays, tta, post): each worker makes its decode, finish and predict from them, so the
+    closures given are not used. At most 2 x lanes batches are in flight; a worker ignores Ctrl-C,
+    which the main process handles."""
+    chunks = (items[i:i + batch] for i in range(0, len(items), batch))
+    start = (predictor.path, predictor.size, predictor.review_threshold, settings)
+    with multiprocessing.get_context("spawn").Pool(lanes, _start_worker, start) as pool:
+        submit = lambda chunk: pool.apply_async(_run_batch, (chunk,))
+        pending = deque(submit(c) for c in itertools.islice(chunks, 2 * lanes))
+        while pending:
+            results, seconds = pending.popleft().get()
+            pending.extend(submit(c) for c in itertools.islice(chunks, 1))
+            for key, value in seconds.items():
+                timing[key] += value
+            for result in results:
+                if isinstance(result, dict):  # a photo that could not be read
+                    problems.append(result)
+                    bar.update()
+                else:
+                    yield None, result
+
+
+def _start_worker(path, size, review_threshold, settings):
+    import inference
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    WORKER.update(predictor=inference.load_predictor(path, size, review_threshold),
+                  reader=Reader(), settings=settings)
+
+
+def _run_batch(chunk):
+    """[a problem dict or (row, seconds) per photo], {"decode", "predict"} seconds."""
+    import inference
+
+    predictor, reader = WORKER["predictor"], WORKER["reader"]
+    decode_photo, write_prediction, out, threshold, overlays, tta, post = WORKER["settings"]
+    decoded = [decode_photo(reader, *item, predictor.size) for item in chunk]
+    good = [d for d, _ in decoded if not isinstance(d, dict)]
+    t = time.perf_counter()
+    probs = inference.predict_probs(predictor, np.stack([d[-1] for d in good]), tta, post,
+                                    threshold) if good else []
+    seconds = {"decode": sum(s for _, s in decoded), "predict": time.perf_counter() - t}
+    rows = iter(write_prediction(out, *d[:-1], prob, threshold, overlays,
+                                 predictor.review_threshold, MaskArchive)
+                for d, prob in zip(good, probs))
+    return [d if isinstance(d, dict) else next(rows) for d, _ in decoded], seconds
