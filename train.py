@@ -269,9 +269,9 @@ def distribution_mode(cfg, backend, accel, place):
 
 
 def setup(cfg, place=None):
-    """Set precision and distribution for this machine: (strategy scope, Runtime). The scope is
-    MirroredStrategy's, else a null context. Runtime.precision / .jit are None where settle must
-    probe.
+    """Resolve precision and XLA by their rules and set up distribution for this machine: (strategy
+    scope, Runtime). The scope is MirroredStrategy's, else a null context. Runtime.precision / .jit
+    are None where settle must probe; settle sets the dtype policy.
     place: this process's place in a run over several (extras/cluster.py), whose devices all take
     part."""
     import keras

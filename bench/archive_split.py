@@ -10,7 +10,6 @@ figures, the uncertainty, the mask PNG (encoded in memory, then written as its o
 predict.py's atomic write), and the overlay JPEG.
 """
 import argparse
-import io
 import os
 import sys
 import tempfile
@@ -56,7 +55,7 @@ def main(argv=None):
     masks = stage("mask at native size", lambda a: predict.native_mask(*a)[0],
                   list(zip(probs, natives)))
     stage("uncertainty", lambda pr: metrics.flag(pr, 0.5, 0.2), probs)
-    pngs = stage("mask PNG, encoded", png_bytes, masks)
+    pngs = stage("mask PNG, encoded", archive.MaskArchive.encode, masks)
     with tempfile.TemporaryDirectory() as out:
         stage("mask PNG, own file (atomic)", lambda a: imaging.save_mask_png(out, *a),
               [(f"p{i}", m) for i, m in enumerate(masks)])
@@ -71,12 +70,6 @@ def main(argv=None):
         print(f"| {name} | {ms:.3f} | {100 * ms / total:.1f}% |")
     print(f"| all, one after another | {total:.3f} | 100% |")
     return 0
-
-
-def png_bytes(mask):
-    buffer = io.BytesIO()
-    imaging.mask_png(mask, buffer)
-    return buffer.getvalue()
 
 
 if __name__ == "__main__":

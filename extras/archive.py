@@ -138,8 +138,12 @@ class MaskArchive:
 
         ids = set()
         for file in self.files():
-            with h5py.File(file, "r") as f:
-                ids.update(f.keys())
+            try:
+                with h5py.File(file, "r") as f:
+                    ids.update(f.keys())
+            except OSError as e:
+                raise common.Error(file, f"not a readable HDF5 file ({common.one_line(e)}); "
+                                         "--overwrite redoes the archive") from None
         return ids
 
     @staticmethod

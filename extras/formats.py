@@ -14,8 +14,8 @@ import numpy as np
 
 import common
 
-# ONNX's packages are optional: a missing one is one line saying what to install.
 TFLITE_BATCH = 16  # images per run() call: one lane's batch
+# ONNX's packages are optional: a missing one is one line saying what to install.
 PINS = {"tf2onnx": "tf2onnx==1.17.0", "onnx": "onnx==1.23.2", "onnxruntime": "onnxruntime==1.32.0"}
 
 
@@ -63,8 +63,8 @@ def open_tflite(path, lanes=None):
     core) single-thread interpreters; run(x) takes a free one for the whole batch, so up to `lanes`
     calls run at once from as many threads (run.lanes says how many; LiteRT lets go of the GIL
     while it runs; inference.overlap uses it). On two cores, two lanes run the int8 U-Net faster
-    than one two-thread interpreter, whose threads wait for each other at every layer, and never
-    wait for each other at all (docs/benchmarks.md)."""
+    than one two-thread interpreter, whose two threads wait for each other at every layer, where
+    two lanes never wait for each other (docs/benchmarks.md)."""
     import queue
 
     from ai_edge_litert.interpreter import Interpreter

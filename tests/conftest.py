@@ -31,6 +31,29 @@ def free_port():
         return s.getsockname()[1]
 
 
+def kill_9_after_rows(cmd, csv_path, rows, timeout=120):
+    """Start cmd, SIGKILL it as soon as csv_path holds at least `rows` data rows (or after
+    `timeout` s); the rows it had then. Nothing outlives the call."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    seen, deadline = 0, time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:  # wait for real progress, then kill
+            if os.path.exists(csv_path):
+                with open(csv_path) as f:
+                    seen = sum(1 for _ in f) - 1
+                if seen >= rows:
+                    break
+            time.sleep(0.005)
+    finally:  # killed here whether or not the wait saw progress
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    return seen
+
+
 def run_cli(module, argv, capsys):
     """(exit code, stdout, stderr) of module.main(argv) run in-process; never a traceback."""
     code = module.main(argv)

@@ -5,16 +5,15 @@ lanes called from several threads at once give the numbers of one interpreter.""
 import csv
 import io
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, kill_9_after_rows
 from PIL import Image
 
+import common
 import predict
 from extras import archive, synthetic
 
@@ -69,6 +68,10 @@ def test_parts_merge_once_each_and_a_kill_leaves_only_whole_parts(tmp_path, monk
     again.add("ISIC_9", _png(5), {"image_id": "ISIC_9"})
     again.close()
     assert _masks(tmp_path / "masks.hdf5") == {**merged, "ISIC_9": _png(5)}
+    # A masks file that is not HDF5 (damaged by hand, say) stops a rerun in one line naming it.
+    (tmp_path / "masks.hdf5").write_bytes(b"not hdf5")
+    with pytest.raises(common.Error, match=r"masks\.hdf5: not a readable HDF5 file .*--overwrite"):
+        archive.MaskArchive(str(tmp_path), str(csv_path), predict.COLUMNS).ids()
     # --overwrite starts from nothing.
     archive.MaskArchive(str(tmp_path), str(csv_path), predict.COLUMNS, overwrite=True).close()
     assert not (tmp_path / "masks.hdf5").exists() and not (tmp_path / archive.PARTS).exists()
@@ -83,18 +86,8 @@ def test_kill_9_mid_archive_then_rerun_finishes_it_once(tmp_path):
             f"sys.exit(predict.main(['--weights', {RELEASED_INT8!r}, '--data', {str(source)!r}, "
             f"'--out', {str(out)!r}, '--no-progress']))")
     cmd = [sys.executable, "-c", code]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    csv_path, rows_at_kill, deadline = out / "predictions.csv", 0, time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:  # wait for two parts, then kill
-            if csv_path.exists():
-                rows_at_kill = len(csv_path.read_text().splitlines()) - 1
-                if rows_at_kill >= 80:
-                    break
-            time.sleep(0.005)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
+    csv_path = out / "predictions.csv"
+    rows_at_kill = kill_9_after_rows(cmd, csv_path, 80)  # two parts committed, then killed
     assert 80 <= rows_at_kill < 600, rows_at_kill  # killed mid-way
     assert not (out / "masks.hdf5").exists()  # the parts are all there is
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)

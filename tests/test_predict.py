@@ -6,14 +6,12 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from conftest import MANY, ROOT, run_cli
+from conftest import MANY, ROOT, kill_9_after_rows, run_cli
 from hypothesis import given, strategies as st
 from PIL import Image
 
@@ -324,18 +322,8 @@ def test_kill_9_mid_archive_then_rerun_finishes_it_once(model, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(ROOT, "predict.py"), "--weights", weights, "--data", str(folder),
            "--out", str(out), "--no-progress", "--no-overlay"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    csv_path, rows_at_kill, deadline = out / "predictions.csv", 0, time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:  # wait for real progress, then kill
-            if csv_path.exists():
-                rows_at_kill = len(csv_path.read_text().splitlines()) - 1
-                if rows_at_kill >= 16:
-                    break
-            time.sleep(0.01)
-    finally:  # killed here whether or not the wait above saw progress: nothing outlives the test
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
+    csv_path = out / "predictions.csv"
+    rows_at_kill = kill_9_after_rows(cmd, csv_path, 16)
     assert 16 <= rows_at_kill < 240, rows_at_kill  # killed mid-way, not before or after
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
