@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 from conftest import ROOT
+from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 import app
@@ -125,14 +126,20 @@ def _dice(a, b):
 
 
 def _open(browser, site, **context):
-    """A fresh visitor: a page on the site, every request it makes recorded."""
+    """A fresh visitor: a page on the site, every request it makes recorded. A first visit
+    reloads itself once, cross-origin isolated by sw.js; body[data-ready] outlives that reload."""
     ctx = browser.new_context(accept_downloads=True, **context)
     page = ctx.new_page()
     page.requests = []
     ctx.on("request", lambda r: page.requests.append((r.method, r.url, r.post_data_buffer)))
     page.goto(site.page)
-    assert page.evaluate("window.skinUnet.ready") is True, page.text_content("#status")
+    _ready(page)
     return ctx, page
+
+
+def _ready(page):
+    page.wait_for_selector("body[data-ready]", state="attached")
+    assert page.evaluate("window.skinUnet.ready") is True, page.text_content("#status")
 
 
 def _status(page):
@@ -150,7 +157,8 @@ def _segment(page, path):
     text, error = _status(page)
     assert not error, text
     return page.evaluate("""() => { const p = window.skinUnet.state.photo; return {
-        output: Array.from(p.output), width: p.width, height: p.height, area: p.area,
+        output: Array.from(p.output), rgb: Array.from(p.rgb), width: p.width, height: p.height,
+        area: p.area,
         uncertainty: p.uncertainty, review: p.review, threshold: p.threshold,
         calls: window.skinUnet.state.calls}; }""")
 
@@ -204,6 +212,36 @@ def _same_as_python(page, photo):
         assert np.array_equal(web, python), (name, int(np.abs(web - python).max()))
 
 
+@pytest.fixture(scope="module")
+def ready_page(browser, site):
+    ctx, page = _open(browser, site)
+    yield page
+    ctx.close()
+
+
+@settings(max_examples=30, deadline=None)
+@given(h=st.integers(1, 40), w=st.integers(1, 40), height=st.integers(1, 60),
+       width=st.integers(1, 60), seed=st.integers(0, 2**32 - 1))
+def test_resizes_equal_pillows(ready_page, h, w, height, width, seed):
+    """mask.js's two resizes against imaging.py's, any sizes up or down: the photo to the model
+    input (8-bit RGB, to the bit) and the model's map to the photo (float32, to the bit)."""
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, np.full((h, w, 1), 255, np.uint8)], axis=2)
+    web = ready_page.evaluate("([x, h, w, H, W]) => Array.from(window.skinUnet.maps.resizeImage("
+                              "Uint8Array.from(x), h, w, H, W))",
+                              [rgba.reshape(-1).tolist(), h, w, height, width])
+    expected = imaging.resize_image(rgb, (height, width)).reshape(-1)
+    assert np.array_equal(np.array(web, np.uint8), expected)
+
+    prob = rng.integers(0, 256, (h, h)).astype(np.float32) / 256  # a model's square map
+    web = ready_page.evaluate("""([q, s, H, W]) => { const out = []; window.skinUnet.maps
+        .resizeBands(Float32Array.from(q), s, s, H, W, (band) => out.push(...band), 7);
+        return out; }""", [prob.reshape(-1).tolist(), h, height, width])
+    expected = imaging.resize_prob(prob, (height, width)).reshape(-1)
+    assert np.array_equal(np.array(web, np.float32), expected)
+
+
 def test_settings_mirror_python(browser, site):
     ctx, page = _open(browser, site)
     settings = page.evaluate("window.skinUnet.settings")
@@ -215,10 +253,14 @@ def test_settings_mirror_python(browser, site):
 
 
 def test_model_output_equals_python_litert(browser, site, photos):
-    ctx, page = _open(browser, site)
-    assert page.evaluate("window.skinUnet.state.threads") == 1  # first visit: not isolated
-    _same_as_python(page, photos[0])
-    ctx.close()
+    """Both builds: one thread where no service worker may run (so no isolation), and the
+    threaded build a first visit reloads into."""
+    for workers, threads in (("block", 1), ("allow", min(4, os.cpu_count()))):
+        ctx, page = _open(browser, site, service_workers=workers)
+        assert page.evaluate("self.crossOriginIsolated") is (workers == "allow")
+        assert page.evaluate("window.skinUnet.state.threads") == threads
+        _same_as_python(page, photos[0])
+        ctx.close()
 
 
 def test_phone_page_agrees_with_predict(browser, site, photos, python_masks):
@@ -240,7 +282,14 @@ def test_phone_page_agrees_with_predict(browser, site, photos, python_masks):
         assert set(np.unique(mask)) <= {0, 255} and mask.shape == native
         mask = mask > 128
         _same_cut(mask, seen["area"], prob, 0.5)
-        # Against predict.py from the photo: the two decoders' resizes differ a little.
+        # Against predict.py from the photo. Within 1024 px the page's preview is the photo, so
+        # the model sees the same pixels (libjpeg-turbo in both) and the masks are the same; over
+        # it, the browser's preview filter is not Pillow's reduced-scale decode: close, not equal.
+        if max(native) <= predict.PREVIEW_SIDE:
+            expected = imaging.resize_image(imaging.read_image(path)[0], (128, 128))
+            assert np.array_equal(np.array(seen["rgb"], np.uint8).reshape(128, 128, 3), expected)
+            ties = imaging.resize_prob(prob, native) == np.float32(0.5)  # see _same_cut
+            assert np.all(ties[mask != python_mask]), name
         assert _dice(mask, python_mask) >= 0.98, (name, _dice(mask, python_mask))
         flagged = metrics.flag(prob, 0.5, review_at)
         assert seen["review"] == bool(flagged["review"]) == bool(int(row["review"])), name
@@ -269,7 +318,7 @@ def test_phone_page_agrees_with_predict(browser, site, photos, python_masks):
 
 def test_offline_after_one_visit(browser, photos):
     """One visit, then the server stopped and the network off: a reload still segments a photo,
-    now cross-origin isolated by sw.js and on the threaded build, with Python LiteRT's output."""
+    cross-origin isolated by sw.js, on the threaded build, with Python LiteRT's output."""
     own = Site()
     try:
         ctx, page = _open(browser, own)
@@ -278,7 +327,7 @@ def test_offline_after_one_visit(browser, photos):
         own.stop()
     ctx.set_offline(True)
     page.reload()
-    assert page.evaluate("window.skinUnet.ready") is True, page.text_content("#status")
+    _ready(page)
     assert page.evaluate("self.crossOriginIsolated") is True
     assert page.evaluate("window.skinUnet.state.threads") == min(4, os.cpu_count())
     assert _segment(page, photos[1])["area"] > 0

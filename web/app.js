@@ -15,8 +15,8 @@ const SETTINGS = {
   runtime: "./node_modules/@litertjs/core/wasm/",
 };
 const $ = (id) => document.getElementById(id);
-const state = {model: null, size: 0, reviewAt: null, reviewSource: "", threads: 1, photo: null,
-  calls: 0};
+const state = {model: null, size: 0, reviewAt: null, reviewSource: "", threads: 1, build: "",
+  photo: null, calls: 0};
 
 class Problem extends Error {} // a one-line message for the page, never a stack trace
 
@@ -27,20 +27,25 @@ function say(text, error = false) {
 
 // --- 2. The runtime --------------------------------------------------------------------------
 // The threaded build needs SharedArrayBuffer, which a browser gives only to a cross-origin
-// isolated page. A plain static server sends no such headers, so the first visit runs one thread;
-// from the next visit on, sw.js adds the headers itself and the page gets the threaded build.
+// isolated page; a plain static server sends no such headers, so sw.js adds them (step 8). Its
+// three builds: threaded (relaxed SIMD, isolated page), one thread (relaxed SIMD), compat.
+async function wantThreads() {
+  return (navigator.hardwareConcurrency || 1) > 1 && await supportsFeature("relaxedSimd");
+}
+
 async function loadRuntime() {
-  const cores = navigator.hardwareConcurrency || 1;
-  if (self.crossOriginIsolated && cores > 1 && await supportsFeature("relaxedSimd")) {
+  if (self.crossOriginIsolated && await wantThreads()) {
     try {
       await loadLiteRt(SETTINGS.runtime, {threads: true});
-      return Math.min(cores, 4); // beyond 4 threads, a 128 px U-Net gains little on a phone
+      state.build = "litert_wasm_threaded_internal";
+      return Math.min(navigator.hardwareConcurrency, 4); // a 128 px U-Net gains little beyond 4
     } catch (e) {
       console.warn("threaded LiteRT.js failed; one thread", e);
       unloadLiteRt();
     }
   }
   await loadLiteRt(SETTINGS.runtime);
+  state.build = await supportsFeature("relaxedSimd") ? "litert_wasm_internal" : "litert_wasm_compat_internal";
   return 1;
 }
 
@@ -108,9 +113,11 @@ async function chooseModel(files) {
 }
 
 // --- 4. A photo to the model's input: squash to S x S, uint8 RGB ----------------------------------
-// The browser decodes (EXIF rotation applied, no colour conversion: Pillow converts none either)
-// and resizes with its high-quality filter; Pillow's antialiased bilinear differs a little, so the
-// masks agree closely with predict.py's, not to the bit (docs/mobile.md gives the figures).
+// As predict.py: the photo at preview size (long side at most 1024 px, never enlarged), then that
+// preview squashed to S x S by Pillow's resize (mask.js). The browser decodes the preview (EXIF
+// rotation applied, no colour conversion: Pillow converts none either) with its own filter where
+// Pillow decodes a JPEG at a reduced scale and resizes: so for a photo over 1024 px the inputs
+// differ a little, and for one within it they are the same pixels.
 function pixelsOf(bitmap, width, height) {
   const canvas = document.createElement("canvas");
   canvas.width = width;
@@ -119,6 +126,8 @@ function pixelsOf(bitmap, width, height) {
   context.drawImage(bitmap, 0, 0);
   return context.getImageData(0, 0, width, height).data;
 }
+
+const roundHalfEven = (x) => (Math.abs(x % 1) === 0.5 ? 2 * Math.round(x / 2) : Math.round(x)); // Python's round
 
 async function openPhoto(file) {
   const url = URL.createObjectURL(file);
@@ -138,22 +147,18 @@ async function openPhoto(file) {
       throw new Problem(`${file.name}: ${width} x ${height} px (${(width * height / 1e6).toFixed(1)} ` +
         `megapixels) is over this page's limit of ${SETTINGS.maxMegapixels} megapixels`);
     }
-    const decode = (w, h) => createImageBitmap(file, {imageOrientation: "from-image",
-      colorSpaceConversion: "none", premultiplyAlpha: "none", resizeWidth: w, resizeHeight: h,
+    const scale = Math.min(1, SETTINGS.previewSide / Math.max(width, height));
+    const pw = Math.max(1, roundHalfEven(width * scale));
+    const ph = Math.max(1, roundHalfEven(height * scale));
+    const bitmap = await createImageBitmap(file, {imageOrientation: "from-image",
+      colorSpaceConversion: "none", premultiplyAlpha: "none", resizeWidth: pw, resizeHeight: ph,
       resizeQuality: "high"}).catch(() => {
       throw new Problem(`${file.name}: not an image this browser can decode`);
     });
-    const scale = Math.min(1, SETTINGS.previewSide / Math.max(width, height));
-    const pw = Math.max(1, Math.round(width * scale));
-    const ph = Math.max(1, Math.round(height * scale));
-    const [small, preview] = [await decode(state.size, state.size), await decode(pw, ph)];
-    const rgba = pixelsOf(small, state.size, state.size);
-    const rgb = new Uint8Array(state.size * state.size * 3);
-    for (let i = 0, j = 0; i < rgba.length; i += 4, j += 3) rgb.set(rgba.subarray(i, i + 3), j);
-    const photo = {name: file.name, width, height, rgb, preview: pixelsOf(preview, pw, ph), pw, ph};
-    small.close();
-    preview.close();
-    return photo;
+    const preview = pixelsOf(bitmap, pw, ph);
+    bitmap.close();
+    const rgb = maps.resizeImage(preview, ph, pw, state.size, state.size);
+    return {name: file.name, width, height, rgb, preview, pw, ph};
   } finally {
     URL.revokeObjectURL(url);
   }
@@ -241,31 +246,43 @@ async function downloadMask() {
   setTimeout(() => URL.revokeObjectURL(link.href), 60000);
 }
 
-// --- 8. Offline: sw.js keeps the page, the runtime and the model ----------------------------------
-// It is registered first and given the page before anything big is fetched, so every file the
-// page uses passes through it once and is kept. It is told to keep the threaded build as well,
-// which the next (isolated) visit loads.
+// --- 8. Offline, and threads: sw.js ---------------------------------------------------------------
+// sw.js keeps every file the page fetches once it controls the page, and adds the headers that
+// make the page cross-origin isolated. On a first visit the page is neither: once sw.js controls
+// it, the page reloads itself once (before the runtime is fetched), so a first visit downloads the
+// threaded build only. Without a service worker (blocked, or a private window) it runs one thread.
 async function registerWorker() {
   if (!("serviceWorker" in navigator) || !location.protocol.startsWith("http")) return null;
+  const within = (promise, ms) => Promise.race([promise, new Promise((ok) => setTimeout(ok, ms))]);
   try {
-    const registration = await navigator.serviceWorker.register("sw.js");
-    await navigator.serviceWorker.ready;
-    if (!navigator.serviceWorker.controller) {
-      await Promise.race([new Promise((ok) => navigator.serviceWorker.addEventListener(
-        "controllerchange", ok, {once: true})), new Promise((ok) => setTimeout(ok, 3000))]);
+    // A worker that is refused without an error (some browsers, blocked workers) never gets
+    // ready: after 5 s the page goes on without it.
+    const registration = await within(navigator.serviceWorker.register("sw.js")
+      .then(() => navigator.serviceWorker.ready), 5000);
+    if (registration && !navigator.serviceWorker.controller) {
+      await within(new Promise((ok) => navigator.serviceWorker.addEventListener(
+        "controllerchange", ok, {once: true})), 3000);
     }
-    return registration;
+    return registration || null;
   } catch (e) {
     console.warn("no service worker: the page works, but not offline", e);
     return null;
   }
 }
 
+async function reloadIsolated(registration) {
+  if (!registration || !navigator.serviceWorker.controller || self.crossOriginIsolated) return false;
+  if (sessionStorage.getItem("reloaded-for-isolation") || !(await wantThreads())) return false;
+  sessionStorage.setItem("reloaded-for-isolation", "1"); // once: a browser that ignores the headers
+  location.reload(); //                                      runs one thread, never reloads again
+  return true;
+}
+
+// Resolves true once the model and the build in use are kept (normally they already are).
 async function keepForOffline(registration) {
-  if (!registration || !registration.active || !(await supportsFeature("relaxedSimd"))) return false;
-  const files = ["litert_wasm_threaded_internal.js", "litert_wasm_threaded_internal.wasm",
-    "litert_wasm_internal.js", "litert_wasm_internal.wasm"].map((f) => new URL(SETTINGS.runtime + f,
-    location.href).href).concat(state.modelUrl);
+  if (!registration || !registration.active) return false;
+  const files = [`${state.build}.js`, `${state.build}.wasm`].map((f) =>
+    new URL(SETTINGS.runtime + f, location.href).href).concat(state.modelUrl);
   const channel = new MessageChannel();
   const done = new Promise((ok) => { channel.port1.onmessage = (e) => ok(e.data === "kept"); });
   registration.active.postMessage({keep: files}, [channel.port2]);
@@ -287,6 +304,7 @@ async function guarded(work) {
 
 async function start() {
   const registration = await registerWorker();
+  if (await reloadIsolated(registration)) return new Promise(() => {}); // this document ends
   state.threads = await loadRuntime();
   const params = new URLSearchParams(location.search);
   const url = params.get("model") || SETTINGS.released;
@@ -314,11 +332,13 @@ async function start() {
   }));
   say("Ready: open or take a photo. It stays on this device.");
   window.skinUnet.offline = keepForOffline(registration);
+  document.body.dataset.ready = "true"; // tests wait for it: it survives the one reload
 }
 
 window.skinUnet = {
   settings: SETTINGS,
   state,
+  maps, // mask.js: tests hold its resizes to Pillow's
   // The model-size uint8 output for a uint8 input tensor (S * S * 3): tests compare it with Python.
   run: async (values) => Array.from(await runModel(Uint8Array.from(values))),
   // Median ms of n model calls after 3 warm-up calls, on a fixed input (bench/bench_web.py).
@@ -333,4 +353,7 @@ window.skinUnet = {
     return times.sort((a, b) => a - b)[Math.floor(n / 2)];
   },
 };
-window.skinUnet.ready = guarded(start).then(() => state.model !== null);
+window.skinUnet.ready = guarded(start).then(() => {
+  if (!state.model) document.body.dataset.ready = "false";
+  return state.model !== null;
+});

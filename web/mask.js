@@ -67,6 +67,52 @@ export function resizeBands(map, h, w, height, width, eachBand, bandRows = 256) 
   }
 }
 
+// The photo to the model's input, as imaging.resize_image squashes it: Pillow's bilinear on 8-bit
+// RGB (antialiased when shrinking), its fixed-point arithmetic included (weights in 22 bits,
+// rounded; each pass rounds to uint8), so the same preview gives the same input, to the bit.
+const PRECISION = 22;
+const ONE = 2 ** PRECISION;
+
+function fixedPoint(weights) {
+  return weights.map((k) => Math.trunc(k < 0 ? k * ONE - 0.5 : k * ONE + 0.5));
+}
+
+function clip8(sum) {
+  if (sum >= ONE * 256) return 255;
+  return sum <= 0 ? 0 : Math.floor(sum / ONE);
+}
+
+// rgba: h x w x 4 (a canvas's pixels) -> Uint8Array height x width x 3.
+export function resizeImage(rgba, h, w, height, width) {
+  const across = coefficients(w, width);
+  const down = coefficients(h, height);
+  const kx = fixedPoint(across.weights);
+  const ky = fixedPoint(down.weights);
+  const wide = new Uint8Array(h * width * 3);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < width; x++) {
+      const lo = across.first[x];
+      for (let c = 0; c < 3; c++) {
+        let sum = ONE / 2;
+        for (let i = 0; i < across.count[x]; i++) sum += rgba[(y * w + lo + i) * 4 + c] * kx[x * across.span + i];
+        wide[(y * width + x) * 3 + c] = clip8(sum);
+      }
+    }
+  }
+  const out = new Uint8Array(height * width * 3);
+  for (let y = 0; y < height; y++) {
+    const lo = down.first[y];
+    for (let x = 0; x < width; x++) {
+      for (let c = 0; c < 3; c++) {
+        let sum = ONE / 2;
+        for (let i = 0; i < down.count[y]; i++) sum += wide[((lo + i) * width + x) * 3 + c] * ky[y * down.span + i];
+        out[(y * width + x) * 3 + c] = clip8(sum);
+      }
+    }
+  }
+  return out;
+}
+
 // The model's uint8 output as probabilities: the int8 file's output scale is 1/256, zero point 0
 // (docs/mobile.md), so q / 256 is exact in float32, as Python's dequantisation gives it.
 export function probabilities(output) {

@@ -4,7 +4,7 @@
 // the page asks for nothing else, and nothing here ever sends a photo anywhere.
 const CACHE = "skin-unet-page-v1";
 // What the first visit fetched before this worker was installed; everything fetched after passes
-// through it (app.js waits for it) and is kept as it goes by.
+// through it (app.js waits for it, then reloads once, isolated) and is kept as it goes by.
 const SHELL = ["./", "index.html", "app.js", "mask.js", "manifest.webmanifest", "icon.svg",
   "icon-192.png", "icon-512.png", "node_modules/@litertjs/core/dist/index.js",
   "node_modules/@litertjs/wasm-utils/dist/index.js"];
@@ -19,7 +19,7 @@ self.addEventListener("activate", (event) => {
     .then(() => self.clients.claim()));
 });
 
-// app.js: "keep these too" (the threaded build the next visit loads, the model); answers "kept".
+// app.js: "keep these" (the runtime build in use, the model), if not yet kept; answers "kept".
 self.addEventListener("message", (event) => {
   const files = event.data && event.data.keep;
   if (!Array.isArray(files)) return;
