@@ -5,7 +5,7 @@ review flags agree with predict.py's on real photos.
     npm ci --prefix web
     python bench/bench_web.py [--data ../shared/data/isic2018] [--photos 50] [--runs 20]
                               [--float export/model_float32.tflite]
-                              [--ort DIR --onnx export/]
+                              [--ort DIR --onnx export/] [--screenshot docs/web.jpg]
 
 The repository root is served as a plain static server serves it (no headers added). Two
 visitors: a first visit in a fresh browser profile, which web/sw.js reloads once into cross-origin
@@ -40,6 +40,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from machine import cpu_line  # noqa: E402  (the CPU every benchmark names)
+
 import imaging  # noqa: E402
 
 INT8 = os.path.join(ROOT, "models", "skin_unet_int8.tflite")
@@ -211,6 +213,7 @@ def main(argv=None):
     p.add_argument("--float", dest="float32", help="a float32 .tflite to time in LiteRT.js too")
     p.add_argument("--ort", help="a folder with node_modules/onnxruntime-web")
     p.add_argument("--onnx", help="the folder of model.onnx and model_int8.onnx (export.py's)")
+    p.add_argument("--screenshot", help="also a JPEG of the page on a phone-sized screen, the first photo")
     args = p.parse_args(argv)
     if not os.path.isdir(os.path.join(ROOT, "web", "node_modules")):
         sys.exit("bench_web.py: web/node_modules missing: run `npm ci --prefix web` first")
@@ -242,10 +245,17 @@ def main(argv=None):
             extra["float"] = float_in_page(page, "/x/f/" + os.path.basename(args.float32), args.runs)
             page.close()
         ort = ort_figures(browser, args.ort, args.onnx, args.runs) if args.ort else []
+        if args.screenshot:
+            phone = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                                        is_mobile=True, has_touch=True)
+            page_visit(phone.new_page(), origin + "/web/", photos[:1], 3)
+            phone.pages[0].screenshot(path=args.screenshot, full_page=True, type="jpeg", quality=80)
+            phone.close()
         version = browser.version
         browser.close()
     server.shutdown()
 
+    print(cpu_line())
     print(f"Chromium {version} headless, {os.cpu_count()} cores; LiteRT.js 2.5.3 (web/package-lock.json)")
     print(f"{'runtime':<38} {'threads':>7} {'ms per model call':>18} {'ms per photo (median, max)':>27}")
     for label, visit in (("page, no service worker", single), ("page, isolated by sw.js", isolated)):

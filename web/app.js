@@ -87,7 +87,12 @@ async function reviewOf(url) {
   }
   for (const candidate of candidates) {
     const response = await fetch(candidate).catch(() => null);
-    if (response && response.ok) return reviewFrom(await response.json(), candidate.split("/").pop());
+    if (!response || !response.ok) continue;
+    const file = candidate.split("/").pop();
+    const run = await response.json().catch(() => {
+      throw new Problem(`${file}: unreadable JSON`);
+    });
+    return reviewFrom(run, file);
   }
   return reviewFrom({}, "");
 }
