@@ -252,6 +252,15 @@ def test_settings_mirror_python(browser, site):
     assert os.path.samefile(os.path.join(ROOT, "web", settings["released"]), INT8)
 
 
+def test_service_worker_cache_names_the_pinned_runtime():
+    """sw.js keeps LiteRT.js cache-first: were its cache name not to change with the version the
+    lock file pins, a phone would keep the old runtime after an upgrade."""
+    lock = json.load(open(os.path.join(ROOT, "web", "package-lock.json")))
+    version = lock["packages"]["node_modules/@litertjs/core"]["version"]
+    sw = open(os.path.join(ROOT, "web", "sw.js")).read()
+    assert f'-litertjs-{version}";' in sw
+
+
 def test_model_output_equals_python_litert(browser, site, photos):
     """Both builds: one thread where no service worker may run (so no isolation), and the
     threaded build a first visit reloads into."""

@@ -2,7 +2,9 @@
 // the network off, and it makes the page cross-origin isolated (the headers a plain static server
 // does not send), which is what lets the threaded WebAssembly build run. Same-origin GETs only:
 // the page asks for nothing else, and nothing here ever sends a photo anywhere.
-const CACHE = "skin-unet-page-v1";
+// The runtime's files are kept cache-first, so the name carries LiteRT.js's version (its lock file's,
+// tests/test_web.py checks): a new version is a new cache, and the old one is dropped on activation.
+const CACHE = "skin-unet-page-1-litertjs-2.5.3";
 // What the first visit fetched before this worker was installed; everything fetched after passes
 // through it (app.js waits for it, then reloads once, isolated) and is kept as it goes by.
 const SHELL = ["./", "index.html", "app.js", "mask.js", "manifest.webmanifest", "icon.svg",
