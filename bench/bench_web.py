@@ -5,7 +5,7 @@ review flags agree with predict.py's on real photos.
     npm ci --prefix web
     python bench/bench_web.py [--data ../shared/data/isic2018] [--photos 50] [--runs 20]
                               [--float export/model_float32.tflite]
-                              [--ort DIR --onnx export/] [--screenshot docs/web.jpg]
+                              [--ort DIR --onnx export/] [--stages] [--screenshot docs/web.jpg]
 
 The repository root is served as a plain static server serves it (no headers added). Two
 visitors: a first visit in a fresh browser profile, which web/sw.js reloads once into cross-origin
@@ -20,6 +20,8 @@ Agreement: predict.py --weights models/skin_unet_int8.tflite on the same photos;
 Dice of the page's native-size mask (its model output resized exactly as the page resizes it,
 tests/test_web.py) with predict.py's, the review flag, and the uncertainty.
 --float FILE: that float32 .tflite in the page's LiteRT.js, one thread (what int8 gains there).
+--stages: models/skin_unet.keras cut after each stage and converted to int8 as export.py does
+(TensorFlow needed): the ms each stage adds, in the page (one thread) and in Python LiteRT.
 --ort DIR: onnxruntime-web from DIR/node_modules (npm install --prefix DIR onnxruntime-web@1.31.1),
 timing model.onnx and model_int8.onnx from --onnx at 1 thread, and at 2 on an isolated server.
 """
@@ -97,10 +99,10 @@ def page_visit(page, url, photos, runs):
     return figures
 
 
-def python_litert(runs, threads):
+def python_litert(runs, threads, path=INT8):
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=INT8, num_threads=threads)
+    interpreter = Interpreter(model_path=path, num_threads=threads)
     interpreter.allocate_tensors()
     detail = interpreter.get_input_details()[0]
     x = np.random.default_rng(0).integers(0, 256, detail["shape"], dtype=np.uint8)
@@ -115,26 +117,65 @@ def python_litert(runs, threads):
     return statistics.median(times)
 
 
-def float_in_page(page, url, runs):
-    """A float32 .tflite in the page's own LiteRT.js (the runtime the page loaded, its threads)."""
+def tflite_in_page(page, url, runs):
+    """Median ms of a .tflite (uint8 or float32 input) in the page's own LiteRT.js, its threads."""
     return page.evaluate("""async ([url, runs]) => {
         const lrt = await import("./node_modules/@litertjs/core/dist/index.js");
         const model = await lrt.loadAndCompile(url, {accelerator: "wasm",
             cpuOptions: {numThreads: window.skinUnet.state.threads}});
         const [d] = model.getInputDetails();
-        const x = new Float32Array(d.shape.reduce((a, b) => a * b, 1)).map((_, i) => i % 255);
+        const n = d.shape.reduce((a, b) => a * b, 1);
+        const x = (d.dtype === "uint8" ? new Uint8Array(n) : new Float32Array(n)).map((_, i) => i % 255);
         const times = [];
         for (let k = 0; k < runs + 3; k++) {
             const t = performance.now();
             const input = new lrt.Tensor(x, Array.from(d.shape));
-            const [out] = await model.run(input);
-            const host = await out.moveTo("wasm");
-            host.toTypedArray();
-            host.delete(); input.delete();
+            for (const out of await model.run(input)) (await out.moveTo("wasm")).delete();
+            input.delete();
             if (k >= 3) times.push(performance.now() - t);
         }
+        model.delete();
         return times.sort((a, b) => a - b)[Math.floor(runs / 2)];
     }""", [url, runs])
+
+
+# The released network cut after each stage (a level's two convolutions; in the decoder also the
+# transposed convolution and the concatenation): the time each adds, in the page and natively.
+STAGES = (["enc0_relu2", "enc1_relu2", "enc2_relu2", "enc3_relu2", "bottleneck_relu2"]
+          + [f"dec{i}_{part}" for i in (3, 2, 1, 0) for part in ("up", "concat", "relu2")]
+          + ["mask"])
+
+
+def stage_models(folder):
+    """Each cut of models/skin_unet.keras as an int8 .tflite, converted as export.py converts
+    (calibrated on random images: the scales differ from the released file's, the work does not)."""
+    import keras
+
+    import export
+
+    model = keras.models.load_model(os.path.join(ROOT, "models", "skin_unet.keras"), compile=False)
+    size = model.input_shape[1]
+    images = [np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)
+              for i in range(8)]
+    for name in STAGES:
+        saved = os.path.join(folder, name + "_saved")
+        export.write_saved_model(keras.Model(model.inputs, model.get_layer(name).output), size,
+                                 saved, batch=1)
+        with open(os.path.join(folder, name + ".tflite"), "wb") as f:
+            f.write(export.convert(saved, "int8", images))
+
+
+def stage_figures(browser, runs):
+    folder = tempfile.mkdtemp()
+    stage_models(folder)
+    server, origin, _ = serve({"/x/s/": folder})
+    page = browser.new_context(service_workers="block").new_page()  # one thread
+    page.goto(origin + "/web/")
+    page.wait_for_selector("body[data-ready]", state="attached")
+    rows = [(name, tflite_in_page(page, f"/x/s/{name}.tflite", runs),
+             python_litert(runs, 1, os.path.join(folder, name + ".tflite"))) for name in STAGES]
+    server.shutdown()
+    return rows
 
 
 ORT_PAGE = """<!doctype html><meta charset="utf-8"><script type="module">
@@ -213,6 +254,8 @@ def main(argv=None):
     p.add_argument("--float", dest="float32", help="a float32 .tflite to time in LiteRT.js too")
     p.add_argument("--ort", help="a folder with node_modules/onnxruntime-web")
     p.add_argument("--onnx", help="the folder of model.onnx and model_int8.onnx (export.py's)")
+    p.add_argument("--stages", action="store_true",
+                   help="also the time each stage of the network adds, page and Python (TensorFlow)")
     p.add_argument("--screenshot", help="also a JPEG of the page on a phone-sized screen, the first photo")
     args = p.parse_args(argv)
     if not os.path.isdir(os.path.join(ROOT, "web", "node_modules")):
@@ -242,9 +285,10 @@ def main(argv=None):
             page = browser.new_context(service_workers="block").new_page()  # one thread
             page.goto(origin + "/web/")
             page.wait_for_selector("body[data-ready]", state="attached")
-            extra["float"] = float_in_page(page, "/x/f/" + os.path.basename(args.float32), args.runs)
+            extra["float"] = tflite_in_page(page, "/x/f/" + os.path.basename(args.float32), args.runs)
             page.close()
         ort = ort_figures(browser, args.ort, args.onnx, args.runs) if args.ort else []
+        stages = stage_figures(browser, args.runs) if args.stages else []
         if args.screenshot:
             phone = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2,
                                         is_mobile=True, has_touch=True)
@@ -269,6 +313,13 @@ def main(argv=None):
     for threads in (1, 2):
         print(f"{'Python LiteRT (ai_edge_litert)':<38} {threads:>7} {python_litert(args.runs, threads):>18.1f}")
 
+    if stages:
+        print("--stages: the int8 network cut after each stage, one thread, ms (what the stage adds)")
+        print(f"{'cut after':<18} {'page':>15} {'Python LiteRT':>15}")
+        last = (0.0, 0.0)
+        for name, web, native in stages:
+            print(f"{name:<18} {web:6.2f} ({web - last[0]:+5.2f}) {native:6.2f} ({native - last[1]:+5.2f})")
+            last = (web, native)
     total = sum(first_bytes.values())
     zipped = sum(len(gzip.compress(open(f, "rb").read(), 6)) for f in first_bytes)
     print(f"first visit: {len(first_bytes)} files, {total / 1e6:.1f} MB sent ({zipped / 1e6:.1f} MB "
