@@ -15,7 +15,8 @@ Per visitor: the median of --runs model calls after 3 warm-up calls (window.skin
 fixed 128 px input: Tensor in, model, uint8 map out), and the median time per photo of --photos
 photos from --data (every JPEG under it, sorted; the page's own clock from the picked file to the
 drawn outline: decode, resize, model, overlay, native-size area).
-Python LiteRT: the same int8 file, median of --runs invokes after 3, at 1 and 2 threads.
+Python LiteRT: the same int8 file, median of --runs invokes after 3, at 1 and 2 threads
+(export.tflite_ms, the timer behind export.py's report).
 Agreement: predict.py --weights models/skin_unet_int8.tflite on the same photos; per photo the
 Dice of the page's native-size mask (its model output resized exactly as the page resizes it,
 tests/test_web.py) with predict.py's, the review flag, and the uncertainty.
@@ -36,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 import numpy as np
 
@@ -100,21 +100,10 @@ def page_visit(page, url, photos, runs):
 
 
 def python_litert(runs, threads, path=INT8):
-    from ai_edge_litert.interpreter import Interpreter
+    """Python LiteRT's median ms per invoke: export.py's timer, the figure its report gives."""
+    import export
 
-    interpreter = Interpreter(model_path=path, num_threads=threads)
-    interpreter.allocate_tensors()
-    detail = interpreter.get_input_details()[0]
-    x = np.random.default_rng(0).integers(0, 256, detail["shape"], dtype=np.uint8)
-    times = []
-    for k in range(runs + 3):
-        t = time.perf_counter()
-        interpreter.set_tensor(detail["index"], x)
-        interpreter.invoke()
-        interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-        if k >= 3:
-            times.append(1000 * (time.perf_counter() - t))
-    return statistics.median(times)
+    return export.tflite_ms(path, threads, runs)
 
 
 def tflite_in_page(page, url, runs):
