@@ -51,7 +51,9 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 def serve(extra=None, isolate=False):
-    """The repository root (plus extra {url prefix: folder}), counting the bytes of each file sent."""
+    """The repository root over plain HTTP, as `python -m http.server` serves it (plus extra {url
+    prefix: folder}, and with isolate the two isolation headers), counting the bytes of each file
+    sent: (server, origin, {path: bytes}). tests/test_web.py serves the page with it too."""
     sent = {}
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -209,15 +211,15 @@ def predict_py(photos):
     """predict.py's masks and rows for the photos: {name: (mask, row)}."""
     import csv
 
-    folder, out = tempfile.mkdtemp(), tempfile.mkdtemp()
-    for path in photos:
-        os.symlink(os.path.abspath(path), os.path.join(folder, os.path.basename(path)))
-    subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), "--weights", INT8, "--data",
-                    folder, "--out", out], check=True, capture_output=True, cwd=ROOT)
-    with open(os.path.join(out, "predictions.csv")) as f:
-        rows = {row["image_id"]: row for row in csv.DictReader(f)}
-    return {name: (imaging.load_mask(os.path.join(out, f"{name}_segmentation.png")), row)
-            for name, row in rows.items()}
+    with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as out:
+        for path in photos:
+            os.symlink(os.path.abspath(path), os.path.join(folder, os.path.basename(path)))
+        subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), "--weights", INT8,
+                        "--data", folder, "--out", out], check=True, capture_output=True, cwd=ROOT)
+        with open(os.path.join(out, "predictions.csv")) as f:
+            rows = {row["image_id"]: row for row in csv.DictReader(f)}
+        return {name: (imaging.load_mask(os.path.join(out, f"{name}_segmentation.png")), row)
+                for name, row in rows.items()}
 
 
 def agreement(seen, python):

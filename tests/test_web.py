@@ -5,15 +5,10 @@ the slider never reruns the model; no request carries a photo or leaves the page
 one visit the page works with the server stopped and the network off; a bad photo or model gets one
 line on the page, which stays usable."""
 
-import csv
-import functools
-import http.server
 import io
 import json
 import os
-import subprocess
 import sys
-import threading
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -27,6 +22,9 @@ import imaging
 import metrics
 import predict
 from extras import synthetic
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import bench_web  # noqa: E402  (bench/ is not a package): its static server and predict.py run
 
 CHROMIUM = "/usr/bin/chromium"
 RUNTIME = os.path.join(ROOT, "web", "node_modules", "@litertjs", "core")
@@ -45,18 +43,12 @@ def _need_browser():
 
 
 class Site:
-    """The repository root over plain HTTP, as `python -m http.server` serves it."""
+    """The repository root over plain HTTP, as `python -m http.server` serves it (bench_web.serve,
+    no headers added)."""
 
     def __init__(self):
-        class Quiet(http.server.SimpleHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-        handler = functools.partial(Quiet, directory=ROOT)
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server, self.origin, _ = bench_web.serve()
         self.page = self.origin + "/web/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self):
         self.server.shutdown()
@@ -102,16 +94,9 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def python_masks(photos, tmp_path_factory):
+def python_masks(photos):
     """predict.py on the same photos with the same int8 file: {name: (mask, csv row)}."""
-    out = tmp_path_factory.mktemp("predicted")
-    subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), "--weights", INT8,
-                    "--data", os.path.dirname(photos[0]), "--out", str(out)], check=True,
-                    capture_output=True, cwd=ROOT)
-    with open(out / "predictions.csv") as f:
-        rows = {row["image_id"]: row for row in csv.DictReader(f)}
-    return {name: (_pixels(out / f"{name}_segmentation.png") > 128, row)
-            for name, row in rows.items()}
+    return bench_web.predict_py(photos)
 
 
 def _pixels(path_or_bytes):
