@@ -358,4 +358,8 @@ def test_bad_photos_and_models_get_one_line(browser, site, photos, tmp_path):
     page.wait_for_function("window.skinUnet.state.name === 'mine_int8.tflite'")
     assert "0.001 (from mine.json)" in page.text_content("[data-testid=model-info]")
     assert _segment(page, photos[0])["review"] is True
+    # A ?model= that is not there: one line naming it, not a stack trace.
+    page.goto(site.page + "?model=../models/none_int8.tflite")
+    page.wait_for_selector("body[data-ready=false]", state="attached")
+    assert page.text_content("#status") == "../models/none_int8.tflite: not found (HTTP 404)"
     ctx.close()

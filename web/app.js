@@ -15,8 +15,8 @@ const SETTINGS = {
   runtime: "./node_modules/@litertjs/core/wasm/",
 };
 const $ = (id) => document.getElementById(id);
-const state = {model: null, size: 0, reviewAt: null, reviewSource: "", threads: 1, build: "",
-  photo: null, calls: 0};
+const state = {model: null, modelUrl: "", size: 0, reviewAt: null, reviewSource: "", threads: 1,
+  build: "", photo: null, calls: 0};
 
 class Problem extends Error {} // a one-line message for the page, never a stack trace
 
@@ -314,7 +314,9 @@ async function start() {
   const params = new URLSearchParams(location.search);
   const url = params.get("model") || SETTINGS.released;
   state.modelUrl = new URL(url, location.href).href;
-  const response = await fetch(url);
+  const response = await fetch(url).catch((e) => {
+    throw new Problem(`${url}: could not be fetched (${String(e.message || e).split("\n")[0]})`);
+  });
   if (!response.ok) throw new Problem(`${url}: not found (HTTP ${response.status})`);
   await openModel(new Uint8Array(await response.arrayBuffer()), url.split("/").pop(), await reviewOf(url));
   for (const id of ["photo", "camera"]) {
