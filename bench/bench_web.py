@@ -257,8 +257,9 @@ def main(argv=None):
         sys.exit(f"{args.data}: no .jpg photos found")
     from playwright.sync_api import sync_playwright
 
-    server, origin, sent = serve()
-    extra = {}
+    float_dir = os.path.dirname(os.path.abspath(args.float32)) if args.float32 else None
+    server, origin, sent = serve({"/x/f/": float_dir} if float_dir else None)
+    float_ms = None
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         context = browser.new_context()  # a first visit: sw.js, one reload, the threaded build
@@ -271,12 +272,10 @@ def main(argv=None):
         single = page_visit(context.new_page(), origin + "/web/", photos, args.runs)
         context.close()
         if args.float32:
-            server.shutdown()
-            server, origin, _ = serve({"/x/f/": os.path.dirname(os.path.abspath(args.float32))})
             page = browser.new_context(service_workers="block").new_page()  # one thread
             page.goto(origin + "/web/")
             page.wait_for_selector("body[data-ready]", state="attached")
-            extra["float"] = tflite_in_page(page, "/x/f/" + os.path.basename(args.float32), args.runs)
+            float_ms = tflite_in_page(page, "/x/f/" + os.path.basename(args.float32), args.runs)
             page.close()
         ort = ort_figures(browser, args.ort, args.onnx, args.runs) if args.ort else []
         stages = stage_figures(browser, args.runs) if args.stages else []
@@ -297,8 +296,8 @@ def main(argv=None):
         totals = [ph["ms"]["total"] for ph in visit["photos"]]
         print(f"{label:<38} {visit['threads']:>7} {visit['call_ms']:>18.1f} "
               f"{statistics.median(totals):>18.0f}, {max(totals):.0f}")
-    if extra.get("float") is not None:
-        print(f"{'page LiteRT.js, a float32 .tflite':<38} {1:>7} {extra['float']:>18.1f}")
+    if float_ms is not None:
+        print(f"{'page LiteRT.js, a float32 .tflite':<38} {1:>7} {float_ms:>18.1f}")
     for label, threads, ms in ort:
         print(f"{label:<38} {threads:>7} {ms:>18.1f}")
     for threads in (1, 2):
